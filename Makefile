@@ -1,0 +1,22 @@
+# Two commands do everything on a fresh machine, as root: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test unit kernel demo clean
+
+setup:
+	@bash scripts/setup.sh
+
+test: setup
+	MESHBPF_REQUIRE_KERNEL=1 $(PY) -m pytest -ra -p no:cacheprovider $(PYTEST_ARGS)
+
+unit: setup
+	$(PY) -m pytest -ra -p no:cacheprovider -m "not kernel" $(PYTEST_ARGS)
+
+demo: setup
+	$(VENV)/bin/meshbpf demo
+
+clean:
+	-$(VENV)/bin/meshbpf cleanup --all-test-leftovers 2>/dev/null
+	rm -rf $(VENV) build *.egg-info

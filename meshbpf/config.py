@@ -1,0 +1,250 @@
+"""InterceptConfig: what a pod's interception looks like, with Istio's names and semantics.
+
+The field names and their JSON spellings are Istio's (`proxy_port`,
+`inbound_ports_include`, ...), the same as in the istio-iptables conformance cases, so a
+config means the same thing in eBPF and iptables mode, in Python, JSON and files. List
+fields keep Istio's comma-separated string form; the `*_list` helpers parse them.
+
+Pure: no side effects, no imports of kernel-facing code.
+"""
+
+import dataclasses
+import ipaddress
+import json
+
+from .errors import UsageError
+
+WILDCARD = "*"
+# Ports Istio's injector keeps out of inbound capture; the sidecar's own.
+DEFAULT_INBOUND_PORTS_EXCLUDE = "15020,15021,15090"
+DNS_CAPTURE_PORT = 15053
+INBOUND_PASSTHROUGH_SOURCE = "127.0.0.6"
+
+
+@dataclasses.dataclass
+class InterceptConfig:
+    """One pod's interception settings. Defaults are those Istio's sidecar injector uses."""
+
+    proxy_port: int = 15001
+    inbound_capture_port: int = 15006
+    inbound_tunnel_port: int = 15008
+    proxy_uid: str = "1337"
+    proxy_gid: str = "1337"
+    inbound_tproxy_mark: int = 1337
+    inbound_tproxy_route_table: int = 133
+    owner_groups_include: str = WILDCARD
+    owner_groups_exclude: str = ""
+    host_ipv4_loopback_cidr: str = "127.0.0.1/32"
+    inbound_ports_include: str = WILDCARD
+    inbound_ports_exclude: str = DEFAULT_INBOUND_PORTS_EXCLUDE
+    outbound_ip_ranges_include: str = WILDCARD
+    outbound_ip_ranges_exclude: str = ""
+    outbound_ports_include: str = ""
+    outbound_ports_exclude: str = ""
+    reroute_virtual_interfaces: str = ""
+    exclude_interfaces: str = ""
+    inbound_interception_mode: str = "REDIRECT"
+    redirect_dns: bool = False
+    capture_all_dns: bool = False
+    dns_servers_v4: list = dataclasses.field(default_factory=list)
+    dns_servers_v6: list = dataclasses.field(default_factory=list)
+    drop_invalid: bool = False
+    enable_ipv6: bool = False
+
+    # ---- construction -------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data):
+        """Build and validate from a dict of Istio field names; unknown names are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise UsageError(f"unknown config field(s): {', '.join(unknown)}",
+                             hint=f"known fields: {', '.join(sorted(names))}")
+        cfg = cls(**{k: _coerce(cls, k, v) for k, v in data.items()})
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json(cls, text):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"config is not valid JSON: {e}")
+        if not isinstance(data, dict):
+            raise UsageError("config JSON must be an object of Istio field names")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path):
+        try:
+            with open(path) as f:
+                return cls.from_json(f.read())
+        except OSError as e:
+            raise UsageError(f"cannot read config file {path}: {e.strerror}")
+
+    def replace(self, **changes):
+        """A validated copy with `changes` applied."""
+        cfg = dataclasses.replace(self, **{k: _coerce(type(self), k, v) for k, v in changes.items()})
+        cfg.validate()
+        return cfg
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    # ---- validation ---------------------------------------------------------------
+
+    def validate(self):
+        """Raise UsageError naming the first invalid field; returns self."""
+        for name in ("proxy_port", "inbound_capture_port", "inbound_tunnel_port"):
+            _port(getattr(self, name), name)
+        for name in ("inbound_ports_include", "inbound_ports_exclude",
+                     "outbound_ports_include", "outbound_ports_exclude"):
+            parse_ports(getattr(self, name), name)
+        for name in ("outbound_ip_ranges_include", "outbound_ip_ranges_exclude"):
+            parse_cidrs(getattr(self, name), name)
+        self.proxy_uids()
+        self.proxy_gids()
+        if self.owner_groups_include not in ("", WILDCARD) and self.owner_groups_exclude:
+            raise UsageError("owner_groups_include and owner_groups_exclude cannot both be set")
+        cidr = parse_cidrs(self.host_ipv4_loopback_cidr, "host_ipv4_loopback_cidr")
+        if cidr == WILDCARD or len(cidr) != 1 or cidr[0].version != 4:
+            raise UsageError(f"host_ipv4_loopback_cidr: expected one IPv4 CIDR, got {self.host_ipv4_loopback_cidr!r}")
+        if self.inbound_interception_mode not in ("REDIRECT", "TPROXY"):
+            raise UsageError(f"inbound_interception_mode: expected REDIRECT or TPROXY, "
+                             f"got {self.inbound_interception_mode!r}")
+        for name, version in (("dns_servers_v4", 4), ("dns_servers_v6", 6)):
+            for s in getattr(self, name):
+                try:
+                    ip = ipaddress.ip_address(s)
+                except ValueError:
+                    raise UsageError(f"{name}: {s!r} is not an IP address")
+                if ip.version != version:
+                    raise UsageError(f"{name}: {s} is not an IPv{version} address")
+        for name in ("inbound_tproxy_mark", "inbound_tproxy_route_table"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise UsageError(f"{name}: expected a non-negative integer, got {v!r}")
+        return self
+
+    # ---- parsed views -------------------------------------------------------------
+
+    def proxy_uids(self):
+        return parse_ids(self.proxy_uid, "proxy_uid")
+
+    def proxy_gids(self):
+        return parse_ids(self.proxy_gid, "proxy_gid")
+
+    def inbound_ports(self):
+        """(include, exclude): include is "*" or a list of ports."""
+        return (parse_ports(self.inbound_ports_include, "inbound_ports_include"),
+                parse_ports(self.inbound_ports_exclude, "inbound_ports_exclude"))
+
+    def outbound_ports(self):
+        return (parse_ports(self.outbound_ports_include, "outbound_ports_include"),
+                parse_ports(self.outbound_ports_exclude, "outbound_ports_exclude"))
+
+    def outbound_cidrs(self):
+        """(include, exclude): include is "*" or a list of ip_network; exclude a list."""
+        return (parse_cidrs(self.outbound_ip_ranges_include, "outbound_ip_ranges_include"),
+                parse_cidrs(self.outbound_ip_ranges_exclude, "outbound_ip_ranges_exclude"))
+
+    def inbound_excluded_always(self):
+        """Ports never captured inbound: the tunnel port and the sidecar's own listeners."""
+        return sorted({self.inbound_tunnel_port, self.proxy_port, self.inbound_capture_port,
+                       15020, 15021, 15090})
+
+
+def split_list(value):
+    """Istio's comma list: '' -> [], spaces trimmed, empty items dropped."""
+    if isinstance(value, (list, tuple)):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [p.strip() for p in str(value).split(",") if p.strip()]
+
+
+def _port(value, field):
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{field}: {value!r} is not a port number")
+    if not 0 < port < 65536:
+        raise UsageError(f"{field}: port {port} is out of range (1-65535)")
+    return port
+
+
+def parse_ports(value, field="ports"):
+    """'' -> [], '*' -> '*', '80,443' -> [80, 443]."""
+    items = split_list(value)
+    if items == [WILDCARD]:
+        return WILDCARD
+    if WILDCARD in items:
+        raise UsageError(f"{field}: '*' cannot be combined with other ports")
+    return [_port(p, field) for p in items]
+
+
+def parse_cidrs(value, field="cidrs"):
+    """'' -> [], '*' -> '*', else a list of ip_network (a bare address is a /32 or /128)."""
+    items = split_list(value)
+    if items == [WILDCARD]:
+        return WILDCARD
+    if WILDCARD in items:
+        raise UsageError(f"{field}: '*' cannot be combined with other ranges")
+    nets = []
+    for item in items:
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise UsageError(f"{field}: {item!r} is not a valid CIDR")
+    return nets
+
+
+def parse_ids(value, field):
+    """A comma list of numeric uids/gids (or names known to this machine) -> list of ints."""
+    import grp
+    import pwd
+    ids = []
+    for item in split_list(value):
+        if item.isdigit():
+            n = int(item)
+            if n >= 2**32 - 1:
+                raise UsageError(f"{field}: {n} is out of range")
+            ids.append(n)
+            continue
+        try:
+            ids.append(pwd.getpwnam(item).pw_uid if "uid" in field else grp.getgrnam(item).gr_gid)
+        except KeyError:
+            raise UsageError(f"{field}: {item!r} is neither a number nor a known name")
+    if not ids:
+        raise UsageError(f"{field}: at least one id is required")
+    return ids
+
+
+_BOOL = {"redirect_dns", "capture_all_dns", "drop_invalid", "enable_ipv6"}
+_INT = {"proxy_port", "inbound_capture_port", "inbound_tunnel_port",
+        "inbound_tproxy_mark", "inbound_tproxy_route_table"}
+_LIST = {"dns_servers_v4", "dns_servers_v6"}
+
+
+def _coerce(cls, name, value):
+    """Accept the spellings a CLI flag or JSON may give (ints as strings, lists as commas)."""
+    if name in _BOOL:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise UsageError(f"{name}: expected true or false, got {value!r}")
+        return bool(value)
+    if name in _INT:
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{name}: {value!r} is not a number")
+    if name in _LIST:
+        return split_list(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return "" if value is None else str(value)

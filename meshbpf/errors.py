@@ -1,0 +1,43 @@
+"""Errors a user can cause or fix, each with the exit code the CLI returns for it.
+
+Anything raised as a MeshbpfError is printed as one plain sentence by the CLI; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class MeshbpfError(Exception):
+    """A failure explained in words; `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+    def __init__(self, message, hint=None):
+        super().__init__(message)
+        self.hint = hint
+
+    def __str__(self):
+        msg = super().__str__()
+        return f"{msg} ({self.hint})" if self.hint else msg
+
+
+class UsageError(MeshbpfError):
+    """Bad input: an invalid CIDR, port, uid, option combination."""
+
+    exit_code = 2
+
+
+class NotFoundError(MeshbpfError):
+    """A named netns, cgroup, pid or pod does not exist."""
+
+    exit_code = 3
+
+
+class UnsupportedError(MeshbpfError):
+    """The kernel or the machine lacks a feature the request needs."""
+
+    exit_code = 4
+
+
+class ApplyError(MeshbpfError):
+    """Applying to the kernel failed; whatever was half-applied has been rolled back."""
+
+    exit_code = 5

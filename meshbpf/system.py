@@ -1,0 +1,140 @@
+"""Small, side-effecting helpers the rest of meshbpf shares: commands, mounts, namespaces.
+
+Everything here touches the machine; pure logic lives elsewhere. Nothing here ever
+changes the machine's own network namespace or cgroups: entering a namespace is always
+scoped (a context manager or a child process).
+"""
+
+import contextlib
+import ctypes
+import os
+import shutil
+import socket
+import subprocess
+import threading
+
+from .errors import MeshbpfError, NotFoundError, UnsupportedError
+
+CLONE_NEWNET = 0x40000000
+SO_NETNS_COOKIE = 71
+BPFFS = "/sys/fs/bpf"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_setns_lock = threading.Lock()
+
+
+def run(cmd, *, input=None, check=True, netns=None, timeout=120, env=None):
+    """Run `cmd` (a list), optionally inside the network namespace at path `netns`.
+
+    Uses `nsenter --net=` rather than `ip netns exec`, which would remount /sys and hide
+    the cgroup mounts. Returns CompletedProcess with text output; on failure with
+    check=True raises MeshbpfError carrying the command's stderr.
+    """
+    if netns:
+        cmd = ["nsenter", f"--net={netns}", "--"] + list(cmd)
+    try:
+        proc = subprocess.run(cmd, input=input, capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except FileNotFoundError:
+        raise UnsupportedError(f"{cmd[0]} is not installed", hint="run `make setup`")
+    except subprocess.TimeoutExpired:
+        raise MeshbpfError(f"`{' '.join(cmd)}` did not finish within {timeout}s")
+    if check and proc.returncode != 0:
+        err = (proc.stderr or proc.stdout).strip()
+        raise MeshbpfError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {err}")
+    return proc
+
+
+def have(binary):
+    """True if `binary` is on PATH."""
+    return shutil.which(binary) is not None
+
+
+def cgroup2_mount():
+    """Where cgroup v2 is mounted (`/sys/fs/cgroup` or `/sys/fs/cgroup/unified` on hybrid hosts)."""
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 3 and parts[2] == "cgroup2":
+                return parts[1]
+    raise UnsupportedError("cgroup v2 is not mounted",
+                           hint="mount it: mount -t cgroup2 none /sys/fs/cgroup/unified")
+
+
+def cgroup_of_pid(pid):
+    """Absolute cgroup v2 directory of process `pid`."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            for line in f:
+                hier, _, path = line.rstrip("\n").split(":", 2)
+                if hier == "0":
+                    return os.path.join(cgroup2_mount(), path.lstrip("/"))
+    except FileNotFoundError:
+        raise NotFoundError(f"no process with pid {pid}")
+    raise UnsupportedError(f"process {pid} has no cgroup v2 membership")
+
+
+def bpffs_mounted(path=BPFFS):
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == path and line.split()[2] == "bpf" for line in f)
+
+
+def ensure_bpffs(path=BPFFS):
+    """Mount bpffs at `path` if it is not mounted; returns True if this call mounted it."""
+    if bpffs_mounted(path):
+        return False
+    os.makedirs(path, exist_ok=True)
+    run(["mount", "-t", "bpf", "bpf", path])
+    return True
+
+
+def netns_path_of_pid(pid):
+    path = f"/proc/{pid}/ns/net"
+    if not os.path.exists(path):
+        raise NotFoundError(f"no process with pid {pid}")
+    return path
+
+
+@contextlib.contextmanager
+def in_netns(path):
+    """Run the body with this thread inside the network namespace at `path`."""
+    try:
+        target = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise NotFoundError(f"network namespace {path} cannot be opened: {e.strerror}")
+    own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
+    with _setns_lock:
+        try:
+            if _libc.setns(target, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise NotFoundError(f"{path} is not a network namespace: {os.strerror(err)}")
+            try:
+                yield
+            finally:
+                if _libc.setns(own, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "cannot return to own network namespace")
+        finally:
+            os.close(target)
+            os.close(own)
+
+
+def netns_cookie(path=None):
+    """The kernel's cookie for a network namespace (what bpf_get_netns_cookie() returns)."""
+    ctx = in_netns(path) if path else contextlib.nullcontext()
+    with ctx:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        except OSError as e:
+            raise UnsupportedError(f"kernel cannot report netns cookies (SO_NETNS_COOKIE): {e.strerror}")
+        finally:
+            s.close()
+    return int.from_bytes(raw, "little")
+
+
+def netns_inode(path):
+    """Inode number identifying a network namespace (stable while it lives)."""
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        raise NotFoundError(f"network namespace {path} does not exist")

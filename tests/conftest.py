@@ -1,0 +1,60 @@
+"""Shared test plumbing: the `kernel` marker and the MESHBPF_REQUIRE_KERNEL rule.
+
+Kernel tests need root, bpffs, cgroup v2 and network namespaces. Where those are missing
+they skip with the reason, unless MESHBPF_REQUIRE_KERNEL=1 (set by `make test` and CI),
+which turns every such skip into a failure, so a machine that should run them cannot pass
+green without running them.
+"""
+
+import os
+import pytest
+
+REQUIRE = os.environ.get("MESHBPF_REQUIRE_KERNEL") == "1"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+
+
+def kernel_unavailable_reason():
+    """Why kernel tests cannot run here, or None if they can."""
+    if os.geteuid() != 0:
+        return "kernel tests need root"
+    try:
+        from meshbpf import system
+        system.cgroup2_mount()
+        system.ensure_bpffs()
+    except Exception as e:  # noqa: BLE001 - any failure is the reason
+        return f"kernel tests cannot run: {e}"
+    if not os.path.exists("/proc/self/ns/net"):
+        return "no network namespaces"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = None
+    checked = False
+    for item in items:
+        if "kernel" not in item.keywords:
+            continue
+        if not checked:
+            reason, checked = kernel_unavailable_reason(), True
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    # Under MESHBPF_REQUIRE_KERNEL=1 a kernel test that skips for any reason fails.
+    if REQUIRE and "kernel" in item.keywords and rep.skipped:
+        rep.outcome = "failed"
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        rep.longrepr = f"kernel test skipped under MESHBPF_REQUIRE_KERNEL=1: {reason}"
+
+
+@pytest.fixture(scope="session")
+def shared_dir():
+    """../shared next to the repo (the design and conformance suite)."""
+    if not os.path.isdir(SHARED):
+        pytest.fail(f"{SHARED} is missing: the conformance cases live there")
+    return SHARED
