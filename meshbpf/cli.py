@@ -11,6 +11,7 @@ import sys
 import click
 
 from . import __version__
+from .cliopts import config_options
 from .errors import MeshbpfError
 
 
@@ -53,3 +54,196 @@ def main():
       meshbpf detach --pid 4242
       meshbpf cleanup                    # remove every program, pin, hook and rule
     """
+
+
+# ---- shared selectors -------------------------------------------------------------------
+
+def node_options(f):
+    """Where meshbpf keeps its node-wide state and hooks."""
+    from .interceptor import DEFAULT_PIN_PREFIX
+    f = click.option("--pin-prefix", default=DEFAULT_PIN_PREFIX, show_default=True,
+                     envvar="MESHBPF_PIN_PREFIX",
+                     help="bpffs directory for meshbpf's pinned programs and maps.")(f)
+    f = click.option("--cgroup-root", type=click.Path(), default=None,
+                     help="cgroup v2 directory the eBPF hooks attach to (default: the "
+                          "cgroup v2 mount's root). Every meshed pod must be below it.")(f)
+    return f
+
+
+def pod_options(f):
+    f = click.option("--pid", type=int, help="A process in the pod (its netns and cgroup are used).")(f)
+    f = click.option("--netns", "netns", help="The pod's network namespace: a path or a name under /run/netns.")(f)
+    f = click.option("--cgroup", type=click.Path(), help="The pod's cgroup v2 directory (with --netns).")(f)
+    f = click.option("--name", help="Name to show for the pod in status.")(f)
+    return f
+
+
+def resolve_pod(pid, netns, cgroup, name):
+    from .errors import UsageError
+    from .pod import Pod
+    if (pid is None) == (netns is None):
+        raise UsageError("name the pod with exactly one of --pid or --netns")
+    if pid is not None:
+        if cgroup:
+            raise UsageError("--cgroup goes with --netns; with --pid the process's cgroup is used")
+        return Pod.from_pid(pid, name=name)
+    return Pod.from_netns(netns, cgroup=cgroup, name=name)
+
+
+def _print_record(rec):
+    fb = f"  (fallback: {rec['fallback']})" if rec.get("fallback") else ""
+    click.echo(f"{rec.get('name', '?')}: attached in {rec['mode']} mode{fb}")
+    click.echo(f"  why: {rec.get('reason', '')}")
+
+
+# ---- commands ------------------------------------------------------------------------------
+
+@main.command()
+@pod_options
+@node_options
+@click.option("--mode", type=click.Choice(["auto", "ebpf", "iptables"]), default="auto",
+              show_default=True, help="auto: eBPF where the kernel allows it, else iptables.")
+@click.option("--assume-kernel", envvar="MESHBPF_ASSUME_KERNEL",
+              help="Probe as if the kernel were this version (e.g. 3.10).")
+@click.option("--splice/--no-splice", default=True, show_default=True,
+              help="eBPF: splice same-node sockets through the sockhash.")
+@click.option("--iptables-binary", type=click.Choice(["iptables-nft", "iptables-legacy"]),
+              help="iptables mode: force a backend (default: as Istio chooses).")
+@config_options
+@output_option
+def attach(pid, netns, cgroup, name, pin_prefix, cgroup_root, mode, assume_kernel, splice,
+           iptables_binary, output, **cfg):
+    """Intercept a pod's traffic into its sidecar.
+
+    \b
+    Examples:
+      meshbpf attach --pid 4242
+      meshbpf attach --netns /run/netns/pod-a --cgroup /sys/fs/cgroup/kubepods/pod-a
+      meshbpf attach --pid 4242 --mode iptables -x 10.96.0.0/12 -d 15020,15021
+    """
+    from . import modes
+    from .cliopts import config_from_options
+    config, _ = config_from_options(cfg)
+    pod = resolve_pod(pid, netns, cgroup, name)
+    rec = modes.attach(pod, config, mode=mode, assume_kernel=assume_kernel,
+                       pin_prefix=pin_prefix, cgroup_root=cgroup_root, splice=splice,
+                       iptables_binary=iptables_binary)
+    emit(rec, output, _print_record)
+
+
+@main.command()
+@pod_options
+@node_options
+@output_option
+def detach(pid, netns, cgroup, name, pin_prefix, cgroup_root, output):
+    """Stop intercepting a pod; removes exactly what attach added.
+
+    \b
+    Example:
+      meshbpf detach --pid 4242
+    """
+    from . import modes
+    pod = resolve_pod(pid, netns, cgroup, name)
+    was = modes.detach(pod, pin_prefix=pin_prefix, cgroup_root=cgroup_root)
+    res = {"name": pod.name, "was_attached": was is not None, "mode": was}
+    emit(res, output, lambda r: click.echo(
+        f"{r['name']}: detached ({r['mode']} mode)" if r["was_attached"]
+        else f"{r['name']}: was not attached; nothing to do"))
+
+
+def _node_status(pin_prefix, cgroup_root):
+    """Attached pods (from the records) and what each backend reports."""
+    import os
+    from .interceptor import get_interceptor
+    from .state import StateStore
+    out = {"pin_prefix": pin_prefix, "pods": StateStore(pin_prefix).all()}
+    if os.path.isdir(pin_prefix):
+        try:
+            out["ebpf"] = get_interceptor("ebpf", pin_prefix=pin_prefix,
+                                          cgroup_root=cgroup_root).status()
+        except (MeshbpfError, ImportError) as e:
+            out["ebpf"] = {"loaded": True, "error": str(e)}
+    else:
+        out["ebpf"] = {"loaded": False}
+    if any(p.get("mode") == "iptables" for p in out["pods"]):
+        out["iptables"] = get_interceptor("iptables", pin_prefix=pin_prefix).status()
+    return out
+
+
+def _print_status(st):
+    pods = st["pods"]
+    click.echo(f"pods attached: {len(pods)}")
+    for p in pods:
+        cfg = p.get("config", {})
+        click.echo(f"  {p.get('name')}  mode={p.get('mode')}  netns={p.get('netns')}  "
+                   f"proxy={cfg.get('proxy_port')}/{cfg.get('inbound_capture_port')} "
+                   f"uid={cfg.get('proxy_uid')}" + (f"  fallback: {p['fallback']}" if p.get("fallback") else ""))
+    eb = st.get("ebpf", {})
+    if not eb.get("loaded", True) and "programs" not in eb:
+        click.echo(f"ebpf: not loaded (no pins under {st['pin_prefix']})")
+        return
+    if eb.get("error"):
+        click.echo(f"ebpf: {eb['error']}")
+        return
+    click.echo("ebpf programs:")
+    for prog in eb.get("programs", []):
+        click.echo(f"  {prog.get('name'):<24} id={prog.get('id')}  {prog.get('attach', '')}")
+    counters = eb.get("counters", {})
+    if counters:
+        click.echo("ebpf counters:")
+        for k, v in sorted(counters.items()):
+            click.echo(f"  {k:<28} {v}")
+
+
+@main.command()
+@node_options
+@output_option
+def status(pin_prefix, cgroup_root, output):
+    """Show the mode, attached pods and their configs, programs, pins and counters.
+
+    \b
+    Examples:
+      meshbpf status
+      meshbpf status -o json | jq .ebpf.counters
+    """
+    emit(_node_status(pin_prefix, cgroup_root), output, _print_status)
+
+
+@main.command()
+@node_options
+@output_option
+def cleanup(pin_prefix, cgroup_root, output):
+    """Remove every meshbpf program, pin, tc/XDP hook and iptables rule this node has.
+
+    \b
+    Example:
+      meshbpf cleanup
+    """
+    import os
+    from .interceptor import get_interceptor
+    from .state import StateStore
+    store = StateStore(pin_prefix)
+    done = {"iptables_pods": 0, "ebpf": False}
+    for rec in store.all():
+        if rec.get("mode") == "iptables":
+            done["iptables_pods"] += 1
+    get_interceptor("iptables", pin_prefix=pin_prefix).cleanup()
+    if os.path.isdir(pin_prefix) or any(r.get("mode") == "ebpf" for r in store.all()):
+        get_interceptor("ebpf", pin_prefix=pin_prefix, cgroup_root=cgroup_root).cleanup()
+        done["ebpf"] = True
+    store.destroy()
+    emit(done, output, lambda d: click.echo(
+        f"removed iptables rules from {d['iptables_pods']} pod(s); "
+        + ("removed eBPF programs, hooks and pins" if d["ebpf"] else "no eBPF state found")))
+
+
+def _register_subcommands():
+    from .bench.commands import bench
+    from .demo import demo
+    from .iptables.commands import iptables
+    from .probe import probe_command
+    for cmd in (probe_command, iptables, bench, demo):
+        main.add_command(cmd)
+
+
+_register_subcommands()

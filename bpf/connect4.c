@@ -1,0 +1,22 @@
+/* cgroup/connect4: rewrite a meshed pod's outbound TCP connect to 127.0.0.1:<proxy_port>.
+ * The original destination is kept in orig_dst (by socket cookie) for sockops/getpeername. */
+#include "meshbpf.h"
+
+int mb_connect4(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != MB_SOCK_STREAM)
+        return 1;
+    __u64 nc = bpf_get_netns_cookie(ctx);
+    struct pod_config *pc = pods.lookup(&nc);
+    if (!pc)
+        return 1;
+    __u32 ip[4];
+    mb_map4(ip, ctx->user_ip4);
+    __u16 port = (__u16)ctx->user_port;
+    if (!mb_should_capture(pc, ip, port))
+        return 1;
+    mb_remember(ctx, ip, port, MB_AF_INET);
+    ctx->user_ip4 = bpf_htonl(0x7f000001);
+    ctx->user_port = (__u32)pc->proxy_port;
+    return 1;
+}

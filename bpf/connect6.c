@@ -1,0 +1,32 @@
+/* cgroup/connect6: like connect4 for AF_INET6 sockets. A v4-mapped destination follows the
+ * IPv4 rules and goes to ::ffff:127.0.0.1; a real IPv6 one (only when the pod captures
+ * IPv6, Istio's enable_ipv6) goes to [::1]:<proxy_port>. */
+#include "meshbpf.h"
+
+int mb_connect6(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != MB_SOCK_STREAM)
+        return 1;
+    __u64 nc = bpf_get_netns_cookie(ctx);
+    struct pod_config *pc = pods.lookup(&nc);
+    if (!pc)
+        return 1;
+    __u32 ip[4];
+    ip[0] = ctx->user_ip6[0];
+    ip[1] = ctx->user_ip6[1];
+    ip[2] = ctx->user_ip6[2];
+    ip[3] = ctx->user_ip6[3];
+    int v4 = mb_is_mapped(ip);
+    if (!v4 && !(pc->flags & POD_F_IPV6))
+        return 1;
+    __u16 port = (__u16)ctx->user_port;
+    if (!mb_should_capture(pc, ip, port))
+        return 1;
+    mb_remember(ctx, ip, port, v4 ? MB_AF_INET : MB_AF_INET6);
+    ctx->user_ip6[0] = 0;
+    ctx->user_ip6[1] = 0;
+    ctx->user_ip6[2] = v4 ? bpf_htonl(0x0000ffff) : 0;
+    ctx->user_ip6[3] = v4 ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+    ctx->user_port = (__u32)pc->proxy_port;
+    return 1;
+}

@@ -1,0 +1,17 @@
+/* cgroup/getpeername6: the same for AF_INET6 sockets (v4-mapped or IPv6 destinations). */
+#include "meshbpf.h"
+
+int mb_getpeername6(struct bpf_sock_addr *ctx)
+{
+    __u64 ck = mb_socket_cookie(ctx);
+    struct orig_dst *o = orig_dst.lookup(&ck);
+    if (!o)
+        return 1;
+    ctx->user_ip6[0] = o->ip[0];
+    ctx->user_ip6[1] = o->ip[1];
+    ctx->user_ip6[2] = o->ip[2];
+    ctx->user_ip6[3] = o->ip[3];
+    ctx->user_port = (__u32)o->port;
+    mb_count(COUNTER_PEERNAME, 1);
+    return 1;
+}

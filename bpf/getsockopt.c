@@ -1,0 +1,106 @@
+/* cgroup/getsockopt: answer SO_ORIGINAL_DST (SOL_IP, 80) and IP6T_SO_ORIGINAL_DST
+ * (SOL_IPV6, 80) on the sidecar's accepted socket, as conntrack would, so unmodified
+ * Envoy/HAProxy work. Outbound: the app socket's entry in `pairs` (its key is this
+ * socket's tuple reversed). Otherwise, in a meshed pod: the socket's own local address,
+ * as conntrack answers for a connection nobody NATed (inbound: tc_inbound assigns the
+ * SYN to the 15006 listener unrewritten). Every other getsockopt is left untouched. */
+#include "meshbpf.h"
+
+static __always_inline int mb_answer(struct bpf_sockopt *ctx, const __u32 *ip, __u16 port)
+{
+    void *optval = ctx->optval;
+    void *end = ctx->optval_end;
+    volatile struct bpf_sockopt *vctx = ctx;   /* keep the two 4-byte ctx stores apart */
+    int level = ctx->level;
+
+    if (level == MB_SOL_IP) {
+        /* IPv4 option: a plain sockaddr_in, even on an AF_INET6 socket (Envoy ipv4_compat) */
+        if (!mb_is_mapped(ip))
+            return 0;
+        struct sockaddr_in *sa = optval;
+        if ((void *)(sa + 1) > end)
+            return 0;
+        sa->sin_family = MB_AF_INET;
+        sa->sin_port = port;
+        sa->sin_addr.s_addr = ip[3];
+        __builtin_memset(sa->__pad, 0, sizeof(sa->__pad));
+        vctx->optlen = sizeof(*sa);
+        vctx->retval = 0;
+        return 1;
+    }
+    struct sockaddr_in6 *sa6 = optval;
+    if ((void *)(sa6 + 1) > end)
+        return 0;
+    sa6->sin6_family = MB_AF_INET6;
+    sa6->sin6_port = port;
+    sa6->sin6_flowinfo = 0;
+    sa6->sin6_addr.in6_u.u6_addr32[0] = ip[0];
+    sa6->sin6_addr.in6_u.u6_addr32[1] = ip[1];
+    sa6->sin6_addr.in6_u.u6_addr32[2] = ip[2];
+    sa6->sin6_addr.in6_u.u6_addr32[3] = ip[3];
+    sa6->sin6_scope_id = 0;
+    vctx->optlen = sizeof(*sa6);
+    vctx->retval = 0;
+    return 1;
+}
+
+int mb_getsockopt(struct bpf_sockopt *ctx)
+{
+    if (ctx->optname != MB_SO_ORIGINAL_DST)
+        return 1;
+    int level = ctx->level;
+    if (level != MB_SOL_IP && level != MB_SOL_IPV6)
+        return 1;
+    struct bpf_sock *sk = ctx->sk;
+    if (!sk)
+        return 1;
+
+    /* The app's key: local = our remote, remote = our local. */
+    struct sock_key k = {};
+    if (sk->family == MB_AF_INET) {
+        mb_map4(k.local_ip, sk->dst_ip4);
+        mb_map4(k.remote_ip, sk->src_ip4);
+    } else if (sk->family == MB_AF_INET6) {
+        k.local_ip[0] = sk->dst_ip6[0];
+        k.local_ip[1] = sk->dst_ip6[1];
+        k.local_ip[2] = sk->dst_ip6[2];
+        k.local_ip[3] = sk->dst_ip6[3];
+        k.remote_ip[0] = sk->src_ip6[0];
+        k.remote_ip[1] = sk->src_ip6[1];
+        k.remote_ip[2] = sk->src_ip6[2];
+        k.remote_ip[3] = sk->src_ip6[3];
+    } else {
+        return 1;
+    }
+    k.local_port = (__u16)sk->dst_port;
+    k.remote_port = bpf_htons((__u16)sk->src_port);
+    if (mb_is_loopback(k.local_ip) || mb_is_loopback(k.remote_ip))
+        k.netns = bpf_get_netns_cookie(ctx);
+
+    __u32 ip[4];
+    __u16 port;
+    struct orig_dst *o = pairs.lookup(&k);
+    if (o) {
+        mb_copy_ip(ip, o->ip);
+        port = o->port;
+        o->flags |= ORIG_F_ANSWERED;
+    } else {
+        /* No redirected app behind this socket: answer like conntrack does for a
+         * connection nobody NATed, with the socket's own local address. That is the
+         * inbound case: tc_inbound hands pod_ip:8080's SYN to the 15006 listener with
+         * bpf_sk_assign, so the accepted socket's local address IS the original one.
+         * Only for sockets in a meshed pod; anything else is left untouched. */
+        __u64 nc = bpf_get_netns_cookie(ctx);
+        if (!pods.lookup(&nc)) {
+            mb_count(COUNTER_ORIG_DST_MISS, 1);
+            return 1;
+        }
+        mb_copy_ip(ip, k.remote_ip);
+        port = k.remote_port;
+    }
+    if (mb_answer(ctx, ip, port))
+        mb_count(COUNTER_ORIG_DST, 1);
+    else
+        mb_count(COUNTER_ORIG_DST_MISS, 1);
+    return 1;
+}

@@ -1,0 +1,315 @@
+/* meshbpf.h — the ONE header shared by every meshbpf eBPF program: structs, maps, helpers.
+ *
+ * Owner: the eBPF core (connect4/6, getsockopt, getpeername4/6, sockops, sk_msg).
+ * The section at the end marked "inbound (tc_inbound.c)" belongs to the inbound tc program.
+ * meshbpf/ebpf/structs.py mirrors every struct and enum here in ctypes; change both together
+ * (tests/unit/test_ebpf_structs.py parses this file and checks the mirror).
+ *
+ * bcc compiles all programs as ONE module (meshbpf/ebpf/loader.py concatenates this header
+ * and the bpf/ C files, dropping their `#include "meshbpf.h"`), so every map below is shared.
+ *
+ * Conventions (every map, every program):
+ *  - IP addresses are 16 bytes, IPv4 in v4-mapped form (::ffff:a.b.c.d), network order.
+ *  - Ports stored in maps are in NETWORK byte order (__u16).
+ *  - A key that contains a loopback address (127/8, ::1, ::ffff:127/104) also carries the
+ *    socket's netns cookie, because loopback 4-tuples repeat in every pod; pod IPs are
+ *    node-unique, so keys of pod-IP-only sockets carry netns 0 (both ends of a connection
+ *    between two pods then compute the same key).
+ *
+ * Who uses what:
+ *   pods          connect4/6 (membership, proxy port, uids), sockops (meshed?),
+ *                 getsockopt (meshed? -> answer the local address) — written by Python
+ *   cidr_rules    connect4/6 (outbound CIDR include/exclude)   — written by Python
+ *   port_rules    connect4/6 (outbound port include/exclude)   — written by Python
+ *   local_ips     sockops (is the peer on this node? => splice) — written by Python
+ *   node_cfg      sockops (splice on/off)                      — written by Python
+ *   orig_dst      connect4/6 write, getpeername4/6 read, sockops copy + delete
+ *   pairs         sockops write/delete, getsockopt read
+ *   sock_hash     sockops insert, sk_msg redirect
+ *   inbound_pods, inbound_ports   tc_inbound (see the inbound section)
+ *   counters      everyone (index enum below)
+ */
+#ifndef MESHBPF_H
+#define MESHBPF_H
+
+#include <uapi/linux/bpf.h>
+#include <linux/in.h>
+#include <linux/in6.h>
+#include <linux/socket.h>
+
+#define MB_MAX_IDS 8               /* proxy uids / gids / owner groups per pod */
+#define MB_MAX_PODS 16384
+#define MB_MAX_CONNS 65536
+
+/* SO_ORIGINAL_DST (SOL_IP) and IP6T_SO_ORIGINAL_DST (SOL_IPV6) share the number 80. */
+#define MB_SO_ORIGINAL_DST 80
+#define MB_SOL_IP 0
+#define MB_SOL_IPV6 41
+#define MB_AF_INET 2
+#define MB_AF_INET6 10
+#define MB_SOCK_STREAM 1
+#define MB_TCP_CLOSE 7
+
+/* ---- pod membership -------------------------------------------------------------------- */
+
+/* pod_config.flags */
+#define POD_F_OUTBOUND_ALL   (1u << 0)  /* outbound_ip_ranges_include == '*'            */
+#define POD_F_IPV6           (1u << 1)  /* enable_ipv6: capture IPv6 destinations too   */
+#define POD_F_OWNER_INCLUDE  (1u << 2)  /* capture only gids in owner_gids              */
+#define POD_F_OWNER_EXCLUDE  (1u << 3)  /* never capture gids in owner_gids             */
+#define POD_F_INBOUND_ALL    (1u << 4)  /* inbound_ports_include == '*' (inbound's)     */
+
+struct pod_config {
+    __u16 proxy_port;            /* outbound listener, network order (15001)           */
+    __u16 inbound_port;          /* inbound capture listener, network order (15006)    */
+    __u32 flags;                 /* POD_F_*                                            */
+    __u32 pod_index;             /* scope of this pod's cidr_rules / port_rules keys   */
+    __u32 n_uids;
+    __u32 n_gids;
+    __u32 n_owner_gids;
+    __u32 uids[MB_MAX_IDS];      /* proxy uids: their connects are never rewritten     */
+    __u32 gids[MB_MAX_IDS];      /* proxy gids: likewise                               */
+    __u32 owner_gids[MB_MAX_IDS];/* owner_groups_include / _exclude                    */
+};
+
+/* Outbound CIDR rules: LPM trie. prefixlen counts pod_index too: 32 + prefix length of
+ * the 16-byte address (IPv4 /n is 96+n). Python resolves Istio's "exclude wins" before
+ * writing: an include range inside an exclude range is stored as exclude. */
+struct cidr_key {
+    __u32 prefixlen;
+    __u32 pod_index;             /* host order; always fully matched (prefixlen >= 32) */
+    __u8  ip[16];
+};
+#define RULE_INCLUDE 1           /* capture (redirect to the sidecar) */
+#define RULE_EXCLUDE 2           /* bypass                              */
+
+struct port_key {
+    __u32 pod_index;
+    __u16 port;                  /* network order */
+    __u16 pad;
+};
+
+struct ip_key {
+    __u32 ip[4];
+};
+
+#define NODE_F_SPLICE (1u << 0)
+struct node_config {
+    __u32 flags;
+    __u32 pad;
+};
+
+/* ---- per-connection state -------------------------------------------------------------- */
+
+struct orig_dst {
+    __u32 ip[4];                 /* the destination the app dialled, v4-mapped if IPv4 */
+    __u16 port;                  /* network order */
+    __u16 family;                /* MB_AF_INET or MB_AF_INET6 (of the address)        */
+    __u32 flags;                 /* ORIG_F_*                                           */
+};
+#define ORIG_F_ANSWERED 1        /* the sidecar has read it (getsockopt)               */
+
+/* A socket's identity: also the SOCKHASH key. */
+struct sock_key {
+    __u64 netns;                 /* netns cookie if either address is loopback, else 0 */
+    __u32 local_ip[4];
+    __u32 remote_ip[4];
+    __u16 local_port;            /* network order */
+    __u16 remote_port;           /* network order */
+    __u32 pad;
+};
+
+/* ---- counters (PER-CPU array) ------------------------------------------------------------ */
+enum mb_counter {
+    COUNTER_REDIRECT_OUT = 0,    /* connects rewritten to the sidecar                  */
+    COUNTER_REDIRECT_IN = 1,     /* inbound connections steered to 15006 (tc_inbound)  */
+    COUNTER_ORIG_DST = 2,        /* SO_ORIGINAL_DST answers                            */
+    COUNTER_ORIG_DST_MISS = 3,   /* SO_ORIGINAL_DST asked, nothing known               */
+    COUNTER_PEERNAME = 4,        /* getpeername answers restored                       */
+    COUNTER_SPLICE_MSGS = 5,     /* sk_msg messages redirected to the peer socket      */
+    COUNTER_SPLICE_BYTES = 6,    /* bytes in those messages                            */
+    COUNTER_SPLICE_MISS = 7,     /* sk_msg found no peer socket (normal path)          */
+    COUNTER_SOCKHASH_ADD = 8,    /* sockets put in the sockhash                        */
+    COUNTER_BYPASS_PROXY = 9,    /* connects by the proxy uid/gid, left alone          */
+    COUNTER_BYPASS_RULE = 10,    /* connects left alone by include/exclude rules       */
+    COUNTER_CLOSED = 11,         /* per-connection state removed on close              */
+    COUNTER_INBOUND_NAT_MISS = 12, /* tc_inbound: non-SYN packet with no nat entry    */
+    COUNTER_INBOUND_REPLY = 13,  /* tc_inbound: replies whose source port was restored */
+    COUNTER_INBOUND_BYPASS = 14, /* tc_inbound: packets to excluded ports              */
+    COUNTER_MAX = 32
+};
+
+/* ---- maps ---------------------------------------------------------------------------- */
+BPF_HASH(pods, __u64, struct pod_config, MB_MAX_PODS);
+BPF_LPM_TRIE(cidr_rules, struct cidr_key, __u32, 65536);
+BPF_HASH(port_rules, struct port_key, __u32, 65536);
+BPF_HASH(local_ips, struct ip_key, __u32, 65536);
+BPF_ARRAY(node_cfg, struct node_config, 1);
+BPF_HASH(orig_dst, __u64, struct orig_dst, MB_MAX_CONNS);
+BPF_TABLE("lru_hash", struct sock_key, struct orig_dst, pairs, MB_MAX_CONNS);
+BPF_SOCKHASH(sock_hash, struct sock_key, MB_MAX_CONNS);
+BPF_PERCPU_ARRAY(counters, __u64, COUNTER_MAX);
+
+/* ---- helpers --------------------------------------------------------------------------- */
+/* bcc 0.26 declares bpf_get_socket_cookie as returning u32, which truncates the cookie. */
+static __u64 (*mb_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+
+static __always_inline void mb_count(int idx, __u64 n)
+{
+    __u32 k = idx;
+    __u64 *v = counters.lookup(&k);
+    if (v)
+        *v += n;
+}
+
+/* ::ffff:a.b.c.d from a network-order IPv4 address */
+static __always_inline void mb_map4(__u32 *dst, __u32 ip4)
+{
+    dst[0] = 0;
+    dst[1] = 0;
+    dst[2] = bpf_htonl(0x0000ffff);
+    dst[3] = ip4;
+}
+
+static __always_inline int mb_is_mapped(const __u32 *ip)
+{
+    return ip[0] == 0 && ip[1] == 0 && ip[2] == bpf_htonl(0x0000ffff);
+}
+
+/* 127/8, ::1 — and the unspecified address (0.0.0.0, ::), which connect() treats as local */
+static __always_inline int mb_is_loopback(const __u32 *ip)
+{
+    if (mb_is_mapped(ip))
+        return (bpf_ntohl(ip[3]) >> 24) == 127 || ip[3] == 0;
+    return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && (ip[3] == bpf_htonl(1) || ip[3] == 0);
+}
+
+static __always_inline void mb_copy_ip(__u32 *dst, const __u32 *src)
+{
+    dst[0] = src[0];
+    dst[1] = src[1];
+    dst[2] = src[2];
+    dst[3] = src[3];
+}
+
+static __always_inline int mb_id_in(__u32 id, const __u32 *ids, __u32 n)
+{
+#pragma unroll
+    for (int i = 0; i < MB_MAX_IDS; i++) {
+        if (i < n && ids[i] == id)
+            return 1;
+    }
+    return 0;
+}
+
+/* The outbound decision shared by connect4 and connect6, in Istio's ISTIO_OUTPUT order:
+ * outbound_ports_exclude -> proxy uid/gid -> owner groups -> loopback and excluded ranges
+ * -> outbound_ports_include -> included ranges ('*' = all). `ip` is v4-mapped for IPv4,
+ * `port` network order. Returns 1 to redirect the connect to the sidecar. */
+static __always_inline int mb_should_capture(struct pod_config *pc, const __u32 *ip, __u16 port)
+{
+    __u64 ug = bpf_get_current_uid_gid();
+    __u32 uid = (__u32)ug, gid = (__u32)(ug >> 32);
+    struct port_key pk = {};
+    pk.pod_index = pc->pod_index;
+    pk.port = port;
+    __u32 *pa = port_rules.lookup(&pk);
+    if (pa && *pa == RULE_EXCLUDE) {
+        mb_count(COUNTER_BYPASS_RULE, 1);
+        return 0;
+    }
+    if (mb_id_in(uid, pc->uids, pc->n_uids) || mb_id_in(gid, pc->gids, pc->n_gids)) {
+        mb_count(COUNTER_BYPASS_PROXY, 1);
+        return 0;
+    }
+    if ((pc->flags & POD_F_OWNER_INCLUDE) && !mb_id_in(gid, pc->owner_gids, pc->n_owner_gids))
+        goto bypass;
+    if ((pc->flags & POD_F_OWNER_EXCLUDE) && mb_id_in(gid, pc->owner_gids, pc->n_owner_gids))
+        goto bypass;
+    struct cidr_key ck = {};
+    ck.prefixlen = 32 + 128;
+    ck.pod_index = pc->pod_index;
+    __builtin_memcpy(ck.ip, ip, 16);
+    __u32 *ca = cidr_rules.lookup(&ck);
+    __u32 crule = ca ? *ca : 0;
+    if (crule == RULE_EXCLUDE)
+        goto bypass;
+    /* loopback is never captured unless a listed (not '*') range explicitly includes it */
+    if (mb_is_loopback(ip) && crule != RULE_INCLUDE)
+        goto bypass;
+    if (pa && *pa == RULE_INCLUDE)
+        return 1;
+    if (crule == RULE_INCLUDE || (pc->flags & POD_F_OUTBOUND_ALL))
+        return 1;
+bypass:
+    mb_count(COUNTER_BYPASS_RULE, 1);
+    return 0;
+}
+
+/* Remember what the app dialled (by socket cookie) and count the redirect. */
+static __always_inline void mb_remember(void *ctx, const __u32 *ip, __u16 port, __u16 family)
+{
+    struct orig_dst od = {};
+    mb_copy_ip(od.ip, ip);
+    od.port = port;
+    od.family = family;
+    __u64 ck = mb_socket_cookie(ctx);
+    orig_dst.update(&ck, &od);
+    mb_count(COUNTER_REDIRECT_OUT, 1);
+}
+
+/* ---- inbound (tc_inbound.c) -------------------------------------------------------------
+ * Owned by the inbound helper (bpf/tc_inbound.c, meshbpf/ebpf/inbound.py); everything
+ * from here to "end of inbound section" is theirs. Keep it last, above the final #endif.
+ *
+ * DESIGN NOTE for the core programs: tc_inbound steers with bpf_sk_assign() (socket-level
+ * TPROXY), NOT with a port rewrite. The SYN for pod_ip:8080 is handed to the 15006
+ * listener unchanged, so the sidecar's accepted socket's LOCAL address is pod_ip:8080:
+ *   - getsockname() on it is the original destination; a proxy whose SO_ORIGINAL_DST
+ *     fails falls back to it (Envoy's original_dst filter and HAProxy both do), and
+ *     getsockopt may answer SO_ORIGINAL_DST for a socket with no `pairs` entry with the
+ *     socket's own local address (ctx->sk->src_ip4/src_ip6, src_port);
+ *   - replies carry the original source port because the socket is bound to it;
+ *   - sockops sees the real 4-tuple, mirror of the peer's: register the socket as usual,
+ *     no inbound_nat lookup, nothing to delete on close.
+ * So tc_inbound writes NO inbound_nat entries. inbound_nat stays declared only because
+ * core code may still reference it; it can be removed with those references.
+ *
+ * Inbound policy maps, written by meshbpf/ebpf/inbound.py (policy_entries), keyed by pod
+ * IP (node-unique, so no netns cookie is needed and tc needs no netns helper): */
+struct inbound_pod_key {         /* one pod IP */
+    __u32 ip[4];                 /* v4-mapped if IPv4, network order */
+};
+struct inbound_pod_val {
+    __u16 capture_port;          /* the sidecar's inbound listener (15006), network order */
+    __u16 flags;                 /* INBOUND_POD_* */
+    __u32 pad;
+};
+#define INBOUND_POD_WILDCARD 1   /* ports with no inbound_ports entry are captured ('*') */
+struct inbound_port_key {
+    __u32 ip[4];                 /* as inbound_pod_key */
+    __u16 port;                  /* destination port, network order */
+    __u16 pad;
+};
+#define INBOUND_PORT_CAPTURE 1   /* steer to capture_port */
+#define INBOUND_PORT_BYPASS 2    /* deliver as addressed  */
+BPF_HASH(inbound_pods, struct inbound_pod_key, struct inbound_pod_val, MB_MAX_PODS);
+BPF_HASH(inbound_ports, struct inbound_port_key, __u32, 65536);
+
+/* Kept for the core programs only (see the design note): never written by tc_inbound. */
+struct inbound_key {
+    __u32 pod_ip[4];             /* v4-mapped if IPv4 */
+    __u32 peer_ip[4];
+    __u16 peer_port;             /* network order */
+    __u16 pad;
+    __u32 pad2;
+};
+struct inbound_val {
+    __u16 orig_port;             /* network order */
+    __u16 pad;
+    __u32 pad2;
+};
+BPF_HASH(inbound_nat, struct inbound_key, struct inbound_val, 65536);
+
+/* ---- end of inbound section ---- */
+#endif /* MESHBPF_H */

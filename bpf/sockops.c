@@ -1,0 +1,118 @@
+/* sockops: per-connection bookkeeping and same-node splicing.
+ *  - TCP_CONNECT of a redirected app socket: ask for state callbacks (so a refused connect
+ *    still cleans up its orig_dst entry).
+ *  - ESTABLISHED (active/passive) in a meshed pod: copy orig_dst to `pairs` under the app
+ *    socket's tuple (getsockopt finds it from the sidecar's end); if splicing is on and
+ *    the peer is on this node (loopback, or a pod IP in local_ips), put the socket in
+ *    sock_hash. (Inbound sockets need nothing special: tc_inbound assigns the SYN to the
+ *    15006 listener unrewritten, so the accepted socket's tuple mirrors the peer's.)
+ *  - STATE_CB -> TCP_CLOSE: delete orig_dst and the pair entry. */
+#include "meshbpf.h"
+
+static __always_inline int mb_ops_key(struct bpf_sock_ops *skops, struct sock_key *k, __u64 nc)
+{
+    __u32 family = skops->family;
+    if (family == MB_AF_INET) {
+        mb_map4(k->local_ip, skops->local_ip4);
+        mb_map4(k->remote_ip, skops->remote_ip4);
+    } else if (family == MB_AF_INET6) {
+        k->local_ip[0] = skops->local_ip6[0];
+        k->local_ip[1] = skops->local_ip6[1];
+        k->local_ip[2] = skops->local_ip6[2];
+        k->local_ip[3] = skops->local_ip6[3];
+        k->remote_ip[0] = skops->remote_ip6[0];
+        k->remote_ip[1] = skops->remote_ip6[1];
+        k->remote_ip[2] = skops->remote_ip6[2];
+        k->remote_ip[3] = skops->remote_ip6[3];
+    } else {
+        return -1;
+    }
+    k->local_port = bpf_htons((__u16)skops->local_port);
+    k->remote_port = bpf_htons((__u16)bpf_ntohl(skops->remote_port));
+    if (mb_is_loopback(k->local_ip) || mb_is_loopback(k->remote_ip))
+        k->netns = nc;
+    return 0;
+}
+
+static __always_inline void mb_want_state_cb(struct bpf_sock_ops *skops)
+{
+    bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+static __always_inline void mb_established(struct bpf_sock_ops *skops)
+{
+    __u64 nc = bpf_get_netns_cookie(skops);
+    struct pod_config *pc = pods.lookup(&nc);
+    __u64 ck = mb_socket_cookie(skops);
+    struct orig_dst *o = orig_dst.lookup(&ck);
+    struct sock_key k = {};
+    if (mb_ops_key(skops, &k, nc) < 0)
+        return;
+    if (o) {
+        struct orig_dst copy = {};
+        mb_copy_ip(copy.ip, o->ip);
+        copy.port = o->port;
+        copy.family = o->family;
+        pairs.update(&k, &copy);
+        mb_want_state_cb(skops);
+    }
+    if (!pc)
+        return;              /* not a meshed pod's socket */
+    mb_want_state_cb(skops);
+
+    __u32 zero = 0;
+    struct node_config *ncfg = node_cfg.lookup(&zero);
+    if (!ncfg || !(ncfg->flags & NODE_F_SPLICE))
+        return;
+    if (!k.netns) {
+        struct ip_key rk = {};
+        mb_copy_ip(rk.ip, k.remote_ip);
+        if (!local_ips.lookup(&rk))
+            return;              /* remote peer: normal path */
+    }
+    /* bcc rewrites map.sock_hash_update(...) into a statement ending in ';' */
+    long err = sock_hash.sock_hash_update(skops, &k, BPF_ANY);
+    if (err == 0)
+        mb_count(COUNTER_SOCKHASH_ADD, 1);
+}
+
+static __always_inline void mb_closed(struct bpf_sock_ops *skops)
+{
+    __u64 ck = mb_socket_cookie(skops);
+    orig_dst.delete(&ck);
+    __u64 nc = bpf_get_netns_cookie(skops);
+    struct sock_key k = {};
+    if (mb_ops_key(skops, &k, nc) < 0)
+        return;
+    /* As the app: our entry goes once the sidecar has read it (else the sidecar's end
+     * removes it when it closes, so a short-lived client cannot race the proxy's accept). */
+    struct orig_dst *o = pairs.lookup(&k);
+    if (o && (o->flags & ORIG_F_ANSWERED))
+        pairs.delete(&k);
+    /* As the sidecar's accepted end: the app's entry is keyed by our tuple reversed. */
+    struct sock_key sw = {};
+    sw.netns = k.netns;
+    mb_copy_ip(sw.local_ip, k.remote_ip);
+    mb_copy_ip(sw.remote_ip, k.local_ip);
+    sw.local_port = k.remote_port;
+    sw.remote_port = k.local_port;
+    pairs.delete(&sw);
+    mb_count(COUNTER_CLOSED, 1);
+}
+
+int mb_sockops(struct bpf_sock_ops *skops)
+{
+    __u32 op = skops->op;
+    if (op == BPF_SOCK_OPS_TCP_CONNECT_CB) {
+        __u64 ck = mb_socket_cookie(skops);
+        if (orig_dst.lookup(&ck))
+            mb_want_state_cb(skops);
+    } else if (op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB ||
+               op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+        mb_established(skops);
+    } else if (op == BPF_SOCK_OPS_STATE_CB) {
+        if (skops->args[1] == MB_TCP_CLOSE)
+            mb_closed(skops);
+    }
+    return 1;
+}

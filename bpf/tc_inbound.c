@@ -1,0 +1,173 @@
+/* tc_inbound.c: steer a meshed pod's inbound TCP into its sidecar's inbound listener.
+ *
+ * Hook: tc clsact INGRESS (direct-action) on each of the pod's interfaces, inside the
+ * pod's network namespace. Program: tc_inbound_ingress (BPF_PROG_TYPE_SCHED_CLS).
+ *
+ * What it does, per TCP packet addressed to a pod IP enrolled in `inbound_pods`, on a
+ * port that pod's policy captures (`inbound_ports` entry, else the pod's wildcard flag):
+ *
+ *   1. If the packet belongs to a connection that already has a socket (established,
+ *      SYN_RECV request socket, or TIME_WAIT for a non-SYN) it is left alone: the kernel's
+ *      normal lookup delivers it. Connections that existed before the pod was attached
+ *      therefore keep working, untouched.
+ *   2. Otherwise the sidecar's inbound listener (pod IP or wildcard address, port
+ *      `capture_port`, normally 15006) is looked up in the pod's netns and the packet is
+ *      assigned to it with bpf_sk_assign(), the socket-level equivalent of TPROXY.
+ *      Nothing in the packet is rewritten: the accepted socket's local address IS the
+ *      original destination (pod_ip:8080), so getsockname()/SO_ORIGINAL_DST answer with
+ *      it and every reply carries the original source port by construction. No
+ *      per-connection map, no checksum update, no egress program: CHECKSUM_PARTIAL and
+ *      GSO/GRO packets (usual on veth) are handled because no byte changes.
+ *   3. No listener on the capture port (the sidecar is not up yet): the packet is
+ *      dropped, never delivered to the app behind the sidecar's back; the client's SYN
+ *      retransmission connects once the sidecar listens.
+ *
+ * Counters (core's per-CPU `counters`), per connection (SYN), not per packet:
+ *   COUNTER_REDIRECT_IN       SYN steered to the sidecar's inbound listener;
+ *   COUNTER_INBOUND_BYPASS    SYN to an enrolled pod IP on a port its policy leaves alone;
+ *   COUNTER_INBOUND_NAT_MISS  SYN dropped because nothing listens on the capture port
+ *                             (the name predates the sk_assign design: "no listener").
+ *
+ * Limits, on purpose: IPv6 packets with extension headers before TCP and IPv4 fragments
+ * pass untouched (TCP does not use either in practice); interfaces must carry Ethernet
+ * framing (meshbpf/ebpf/inbound.py only hooks ARPHRD_ETHER links).
+ *
+ * Maps (declared in meshbpf.h's inbound section): inbound_pods, inbound_ports.
+ */
+
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include "meshbpf.h"
+
+#ifndef TC_ACT_OK
+#define TC_ACT_OK 0
+#endif
+#ifndef TC_ACT_SHOT
+#define TC_ACT_SHOT 2
+#endif
+
+#define MBI_ETH_HLEN 14
+#define MBI_ETH_P_IP 0x0800
+#define MBI_ETH_P_IPV6 0x86DD
+#define MBI_IPPROTO_TCP 6
+#define MBI_TCP_SYN 0x02
+#define MBI_TCP_ACK 0x10
+
+/* 1 and *capture_port if the pod's policy steers `dport`; -1 if the destination is an
+ * enrolled pod IP whose policy leaves the port alone; 0 if it is no enrolled pod IP.
+ * Ports in network order. */
+static __always_inline int mbi_policy(struct inbound_pod_key *pk, __be16 dport,
+                                      __be16 *capture_port)
+{
+    struct inbound_pod_val *pod = inbound_pods.lookup(pk);
+    if (!pod)
+        return 0;
+    struct inbound_port_key k = {};
+    __builtin_memcpy(k.ip, pk->ip, sizeof(k.ip));
+    k.port = dport;
+    __u32 *action = inbound_ports.lookup(&k);
+    if (action) {
+        if (*action != INBOUND_PORT_CAPTURE)
+            return -1;
+    } else if (!(pod->flags & INBOUND_POD_WILDCARD)) {
+        return -1;
+    }
+    *capture_port = pod->capture_port;
+    return 1;
+}
+
+int tc_inbound_ingress(struct __sk_buff *skb)
+{
+    struct bpf_sock_tuple tuple = {};
+    struct inbound_pod_key pk = {};
+    __u32 tuple_len;
+    __u32 l4off;
+    __be16 capture_port = 0;
+    __u8 tcpflags = 0;
+
+    if (skb->protocol == bpf_htons(MBI_ETH_P_IP)) {
+        struct iphdr iph;
+        if (bpf_skb_load_bytes(skb, MBI_ETH_HLEN, &iph, sizeof(iph)) < 0)
+            return TC_ACT_OK;
+        if (iph.version != 4 || iph.ihl < 5 || iph.protocol != MBI_IPPROTO_TCP)
+            return TC_ACT_OK;
+        if (iph.frag_off & bpf_htons(0x3fff))   /* MF or a fragment offset */
+            return TC_ACT_OK;
+        l4off = MBI_ETH_HLEN + iph.ihl * 4;
+        tuple.ipv4.saddr = iph.saddr;
+        tuple.ipv4.daddr = iph.daddr;
+        tuple_len = sizeof(tuple.ipv4);
+        pk.ip[2] = bpf_htonl(0x0000ffff);
+        pk.ip[3] = iph.daddr;
+    } else if (skb->protocol == bpf_htons(MBI_ETH_P_IPV6)) {
+        struct ipv6hdr ip6h;
+        if (bpf_skb_load_bytes(skb, MBI_ETH_HLEN, &ip6h, sizeof(ip6h)) < 0)
+            return TC_ACT_OK;
+        if (ip6h.nexthdr != MBI_IPPROTO_TCP)   /* extension headers: not steered */
+            return TC_ACT_OK;
+        l4off = MBI_ETH_HLEN + sizeof(ip6h);
+        __builtin_memcpy(tuple.ipv6.saddr, &ip6h.saddr, 16);
+        __builtin_memcpy(tuple.ipv6.daddr, &ip6h.daddr, 16);
+        tuple_len = sizeof(tuple.ipv6);
+        __builtin_memcpy(pk.ip, &ip6h.daddr, 16);
+    } else {
+        return TC_ACT_OK;
+    }
+
+    __be16 ports[2];
+    if (bpf_skb_load_bytes(skb, l4off, ports, sizeof(ports)) < 0)
+        return TC_ACT_OK;
+    if (bpf_skb_load_bytes(skb, l4off + 13, &tcpflags, 1) < 0)
+        return TC_ACT_OK;
+
+    int syn = (tcpflags & (MBI_TCP_SYN | MBI_TCP_ACK)) == MBI_TCP_SYN;
+    int verdict = mbi_policy(&pk, ports[1], &capture_port);
+    if (verdict <= 0) {
+        if (verdict < 0 && syn)
+            mb_count(COUNTER_INBOUND_BYPASS, 1);
+        return TC_ACT_OK;
+    }
+    if (tuple_len == sizeof(tuple.ipv4)) {
+        tuple.ipv4.sport = ports[0];
+        tuple.ipv4.dport = ports[1];
+    } else {
+        tuple.ipv6.sport = ports[0];
+        tuple.ipv6.dport = ports[1];
+    }
+
+    /* 1. A socket already owns this 4-tuple: let the normal lookup deliver it. */
+    struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, tuple_len, BPF_F_CURRENT_NETNS, 0);
+    if (sk) {
+        __u32 state = sk->state;
+        bpf_sk_release(sk);
+        if (state != BPF_TCP_LISTEN && !(syn && state == BPF_TCP_TIME_WAIT))
+            return TC_ACT_OK;
+    }
+
+    /* 2. Hand the packet to the sidecar's inbound listener. */
+    if (tuple_len == sizeof(tuple.ipv4))
+        tuple.ipv4.dport = capture_port;
+    else
+        tuple.ipv6.dport = capture_port;
+    sk = bpf_skc_lookup_tcp(skb, &tuple, tuple_len, BPF_F_CURRENT_NETNS, 0);
+    if (!sk)
+        goto no_listener;
+    if (sk->state != BPF_TCP_LISTEN) {
+        bpf_sk_release(sk);
+        goto no_listener;
+    }
+    long err = bpf_sk_assign(skb, sk, 0);
+    bpf_sk_release(sk);
+    if (err)
+        goto no_listener;
+    if (syn)
+        mb_count(COUNTER_REDIRECT_IN, 1);
+    return TC_ACT_OK;
+
+no_listener:
+    /* 3. Never let a captured port reach the app around the sidecar. */
+    if (syn)
+        mb_count(COUNTER_INBOUND_NAT_MISS, 1);
+    return TC_ACT_SHOT;
+}

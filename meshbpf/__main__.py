@@ -1,0 +1,5 @@
+"""`python -m meshbpf` is the `meshbpf` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,109 @@
+"""PNG charts of benchmark results (matplotlib, Agg backend: no display needed).
+
+`latency_chart` draws percentiles by mode with ratios to `direct`; `rules_chart` draws
+update cost against N on log-log axes, one line per backend and operation. Each returns
+the path it wrote.
+"""
+
+import os
+
+from . import report
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError:
+        from ..errors import UnsupportedError
+        raise UnsupportedError("charts need matplotlib", hint="pip install matplotlib")
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def latency_chart(result, path):
+    """Grouped bars: p50/p90/p99/p99.9 per mode, labelled with the ratio to direct."""
+    plt = _plt()
+    modes = report._ordered(result["modes"], report.LATENCY_MODES)
+    keys = [("p50_us", "p50"), ("p90_us", "p90"), ("p99_us", "p99"), ("p999_us", "p99.9")]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / len(keys)
+    for i, (key, label) in enumerate(keys):
+        vals = [result["modes"][m].get(key) or 0 for m in modes]
+        xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(modes))]
+        bars = ax.bar(xs, vals, width, label=label)
+        if key == "p50_us":
+            for b, m in zip(bars, modes):
+                r = (result["modes"][m].get("ratio_to_direct") or {}).get(key)
+                if r is not None:
+                    ax.annotate(f"{r:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
+                                ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(modes)))
+    ax.set_xticklabels(modes)
+    ax.set_ylabel("latency (us)")
+    ax.set_title(f"sockperf ping-pong, {result.get('sizes', ['?'])[0]} B "
+                 f"(labels: p50 / direct)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    # right: throughput and connection rate as ratios to direct
+    metrics = [("throughput_gbps", "throughput"), ("conn_per_s", "conn/s"),
+               ("cpu_us_per_req", "CPU/request")]
+    width = 0.8 / len(metrics)
+    for i, (key, label) in enumerate(metrics):
+        vals = [((result["modes"][m].get("ratio_to_direct") or {}).get(key) or 0) for m in modes]
+        xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(modes))]
+        ax2.bar(xs, vals, width, label=label)
+    ax2.axhline(1.0, color="k", lw=0.8)
+    ax2.set_xticks(range(len(modes)))
+    ax2.set_xticklabels(modes, rotation=20)
+    ax2.set_ylabel("ratio to direct")
+    ax2.set_title("relative to direct (same run)")
+    ax2.legend(fontsize=8)
+    ax2.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def rules_chart(result, path):
+    """Log-log: seconds per operation against N, per backend; right panel: ratio to eBPF."""
+    plt = _plt()
+    res = [r for r in result["results"] if r.get("seconds")]
+    backends = report._ordered({r["backend"] for r in res}, report.RULES_BACKENDS)
+    ops = report._ordered({r["op"] for r in res}, report.RULES_OPS)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+    styles = {"enroll-pod": "o-", "add-entry": "s-", "remove-entry": "^--", "full-sync": "d:"}
+    colors = {b: c for b, c in zip(report.RULES_BACKENDS, ("tab:green", "tab:blue", "tab:orange"))}
+    for b in backends:
+        for op in ops:
+            pts = sorted((r["n"], r["seconds"]) for r in res if r["backend"] == b and r["op"] == op)
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(op, "o-"),
+                    color=colors.get(b), label=f"{b} {op}")
+            if b != "ebpf":
+                rp = sorted((r["n"], r["ratio_to_ebpf"]) for r in res
+                            if r["backend"] == b and r["op"] == op and r.get("ratio_to_ebpf"))
+                if rp:
+                    ax2.plot([p[0] for p in rp], [p[1] for p in rp], styles.get(op, "o-"),
+                             color=colors.get(b), label=f"{b} {op}")
+    for a in (ax, ax2):
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.set_xlabel("N existing entries")
+        a.grid(which="both", alpha=0.3)
+    ax.set_ylabel("seconds per operation")
+    ax.set_title("control-plane update cost")
+    ax.legend(fontsize=7)
+    ax2.set_ylabel("time / eBPF time")
+    ax2.set_title("ratio to eBPF maps (same run)")
+    ax2.axhline(1000, color="r", lw=0.8, ls="--")
+    if ax2.lines:
+        ax2.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,173 @@
+"""`meshbpf bench`: the click group with `latency` and `rules`. Parse, run, render; nothing else.
+
+Progress goes to stderr while a run is under way; the result goes to stdout as a table
+(default) or JSON (`-o json`); `--out DIR` also writes JSON, a Markdown report and PNG
+charts there.
+"""
+
+import os
+import time
+
+import click
+
+from ..errors import MeshbpfError, UsageError
+from . import report
+
+
+def _progress(msg):
+    click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
+
+
+def _parse_ints(text, what, lo=1, hi=1 << 20):
+    out = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            v = int(item)
+        except ValueError:
+            raise UsageError(f"{what}: {item!r} is not an integer")
+        if not lo <= v <= hi:
+            raise UsageError(f"{what}: {v} is out of range ({lo}..{hi})")
+        out.append(v)
+    if not out:
+        raise UsageError(f"{what}: give at least one value")
+    return out
+
+
+def _parse_list(text, allowed, what):
+    items = [i.strip() for i in str(text).split(",") if i.strip()]
+    bad = [i for i in items if i not in allowed]
+    if bad or not items:
+        raise UsageError(f"{what}: unknown {', '.join(bad) or '(empty)'}; "
+                         f"choose from {', '.join(allowed)}")
+    return items
+
+
+def _write_outputs(result, out_dir, kind):
+    """JSON, Markdown and PNG charts into out_dir; returns the paths written."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out_dir}: cannot create it: {e.strerror}")
+    from . import charts
+    paths = []
+    jpath = os.path.join(out_dir, f"{kind}.json")
+    with open(jpath, "w") as f:
+        f.write(report.to_json(result))
+    paths.append(jpath)
+    png = f"{kind}.png"
+    if kind == "latency":
+        charts.latency_chart(result, os.path.join(out_dir, png))
+        md = report.latency_markdown(result, charts=[png])
+    else:
+        charts.rules_chart(result, os.path.join(out_dir, png))
+        md = report.rules_markdown(result, charts=[png])
+    paths.append(os.path.join(out_dir, png))
+    mpath = os.path.join(out_dir, f"{kind}.md")
+    with open(mpath, "w") as f:
+        f.write(md)
+    paths.append(mpath)
+    return paths
+
+
+def _emit(result, output, out_dir, kind):
+    if out_dir:
+        for p in _write_outputs(result, out_dir, kind):
+            _progress(f"wrote {p}")
+    if output == "json":
+        click.echo(report.to_json(result))
+    else:
+        click.echo(report.latency_text(result) if kind == "latency" else report.rules_text(result))
+
+
+def _check_root():
+    if os.geteuid() != 0:
+        from ..errors import UnsupportedError
+        raise UnsupportedError("the benchmark needs root (network namespaces, cgroups, BPF)")
+
+
+output_opt = click.option("-o", "--output", type=click.Choice(["text", "json"]), default="text",
+                          show_default=True, help="Result on stdout as a table or JSON.")
+out_opt = click.option("--out", "out_dir", type=click.Path(file_okay=False),
+                       help="Also write JSON, a Markdown report and PNG charts into DIR.")
+quick_opt = click.option("--quick", is_flag=True,
+                         help="Short run (< 60 s) that still covers every mode / N=20,000.")
+rounds_opt = click.option("--rounds", type=click.IntRange(1, 100),
+                          help="Interleaved rounds (default 5, --quick 1).")
+
+
+class BenchGroup(click.Group):
+    """Prints MeshbpfError as one line with its exit code when run on its own."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MeshbpfError as e:
+            click.echo(f"meshbpf: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+@click.group("bench", cls=BenchGroup)
+def bench():
+    """Measure what interception costs: data path (latency) and control plane (rules).
+
+    \b
+    Examples:
+      meshbpf bench latency --quick
+      meshbpf bench latency --rounds 5 --sizes 64,1024 --out /tmp/bench
+      meshbpf bench rules --n 100,1000,5000,20000 -o json
+    """
+
+
+@bench.command("latency")
+@quick_opt
+@output_opt
+@out_opt
+@rounds_opt
+@click.option("--sizes", default=None, help="sockperf message sizes in bytes, comma list "
+              "(default 64,1024; --quick 64).")
+@click.option("--modes", default=None, help="Comma list of modes (default all: "
+              "direct,explicit,iptables,ebpf,ebpf-nosplice).")
+@click.option("--duration", type=click.FloatRange(0.5, 600), default=None,
+              help="Seconds per sockperf / iperf3 run (default 5; --quick 1.5).")
+@click.option("--n", "n_opt", default=None, hidden=True, help="(rules only)")
+def latency_cmd(quick, output, out_dir, rounds, sizes, modes, duration, n_opt):
+    """Latency, throughput, connection rate and CPU per request, per interception mode."""
+    from . import latency
+    if n_opt:
+        raise UsageError("--n applies to `bench rules`, not `bench latency`")
+    sizes = _parse_ints(sizes, "--sizes", 14, 65000) if sizes else None
+    modes = _parse_list(modes, latency.MODES, "--modes") if modes else None
+    _check_root()
+    result = latency.run_latency(modes=modes, sizes=sizes, rounds=rounds, quick=quick,
+                                 duration=duration, progress=_progress)
+    _emit(result, output, out_dir, "latency")
+
+
+@bench.command("rules")
+@quick_opt
+@output_opt
+@out_opt
+@rounds_opt
+@click.option("--n", "n_opt", default=None,
+              help="Comma list of N existing entries (default 100,1000,5000,20000; "
+                   "--quick 100,20000). '20k' works.")
+@click.option("--backends", default=None, help="Comma list of ebpf, iptables-nft, "
+              "iptables-legacy (default all installed).")
+@click.option("--no-dataplane", is_flag=True, help="Skip the connection-rate part.")
+@click.option("--sizes", default=None, hidden=True, help="(latency only)")
+def rules_cmd(quick, output, out_dir, rounds, n_opt, backends, no_dataplane, sizes):
+    """Control-plane cost against scale: enroll a pod, add/remove one entry, full sync."""
+    from . import rules
+    if sizes:
+        raise UsageError("--sizes applies to `bench latency`, not `bench rules`")
+    ns = rules.parse_ns(n_opt) if n_opt else list(rules.QUICK_NS if quick else rules.DEFAULT_NS)
+    backends = _parse_list(backends, rules.BACKENDS, "--backends") if backends else list(rules.BACKENDS)
+    _check_root()
+    result = rules.run_rules(ns=ns, backends=backends, quick=quick, dataplane=not no_dataplane,
+                             rounds=rounds, progress=_progress)
+    _emit(result, output, out_dir, "rules")
+
+

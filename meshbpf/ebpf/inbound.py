@@ -1,0 +1,506 @@
+"""Inbound steering for meshed pods: the tc hook on the pod's interfaces and its policy maps.
+
+One job: make TCP that arrives on a meshed pod's interface for a captured port reach the
+sidecar's inbound listener (15006) with its original destination intact, and undo that
+exactly. The data path is `bpf/tc_inbound.c` (program `tc_inbound_ingress`, tc clsact
+ingress, direct-action), which hands the SYN to the listener with bpf_sk_assign() instead
+of rewriting the port; see docs/inbound.md for why tc and not XDP.
+
+Pure part (no root, no kernel): `inbound_policy(config)` turns an InterceptConfig into
+Istio's inbound semantics (include '*' with excludes, or a list of ports; the ports in
+`config.inbound_excluded_always()` are never captured), `policy_entries(policy, ips)`
+packs it into the `inbound_pods` / `inbound_ports` map entries declared in bpf/meshbpf.h,
+`steers(policy, port)` says what the program will decide, `select_hook()` picks the hook.
+
+Side-effect part: `attach_pod(pod, config, maps, progs)` writes the entries and installs
+the filters inside the pod's netns (pyroute2 under `system.in_netns`), rolling back on
+failure; `detach_pod(pod, maps, record)` removes exactly what attach added (the clsact
+qdisc only if meshbpf created it); `list_hooks(pod)` reports the filters for status.
+`maps` maps a map name to a map fd (or a bcc table); `progs` a program name to a program
+fd (or a bcc function). Nothing here loads or pins programs: meshbpf/ebpf/loader.py does.
+"""
+
+import dataclasses
+import errno
+import ipaddress
+import struct
+
+from ..config import WILDCARD
+from ..errors import ApplyError, MeshbpfError, NotFoundError, UnsupportedError, UsageError
+
+PROG_INGRESS = "tc_inbound_ingress"
+MAP_PODS = "inbound_pods"
+MAP_PORTS = "inbound_ports"
+
+# bpf/meshbpf.h, inbound section
+INBOUND_POD_WILDCARD = 1
+INBOUND_PORT_CAPTURE = 1
+INBOUND_PORT_BYPASS = 2
+POD_KEY = struct.Struct("!16s")         # struct inbound_pod_key { __u32 ip[4]; }
+POD_VAL = struct.Struct("=2sHI")        # { __u16 capture_port (net); __u16 flags; __u32 pad; }
+PORT_KEY = struct.Struct("=16s2sH")     # { __u32 ip[4]; __u16 port (net); __u16 pad; }
+PORT_VAL = struct.Struct("=I")          # __u32 action
+
+# How meshbpf's filters are recognised in a pod: this priority and name, handle 1.
+TC_PRIO = 0x6d62                        # "mb"
+TC_HANDLE = 1
+TC_NAME = "meshbpf_inbound"
+TC_INGRESS_PARENT = 0xFFFFFFF2          # clsact ingress (ffff:fff2)
+TC_EGRESS_PARENT = 0xFFFFFFF3
+ETH_P_ALL = 0x0003
+ARPHRD_ETHER = 1
+HOOKS = ("auto", "tc", "xdp")
+
+
+# ---- pure ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class InboundPolicy:
+    """Which inbound ports of a pod go to its sidecar, in Istio's terms.
+
+    wildcard: every port not in `bypass` is captured (inbound_ports_include '*');
+    otherwise exactly the ports in `capture` are.
+    """
+
+    capture_port: int
+    wildcard: bool
+    capture: tuple = ()
+    bypass: tuple = ()
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def inbound_policy(config):
+    """InterceptConfig -> InboundPolicy with Istio's inbound include/exclude semantics.
+
+    include '*': everything except inbound_ports_exclude and the always-excluded ports;
+    include list: only those ports (Istio ignores inbound_ports_exclude then), minus the
+    always-excluded ones; include '': nothing.
+    """
+    include, exclude = config.inbound_ports()
+    always = set(config.inbound_excluded_always())
+    if include == WILDCARD:
+        return InboundPolicy(config.inbound_capture_port, True, (),
+                             tuple(sorted(set(exclude) | always)))
+    return InboundPolicy(config.inbound_capture_port, False,
+                         tuple(sorted(set(include) - always)), ())
+
+
+def steers(policy, port):
+    """True if tc_inbound steers a connection to `port` of a pod with `policy`."""
+    if port in policy.bypass:
+        return False
+    if port in policy.capture:
+        return True
+    return policy.wildcard
+
+
+def ip_key(ip):
+    """16-byte map form of an address: IPv4 as v4-mapped ::ffff:a.b.c.d, network order."""
+    ip = ipaddress.ip_address(ip)
+    if ip.version == 4:
+        return b"\0" * 10 + b"\xff\xff" + ip.packed
+    return ip.packed
+
+
+def pod_key(ip):
+    return POD_KEY.pack(ip_key(ip))
+
+
+def pod_value(policy):
+    return POD_VAL.pack(struct.pack("!H", policy.capture_port),
+                        INBOUND_POD_WILDCARD if policy.wildcard else 0, 0)
+
+
+def port_key(ip, port):
+    return PORT_KEY.pack(ip_key(ip), struct.pack("!H", port), 0)
+
+
+def port_value(action):
+    return PORT_VAL.pack(action)
+
+
+def decode_pod_value(raw):
+    port, flags, _ = POD_VAL.unpack(raw)
+    return {"capture_port": struct.unpack("!H", port)[0],
+            "wildcard": bool(flags & INBOUND_POD_WILDCARD)}
+
+
+def decode_port_key(raw):
+    ip16, port, _ = PORT_KEY.unpack(raw)
+    return _ip_from_key(ip16), struct.unpack("!H", port)[0]
+
+
+def _ip_from_key(ip16):
+    ip = ipaddress.IPv6Address(ip16)
+    return ip.ipv4_mapped or ip
+
+
+def policy_entries(policy, addresses):
+    """The map entries for a pod with `policy` and IPs `addresses`.
+
+    Returns {map name: {key bytes: value bytes}}: one inbound_pods entry per pod IP and
+    one inbound_ports entry per (IP, listed port). Link-local and loopback addresses are
+    not pod IPs and are skipped.
+    """
+    pods, ports = {}, {}
+    for ip in sorted({ipaddress.ip_address(a) for a in addresses}, key=lambda a: (a.version, a)):
+        if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
+            continue
+        pods[pod_key(ip)] = pod_value(policy)
+        for port in policy.capture:
+            ports[port_key(ip, port)] = port_value(INBOUND_PORT_CAPTURE)
+        for port in policy.bypass:
+            ports[port_key(ip, port)] = port_value(INBOUND_PORT_BYPASS)
+    return {MAP_PODS: pods, MAP_PORTS: ports}
+
+
+def select_hook(hook, link_kind):
+    """The hook that steers on an interface of kind `link_kind` ("veth", "macvlan", ...).
+
+    Always "tc": steering hands the SYN to the listener socket with bpf_sk_assign(),
+    which only exists at tc ingress; XDP has no socket to hand a packet to, and on veth
+    it would also see CHECKSUM_PARTIAL/GSO packets whose checksum it cannot fix. "auto"
+    and "tc" select tc; "xdp" is refused with the reason (see docs/inbound.md).
+    """
+    if hook not in HOOKS:
+        raise UsageError(f"inbound hook {hook!r} is unknown: choose one of {', '.join(HOOKS)}")
+    if hook == "xdp":
+        raise UnsupportedError(
+            f"inbound steering cannot run at XDP (interface kind {link_kind or 'unknown'}): it "
+            "hands connections to the sidecar's listener with bpf_sk_assign, which exists only "
+            "at tc ingress", hint="use hook 'tc' or 'auto'; docs/inbound.md explains")
+    return "tc"
+
+
+# ---- side effects -------------------------------------------------------------------------
+
+def _fd(obj, attr):
+    """An fd from an int, a bcc object (.map_fd / .fd) or a PinnedMap (.fd)."""
+    if isinstance(obj, int):
+        return obj
+    for name in (attr, "fd"):
+        fd = getattr(obj, name, None)
+        if isinstance(fd, int):
+            return fd
+    raise UsageError(f"{obj!r} is not a file descriptor or an object with .{attr}")
+
+
+def _map_fds(maps):
+    try:
+        return {name: _fd(maps[name], "map_fd") for name in (MAP_PODS, MAP_PORTS)}
+    except KeyError as e:
+        raise UsageError(f"the loaded eBPF object has no map {e.args[0]!r}; "
+                         "was bpf/tc_inbound.c compiled in?")
+
+
+def _prog_fd(progs):
+    try:
+        return _fd(progs[PROG_INGRESS], "fd")
+    except KeyError:
+        raise UsageError(f"the loaded eBPF object has no program {PROG_INGRESS!r}")
+
+
+def _map_ops():
+    from .. import bpfsys
+    return bpfsys
+
+
+def _links(ipr):
+    out = []
+    for link in ipr.get_links():
+        info = link.get_attr("IFLA_LINKINFO")
+        kind = info.get_attr("IFLA_INFO_KIND") if info else None
+        out.append({"name": link.get_attr("IFLA_IFNAME"), "index": link["index"],
+                    "type": link["ifi_type"], "kind": kind})
+    return out
+
+
+def _pick_interfaces(links, config, interfaces):
+    """The pod's links to hook: named ones, else every Ethernet link except lo and
+    config.exclude_interfaces."""
+    by_name = {l["name"]: l for l in links}
+    if interfaces:
+        missing = [n for n in interfaces if n not in by_name]
+        if missing:
+            raise NotFoundError(f"the pod has no interface {', '.join(missing)}")
+        chosen = [by_name[n] for n in interfaces]
+        bad = [l["name"] for l in chosen if l["type"] != ARPHRD_ETHER]
+        if bad:
+            raise UnsupportedError(f"interface {', '.join(bad)} has no Ethernet framing; "
+                                   "tc_inbound parses Ethernet frames only")
+        return chosen
+    excluded = set(_split(config.exclude_interfaces))
+    chosen = [l for l in links
+              if l["name"] != "lo" and l["type"] == ARPHRD_ETHER and l["name"] not in excluded]
+    if not chosen:
+        raise NotFoundError("the pod has no Ethernet interface to steer inbound traffic on")
+    return chosen
+
+
+def _split(value):
+    return [p.strip() for p in str(value or "").split(",") if p.strip()]
+
+
+def _addresses(ipr, indexes):
+    out = []
+    for a in ipr.get_addr():
+        if a["index"] in indexes:
+            out.append(ipaddress.ip_address(a.get_attr("IFA_ADDRESS")))
+    return out
+
+
+def _qdiscs(ipr, index):
+    return [q for q in ipr.get_qdiscs(index=index) if q["index"] == index]
+
+
+def _has_clsact(ipr, index):
+    return any(q.get_attr("TCA_KIND") == "clsact" for q in _qdiscs(ipr, index))
+
+
+def _filters(ipr, index, parent):
+    """bpf filters on `index`/`parent` as dicts: prio, handle, name, prog id, ours."""
+    out = []
+    try:
+        msgs = ipr.get_filters(index=index, parent=parent)
+    except Exception as e:  # noqa: BLE001 - no clsact yet: no filters
+        if getattr(e, "code", None) in (errno.EINVAL, errno.ENOENT):
+            return out
+        raise
+    for f in msgs:
+        if f.get_attr("TCA_KIND") != "bpf":
+            continue
+        opts = f.get_attr("TCA_OPTIONS")
+        if not opts:
+            continue
+        prio = (f["info"] >> 16) & 0xFFFF
+        name = opts.get_attr("TCA_BPF_NAME") or ""
+        out.append({"prio": prio, "handle": f["handle"], "name": name,
+                    "prog_id": opts.get_attr("TCA_BPF_ID"),
+                    "ours": prio == TC_PRIO and name.startswith(TC_NAME)})
+    return out
+
+
+def _add_filter(ipr, index, parent, fd):
+    ipr.tc("replace-filter", "bpf", index, TC_HANDLE, parent=parent, prio=TC_PRIO,
+           protocol=ETH_P_ALL, fd=fd, name=TC_NAME, direct_action=True)
+
+
+def _del_filter(ipr, index, parent):
+    try:
+        ipr.tc("del-filter", "bpf", index, TC_HANDLE, parent=parent, prio=TC_PRIO,
+               protocol=ETH_P_ALL)
+    except Exception as e:  # noqa: BLE001
+        if getattr(e, "code", None) not in (errno.ENOENT, errno.EINVAL):
+            raise
+
+
+def _ipr(pod):
+    from pyroute2 import IPRoute
+    return IPRoute()
+
+
+def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto"):
+    """Steer `pod`'s inbound TCP per `config`; returns a JSON-able record for detach/status.
+
+    Writes the pod IPs' entries into inbound_pods/inbound_ports (replacing the pod's old
+    ones) and puts tc_inbound_ingress on the ingress of each chosen interface (creating a
+    clsact qdisc where there is none). Idempotent. On failure everything this call
+    changed is restored and ApplyError is raised.
+    """
+    from .. import system
+    policy = inbound_policy(config)
+    fds = _map_fds(maps)
+    prog_fd = _prog_fd(progs)
+    ops = _map_ops()
+    with system.in_netns(pod.netns):
+        with _ipr(pod) as ipr:
+            links = _links(ipr)
+            chosen = _pick_interfaces(links, config, interfaces)
+            hooks = {l["name"]: select_hook(hook, l["kind"]) for l in chosen}
+            addrs = _addresses(ipr, {l["index"] for l in chosen})
+    entries = policy_entries(policy, addrs)
+    if not entries[MAP_PODS]:
+        raise NotFoundError(f"pod {pod.name} has no IP address on {', '.join(hooks)} to "
+                            "steer inbound traffic for")
+
+    undo = []          # callables restoring what was there before, newest last
+    added = []         # interface records
+    try:
+        # 1. map entries: remember the previous values of every key touched.
+        stale = [(MAP_PORTS, k) for k in _pod_port_keys(ops, fds[MAP_PORTS], entries[MAP_PODS])
+                 if k not in entries[MAP_PORTS]]
+        for name, table in entries.items():
+            for key, value in table.items():
+                old = ops.map_lookup_elem(fds[name], key, len(value))
+                ops.map_update_elem(fds[name], key, value)
+                undo.append(_restore(ops, fds[name], key, old))
+        for name, key in stale:
+            old = ops.map_lookup_elem(fds[name], key, PORT_VAL.size)
+            ops.map_delete_elem(fds[name], key)
+            undo.append(_restore(ops, fds[name], key, old))
+        # 2. filters.
+        with system.in_netns(pod.netns):
+            with _ipr(pod) as ipr:
+                for l in chosen:
+                    had_clsact = _has_clsact(ipr, l["index"])
+                    if not had_clsact:
+                        ipr.tc("add", "clsact", l["index"])
+                        undo.append(_in_pod(pod, lambda r, i=l["index"]: r.tc("del", "clsact", i)))
+                    before = [f for f in _filters(ipr, l["index"], TC_INGRESS_PARENT) if f["ours"]]
+                    _add_filter(ipr, l["index"], TC_INGRESS_PARENT, prog_fd)
+                    if not before:
+                        undo.append(_in_pod(pod, lambda r, i=l["index"]:
+                                            _del_filter(r, i, TC_INGRESS_PARENT)))
+                    added.append({"name": l["name"], "index": l["index"], "kind": l["kind"],
+                                  "hook": hooks[l["name"]], "direction": "ingress",
+                                  "clsact_added": not had_clsact})
+    except BaseException as e:
+        for fn in reversed(undo):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - best effort; the first error is reported
+                pass
+        if isinstance(e, MeshbpfError):
+            raise
+        if isinstance(e, Exception):
+            raise ApplyError(f"steering inbound traffic of pod {pod.name} failed and was "
+                             f"rolled back: {e}") from e
+        raise
+    # A re-attach must not forget that an earlier attach created the clsact qdisc.
+    return {"hook": "tc", "policy": policy.to_dict(),
+            "addresses": [str(a) for a in sorted(addrs, key=lambda a: (a.version, a))
+                          if pod_key(a) in entries[MAP_PODS]],
+            "interfaces": added}
+
+
+def merge_records(old, new):
+    """A re-attach's record keeps `clsact_added` from the attach that created the qdisc."""
+    if not old:
+        return new
+    created = {i["index"] for i in old.get("interfaces", []) if i.get("clsact_added")}
+    for i in new.get("interfaces", []):
+        if i["index"] in created:
+            i["clsact_added"] = True
+    return new
+
+
+def _restore(ops, fd, key, old):
+    def fn():
+        if old is None:
+            ops.map_delete_elem(fd, key)
+        else:
+            ops.map_update_elem(fd, key, old)
+    return fn
+
+
+def _in_pod(pod, fn):
+    def run():
+        from .. import system
+        with system.in_netns(pod.netns):
+            with _ipr(pod) as ipr:
+                fn(ipr)
+    return run
+
+
+def _pod_port_keys(ops, ports_fd, pod_keys):
+    ips = {POD_KEY.unpack(k)[0] for k in pod_keys}
+    return [k for k in ops.map_keys(ports_fd, PORT_KEY.size) if k[:16] in ips]
+
+
+def detach_pod(pod, maps=None, record=None):
+    """Stop steering `pod`'s inbound traffic: remove exactly what attach_pod added.
+
+    Removes meshbpf's filters from every interface of the pod (found by priority and
+    name, so a lost record still cleans up), the clsact qdisc where the record says
+    meshbpf created it (without a record: where no other filter remains on it), and, when
+    `maps` is given, the inbound map entries of the record's and the pod's current IPs.
+    A pod whose netns is gone only has its map entries removed. Idempotent.
+    """
+    import os
+    from .. import system
+    addrs = set()
+    if record:
+        addrs |= {ipaddress.ip_address(a) for a in record.get("addresses", [])}
+    created = {i["index"] for i in (record or {}).get("interfaces", []) if i.get("clsact_added")}
+    if os.path.exists(pod.netns):
+        with system.in_netns(pod.netns):
+            with _ipr(pod) as ipr:
+                for l in _links(ipr):
+                    if l["name"] == "lo" or not _has_clsact(ipr, l["index"]):
+                        continue
+                    for parent in (TC_INGRESS_PARENT, TC_EGRESS_PARENT):
+                        if any(f["ours"] for f in _filters(ipr, l["index"], parent)):
+                            _del_filter(ipr, l["index"], parent)
+                    left = (_filters(ipr, l["index"], TC_INGRESS_PARENT) +
+                            _filters(ipr, l["index"], TC_EGRESS_PARENT))
+                    if l["index"] in created or (record is None and not left):
+                        if left:
+                            continue   # someone else's filters: keep the qdisc for them
+                        ipr.tc("del", "clsact", l["index"])
+                addrs |= set(_addresses(ipr, {l["index"] for l in _links(ipr)
+                                              if l["name"] != "lo"}))
+    if maps is not None and addrs:
+        fds = _map_fds(maps)
+        ops = _map_ops()
+        keys = {pod_key(a) for a in addrs}
+        for k in _pod_port_keys(ops, fds[MAP_PORTS], keys):
+            ops.map_delete_elem(fds[MAP_PORTS], k)
+        for k in keys:
+            ops.map_delete_elem(fds[MAP_PODS], k)
+
+
+def list_hooks(pod):
+    """meshbpf's inbound filters in `pod`: [{interface, index, kind, hook, direction, prio,
+    name, prog_id, prog_name}] (from `tc -j filter show`, which reports program ids)."""
+    import json
+    from .. import system
+    out = []
+    with system.in_netns(pod.netns):
+        with _ipr(pod) as ipr:
+            links = [l for l in _links(ipr) if l["name"] != "lo" and _has_clsact(ipr, l["index"])]
+    for l in links:
+        for direction in ("ingress", "egress"):
+            res = system.run(["tc", "-j", "filter", "show", "dev", l["name"], direction],
+                             netns=pod.netns, check=False)
+            if res.returncode != 0:
+                continue
+            for f in json.loads(res.stdout or "[]"):
+                opts = f.get("options") or {}
+                if f.get("kind") != "bpf" or f.get("pref") != TC_PRIO or \
+                        not str(opts.get("bpf_name", "")).startswith(TC_NAME):
+                    continue
+                prog = opts.get("prog") or {}
+                out.append({"interface": l["name"], "index": l["index"], "kind": l["kind"],
+                            "hook": "tc", "direction": direction, "prio": f["pref"],
+                            "name": opts.get("bpf_name"), "direct_action":
+                            bool(opts.get("direct-action")), "prog_id": prog.get("id"),
+                            "prog_name": prog.get("name")})
+    return out
+
+
+def read_policy(maps, addresses):
+    """What the maps say for `addresses` (for status): {ip: {capture_port, wildcard,
+    capture: [...], bypass: [...]}}; IPs with no entry are left out."""
+    fds = _map_fds(maps)
+    ops = _map_ops()
+    out = {}
+    keys = {}
+    for a in addresses:
+        raw = ops.map_lookup_elem(fds[MAP_PODS], pod_key(a), POD_VAL.size)
+        if raw is None:
+            continue
+        out[str(ipaddress.ip_address(a))] = dict(decode_pod_value(raw), capture=[], bypass=[])
+        keys[pod_key(a)] = str(ipaddress.ip_address(a))
+    for k in _pod_port_keys(ops, fds[MAP_PORTS], keys):
+        raw = ops.map_lookup_elem(fds[MAP_PORTS], k, PORT_VAL.size)
+        if raw is None:
+            continue
+        ip, port = decode_port_key(k)
+        action = PORT_VAL.unpack(raw)[0]
+        out[str(ip)]["capture" if action == INBOUND_PORT_CAPTURE else "bypass"].append(port)
+    for v in out.values():
+        v["capture"].sort()
+        v["bypass"].sort()
+    return out

@@ -1,0 +1,266 @@
+"""The ONE Python mirror of bpf/meshbpf.h (core part), plus pure packing functions.
+
+ctypes structures with the C layout of the header's structs, the counter index enum, the
+flag constants, and pure functions that turn an InterceptConfig into map entries (pod
+struct, CIDR LPM keys, port keys). No side effects: nothing here touches the kernel, so
+tests/unit/test_ebpf_structs.py checks it without root (and parses the header to make
+sure this mirror and the C agree).
+"""
+
+import ctypes
+import ipaddress
+import socket
+
+from ..config import WILDCARD, parse_ids, split_list
+from ..errors import UsageError
+
+MB_MAX_IDS = 8
+MB_MAX_PODS = 16384
+
+POD_F_OUTBOUND_ALL = 1 << 0
+POD_F_IPV6 = 1 << 1
+POD_F_OWNER_INCLUDE = 1 << 2
+POD_F_OWNER_EXCLUDE = 1 << 3
+POD_F_INBOUND_ALL = 1 << 4
+
+RULE_INCLUDE = 1
+RULE_EXCLUDE = 2
+
+NODE_F_SPLICE = 1 << 0
+ORIG_F_ANSWERED = 1
+
+# enum mb_counter, in order (index = position); COUNTER_MAX slots in the per-CPU array.
+COUNTERS = [
+    "redirect_out",       # COUNTER_REDIRECT_OUT
+    "redirect_in",        # COUNTER_REDIRECT_IN
+    "orig_dst",           # COUNTER_ORIG_DST
+    "orig_dst_miss",      # COUNTER_ORIG_DST_MISS
+    "peername",           # COUNTER_PEERNAME
+    "splice_msgs",        # COUNTER_SPLICE_MSGS
+    "splice_bytes",       # COUNTER_SPLICE_BYTES
+    "splice_miss",        # COUNTER_SPLICE_MISS
+    "sockhash_add",       # COUNTER_SOCKHASH_ADD
+    "bypass_proxy",       # COUNTER_BYPASS_PROXY
+    "bypass_rule",        # COUNTER_BYPASS_RULE
+    "closed",             # COUNTER_CLOSED
+    "inbound_nat_miss",   # COUNTER_INBOUND_NAT_MISS
+    "inbound_reply",      # COUNTER_INBOUND_REPLY
+    "inbound_bypass",     # COUNTER_INBOUND_BYPASS
+]
+COUNTER_MAX = 32
+
+u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+
+
+class PodConfig(ctypes.Structure):
+    _fields_ = [
+        ("proxy_port", u16),       # network order
+        ("inbound_port", u16),     # network order
+        ("flags", u32),
+        ("pod_index", u32),
+        ("n_uids", u32),
+        ("n_gids", u32),
+        ("n_owner_gids", u32),
+        ("uids", u32 * MB_MAX_IDS),
+        ("gids", u32 * MB_MAX_IDS),
+        ("owner_gids", u32 * MB_MAX_IDS),
+    ]
+
+
+class CidrKey(ctypes.Structure):
+    _fields_ = [("prefixlen", u32), ("pod_index", u32), ("ip", u8 * 16)]
+
+
+class PortKey(ctypes.Structure):
+    _fields_ = [("pod_index", u32), ("port", u16), ("pad", u16)]
+
+
+class IpKey(ctypes.Structure):
+    _fields_ = [("ip", u8 * 16)]
+
+
+class NodeConfig(ctypes.Structure):
+    _fields_ = [("flags", u32), ("pad", u32)]
+
+
+class OrigDst(ctypes.Structure):
+    _fields_ = [("ip", u8 * 16), ("port", u16), ("family", u16), ("flags", u32)]
+
+
+class SockKey(ctypes.Structure):
+    _fields_ = [("netns", u64), ("local_ip", u8 * 16), ("remote_ip", u8 * 16),
+                ("local_port", u16), ("remote_port", u16), ("pad", u32)]
+
+
+# C struct name -> ctypes mirror (checked against the header by the unit tests)
+MIRRORS = {
+    "pod_config": PodConfig,
+    "cidr_key": CidrKey,
+    "port_key": PortKey,
+    "ip_key": IpKey,
+    "node_config": NodeConfig,
+    "orig_dst": OrigDst,
+    "sock_key": SockKey,
+}
+
+U32 = u32
+U64 = u64
+
+
+# ---- pure packing -------------------------------------------------------------------------
+
+def htons(port):
+    return socket.htons(int(port))
+
+
+def ntohs(port):
+    return socket.ntohs(int(port))
+
+
+def ip16(addr):
+    """16 bytes of an address, IPv4 as v4-mapped (what every map key holds)."""
+    ip = ipaddress.ip_address(addr) if not isinstance(addr, (ipaddress.IPv4Address,
+                                                             ipaddress.IPv6Address)) else addr
+    if ip.version == 4:
+        return b"\x00" * 10 + b"\xff\xff" + ip.packed
+    return ip.packed
+
+
+def ip_from16(raw):
+    """Inverse of ip16: an IPv4Address for v4-mapped bytes, else IPv6Address."""
+    ip = ipaddress.IPv6Address(bytes(raw))
+    return ip.ipv4_mapped or ip
+
+
+def _fill(arr, values):
+    for i, v in enumerate(values):
+        arr[i] = v
+
+
+def _ids(values, field):
+    if len(values) > MB_MAX_IDS:
+        raise UsageError(f"{field}: at most {MB_MAX_IDS} ids are supported in eBPF mode, "
+                         f"got {len(values)}")
+    return values
+
+
+def owner_groups(config):
+    """(flag, gids) for Istio's owner_groups_include / owner_groups_exclude."""
+    inc = split_list(config.owner_groups_include)
+    exc = split_list(config.owner_groups_exclude)
+    if exc:
+        return POD_F_OWNER_EXCLUDE, _ids(parse_ids(config.owner_groups_exclude,
+                                                   "owner_groups_exclude_gid"), "owner_groups_exclude")
+    if inc and inc != [WILDCARD]:
+        return POD_F_OWNER_INCLUDE, _ids(parse_ids(config.owner_groups_include,
+                                                   "owner_groups_include_gid"), "owner_groups_include")
+    return 0, []
+
+
+def pod_struct(config, pod_index):
+    """The pods-map value for `config` (an InterceptConfig)."""
+    uids = _ids(config.proxy_uids(), "proxy_uid")
+    gids = _ids(config.proxy_gids(), "proxy_gid")
+    flags = 0
+    inc, _ = config.outbound_cidrs()
+    if inc == WILDCARD:
+        flags |= POD_F_OUTBOUND_ALL
+    if config.enable_ipv6:
+        flags |= POD_F_IPV6
+    if config.inbound_ports()[0] == WILDCARD:
+        flags |= POD_F_INBOUND_ALL
+    oflag, ogids = owner_groups(config)
+    flags |= oflag
+    pc = PodConfig(proxy_port=htons(config.proxy_port),
+                   inbound_port=htons(config.inbound_capture_port),
+                   flags=flags, pod_index=pod_index, n_uids=len(uids), n_gids=len(gids),
+                   n_owner_gids=len(ogids))
+    _fill(pc.uids, uids)
+    _fill(pc.gids, gids)
+    _fill(pc.owner_gids, ogids)
+    return pc
+
+
+def cidr_key(pod_index, network):
+    """LPM key for `network` (ip_network) in pod `pod_index`'s scope."""
+    net = ipaddress.ip_network(network, strict=False)
+    plen = net.prefixlen + (96 if net.version == 4 else 0)
+    key = CidrKey(prefixlen=32 + plen, pod_index=pod_index)
+    key.ip[:] = list(ip16(net.network_address))
+    return key
+
+
+def _contains(outer, inner):
+    return outer.version == inner.version and inner.subnet_of(outer)
+
+
+def cidr_rules(config, extra_excludes=()):
+    """[(ip_network, RULE_*)] for the pod's cidr_rules, Istio's "exclude wins" resolved.
+
+    The LPM trie answers with the longest matching prefix; Istio checks every exclude before
+    any include. They agree once an include range lying inside an exclude range is stored
+    as an exclude (if a longer include matched, any exclude containing the address contains
+    that include too). `extra_excludes`: the pod's own addresses (host_ipv4_loopback_cidr
+    is always excluded, as Istio's `-d 127.0.0.1/32 -j RETURN`).
+    """
+    inc, exc = config.outbound_cidrs()
+    excludes = list(exc) + [ipaddress.ip_network(config.host_ipv4_loopback_cidr, strict=False)]
+    excludes += [ipaddress.ip_network(e, strict=False) for e in extra_excludes]
+    rules = {}
+    for net in excludes:
+        rules[net] = RULE_EXCLUDE
+    if inc != WILDCARD:
+        for net in inc:
+            if net in rules:
+                continue
+            rules[net] = RULE_EXCLUDE if any(_contains(e, net) for e in excludes) else RULE_INCLUDE
+    return sorted(rules.items(), key=lambda kv: (kv[0].version, kv[0]))
+
+
+def port_rules(config):
+    """[(port, RULE_*)]: outbound_ports_exclude wins over outbound_ports_include."""
+    inc, exc = config.outbound_ports()
+    rules = {}
+    if inc != WILDCARD:
+        for p in inc:
+            rules[p] = RULE_INCLUDE
+    if exc != WILDCARD:
+        for p in exc:
+            rules[p] = RULE_EXCLUDE
+    return sorted(rules.items())
+
+
+def port_key(pod_index, port):
+    return PortKey(pod_index=pod_index, port=htons(port))
+
+
+def ip_key(addr):
+    k = IpKey()
+    k.ip[:] = list(ip16(addr))
+    return k
+
+
+def u32_bytes(v):
+    return bytes(U32(v))
+
+
+def u64_bytes(v):
+    return bytes(U64(v))
+
+
+def to_bytes(obj):
+    return bytes(obj)
+
+
+def from_bytes(cls, raw):
+    return cls.from_buffer_copy(raw[:ctypes.sizeof(cls)])
+
+
+def describe_pod_struct(pc):
+    """A JSON-able view of a PodConfig (status)."""
+    return {
+        "proxy_port": ntohs(pc.proxy_port), "inbound_port": ntohs(pc.inbound_port),
+        "flags": pc.flags, "pod_index": pc.pod_index,
+        "uids": list(pc.uids[:pc.n_uids]), "gids": list(pc.gids[:pc.n_gids]),
+        "owner_gids": list(pc.owner_gids[:pc.n_owner_gids]),
+    }

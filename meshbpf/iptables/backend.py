@@ -1,0 +1,156 @@
+"""Running iptables-save / iptables-restore inside a pod's network namespace.
+
+The only module of meshbpf.iptables that starts processes. It picks the iptables
+variant the way Istio does (rules already present in legacy -> legacy, else nft when
+usable, `force=` overrides), enters the pod's netns with `nsenter --net=` (never the
+machine's own), waits for the xtables lock (`-w`), and can spell a payload the way the
+kernel reads it back by applying it in a throwaway network namespace (`unshare --net`)
+that vanishes with the process.
+
+`group_file` (tests): resolve owner-group names against a private copy of /etc/group,
+bind-mounted in a private mount namespace for the duration of one command.
+"""
+
+import os
+import shutil
+import subprocess
+
+from ..errors import ApplyError, NotFoundError, UnsupportedError, UsageError
+
+VARIANTS = ("nft", "legacy")
+LOCK_WAIT_SECONDS = "10"
+
+
+def normalize_variant(name):
+    """'nft'/'legacy', also accepting the binary spellings 'iptables-nft'/'iptables-legacy'."""
+    if name is None:
+        return None
+    short = str(name).strip().lower()
+    for prefix in ("ip6tables-", "iptables-"):
+        if short.startswith(prefix):
+            short = short[len(prefix):]
+    if short not in VARIANTS:
+        raise UsageError(f"iptables binary must be one of {', '.join(VARIANTS)}, got {name!r}")
+    return short
+
+
+def _binary(variant, family, suffix=""):
+    base = "ip6tables" if int(family) == 6 else "iptables"
+    return f"{base}-{variant}{suffix}" if variant else f"{base}{suffix}"
+
+
+class Backend:
+    """One iptables variant ("nft" or "legacy") for one address family (4 or 6)."""
+
+    def __init__(self, variant, family, group_file=None, timeout=60):
+        variant = normalize_variant(variant)
+        self.variant = variant
+        self.family = int(family)
+        self.group_file = group_file
+        self.timeout = timeout
+        for suffix in ("-save", "-restore"):
+            if not shutil.which(_binary(variant, family, suffix)):
+                raise UnsupportedError(f"{_binary(variant, family, suffix)} is not installed",
+                                       hint="install the iptables package")
+
+    @property
+    def save_bin(self):
+        return _binary(self.variant, self.family, "-save")
+
+    @property
+    def restore_bin(self):
+        return _binary(self.variant, self.family, "-restore")
+
+    def describe(self):
+        return f"{self.restore_bin}"
+
+    # ---- process plumbing ---------------------------------------------------------
+
+    def _run(self, argv, netns=None, input=None):
+        inner = list(argv)
+        if netns:
+            if not os.path.exists(netns):
+                raise NotFoundError(f"network namespace {netns} does not exist")
+            inner = ["nsenter", f"--net={netns}", "--"] + inner
+        if self.group_file:
+            inner = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+                     'mount --bind "$0" /etc/group && exec "$@"', self.group_file] + inner
+        try:
+            return subprocess.run(inner, input=input, capture_output=True, text=True,
+                                  timeout=self.timeout)
+        except FileNotFoundError as e:
+            raise UnsupportedError(f"{e.filename or inner[0]} is not installed")
+        except subprocess.TimeoutExpired:
+            raise ApplyError(f"`{' '.join(argv)}` did not finish within {self.timeout}s "
+                             "(is the xtables lock held?)")
+
+    # ---- operations ---------------------------------------------------------------
+
+    def save(self, netns):
+        """iptables-save of `netns` for this family and variant."""
+        proc = self._run([self.save_bin], netns=netns)
+        if proc.returncode != 0:
+            raise ApplyError(f"{self.save_bin} failed in {netns}: {_err(proc)}")
+        return proc.stdout
+
+    def restore(self, netns, payload, noflush=True):
+        """Apply `payload` in one iptables-restore run; returns (ok, error text)."""
+        argv = [self.restore_bin, "-w", LOCK_WAIT_SECONDS]
+        if noflush:
+            argv.append("--noflush")
+        proc = self._run(argv, netns=netns, input=payload)
+        return proc.returncode == 0, _err(proc)
+
+    def canonical(self, payload):
+        """What iptables-save prints after `payload` is applied to an empty netns.
+
+        Runs in a throwaway network namespace (unshare --net): nothing persists.
+        """
+        if not payload:
+            return ""
+        script = '"$0" -w %s --noflush && exec "$1"' % LOCK_WAIT_SECONDS
+        proc = self._run(["unshare", "--net", "--", "sh", "-c", script,
+                          self.restore_bin, self.save_bin], input=payload)
+        if proc.returncode != 0:
+            raise UsageError(f"iptables rejected the generated rules: {_err(proc)}")
+        return proc.stdout
+
+    def has_rules(self, netns):
+        """True if this variant holds any rule or user chain in `netns`."""
+        try:
+            text = self.save(netns)
+        except ApplyError:
+            return False
+        for line in text.splitlines():
+            if line.startswith("-A ") or (line.startswith(":") and line.split()[1:2] == ["-"]):
+                return True
+        return False
+
+
+def _err(proc):
+    text = (proc.stderr or proc.stdout or "").strip()
+    return " ".join(text.split("\n")[:6]) or f"exit {proc.returncode}"
+
+
+def usable(variant, family):
+    return all(shutil.which(_binary(variant, family, s)) for s in ("-save", "-restore"))
+
+
+def detect(netns, family, force=None, group_file=None):
+    """The Backend to use in `netns`, chosen as Istio does.
+
+    force="legacy"/"nft": that one or an error. Otherwise: legacy when it already holds
+    rules in the netns, else nft when installed, else legacy.
+    """
+    if force:
+        return Backend(force, family, group_file=group_file)
+    if usable("legacy", family):
+        legacy = Backend("legacy", family, group_file=group_file)
+        if legacy.has_rules(netns):
+            return legacy
+    if usable("nft", family):
+        return Backend("nft", family, group_file=group_file)
+    if usable("legacy", family):
+        return Backend("legacy", family, group_file=group_file)
+    raise UnsupportedError(f"no {_binary(None, family)} (nft or legacy) is installed",
+                           hint="install the iptables package")

@@ -1,0 +1,120 @@
+"""IptablesInterceptor: the Interceptor that installs Istio-identical iptables rules per pod.
+
+Works on any kernel with iptables (nft or legacy) and never imports bcc. One attach is
+one `iptables-restore --noflush` per address family in the pod's netns (see apply.py);
+a record per pod in the StateStore remembers the config, families and backend so that
+`detach`, `status` and `cleanup` work from any later process.
+
+Options (keyword arguments, e.g. from `get_interceptor("iptables", **options)`):
+  iptables_binary  "nft" or "legacy" to force a variant (default: detect as Istio does)
+  reconcile        replace differing meshbpf rules instead of refusing (default False)
+  ipv6_auto        IPv6 rules when the pod has an IPv6 address even if the config does
+                   not ask for them (default True; `config_from_options` sets it)
+  group_file       resolve owner-group names against this group file (tests)
+"""
+
+from . import apply as ops
+from ..config import InterceptConfig
+from ..errors import MeshbpfError, NotFoundError
+from ..interceptor import DEFAULT_PIN_PREFIX, Interceptor
+from ..state import StateStore
+
+
+class IptablesInterceptor(Interceptor):
+    mode = "iptables"
+
+    def __init__(self, pin_prefix=DEFAULT_PIN_PREFIX, cgroup_root=None, **options):
+        super().__init__(pin_prefix=pin_prefix, cgroup_root=cgroup_root, **options)
+        self.store = StateStore(pin_prefix)
+        self.force = options.get("iptables_binary") or None
+        self.reconcile = bool(options.get("reconcile", False))
+        ipv6_auto = options.get("ipv6_auto", True)
+        self.ipv6_auto = True if ipv6_auto is None else bool(ipv6_auto)
+        self.group_file = options.get("group_file")
+
+    # ---- helpers ------------------------------------------------------------------
+
+    def _effective_config(self, pod, config):
+        v6 = bool(config.enable_ipv6) or (self.ipv6_auto and pod.has_ipv6)
+        return config.replace(enable_ipv6=v6)
+
+    @staticmethod
+    def _families(cfg):
+        return (4, 6) if cfg.enable_ipv6 else (4,)
+
+    # ---- Interceptor --------------------------------------------------------------
+
+    def attach(self, pod, config):
+        cfg = self._effective_config(pod, config)
+        families = self._families(cfg)
+        key = pod.key
+        old = self.store.load(key)
+        # A pod we attached with another config is an update we own: replace atomically.
+        reconcile = self.reconcile or bool(old and old.get("config") != cfg.to_dict())
+        recorded = (old or {}).get("builtin")
+        result = ops.apply(pod.netns, cfg, families=families, force=self.force, reconcile=reconcile,
+                           group_file=self.group_file, recorded=recorded)
+        dropped = [f for f in (old or {}).get("families", []) if int(f) not in families]
+        if dropped:
+            old_cfg = InterceptConfig.from_dict(old["config"])
+            ops.cleanup(pod.netns, old_cfg, families=dropped, force=self.force,
+                        group_file=self.group_file, recorded=recorded)
+        backends = {str(f): r["backend"] for f, r in result["families"].items()}
+        record = {
+            "name": pod.name,
+            "netns": pod.netns,
+            "cgroup": pod.cgroup,
+            "mode": self.mode,
+            "config": cfg.to_dict(),
+            "families": list(families),
+            "backend": backends["4"],
+            "backends": backends,
+            "builtin": result["builtin"],
+            "actions": {str(f): r["action"] for f, r in result["families"].items()},
+        }
+        return self.store.save(key, record)
+
+    def detach(self, pod):
+        key = pod.key
+        rec = self.store.load(key)
+        cfg = InterceptConfig.from_dict(rec["config"]) if rec else None
+        force = self.force or (rec or {}).get("backend")
+        ops.cleanup(pod.netns, cfg, families=(4, 6), force=force, group_file=self.group_file,
+                    recorded=(rec or {}).get("builtin"))
+        self.store.remove(key)
+        return {"name": pod.name, "netns": pod.netns, "detached": True}
+
+    def status(self):
+        pods = []
+        for rec in self.store.all():
+            rec = dict(rec)
+            rec.pop("builtin", None)
+            try:
+                cfg = InterceptConfig.from_dict(rec["config"])
+                res = ops.verify(rec["netns"], cfg, families=rec.get("families", [4]),
+                                 force=rec.get("backend"), group_file=self.group_file)
+                rec["in_sync"] = all(r["in_sync"] for r in res.values())
+                rec["drift"] = [f"IPv{f}: {d}" for f, r in res.items() for d in r["drift"]]
+            except (MeshbpfError, OSError) as e:
+                rec["in_sync"] = None
+                rec["drift"] = [f"cannot verify: {e}"]
+            pods.append(rec)
+        return {"mode": self.mode, "pods": pods}
+
+    def cleanup(self):
+        errors = []
+        for rec in self.store.all():
+            try:
+                cfg = InterceptConfig.from_dict(rec["config"])
+                ops.cleanup(rec["netns"], cfg, families=(4, 6), force=self.force or rec.get("backend"),
+                            group_file=self.group_file, recorded=rec.get("builtin"))
+            except NotFoundError:
+                pass  # the pod's netns is gone, and its rules with it
+            except MeshbpfError as e:
+                errors.append(f"{rec.get('name')}: {e}")
+                continue
+            self.store.remove(rec["key"])
+        if errors:
+            raise MeshbpfError("cleanup left rules behind: " + "; ".join(errors))
+        self.store.destroy()
+        return {"mode": self.mode, "cleaned": True}
