@@ -11,6 +11,22 @@ The node is a netns `<id>-node` holding bridge `br0`; a pod is a netns `<id>-<na
 test cgroup `<cgroup2>/meshbpf-test/<id>`. Processes are started inside a pod (its netns,
 its cgroup, a given uid/gid) by fork + setns, never with `ip netns exec`.
 
+API (others code against these names):
+    Sandbox(name=None): .id (mbt-<pid>-<n>), .node_netns, .cgroup_root, .pin_prefix,
+        .add_pod(name) -> SandboxPod, .pod(name), .remove_pod(name), .close(),
+        Sandbox.cleanup_stale(), Sandbox.leftovers(run_id=None)
+    SandboxPod: .name .netns .cgroup .ip4 .ip6 .ifname (eth0) .peer_ifname .pod (meshbpf.pod.Pod)
+        .spawn(cmd, uid=0, gid=None, env=None) -> Proc   .exec(cmd, uid=0, timeout=30, check=False)
+        .wait_port(port, host=None, timeout=10, listening=False)   .listening_ports()
+        .start_envoy(uid=1337, listen="compat"|"dual"|"ipv4") -> Sidecar
+        .start_haproxy(uid=1337) -> HAProxy   .start_http_server(port=8080, uid=0) -> Proc
+    Proc: .pid .wait_port(port, host, timeout) .output() .stop() .alive() .wait()
+    Sidecar (Envoy): .proc .admin_url .admin(path) .stats() -> {name: int} .log() .stop()
+    HAProxy: .proc .stats() -> {"outbound.FRONTEND.stot": n, ...} .log() .stop()
+
+wait_port() connects from this (root, root-cgroup) process inside the pod's netns: rules in
+the pod's nat OUTPUT chain apply to it, cgroup programs on the pod's cgroup do not.
+
 Nothing is created in the machine's own network namespace or cgroup: veths are made inside
 the node netns and moved straight into the pod. Teardown (on exit, also after an
 exception) kills every process in the run's cgroups and namespaces, deletes the
@@ -23,7 +39,6 @@ import contextlib
 import ctypes
 import errno
 import itertools
-import json
 import os
 import re
 import shutil

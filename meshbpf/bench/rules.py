@@ -349,6 +349,7 @@ t0 = time.perf_counter()
 end = t0 + dur
 while time.perf_counter() < end:
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(2.0)
     try:
         s.connect((host, port))
         s.sendall(b"x")

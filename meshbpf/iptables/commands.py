@@ -19,7 +19,7 @@ from . import apply as ops
 from . import rules
 from .backend import VARIANTS
 from ..cliopts import config_from_options, config_options
-from ..errors import MeshbpfError, UsageError
+from ..errors import MeshbpfError, UsageError  # noqa: F401
 from ..pod import Pod
 
 
@@ -43,6 +43,10 @@ def iptables():
 
 
 def _target_options(f):
+    from ..interceptor import DEFAULT_PIN_PREFIX
+    f = click.option("--pin-prefix", default=DEFAULT_PIN_PREFIX, show_default=True,
+                     envvar="MESHBPF_PIN_PREFIX",
+                     help="meshbpf instance whose pod records are used (as for attach).")(f)
     f = click.option("--output", type=click.Choice(["text", "json"]), default="text",
                      show_default=True, help="Output format.")(f)
     f = click.option("--iptables-binary", type=click.Choice(VARIANTS), default=None,
@@ -88,33 +92,54 @@ def render(family, **kwargs):
     click.echo(rules.render(cfg, int(family)), nl=False)
 
 
+def _interceptor(pin_prefix, iptables_binary, **options):
+    from .interceptor import IptablesInterceptor
+    return IptablesInterceptor(pin_prefix=pin_prefix, iptables_binary=iptables_binary, **options)
+
+
 @iptables.command()
 @config_options
 @_target_options
 @click.option("--reconcile", is_flag=True,
               help="Replace meshbpf/Istio rules that differ (drift or another config) atomically.")
-def apply(netns, pid, iptables_binary, output, reconcile, **kwargs):
-    """Install the rules in a pod's netns (one iptables-restore per family; idempotent)."""
+def apply(netns, pid, iptables_binary, output, pin_prefix, reconcile, **kwargs):
+    """Install the rules in a pod's netns (one iptables-restore per family; idempotent).
+
+    The pod is recorded like `meshbpf attach --mode iptables` does, so `meshbpf status`
+    shows it and `cleanup` removes exactly what was added.
+    """
     cfg, rest = config_from_options(kwargs)
     pod = _pod(netns, pid)
-    cfg, fams = _families(pod, cfg, rest["ipv6_auto"])
-    res = ops.apply(pod.netns, cfg, families=fams, force=iptables_binary, reconcile=reconcile)
-    out = {"pod": pod.describe(),
-           "families": {str(f): {"action": r["action"], "backend": r["backend"], "drift": r["drift"]}
-                        for f, r in res["families"].items()}}
-    text = "\n".join(f"IPv{f}: {r['action']} ({r['backend']})" for f, r in res["families"].items())
+    rec = _interceptor(pin_prefix, iptables_binary, reconcile=reconcile,
+                       ipv6_auto=rest["ipv6_auto"]).attach(pod, cfg)
+    out = {k: rec[k] for k in ("name", "netns", "families", "backend", "actions", "config")}
+    text = "\n".join(f"IPv{f}: {a} ({rec['backends'][f]})" for f, a in rec["actions"].items())
     _emit(out, output, text)
 
 
 @iptables.command()
 @config_options
 @_target_options
-def verify(netns, pid, iptables_binary, output, **kwargs):
-    """Compare a pod's rules with these options; exit 1 and list the drift if they differ."""
-    cfg, rest = config_from_options(kwargs)
+def verify(netns, pid, iptables_binary, output, pin_prefix, **kwargs):
+    """Compare a pod's rules with these options; exit 1 and list the drift if they differ.
+
+    Without options, a pod attached by meshbpf is compared with the config it was
+    attached with.
+    """
+    from ..config import InterceptConfig
+    from ..state import StateStore
     pod = _pod(netns, pid)
-    cfg, fams = _families(pod, cfg, rest["ipv6_auto"])
-    res = ops.verify(pod.netns, cfg, families=fams, force=iptables_binary)
+    rec = StateStore(pin_prefix).load(pod.key)
+    explicit = any(v is not None for k, v in kwargs.items())
+    if rec and not explicit:
+        cfg = InterceptConfig.from_dict(rec["config"])
+        fams = tuple(rec.get("families", [4]))
+        iptables_binary = iptables_binary or rec.get("backend")
+    else:
+        cfg, rest = config_from_options(kwargs)
+        cfg, fams = _families(pod, cfg, rest["ipv6_auto"])
+    res = ops.verify(pod.netns, cfg, families=fams, force=iptables_binary,
+                     recorded=(rec or {}).get("builtin"))
     out = {"pod": pod.describe(), "in_sync": all(r["in_sync"] for r in res.values()),
            "families": {str(f): r for f, r in res.items()}}
     lines = []
@@ -130,16 +155,18 @@ def verify(netns, pid, iptables_binary, output, **kwargs):
 @iptables.command()
 @config_options
 @_target_options
-def cleanup(netns, pid, iptables_binary, output, **kwargs):
+def cleanup(netns, pid, iptables_binary, output, pin_prefix, **kwargs):
     """Remove exactly what meshbpf added: ISTIO_* chains and their rules in built-in chains.
 
-    Pass the options the rules were applied with so that built-in-chain rules that are
-    not jumps (interface exclusions, TPROXY marks) are found too.
+    For a pod meshbpf applied, its record says what was added. For rules applied by
+    something else (istio-init), pass the options they were applied with so that
+    built-in-chain rules that are not jumps (interface exclusions, TPROXY marks) are
+    found too.
     """
     cfg, _ = config_from_options(kwargs)
     pod = _pod(netns, pid)
-    res = ops.cleanup(pod.netns, cfg, families=(4, 6), force=iptables_binary)
-    out = {"pod": pod.describe(), "families": {str(f): r for f, r in res.items()}}
+    res = _interceptor(pin_prefix, iptables_binary, cleanup_config=cfg).detach(pod)
+    out = {"pod": pod.describe(), "families": {str(f): r for f, r in res["families"].items()}}
     text = "\n".join(f"IPv{f}: {'removed' if r['removed'] else 'nothing to remove'} ({r['backend']})"
-                     for f, r in res.items())
+                     for f, r in res["families"].items())
     _emit(out, output, text)

@@ -11,6 +11,8 @@ Options (keyword arguments, e.g. from `get_interceptor("iptables", **options)`):
   ipv6_auto        IPv6 rules when the pod has an IPv6 address even if the config does
                    not ask for them (default True; `config_from_options` sets it)
   group_file       resolve owner-group names against this group file (tests)
+  cleanup_config   for detach of a pod with no record (rules applied by istio-init):
+                   the config they were applied with, to find non-jump rules
 """
 
 from . import apply as ops
@@ -31,6 +33,7 @@ class IptablesInterceptor(Interceptor):
         ipv6_auto = options.get("ipv6_auto", True)
         self.ipv6_auto = True if ipv6_auto is None else bool(ipv6_auto)
         self.group_file = options.get("group_file")
+        self.cleanup_config = options.get("cleanup_config")
 
     # ---- helpers ------------------------------------------------------------------
 
@@ -77,12 +80,13 @@ class IptablesInterceptor(Interceptor):
     def detach(self, pod):
         key = pod.key
         rec = self.store.load(key)
-        cfg = InterceptConfig.from_dict(rec["config"]) if rec else None
+        cfg = InterceptConfig.from_dict(rec["config"]) if rec else self.cleanup_config
         force = self.force or (rec or {}).get("backend")
-        ops.cleanup(pod.netns, cfg, families=(4, 6), force=force, group_file=self.group_file,
-                    recorded=(rec or {}).get("builtin"))
+        res = ops.cleanup(pod.netns, cfg, families=(4, 6), force=force, group_file=self.group_file,
+                          recorded=(rec or {}).get("builtin"))
         self.store.remove(key)
-        return {"name": pod.name, "netns": pod.netns, "detached": True}
+        return {"name": pod.name, "netns": pod.netns, "was_attached": rec is not None,
+                "families": res}
 
     def status(self):
         pods = []

@@ -1,0 +1,264 @@
+"""EbpfInterceptor: the eBPF implementation of meshbpf.interceptor.Interceptor.
+
+attach(pod, config) makes sure the node programs are loaded and attached once (adopting
+pins left by an earlier process), then enrols the pod with map updates only: its pods-map
+entry (keyed by netns cookie), its outbound CIDR and port rules, its addresses in
+local_ips (same-node splicing), and the inbound tc hook (meshbpf.ebpf.inbound, when
+present). detach removes exactly those entries; cleanup removes everything, programs and
+pins included. Interception outlives the process: everything lives in pinned maps.
+"""
+
+import ipaddress
+import os
+
+from .. import system
+from ..config import InterceptConfig
+from ..errors import ApplyError, MeshbpfError, NotFoundError, UsageError
+from ..interceptor import DEFAULT_PIN_PREFIX, Interceptor
+from ..state import StateStore
+from . import loader, structs
+from .maps import Maps
+
+
+def _inbound():
+    """meshbpf.ebpf.inbound if the inbound helper's module is installed, else None."""
+    try:
+        from . import inbound
+    except ImportError:
+        return None
+    return inbound
+
+
+class EbpfInterceptor(Interceptor):
+    mode = "ebpf"
+
+    def __init__(self, pin_prefix=DEFAULT_PIN_PREFIX, cgroup_root=None, splice=True,
+                 features=None, **options):
+        super().__init__(pin_prefix=pin_prefix, cgroup_root=cgroup_root, **options)
+        self.splice = bool(splice)
+        self.features = features
+        self.store = StateStore(pin_prefix)
+
+    # -- helpers -------------------------------------------------------------------------
+    @property
+    def root(self):
+        return os.path.realpath(self.cgroup_root or system.cgroup2_mount())
+
+    def _check_pod_cgroup(self, pod):
+        if pod.cgroup is None:
+            return
+        cg = os.path.realpath(pod.cgroup)
+        root = self.root
+        if not (cg == root or cg.startswith(root.rstrip("/") + "/")):
+            raise UsageError(f"pod {pod.name}: its cgroup {pod.cgroup} is not under {root}, "
+                             "where meshbpf's programs are attached, so they would not see "
+                             "its sockets", hint="attach with a cgroup_root that contains it")
+
+    def _ensure_node(self):
+        res = loader.ensure_loaded(self.pin_prefix, self.root, self.features, self.splice)
+        with Maps(self.pin_prefix) as maps:
+            flags = structs.NODE_F_SPLICE if self.splice else 0
+            cur = maps["node_cfg"].lookup(structs.U32(0))
+            if cur is None or cur.flags != flags:
+                maps["node_cfg"].update(structs.U32(0), structs.NodeConfig(flags=flags))
+        return res
+
+    @staticmethod
+    def _pod_index(maps, cookie):
+        existing = maps["pods"].lookup(structs.U64(cookie))
+        if existing is not None:
+            return existing.pod_index
+        used = {v.pod_index for _, v in maps["pods"].items()}
+        i = 1
+        while i in used:
+            i += 1
+        if i >= structs.MB_MAX_PODS:
+            raise ApplyError(f"this node already has {structs.MB_MAX_PODS} meshed pods")
+        return i
+
+    @staticmethod
+    def _rule_keys(maps, index):
+        """This pod's current cidr/port rule keys (bytes) in the maps."""
+        cidr = [bytes(k) for k in maps["cidr_rules"].keys() if k.pod_index == index]
+        ports = [bytes(k) for k in maps["port_rules"].keys() if k.pod_index == index]
+        return cidr, ports
+
+    # -- Interceptor ---------------------------------------------------------------------
+    def attach(self, pod, config):
+        if not isinstance(config, InterceptConfig):
+            raise UsageError("attach needs an InterceptConfig")
+        config.validate()
+        self._check_pod_cgroup(pod)
+        if config.redirect_dns:
+            pass            # DNS capture is not implemented in eBPF mode; the record says so
+        cookie = pod.netns_cookie
+        addresses = [a for a in pod.addresses()]
+        # Pure part first: a bad config fails before anything is touched.
+        node = self._ensure_node()
+        with Maps(self.pin_prefix) as maps:
+            index = self._pod_index(maps, cookie)
+            pc = structs.pod_struct(config, index)
+            cidrs = structs.cidr_rules(config, extra_excludes=[
+                ipaddress.ip_network(a) for a in addresses])
+            ports = structs.port_rules(config)
+            old_pod = maps["pods"].lookup(structs.U64(cookie))
+            old_cidr, old_ports = self._rule_keys(maps, index)
+            old_rec = self.store.load(pod.key) or {}
+            written = []
+            try:
+                new_cidr = set()
+                for net, rule in cidrs:
+                    k = structs.cidr_key(index, net)
+                    maps["cidr_rules"].update(k, structs.U32(rule))
+                    written.append(("cidr_rules", bytes(k)))
+                    new_cidr.add(bytes(k))
+                new_ports = set()
+                for port, rule in ports:
+                    k = structs.port_key(index, port)
+                    maps["port_rules"].update(k, structs.U32(rule))
+                    written.append(("port_rules", bytes(k)))
+                    new_ports.add(bytes(k))
+                for a in addresses:
+                    k = structs.ip_key(a)
+                    maps["local_ips"].update(k, structs.U32(index))
+                    written.append(("local_ips", bytes(k)))
+                maps["pods"].update(structs.U64(cookie), pc)     # last: the pod goes live
+                written.append(("pods", bytes(structs.U64(cookie))))
+            except (OSError, ValueError) as e:
+                for name, key in reversed(written):
+                    if name == "pods" and old_pod is not None:
+                        maps["pods"].update(key, old_pod)
+                    elif (name == "cidr_rules" and key in old_cidr) or \
+                            (name == "port_rules" and key in old_ports):
+                        continue
+                    else:
+                        maps[name].delete(key)
+                raise ApplyError(f"enrolling pod {pod.name} failed, rolled back: {e}")
+            # A re-attach with another config: drop the rules it no longer has.
+            for k in old_cidr:
+                if k not in new_cidr:
+                    maps["cidr_rules"].delete(k)
+            for k in old_ports:
+                if k not in new_ports:
+                    maps["port_rules"].delete(k)
+            for a in old_rec.get("addresses", []):
+                if a not in [str(x) for x in addresses]:
+                    maps["local_ips"].delete(structs.ip_key(a))
+            inbound = None
+            mod = _inbound()
+            if mod is not None and hasattr(mod, "attach_pod"):
+                progs = self._tc_prog_fds()
+                try:
+                    if progs:
+                        inbound = mod.attach_pod(pod, config, maps, progs)
+                except MeshbpfError:
+                    self._remove_entries(maps, cookie, index, addresses)
+                    raise
+                finally:
+                    for fd in progs.values():
+                        os.close(fd)
+        record = {
+            "name": pod.name, "netns": pod.netns, "cgroup": pod.cgroup, "mode": self.mode,
+            "netns_cookie": cookie, "pod_index": index,
+            "addresses": [str(a) for a in addresses], "config": config.to_dict(),
+            "splice": self.splice, "programs": node["programs"],
+            "inbound": inbound if isinstance(inbound, (dict, list, str, type(None))) else str(inbound),
+            "not_supported": (["redirect_dns"] if config.redirect_dns else []),
+        }
+        return self.store.save(pod.key, record)
+
+    def _tc_prog_fds(self):
+        """{name: fd} of the pinned inbound tc programs (caller closes the fds)."""
+        out = {}
+        for name in ("tc_inbound_ingress", "tc_inbound_egress"):
+            if name in loader.pinned(self.pin_prefix)["progs"]:
+                out[name] = loader.prog_fd(self.pin_prefix, name)
+        return out
+
+    @staticmethod
+    def _remove_entries(maps, cookie, index, addresses):
+        maps["pods"].delete(structs.U64(cookie))           # first: the pod stops being meshed
+        for k in [k for k in maps["cidr_rules"].keys() if k.pod_index == index]:
+            maps["cidr_rules"].delete(k)
+        for k in [k for k in maps["port_rules"].keys() if k.pod_index == index]:
+            maps["port_rules"].delete(k)
+        for a in addresses:
+            maps["local_ips"].delete(structs.ip_key(a))
+
+    def detach(self, pod):
+        rec = self.store.load(pod.key)
+        if not loader.is_loaded(self.pin_prefix):
+            self.store.remove(pod.key)
+            return
+        try:
+            cookie = pod.netns_cookie
+        except MeshbpfError:
+            cookie = rec.get("netns_cookie") if rec else None
+        with Maps(self.pin_prefix) as maps:
+            if cookie is not None:
+                cur = maps["pods"].lookup(structs.U64(cookie))
+                index = cur.pod_index if cur is not None else (rec or {}).get("pod_index")
+                addrs = (rec or {}).get("addresses")
+                if addrs is None:
+                    try:
+                        addrs = [str(a) for a in pod.addresses()]
+                    except MeshbpfError:
+                        addrs = []
+                if index is not None:
+                    self._remove_entries(maps, cookie, index, addrs)
+        self._detach_inbound(pod, rec)
+        self.store.remove(pod.key)
+
+    def _detach_inbound(self, pod, rec=None):
+        mod = _inbound()
+        if mod is None or not hasattr(mod, "detach_pod"):
+            return
+        record = (rec or {}).get("inbound") if isinstance((rec or {}).get("inbound"), dict) else None
+        if loader.is_loaded(self.pin_prefix):
+            with Maps(self.pin_prefix) as maps:
+                mod.detach_pod(pod, maps=maps, record=record)
+        else:
+            mod.detach_pod(pod, record=record)
+
+    def status(self):
+        out = {"mode": self.mode, "pin_prefix": self.pin_prefix, "cgroup_root": self.root,
+               "splice": self.splice, "loaded": loader.is_loaded(self.pin_prefix),
+               "pins": loader.pinned(self.pin_prefix), "pods": [], "programs": [],
+               "counters": {}}
+        records = {r.get("netns_cookie"): r for r in self.store.all()}
+        if not out["loaded"]:
+            out["pods"] = list(records.values())
+            return out
+        out["programs"] = loader.attachments(self.pin_prefix, self.root)
+        with Maps(self.pin_prefix) as maps:
+            out["counters"] = maps.counters()
+            ncfg = maps["node_cfg"].lookup(structs.U32(0))
+            out["splice"] = bool(ncfg and ncfg.flags & structs.NODE_F_SPLICE)
+            for key, pc in maps["pods"].items():
+                cookie = key.value
+                rec = records.pop(cookie, {})
+                out["pods"].append({
+                    "name": rec.get("name"), "netns": rec.get("netns"),
+                    "netns_cookie": cookie, "config": rec.get("config"),
+                    "addresses": rec.get("addresses"), "map": structs.describe_pod_struct(pc),
+                })
+            out["connections"] = {"orig_dst": len(maps["orig_dst"]), "pairs": len(maps["pairs"])}
+        for rec in records.values():          # recorded but not in the map: stale
+            out["pods"].append(dict(rec, stale=True))
+        return out
+
+    def cleanup(self):
+        errors = []
+        for rec in self.store.all():
+            netns = rec.get("netns")
+            if netns and os.path.exists(netns):
+                try:
+                    from ..pod import Pod
+                    self._detach_inbound(Pod(netns=netns, name=rec.get("name")), rec)
+                except MeshbpfError as e:
+                    errors.append(str(e))
+        if os.path.isdir(self.pin_prefix):
+            loader.unload(self.pin_prefix, self.root)
+        self.store.destroy()
+        if errors:
+            raise ApplyError("cleanup finished with errors: " + "; ".join(errors))

@@ -1,0 +1,487 @@
+"""Compile, load, pin and attach meshbpf's node-wide eBPF programs — once per node.
+
+The C programs in bpf/ are concatenated behind bpf/meshbpf.h into ONE bcc module (so all
+programs share its maps), compiled with cflags chosen from the kernel's features, loaded
+with their expected attach types and pinned under <pin_prefix>/{progs,maps,links}. The
+cgroup programs are attached once at `cgroup_root` through pinned bpf_links (or
+BPF_PROG_ATTACH with BPF_F_ALLOW_MULTI where links are missing); sk_msg is attached to the
+sockhash. A later process ADOPTS what is pinned (never loads or attaches twice);
+`unload` removes exactly what `ensure_loaded` created.
+"""
+
+import dataclasses
+import errno
+import glob
+import os
+import re
+
+from .. import bpfsys, system
+from ..errors import ApplyError, MeshbpfError, UnsupportedError, UsageError
+from . import structs
+from .maps import Maps
+
+BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "bpf")
+HEADER = "meshbpf.h"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgSpec:
+    name: str              # C function name (= pin name)
+    source: str            # file in bpf/
+    prog_type: int         # BPF_PROG_TYPE_*
+    attach_type: int       # expected/attach type (BPF_CGROUP_*, BPF_SK_MSG_VERDICT), or -1
+    target: str            # "cgroup", "sockhash" or "none" (attached elsewhere, e.g. tc)
+    feature: str = None    # probe feature that must be present
+    splice: bool = False   # only when splicing is on
+
+
+B = bpfsys
+PROGRAMS = (
+    ProgSpec("mb_connect4", "connect4.c", B.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+             B.BPF_CGROUP_INET4_CONNECT, "cgroup"),
+    ProgSpec("mb_connect6", "connect6.c", B.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+             B.BPF_CGROUP_INET6_CONNECT, "cgroup"),
+    ProgSpec("mb_getpeername4", "getpeername4.c", B.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+             B.BPF_CGROUP_INET4_GETPEERNAME, "cgroup", feature="cgroup_getpeername4"),
+    ProgSpec("mb_getpeername6", "getpeername6.c", B.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+             B.BPF_CGROUP_INET6_GETPEERNAME, "cgroup", feature="cgroup_getpeername6"),
+    ProgSpec("mb_getsockopt", "getsockopt.c", B.BPF_PROG_TYPE_CGROUP_SOCKOPT,
+             B.BPF_CGROUP_GETSOCKOPT, "cgroup"),
+    ProgSpec("mb_sockops", "sockops.c", B.BPF_PROG_TYPE_SOCK_OPS,
+             B.BPF_CGROUP_SOCK_OPS, "cgroup"),
+    ProgSpec("mb_sk_msg", "sk_msg.c", B.BPF_PROG_TYPE_SK_MSG,
+             B.BPF_SK_MSG_VERDICT, "sockhash", splice=True),
+    ProgSpec("tc_inbound_ingress", "tc_inbound.c", B.BPF_PROG_TYPE_SCHED_CLS, -1, "none"),
+    ProgSpec("tc_inbound_egress", "tc_inbound.c", B.BPF_PROG_TYPE_SCHED_CLS, -1, "none"),
+)
+CORE_SOURCES = ("connect4.c", "connect6.c", "getpeername4.c", "getpeername6.c",
+                "getsockopt.c", "sockops.c", "sk_msg.c")
+MAP_NAMES = ("pods", "cidr_rules", "port_rules", "local_ips", "node_cfg", "orig_dst",
+             "pairs", "sock_hash", "counters")
+SOCKHASH_MAP = "sock_hash"
+
+
+def _has(features, name):
+    """Feature present? `features`: None (assume a modern kernel), {name: bool} or a probe
+    report ({"features": {name: {"ok": ...}}})."""
+    if not name or features is None:
+        return True
+    feats = features.get("features", features) if isinstance(features, dict) else {}
+    v = feats.get(name, True)
+    if isinstance(v, dict):
+        v = v.get("ok", True)
+    return bool(v)
+
+
+def cflags(features=None):
+    """Compiler flags for the features present (documentation for the C as much as gates)."""
+    flags = []
+    if _has(features, "cgroup_getpeername4") and _has(features, "cgroup_getpeername6"):
+        flags.append("-DHAVE_GETPEERNAME")
+    return flags
+
+
+def wanted_programs(source_text, features=None, splice=True):
+    """The ProgSpecs to load: defined in the source, supported, and splice-appropriate."""
+    out = []
+    for p in PROGRAMS:
+        if not re.search(r"\bint\s+" + p.name + r"\s*\(", source_text):
+            continue
+        if not _has(features, p.feature):
+            continue
+        if p.splice and not splice:
+            continue
+        out.append(p)
+    return out
+
+
+def _strip_include(text):
+    return re.sub(r'^\s*#include\s+"meshbpf\.h"\s*$', "", text, flags=re.M)
+
+
+def source_files(bpf_dir=BPF_DIR):
+    """bpf/*.c that exist, core ones first (the inbound helper's tc_inbound.c if present)."""
+    present = sorted(os.path.basename(p) for p in glob.glob(os.path.join(bpf_dir, "*.c")))
+    core = [f for f in CORE_SOURCES if f in present]
+    return core + [f for f in present if f not in core]
+
+
+def render_source(features=None, bpf_dir=BPF_DIR):
+    """The C text bcc compiles: meshbpf.h, then each program file (its include dropped)."""
+    try:
+        with open(os.path.join(bpf_dir, HEADER)) as f:
+            parts = [f"/* ==== {HEADER} ==== */\n" + f.read()]
+    except FileNotFoundError:
+        raise UnsupportedError(f"{bpf_dir}/{HEADER} is missing: the installation is incomplete")
+    defines = "".join(f"#define {fl[2:]} 1\n" for fl in cflags(features))
+    if defines:
+        parts.insert(0, "/* ==== features ==== */\n" + defines)
+    have_peer = _has(features, "cgroup_getpeername4") and _has(features, "cgroup_getpeername6")
+    for name in source_files(bpf_dir):
+        if name.startswith("getpeername") and not have_peer:
+            continue
+        with open(os.path.join(bpf_dir, name)) as f:
+            parts.append(f"/* ==== {name} ==== */\n" + _strip_include(f.read()))
+    return "\n".join(parts)
+
+
+# ---- pins ---------------------------------------------------------------------------------
+
+def pin_dirs(pin_prefix):
+    return {k: os.path.join(pin_prefix, k) for k in ("progs", "maps", "links")}
+
+
+def pinned(pin_prefix):
+    """What is pinned: {"progs": [...], "maps": [...], "links": [...]} (names)."""
+    out = {}
+    for k, d in pin_dirs(pin_prefix).items():
+        out[k] = sorted(os.listdir(d)) if os.path.isdir(d) else []
+    return out
+
+
+def is_loaded(pin_prefix):
+    p = pinned(pin_prefix)
+    return ("mb_connect4" in p["progs"] and all(m in p["maps"] for m in MAP_NAMES))
+
+
+def _safe_prefix(pin_prefix):
+    real = os.path.realpath(pin_prefix)
+    if not real.startswith(system.BPFFS + "/") or real == system.BPFFS:
+        raise UsageError(f"pin prefix {pin_prefix} must be a directory under {system.BPFFS}")
+    return real
+
+
+def _check_cgroup_root(cgroup_root):
+    mount = system.cgroup2_mount()
+    real = os.path.realpath(cgroup_root)
+    if not os.path.isfile(os.path.join(real, "cgroup.procs")):
+        raise UsageError(f"{cgroup_root} is not a cgroup v2 directory")
+    if not (real == mount or real.startswith(mount.rstrip("/") + "/")):
+        raise UsageError(f"{cgroup_root} is not under the cgroup v2 mount {mount}")
+    return real
+
+
+# ---- load ---------------------------------------------------------------------------------
+
+def _compile(text):
+    try:
+        from bcc import BPF
+    except ImportError:
+        raise UnsupportedError("bcc's Python module is not importable",
+                               hint="install python3-bpfcc (Debian) and use a venv made with "
+                                    "--system-site-packages; `make setup` does both")
+    try:
+        return BPF(text=text, cflags=["-Wno-comment"])
+    except Exception as e:  # bcc raises bare Exception on compile errors
+        raise UnsupportedError(f"bcc could not compile meshbpf's programs: {e}",
+                               hint="kernel headers missing? see `meshbpf probe`")
+
+
+def _load_prog(b, spec):
+    try:
+        fn = b.load_func(spec.name, spec.prog_type,
+                         attach_type=spec.attach_type if spec.target == "cgroup" else -1)
+    except Exception as e:  # bcc raises bare Exception with the verifier's verdict
+        raise ApplyError(f"the kernel refused program {spec.name}: {e}")
+    return fn.fd
+
+
+def load_and_pin(pin_prefix, features=None, splice=True):
+    """Compile + load everything and pin programs and maps; returns {name: prog id}.
+
+    Anything pinned by a failed attempt is removed again.
+    """
+    _safe_prefix(pin_prefix)
+    system.ensure_bpffs()
+    text = render_source(features)
+    b = _compile(text)
+    dirs = pin_dirs(pin_prefix)
+    ids = {}
+    try:
+        for d in dirs.values():
+            os.makedirs(d, exist_ok=True)
+        from bcc import libbcc
+        for name in MAP_NAMES + _extra_maps(b):
+            fd = libbcc.lib.bpf_table_fd(b.module, name.encode())
+            if fd < 0:
+                raise ApplyError(f"map {name} was not created by the compiled module")
+            _pin(fd, os.path.join(dirs["maps"], name))
+        for spec in wanted_programs(text, features, splice):
+            fd = _load_prog(b, spec)
+            _pin(fd, os.path.join(dirs["progs"], spec.name))
+            ids[spec.name] = bpfsys.prog_get_info(fd)["id"]
+        with Maps(pin_prefix) as maps:
+            ncfg = structs.NodeConfig(flags=structs.NODE_F_SPLICE if splice else 0)
+            maps["node_cfg"].update(structs.U32(0), ncfg)
+    except BaseException:
+        _remove_pins(pin_prefix)
+        raise
+    finally:
+        b.cleanup()
+    return ids
+
+
+def _extra_maps(b):
+    """Maps declared by other parts (the inbound section), pinned like ours."""
+    import ctypes
+    from bcc import libbcc
+    lib = libbcc.lib
+    lib.bpf_num_tables.restype = ctypes.c_size_t
+    lib.bpf_num_tables.argtypes = [ctypes.c_void_p]
+    lib.bpf_table_name.restype = ctypes.c_char_p
+    lib.bpf_table_name.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    names = []
+    for i in range(lib.bpf_num_tables(b.module)):
+        name = lib.bpf_table_name(b.module, i).decode()
+        if name not in MAP_NAMES:
+            names.append(name)
+    return tuple(names)
+
+
+def _pin(fd, path):
+    try:
+        bpfsys.obj_pin(fd, path)
+    except OSError as e:
+        if e.errno != errno.EEXIST:
+            raise ApplyError(f"cannot pin {path}: {os.strerror(e.errno)}")
+
+
+def prog_fd(pin_prefix, name):
+    """A new fd for the pinned program `name` (caller closes)."""
+    return bpfsys.obj_get(os.path.join(pin_dirs(pin_prefix)["progs"], name))
+
+
+# ---- attach -------------------------------------------------------------------------------
+
+def _links_supported(features):
+    return _has(features, "bpf_link")
+
+
+def attach_all(pin_prefix, cgroup_root, features=None):
+    """Attach every pinned cgroup program at `cgroup_root` (once) and sk_msg to the sockhash.
+
+    Returns a list of {"program", "target", "how"} describing the attachments made now.
+    """
+    cg = _check_cgroup_root(cgroup_root)
+    dirs = pin_dirs(pin_prefix)
+    made = []
+    progs = pinned(pin_prefix)["progs"]
+    specs = {p.name: p for p in PROGRAMS}
+    cgfd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in progs:
+            spec = specs.get(name)
+            if spec is None or spec.target == "none":
+                continue
+            pfd = prog_fd(pin_prefix, name)
+            try:
+                if spec.target == "sockhash":
+                    with Maps(pin_prefix) as maps:
+                        if not _attached_ids(maps.fd(SOCKHASH_MAP), spec.attach_type,
+                                             bpfsys.prog_get_info(pfd)["id"]):
+                            bpfsys.prog_attach(maps.fd(SOCKHASH_MAP), pfd, spec.attach_type)
+                            made.append({"program": name, "target": SOCKHASH_MAP, "how": "prog_attach"})
+                    continue
+                link_path = os.path.join(dirs["links"], name)
+                if os.path.exists(link_path):
+                    continue           # adopted: attached through this link already
+                pid = bpfsys.prog_get_info(pfd)["id"]
+                if _attached_ids(cgfd, spec.attach_type, pid):
+                    continue           # attached with ALLOW_MULTI by an earlier run
+                if _links_supported(features):
+                    try:
+                        lfd = bpfsys.link_create(pfd, cgfd, spec.attach_type)
+                    except OSError as e:
+                        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):  # 524: ENOTSUPP
+                            raise
+                        lfd = None
+                    if lfd is not None:
+                        try:
+                            os.makedirs(dirs["links"], exist_ok=True)
+                            bpfsys.obj_pin(lfd, link_path)
+                        finally:
+                            os.close(lfd)
+                        made.append({"program": name, "target": cg, "how": "bpf_link"})
+                        continue
+                bpfsys.prog_attach(cgfd, pfd, spec.attach_type, bpfsys.BPF_F_ALLOW_MULTI)
+                made.append({"program": name, "target": cg, "how": "prog_attach(ALLOW_MULTI)"})
+            finally:
+                os.close(pfd)
+    except OSError as e:
+        raise ApplyError(f"attaching meshbpf's programs at {cg} failed: {e}")
+    finally:
+        os.close(cgfd)
+    return made
+
+
+def _attached_ids(target_fd, attach_type, prog_id):
+    try:
+        _, ids = bpfsys.prog_query(target_fd, attach_type)
+    except OSError:
+        return False
+    return prog_id in ids
+
+
+def attachments(pin_prefix, cgroup_root):
+    """[{"program", "id", "attach_type", "target", "attached"}] for status."""
+    out = []
+    specs = {p.name: p for p in PROGRAMS}
+    cgfd = None
+    try:
+        if cgroup_root and os.path.isdir(cgroup_root):
+            cgfd = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+        maps = Maps(pin_prefix)
+        try:
+            for name in pinned(pin_prefix)["progs"]:
+                spec = specs.get(name)
+                pfd = prog_fd(pin_prefix, name)
+                try:
+                    info = bpfsys.prog_get_info(pfd)
+                finally:
+                    os.close(pfd)
+                rec = {"program": name, "id": info["id"], "type": info["type"]}
+                if spec and spec.target == "cgroup":
+                    rec["target"] = cgroup_root
+                    rec["attached"] = bool(cgfd is not None and
+                                           _attached_ids(cgfd, spec.attach_type, info["id"]))
+                elif spec and spec.target == "sockhash" and maps.exists(SOCKHASH_MAP):
+                    rec["target"] = f"map {SOCKHASH_MAP}"
+                    rec["attached"] = True
+                else:
+                    rec["target"] = "per pod (tc)" if spec and spec.target == "none" else None
+                out.append(rec)
+        finally:
+            maps.close()
+    finally:
+        if cgfd is not None:
+            os.close(cgfd)
+    return out
+
+
+def ensure_loaded(pin_prefix, cgroup_root, features=None, splice=True):
+    """Load+pin (unless already pinned: adopt) and attach (unless attached). Idempotent.
+
+    Returns {"adopted": bool, "programs": {name: id}, "attached_now": [...]}.
+    """
+    _safe_prefix(pin_prefix)
+    adopted = is_loaded(pin_prefix)
+    if not adopted:
+        if any(pinned(pin_prefix).values()):
+            unload(pin_prefix, cgroup_root)      # a half-made earlier attempt
+        load_and_pin(pin_prefix, features, splice)
+    try:
+        made = attach_all(pin_prefix, cgroup_root, features)
+    except MeshbpfError:
+        if not adopted:
+            unload(pin_prefix, cgroup_root)
+        raise
+    ids = {}
+    for name in pinned(pin_prefix)["progs"]:
+        fd = prog_fd(pin_prefix, name)
+        try:
+            ids[name] = bpfsys.prog_get_info(fd)["id"]
+        finally:
+            os.close(fd)
+    return {"adopted": adopted, "programs": ids, "attached_now": made}
+
+
+# ---- unload -------------------------------------------------------------------------------
+
+def unload(pin_prefix, cgroup_root=None):
+    """Detach every meshbpf program (links, ALLOW_MULTI attachments, sk_msg) and remove
+    every pin under `pin_prefix`. Safe to call when nothing is there."""
+    _safe_prefix(pin_prefix)
+    dirs = pin_dirs(pin_prefix)
+    specs = {p.name: p for p in PROGRAMS}
+    errors = []
+    # 1. links: detach explicitly, then unpin
+    if os.path.isdir(dirs["links"]):
+        for name in os.listdir(dirs["links"]):
+            path = os.path.join(dirs["links"], name)
+            try:
+                lfd = bpfsys.obj_get(path)
+                try:
+                    _link_detach(lfd)
+                finally:
+                    os.close(lfd)
+            except OSError as e:
+                errors.append(f"{path}: {e}")
+            _unlink(path)
+    # 2. prog_attach'ed programs on the cgroup and on the sockhash
+    cgfd = None
+    if cgroup_root and os.path.isdir(cgroup_root):
+        cgfd = os.open(cgroup_root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if os.path.isdir(dirs["progs"]):
+            for name in os.listdir(dirs["progs"]):
+                spec = specs.get(name)
+                path = os.path.join(dirs["progs"], name)
+                if spec and spec.target != "none":
+                    try:
+                        pfd = bpfsys.obj_get(path)
+                    except OSError:
+                        pfd = None
+                    if pfd is not None:
+                        try:
+                            pid = bpfsys.prog_get_info(pfd)["id"]
+                            if spec.target == "cgroup" and cgfd is not None and \
+                                    _attached_ids(cgfd, spec.attach_type, pid):
+                                bpfsys.prog_detach(cgfd, pfd, spec.attach_type)
+                            elif spec.target == "sockhash" and \
+                                    os.path.exists(os.path.join(dirs["maps"], SOCKHASH_MAP)):
+                                mfd = bpfsys.obj_get(os.path.join(dirs["maps"], SOCKHASH_MAP))
+                                try:
+                                    bpfsys.prog_detach(mfd, pfd, spec.attach_type)
+                                except OSError:
+                                    pass
+                                finally:
+                                    os.close(mfd)
+                        except OSError as e:
+                            errors.append(f"{name}: {e}")
+                        finally:
+                            os.close(pfd)
+                _unlink(path)
+    finally:
+        if cgfd is not None:
+            os.close(cgfd)
+    _remove_pins(pin_prefix)
+    if errors:
+        raise ApplyError("some meshbpf programs could not be detached: " + "; ".join(errors))
+
+
+def _link_detach(lfd):
+    import ctypes
+
+    class _LinkDetachAttr(ctypes.Structure):
+        _fields_ = [("link_fd", ctypes.c_uint32)]
+    try:
+        bpfsys.bpf(34, _LinkDetachAttr(link_fd=lfd), "detaching a bpf_link")  # BPF_LINK_DETACH
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOLINK, errno.EOPNOTSUPP):
+            raise
+
+
+def _unlink(path):
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _remove_pins(pin_prefix):
+    real = _safe_prefix(pin_prefix)
+    if not os.path.isdir(real):
+        return
+    for root, dirs, files in os.walk(real, topdown=False):
+        for f in files:
+            _unlink(os.path.join(root, f))
+        for d in dirs:
+            try:
+                os.rmdir(os.path.join(root, d))
+            except OSError:
+                pass
+    try:
+        os.rmdir(real)
+    except OSError:
+        pass

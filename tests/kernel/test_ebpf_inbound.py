@@ -1,0 +1,313 @@
+"""Inbound steering (bpf/tc_inbound.c + meshbpf/ebpf/inbound.py) in throwaway sandbox pods.
+
+The tc program is compiled on its own here (bpf/meshbpf.h + bpf/tc_inbound.c, as the core
+loader concatenates them) and attached with meshbpf.ebpf.inbound, so these tests check the
+inbound data path by itself: pod B is meshed (inbound only), pod C is a plain client.
+The last tests go through the whole EbpfInterceptor with a real Envoy sidecar.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from meshbpf import system
+from meshbpf.config import InterceptConfig
+from meshbpf.errors import ApplyError, NotFoundError, UnsupportedError
+from meshbpf.sandbox import Sandbox
+
+pytestmark = pytest.mark.kernel
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+COUNTER_REDIRECT_IN = 1
+COUNTER_NO_LISTENER = 12        # COUNTER_INBOUND_NAT_MISS: "SYN dropped, no listener"
+COUNTER_BYPASS = 14
+
+# A listener that tells each client which server answered and what both ends look like.
+SERVER = r"""
+import json, socket, sys
+port = int(sys.argv[1])
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", port))
+s.listen(64)
+print("listening", port, flush=True)
+while True:
+    c, peer = s.accept()
+    local = c.getsockname()
+    c.sendall((json.dumps({"server": port, "local": [local[0], local[1]],
+                           "peer": [peer[0], peer[1]]}) + "\n").encode())
+    c.close()
+"""
+
+# Connects, prints what the server said and the peer the client's socket reports.
+CLIENT = r"""
+import json, socket, sys
+host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+try:
+    s = socket.create_connection((host, port), timeout=timeout)
+except OSError as e:
+    print(json.dumps({"error": type(e).__name__}))
+    sys.exit(0)
+line = s.makefile().readline()
+print(json.dumps({"reply": json.loads(line), "peer": list(s.getpeername()[:2])}))
+"""
+
+
+def _bare(ip):
+    return ip[7:] if ip.startswith("::ffff:") else ip
+
+
+@pytest.fixture(scope="module")
+def tc_object():
+    """bpf/meshbpf.h + bpf/tc_inbound.c compiled by bcc: (BPF, maps, progs)."""
+    from bcc import BPF
+    with open(os.path.join(REPO, "bpf", "meshbpf.h")) as f:
+        header = f.read()
+    with open(os.path.join(REPO, "bpf", "tc_inbound.c")) as f:
+        prog = f.read().replace('#include "meshbpf.h"', "")
+    b = BPF(text=(header + prog).encode(), cflags=["-Wno-comment"])
+    fn = b.load_func(b"tc_inbound_ingress", BPF.SCHED_CLS)
+    maps = {"inbound_pods": b[b"inbound_pods"], "inbound_ports": b[b"inbound_ports"]}
+    try:
+        yield b, maps, {"tc_inbound_ingress": fn}
+    finally:
+        b.cleanup()
+
+
+@pytest.fixture
+def obj(tc_object):
+    b, maps, progs = tc_object
+    yield tc_object
+    for name in maps:
+        maps[name].clear()
+
+
+@pytest.fixture
+def sb():
+    with Sandbox(name="inb") as s:
+        yield s
+
+
+def counter(b, idx):
+    return sum(b[b"counters"][idx])
+
+
+def serve(pod, *ports):
+    procs = []
+    for port in ports:
+        p = pod.spawn([sys.executable, "-c", SERVER, str(port)], label=f"srv{port}")
+        pod.wait_port(port, listening=True, proc=p)
+        procs.append(p)
+    return procs
+
+
+def connect(client, host, port, timeout=3.0):
+    r = client.exec([sys.executable, "-c", CLIENT, host, str(port), str(timeout)],
+                    timeout=timeout + 20, check=True)
+    return json.loads(r.stdout)
+
+
+def tc_state(pod):
+    qd = system.run(["tc", "qdisc", "show", "dev", "eth0"], netns=pod.netns).stdout
+    filters = system.run(["tc", "filter", "show", "dev", "eth0", "ingress"], netns=pod.netns,
+                         check=False).stdout
+    return qd, filters
+
+
+def test_captured_port_reaches_capture_listener_with_original_port(sb, obj):
+    from meshbpf.ebpf import inbound
+    b, maps, progs = obj
+    pb, pc = sb.add_pod("b"), sb.add_pod("c")
+    serve(pb, 15006, 8080, 15020)
+    before_in, before_bypass = counter(b, COUNTER_REDIRECT_IN), counter(b, COUNTER_BYPASS)
+    rec = inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
+    assert rec["interfaces"][0]["name"] == "eth0" and rec["interfaces"][0]["kind"] == "veth"
+    assert set(rec["addresses"]) == {pb.ip4, pb.ip6}
+    hooks = inbound.list_hooks(pb.pod)
+    assert [(h["interface"], h["direction"], h["direct_action"]) for h in hooks] == \
+        [("eth0", "ingress", True)]
+    from meshbpf import bpfsys
+    assert hooks[0]["prog_id"] == bpfsys.prog_get_info(progs["tc_inbound_ingress"].fd)["id"]
+
+    for ip in (pb.ip4, pb.ip6):
+        out = connect(pc, ip, 8080)
+        # The sidecar's listener answered; its socket's local address is the original one.
+        assert out["reply"]["server"] == 15006
+        assert _bare(out["reply"]["local"][0]) == ip and out["reply"]["local"][1] == 8080
+        assert _bare(out["reply"]["peer"][0]) == (pc.ip4 if "." in ip else pc.ip6)
+        # Replies carry the original port: the client is connected to ip:8080.
+        assert out["peer"] == [ip, 8080]
+        # Excluded by default (Istio's injector): 15020 goes to its own listener.
+        out = connect(pc, ip, 15020)
+        assert out["reply"]["server"] == 15020 and out["peer"] == [ip, 15020]
+    assert counter(b, COUNTER_REDIRECT_IN) - before_in == 2
+    assert counter(b, COUNTER_BYPASS) - before_bypass == 2
+
+
+def test_include_list_captures_only_listed_ports(sb, obj):
+    from meshbpf.ebpf import inbound
+    b, maps, progs = obj
+    pb, pc = sb.add_pod("b"), sb.add_pod("c")
+    serve(pb, 15006, 8080, 9090)
+    cfg = InterceptConfig().replace(inbound_ports_include="9090",
+                                    inbound_ports_exclude="9090")  # ignored with a list
+    inbound.attach_pod(pb.pod, cfg, maps, progs)
+    assert connect(pc, pb.ip4, 9090)["reply"]["server"] == 15006
+    assert connect(pc, pb.ip4, 8080)["reply"]["server"] == 8080
+    assert connect(pc, pb.ip6, 9090)["reply"]["server"] == 15006
+    # Re-attaching with another policy replaces the old one (stale port entries go).
+    inbound.attach_pod(pb.pod, InterceptConfig().replace(inbound_ports_include="8080"),
+                       maps, progs)
+    assert connect(pc, pb.ip4, 9090)["reply"]["server"] == 9090
+    assert connect(pc, pb.ip4, 8080)["reply"]["server"] == 15006
+    assert len(inbound.list_hooks(pb.pod)) == 1
+
+
+def test_no_listener_drops_until_sidecar_listens(sb, obj):
+    from meshbpf.ebpf import inbound
+    b, maps, progs = obj
+    pb, pc = sb.add_pod("b"), sb.add_pod("c")
+    serve(pb, 8080)                      # the app listens, the sidecar does not (yet)
+    inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
+    before = counter(b, COUNTER_NO_LISTENER)
+    out = connect(pc, pb.ip4, 8080, timeout=1.5)
+    # Never delivered to the app around the sidecar: the SYN is dropped (a timeout, not
+    # a refusal and not the app's answer).
+    assert out == {"error": "TimeoutError"}
+    assert counter(b, COUNTER_NO_LISTENER) > before
+    # A client already retrying connects as soon as the sidecar listens.
+    client = pc.spawn([sys.executable, "-c", CLIENT, pb.ip4, "8080", "15"], label="late")
+    time.sleep(1.2)
+    serve(pb, 15006)
+    client.wait(20)
+    out = json.loads(client.output().strip().splitlines()[-1])
+    assert out["reply"]["server"] == 15006 and out["peer"] == [pb.ip4, 8080]
+
+
+def test_connection_open_before_attach_keeps_going_to_app(sb, obj):
+    from meshbpf.ebpf import inbound
+    b, maps, progs = obj
+    pb, pc = sb.add_pod("b"), sb.add_pod("c")
+    serve(pb, 15006)
+    echo = pb.spawn([sys.executable, "-c", ECHO, "8080"], label="echo")
+    pb.wait_port(8080, listening=True, proc=echo)
+    client = pc.spawn([sys.executable, "-c", ECHO_CLIENT, pb.ip4, "8080"], label="echoc")
+    deadline = time.monotonic() + 10
+    while "first" not in client.output():
+        assert time.monotonic() < deadline, client.output()
+        time.sleep(0.05)
+    inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
+    client.wait(15)
+    assert client.output().split() == ["first", "second"]
+    # New connections to the same port go to the sidecar.
+    assert connect(pc, pb.ip4, 8080)["reply"]["server"] == 15006
+
+
+ECHO = r"""
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", int(sys.argv[1]))); s.listen(4)
+while True:
+    c, _ = s.accept()
+    while True:
+        d = c.recv(100)
+        if not d:
+            break
+        c.sendall(d)
+    c.close()
+"""
+
+# Says "first" over a connection, waits while the test attaches, then says "second".
+ECHO_CLIENT = r"""
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"first"); print(s.recv(100).decode(), flush=True)
+time.sleep(2)
+s.sendall(b"second"); print(s.recv(100).decode(), flush=True)
+"""
+
+
+def test_detach_removes_filters_qdisc_and_entries(sb, obj):
+    from meshbpf.ebpf import inbound
+    b, maps, progs = obj
+    pb, pc = sb.add_pod("b"), sb.add_pod("c")
+    serve(pb, 15006, 8080)
+    rec = inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
+    rec = inbound.merge_records(rec, inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs))
+    assert rec["interfaces"][0]["clsact_added"]      # kept across the idempotent re-attach
+    assert "clsact" in tc_state(pb)[0] and "meshbpf_inbound" in tc_state(pb)[1]
+    assert len(maps["inbound_pods"]) == 2 and len(maps["inbound_ports"]) > 0
+    inbound.detach_pod(pb.pod, maps, rec)
+    qd, filters = tc_state(pb)
+    assert "clsact" not in qd and filters.strip() == ""
+    assert len(maps["inbound_pods"]) == 0 and len(maps["inbound_ports"]) == 0
+    assert inbound.list_hooks(pb.pod) == []
+    assert connect(pc, pb.ip4, 8080)["reply"]["server"] == 8080
+    inbound.detach_pod(pb.pod, maps, rec)            # idempotent
+    # A lost record still removes meshbpf's filter, and the clsact it leaves empty.
+    inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
+    inbound.detach_pod(pb.pod, maps, None)
+    qd, filters = tc_state(pb)
+    assert "clsact" not in qd and filters.strip() == ""
+    assert len(maps["inbound_pods"]) == 0
+
+
+def test_detach_keeps_someone_elses_clsact_and_filters(sb, obj):
+    from meshbpf.ebpf import inbound
+    b, maps, progs = obj
+    pb = sb.add_pod("b")
+    system.run(["tc", "qdisc", "add", "dev", "eth0", "clsact"], netns=pb.netns)
+    # Another tool's classifier (after ours, matching nothing).
+    system.run(["tc", "filter", "add", "dev", "eth0", "ingress", "pref", "49000", "u32",
+                "match", "u32", "0x12345678", "0xffffffff", "at", "0", "flowid", "1:1"],
+               netns=pb.netns)
+    rec = inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
+    assert rec["interfaces"][0]["clsact_added"] is False
+    inbound.detach_pod(pb.pod, maps, rec)
+    qd, filters = tc_state(pb)
+    assert "clsact" in qd and "u32" in filters and "meshbpf" not in filters
+
+
+def test_bad_input_changes_nothing(sb, obj):
+    from meshbpf.ebpf import inbound
+    b, maps, progs = obj
+    pb = sb.add_pod("b")
+    with pytest.raises(NotFoundError):
+        inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs, interfaces=["eth9"])
+    with pytest.raises(UnsupportedError):
+        inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs, hook="xdp")
+    # A failure half-way (the kernel refuses a map fd as a tc program) is rolled back.
+    with pytest.raises(ApplyError):
+        inbound.attach_pod(pb.pod, InterceptConfig(), maps,
+                           {"tc_inbound_ingress": maps["inbound_pods"].map_fd})
+    qd, filters = tc_state(pb)
+    assert "clsact" not in qd and filters.strip() == ""
+    assert len(maps["inbound_pods"]) == 0 and len(maps["inbound_ports"]) == 0
+
+
+def test_iperf3_1g_through_haproxy_sidecar(sb, obj):
+    """A real unmodified proxy (HAProxy, which falls back to getsockname) as B's sidecar:
+    C's 1 GB iperf3 transfer to B's app port goes through it without errors."""
+    from meshbpf.ebpf import inbound
+    b, maps, progs = obj
+    pb, pc = sb.add_pod("b"), sb.add_pod("c")
+    hap = pb.start_haproxy()
+    srv = pb.spawn(["iperf3", "-s", "-p", "5201"], label="iperf3-s")
+    pb.wait_port(5201, listening=True, proc=srv)
+    before = counter(b, COUNTER_REDIRECT_IN)
+    inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
+    r = pc.exec(["iperf3", "-c", pb.ip4, "-p", "5201", "-n", "1G", "-J"], timeout=300)
+    res = json.loads(r.stdout)
+    assert r.returncode == 0 and "error" not in res, r.stdout[-2000:] + r.stderr
+    assert res["end"]["sum_sent"]["bytes"] >= 1 << 30
+    # iperf3's control and data connections both went through the sidecar, all of it.
+    assert counter(b, COUNTER_REDIRECT_IN) - before >= 2
+    stats = hap.stats()
+    assert stats.get("inbound.FRONTEND.stot", 0) >= 2, stats
+    assert stats.get("inbound.FRONTEND.bin", 0) >= 1 << 30, stats

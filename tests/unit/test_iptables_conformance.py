@@ -1,0 +1,91 @@
+"""Istio's own generator tests: `render` must produce Istio's exact payload for every case.
+
+Cases come from ../shared/conformance/istio-iptables/cases.json (27 istio-iptables
+capture cases, payload per address family, and 8 istio-cni sidecar cases).
+"""
+
+import json
+import os
+
+import pytest
+
+from meshbpf.config import InterceptConfig
+from meshbpf.iptables.rules import render
+
+_CASES_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           os.pardir, "shared", "conformance", "istio-iptables", "cases.json")
+
+
+def _load():
+    try:
+        with open(_CASES_FILE) as f:
+            return json.load(f)
+    except OSError:
+        return {"cases": {}, "cni_cases": {}}
+
+
+_DATA = _load()
+
+# cases.json gives this istio-cni case outbound_ports_exclude "5555,6666,15020", but the
+# golden file (and upstream's test, cni/pkg/plugin/*_test.go: annotation
+# excludeOutboundPorts "5555,6666") has no 15020 rules: istio-cni uses the annotation
+# verbatim and only defaults to 15020 when it is absent. Istio's generator emits a
+# RETURN pair for every listed port, so no faithful generator can produce that golden
+# from that config. The case is kept strict-xfail (it alerts when the data is fixed) and
+# test_cni_include_exclude_ports_upstream_config checks the golden with upstream's value.
+_CNI_DATA_MISMATCH = {"include-exclude-ports"}
+
+
+@pytest.fixture(scope="module")
+def conformance(shared_dir):
+    root = os.path.join(shared_dir, "conformance", "istio-iptables")
+    with open(os.path.join(root, "cases.json")) as f:
+        return root, json.load(f)
+
+
+def _read(root, name):
+    with open(os.path.join(root, name)) as f:
+        return f.read()
+
+
+def test_suite_is_complete(conformance):
+    _, data = conformance
+    assert len(data["cases"]) == 27
+    assert len(data["cni_cases"]) == 8
+    assert set(data["cases"]) == set(_DATA["cases"])
+
+
+@pytest.mark.parametrize("case", sorted(_DATA["cases"]))
+def test_capture_case(conformance, case):
+    root, data = conformance
+    spec = data["cases"][case]
+    cfg = InterceptConfig.from_dict({**data["base"], **spec["overrides"]})
+    fams = []
+    for payload in spec["payloads"]:
+        family = 6 if payload.endswith(".v6.rules") else 4
+        fams.append(family)
+        assert render(cfg, family) == _read(root, payload), f"{case} IPv{family}"
+    # A family without a golden file has no payload.
+    for family in {4, 6} - set(fams):
+        assert render(cfg, family) == ""
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="cases.json override disagrees "
+                                            "with the upstream golden (see _CNI_DATA_MISMATCH)"))
+    if c in _CNI_DATA_MISMATCH else c
+    for c in sorted(_DATA["cni_cases"])])
+def test_cni_case(conformance, case):
+    root, data = conformance
+    spec = data["cni_cases"][case]
+    cfg = InterceptConfig.from_dict({**data["cni_base"], **spec["overrides"]})
+    assert render(cfg, 4) == _read(root, spec["payload"])
+
+
+def test_cni_include_exclude_ports_upstream_config(conformance):
+    """The same case with upstream's real annotation value reproduces the golden exactly."""
+    root, data = conformance
+    spec = data["cni_cases"]["include-exclude-ports"]
+    cfg = InterceptConfig.from_dict({**data["cni_base"], **spec["overrides"],
+                                     "outbound_ports_exclude": "5555,6666"})
+    assert render(cfg, 4) == _read(root, spec["payload"])
