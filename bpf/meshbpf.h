@@ -286,6 +286,7 @@ struct inbound_pod_val {
     __u32 pad;
 };
 #define INBOUND_POD_WILDCARD 1   /* ports with no inbound_ports entry are captured ('*') */
+#define INBOUND_POD_CAPTURES 2   /* the policy captures at least one port (or '*')       */
 struct inbound_port_key {
     __u32 ip[4];                 /* as inbound_pod_key */
     __u16 port;                  /* destination port, network order */
@@ -295,6 +296,13 @@ struct inbound_port_key {
 #define INBOUND_PORT_BYPASS 2    /* deliver as addressed  */
 BPF_HASH(inbound_pods, struct inbound_pod_key, struct inbound_pod_val, MB_MAX_PODS);
 BPF_HASH(inbound_ports, struct inbound_port_key, __u32, 65536);
+
+/* tc_inbound's two drop counters reuse enum slots named for the old port-rewrite design.
+ * REQUEST to the core: rename COUNTER_INBOUND_NAT_MISS -> COUNTER_INBOUND_NO_LISTENER
+ * ("inbound_no_listener") and COUNTER_INBOUND_REPLY -> COUNTER_INBOUND_UNSTEERABLE
+ * ("inbound_unsteerable") in the enum and structs.py, then update these two lines. */
+#define MBI_COUNTER_NO_LISTENER COUNTER_INBOUND_NAT_MISS   /* SYN dropped: no capture listener */
+#define MBI_COUNTER_UNSTEERABLE COUNTER_INBOUND_REPLY      /* TCP fragment etc. dropped */
 
 /* Kept for the core programs only (see the design note): never written by tc_inbound. */
 struct inbound_key {

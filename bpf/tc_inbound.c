@@ -22,15 +22,16 @@
  *      dropped, never delivered to the app behind the sidecar's back; the client's SYN
  *      retransmission connects once the sidecar listens.
  *
- * Counters (core's per-CPU `counters`), per connection (SYN), not per packet:
+ * Counters (core's per-CPU `counters`; see the inbound section of meshbpf.h):
  *   COUNTER_REDIRECT_IN       SYN steered to the sidecar's inbound listener;
  *   COUNTER_INBOUND_BYPASS    SYN to an enrolled pod IP on a port its policy leaves alone;
- *   COUNTER_INBOUND_NAT_MISS  SYN dropped because nothing listens on the capture port
- *                             (the name predates the sk_assign design: "no listener").
+ *   MBI_COUNTER_NO_LISTENER   SYN dropped because nothing listens on the capture port;
+ *   MBI_COUNTER_UNSTEERABLE   TCP fragment / over-long IPv6 header chain to a captured
+ *                             pod, dropped (see mbi_unsteerable).
  *
- * Limits, on purpose: IPv6 packets with extension headers before TCP and IPv4 fragments
- * pass untouched (TCP does not use either in practice); interfaces must carry Ethernet
- * framing (meshbpf/ebpf/inbound.py only hooks ARPHRD_ETHER links).
+ * IPv4 options and IPv6 extension headers (hop-by-hop, routing, destination options, AH;
+ * up to MBI_MAX_EXTHDRS) are skipped. Interfaces must carry Ethernet framing
+ * (meshbpf/ebpf/inbound.py only hooks ARPHRD_ETHER links).
  *
  * Maps (declared in meshbpf.h's inbound section): inbound_pods, inbound_ports.
  */
@@ -53,6 +54,26 @@
 #define MBI_IPPROTO_TCP 6
 #define MBI_TCP_SYN 0x02
 #define MBI_TCP_ACK 0x10
+#define MBI_NEXTHDR_HOP 0
+#define MBI_NEXTHDR_ROUTING 43
+#define MBI_NEXTHDR_FRAGMENT 44
+#define MBI_NEXTHDR_AUTH 51
+#define MBI_NEXTHDR_DEST 60
+#define MBI_MAX_EXTHDRS 6
+
+/* A TCP packet to a pod IP whose inbound traffic is captured, which this program cannot
+ * steer: an IP fragment (the kernel reassembles after tc, so the reassembled SYN would
+ * reach the app around the sidecar) or an IPv6 header chain longer than it walks. TCP
+ * never needs either (it sizes segments to the path MTU), so such packets are dropped;
+ * anything not addressed to a captured pod passes. */
+static __always_inline int mbi_unsteerable(struct inbound_pod_key *pk)
+{
+    struct inbound_pod_val *pod = inbound_pods.lookup(pk);
+    if (!pod || !(pod->flags & INBOUND_POD_CAPTURES))
+        return TC_ACT_OK;
+    mb_count(MBI_COUNTER_UNSTEERABLE, 1);
+    return TC_ACT_SHOT;
+}
 
 /* 1 and *capture_port if the pod's policy steers `dport`; -1 if the destination is an
  * enrolled pod IP whose policy leaves the port alone; 0 if it is no enrolled pod IP.
@@ -92,25 +113,50 @@ int tc_inbound_ingress(struct __sk_buff *skb)
             return TC_ACT_OK;
         if (iph.version != 4 || iph.ihl < 5 || iph.protocol != MBI_IPPROTO_TCP)
             return TC_ACT_OK;
-        if (iph.frag_off & bpf_htons(0x3fff))   /* MF or a fragment offset */
-            return TC_ACT_OK;
         l4off = MBI_ETH_HLEN + iph.ihl * 4;
         tuple.ipv4.saddr = iph.saddr;
         tuple.ipv4.daddr = iph.daddr;
         tuple_len = sizeof(tuple.ipv4);
         pk.ip[2] = bpf_htonl(0x0000ffff);
         pk.ip[3] = iph.daddr;
+        if (iph.frag_off & bpf_htons(0x3fff))   /* MF or a fragment offset */
+            return mbi_unsteerable(&pk);
     } else if (skb->protocol == bpf_htons(MBI_ETH_P_IPV6)) {
         struct ipv6hdr ip6h;
         if (bpf_skb_load_bytes(skb, MBI_ETH_HLEN, &ip6h, sizeof(ip6h)) < 0)
             return TC_ACT_OK;
-        if (ip6h.nexthdr != MBI_IPPROTO_TCP)   /* extension headers: not steered */
-            return TC_ACT_OK;
-        l4off = MBI_ETH_HLEN + sizeof(ip6h);
         __builtin_memcpy(tuple.ipv6.saddr, &ip6h.saddr, 16);
         __builtin_memcpy(tuple.ipv6.daddr, &ip6h.daddr, 16);
         tuple_len = sizeof(tuple.ipv6);
         __builtin_memcpy(pk.ip, &ip6h.daddr, 16);
+        l4off = MBI_ETH_HLEN + sizeof(ip6h);
+        __u8 nexthdr = ip6h.nexthdr;
+        /* Skip extension headers to find TCP. A fragment, or a chain too long to walk,
+         * cannot be steered (see mbi_unsteerable). */
+#pragma unroll
+        for (int i = 0; i < MBI_MAX_EXTHDRS; i++) {
+            if (nexthdr != MBI_NEXTHDR_HOP && nexthdr != MBI_NEXTHDR_ROUTING &&
+                nexthdr != MBI_NEXTHDR_DEST && nexthdr != MBI_NEXTHDR_AUTH)
+                break;
+            __u8 h[2];
+            if (bpf_skb_load_bytes(skb, l4off, h, sizeof(h)) < 0)
+                return mbi_unsteerable(&pk);
+            l4off += nexthdr == MBI_NEXTHDR_AUTH ? (h[1] + 2) * 4 : (h[1] + 1) * 8;
+            nexthdr = h[0];
+        }
+        if (nexthdr == MBI_NEXTHDR_FRAGMENT) {
+            __u8 fh;
+            if (bpf_skb_load_bytes(skb, l4off, &fh, 1) < 0 || fh == MBI_IPPROTO_TCP ||
+                fh == MBI_NEXTHDR_HOP || fh == MBI_NEXTHDR_ROUTING ||
+                fh == MBI_NEXTHDR_DEST || fh == MBI_NEXTHDR_AUTH)
+                return mbi_unsteerable(&pk);
+            return TC_ACT_OK;                    /* a fragmented UDP/ICMPv6/... packet */
+        }
+        if (nexthdr == MBI_NEXTHDR_HOP || nexthdr == MBI_NEXTHDR_ROUTING ||
+            nexthdr == MBI_NEXTHDR_DEST || nexthdr == MBI_NEXTHDR_AUTH)
+            return mbi_unsteerable(&pk);         /* more headers than we walk */
+        if (nexthdr != MBI_IPPROTO_TCP)
+            return TC_ACT_OK;
     } else {
         return TC_ACT_OK;
     }
@@ -168,6 +214,6 @@ int tc_inbound_ingress(struct __sk_buff *skb)
 no_listener:
     /* 3. Never let a captured port reach the app around the sidecar. */
     if (syn)
-        mb_count(COUNTER_INBOUND_NAT_MISS, 1);
+        mb_count(MBI_COUNTER_NO_LISTENER, 1);
     return TC_ACT_SHOT;
 }

@@ -109,10 +109,13 @@ def _print_record(rec):
               help="eBPF: splice same-node sockets through the sockhash.")
 @click.option("--iptables-binary", type=click.Choice(["iptables-nft", "iptables-legacy"]),
               help="iptables mode: force a backend (default: as Istio chooses).")
+@click.option("--reconcile", is_flag=True,
+              help="iptables mode: repair drifted rules (no window without interception).")
 @config_options
-@output_option
+@click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Output format (no -o here: -o is istio-iptables' outbound-ports-exclude).")
 def attach(pid, netns, cgroup, name, pin_prefix, cgroup_root, mode, assume_kernel, splice,
-           iptables_binary, output, **cfg):
+           iptables_binary, reconcile, output, **cfg):
     """Intercept a pod's traffic into its sidecar.
 
     \b
@@ -123,11 +126,12 @@ def attach(pid, netns, cgroup, name, pin_prefix, cgroup_root, mode, assume_kerne
     """
     from . import modes
     from .cliopts import config_from_options
-    config, _ = config_from_options(cfg)
+    config, rest = config_from_options(cfg)
     pod = resolve_pod(pid, netns, cgroup, name)
     rec = modes.attach(pod, config, mode=mode, assume_kernel=assume_kernel,
                        pin_prefix=pin_prefix, cgroup_root=cgroup_root, splice=splice,
-                       iptables_binary=iptables_binary)
+                       iptables_binary=iptables_binary, reconcile=reconcile,
+                       ipv6_auto=rest.get("ipv6_auto", True))
     emit(rec, output, _print_record)
 
 

@@ -29,7 +29,7 @@ def latency_chart(result, path):
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / len(keys)
     for i, (key, label) in enumerate(keys):
-        vals = [result["modes"][m].get(key) or 0 for m in modes]
+        vals = [result["modes"][m].get(key) or float("nan") for m in modes]
         xs = [j + (i - (len(keys) - 1) / 2) * width for j in range(len(modes))]
         bars = ax.bar(xs, vals, width, label=label)
         if key == "p50_us":
@@ -40,17 +40,23 @@ def latency_chart(result, path):
                                 ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(modes)))
     ax.set_xticklabels(modes)
-    ax.set_ylabel("latency (us)")
+    ax.set_yscale("log")
+    ax.set_ylabel("latency (us, log scale)")
     ax.set_title(f"sockperf ping-pong, {result.get('sizes', ['?'])[0]} B "
                  f"(labels: p50 / direct)")
     ax.legend()
-    ax.grid(axis="y", alpha=0.3)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    for j, m in enumerate(modes):
+        if result["modes"][m].get("p50_us") is None:
+            ax.annotate("no data", (j, 1), xycoords=("data", "axes fraction"), ha="center",
+                        va="top", fontsize=8, color="red")
     # right: throughput and connection rate as ratios to direct
     metrics = [("throughput_gbps", "throughput"), ("conn_per_s", "conn/s"),
                ("cpu_us_per_req", "CPU/request")]
     width = 0.8 / len(metrics)
     for i, (key, label) in enumerate(metrics):
-        vals = [((result["modes"][m].get("ratio_to_direct") or {}).get(key) or 0) for m in modes]
+        vals = [((result["modes"][m].get("ratio_to_direct") or {}).get(key) or float("nan"))
+                for m in modes]
         xs = [j + (i - (len(metrics) - 1) / 2) * width for j in range(len(modes))]
         ax2.bar(xs, vals, width, label=label)
     ax2.axhline(1.0, color="k", lw=0.8)

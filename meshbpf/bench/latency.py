@@ -248,6 +248,7 @@ class _Bench:
         return parse.parse_iperf3(r.stdout or r.stderr)
 
     def conn_rate(self, host, port):
+        """(connections per second, error or None)."""
         return measure_conn_rate(self.client, host, port, self.dur["conn"])
 
     def run_mode(self, mode, round_index):
@@ -274,7 +275,9 @@ class _Bench:
             except MeshbpfError as e:
                 sample["errors"].append(f"iperf3: {e}")
             try:
-                sample["conn_per_s"] = self.conn_rate(host, ports["conn"])
+                sample["conn_per_s"], err = self.conn_rate(host, ports["conn"])
+                if err:
+                    sample["errors"].append(f"connections: {err}")
             except MeshbpfError as e:
                 sample["errors"].append(f"connections: {e}")
             after = (_counter(self.c_env, "tcp.outbound.downstream_cx_total"),

@@ -34,6 +34,7 @@ MAP_PORTS = "inbound_ports"
 
 # bpf/meshbpf.h, inbound section
 INBOUND_POD_WILDCARD = 1
+INBOUND_POD_CAPTURES = 2
 INBOUND_PORT_CAPTURE = 1
 INBOUND_PORT_BYPASS = 2
 POD_KEY = struct.Struct("!16s")         # struct inbound_pod_key { __u32 ip[4]; }
@@ -109,8 +110,9 @@ def pod_key(ip):
 
 
 def pod_value(policy):
-    return POD_VAL.pack(struct.pack("!H", policy.capture_port),
-                        INBOUND_POD_WILDCARD if policy.wildcard else 0, 0)
+    flags = (INBOUND_POD_WILDCARD if policy.wildcard else 0) | \
+        (INBOUND_POD_CAPTURES if policy.wildcard or policy.capture else 0)
+    return POD_VAL.pack(struct.pack("!H", policy.capture_port), flags, 0)
 
 
 def port_key(ip, port):
@@ -124,7 +126,8 @@ def port_value(action):
 def decode_pod_value(raw):
     port, flags, _ = POD_VAL.unpack(raw)
     return {"capture_port": struct.unpack("!H", port)[0],
-            "wildcard": bool(flags & INBOUND_POD_WILDCARD)}
+            "wildcard": bool(flags & INBOUND_POD_WILDCARD),
+            "captures": bool(flags & INBOUND_POD_CAPTURES)}
 
 
 def decode_port_key(raw):
@@ -260,7 +263,10 @@ def _has_clsact(ipr, index):
 
 
 def _filters(ipr, index, parent):
-    """bpf filters on `index`/`parent` as dicts: prio, handle, name, prog id, ours."""
+    """Filters on `index`/`parent` (any classifier) as dicts: kind, prio, handle, name, ours.
+
+    A tc filter shows up as a chain head (no options) plus its instances; only instances
+    are listed."""
     out = []
     try:
         msgs = ipr.get_filters(index=index, parent=parent)
@@ -269,16 +275,14 @@ def _filters(ipr, index, parent):
             return out
         raise
     for f in msgs:
-        if f.get_attr("TCA_KIND") != "bpf":
-            continue
         opts = f.get_attr("TCA_OPTIONS")
         if not opts:
             continue
+        kind = f.get_attr("TCA_KIND")
         prio = (f["info"] >> 16) & 0xFFFF
-        name = opts.get_attr("TCA_BPF_NAME") or ""
-        out.append({"prio": prio, "handle": f["handle"], "name": name,
-                    "prog_id": opts.get_attr("TCA_BPF_ID"),
-                    "ours": prio == TC_PRIO and name.startswith(TC_NAME)})
+        name = (opts.get_attr("TCA_BPF_NAME") or "") if kind == "bpf" else ""
+        out.append({"kind": kind, "prio": prio, "handle": f["handle"], "name": name,
+                    "ours": kind == "bpf" and prio == TC_PRIO and name.startswith(TC_NAME)})
     return out
 
 
@@ -353,9 +357,13 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto"):
                     if not before:
                         undo.append(_in_pod(pod, lambda r, i=l["index"]:
                                             _del_filter(r, i, TC_INGRESS_PARENT)))
+                    # True: this call created the qdisc; False: it was someone else's;
+                    # None: a re-attach (ours already there) cannot tell, so detach
+                    # removes it only if no filter at all is left on it.
+                    owned = (not had_clsact) or (None if before else False)
                     added.append({"name": l["name"], "index": l["index"], "kind": l["kind"],
                                   "hook": hooks[l["name"]], "direction": "ingress",
-                                  "clsact_added": not had_clsact})
+                                  "clsact_added": owned})
     except BaseException as e:
         for fn in reversed(undo):
             try:
@@ -368,22 +376,10 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto"):
             raise ApplyError(f"steering inbound traffic of pod {pod.name} failed and was "
                              f"rolled back: {e}") from e
         raise
-    # A re-attach must not forget that an earlier attach created the clsact qdisc.
     return {"hook": "tc", "policy": policy.to_dict(),
             "addresses": [str(a) for a in sorted(addrs, key=lambda a: (a.version, a))
                           if pod_key(a) in entries[MAP_PODS]],
             "interfaces": added}
-
-
-def merge_records(old, new):
-    """A re-attach's record keeps `clsact_added` from the attach that created the qdisc."""
-    if not old:
-        return new
-    created = {i["index"] for i in old.get("interfaces", []) if i.get("clsact_added")}
-    for i in new.get("interfaces", []):
-        if i["index"] in created:
-            i["clsact_added"] = True
-    return new
 
 
 def _restore(ops, fd, key, old):
@@ -413,8 +409,9 @@ def detach_pod(pod, maps=None, record=None):
     """Stop steering `pod`'s inbound traffic: remove exactly what attach_pod added.
 
     Removes meshbpf's filters from every interface of the pod (found by priority and
-    name, so a lost record still cleans up), the clsact qdisc where the record says
-    meshbpf created it (without a record: where no other filter remains on it), and, when
+    name, so a lost record still cleans up); the clsact qdisc where the record says
+    meshbpf created it, and where it cannot tell (no record, or a re-attach's record)
+    only if no filter is left on it, never where it was someone else's; and, when
     `maps` is given, the inbound map entries of the record's and the pod's current IPs.
     A pod whose netns is gone only has its map entries removed. Idempotent.
     """
@@ -423,7 +420,7 @@ def detach_pod(pod, maps=None, record=None):
     addrs = set()
     if record:
         addrs |= {ipaddress.ip_address(a) for a in record.get("addresses", [])}
-    created = {i["index"] for i in (record or {}).get("interfaces", []) if i.get("clsact_added")}
+    ifs = {i["index"]: i.get("clsact_added") for i in (record or {}).get("interfaces", [])}
     if os.path.exists(pod.netns):
         with system.in_netns(pod.netns):
             with _ipr(pod) as ipr:
@@ -435,10 +432,10 @@ def detach_pod(pod, maps=None, record=None):
                             _del_filter(ipr, l["index"], parent)
                     left = (_filters(ipr, l["index"], TC_INGRESS_PARENT) +
                             _filters(ipr, l["index"], TC_EGRESS_PARENT))
-                    if l["index"] in created or (record is None and not left):
-                        if left:
-                            continue   # someone else's filters: keep the qdisc for them
-                        ipr.tc("del", "clsact", l["index"])
+                    owned = ifs.get(l["index"])          # True / False / None (unknown)
+                    if left or owned is False:
+                        continue       # someone else's qdisc, or filters still on it
+                    ipr.tc("del", "clsact", l["index"])
                 addrs |= set(_addresses(ipr, {l["index"] for l in _links(ipr)
                                               if l["name"] != "lo"}))
     if maps is not None and addrs:

@@ -8,8 +8,12 @@ present). detach removes exactly those entries; cleanup removes everything, prog
 pins included. Interception outlives the process: everything lives in pinned maps.
 """
 
+import contextlib
+import fcntl
 import ipaddress
+import json
 import os
+import types
 
 from .. import system
 from ..config import InterceptConfig
@@ -38,11 +42,34 @@ class EbpfInterceptor(Interceptor):
         self.splice = bool(splice)
         self.features = features
         self.store = StateStore(pin_prefix)
+        # where the node programs were attached (so status/cleanup find them later)
+        self.node_file = os.path.join(os.path.dirname(self.store.dir), "node.json")
 
     # -- helpers -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self):
+        """One attach/detach/cleanup at a time per instance (CLI and agent may race)."""
+        d = os.path.dirname(self.store.dir)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "lock"), "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _node_record(self):
+        try:
+            with open(self.node_file) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
     @property
     def root(self):
-        return os.path.realpath(self.cgroup_root or system.cgroup2_mount())
+        if self.cgroup_root:
+            return os.path.realpath(self.cgroup_root)
+        return self._node_record().get("cgroup_root") or os.path.realpath(system.cgroup2_mount())
 
     def _check_pod_cgroup(self, pod):
         if pod.cgroup is None:
@@ -56,8 +83,14 @@ class EbpfInterceptor(Interceptor):
 
     def _ensure_node(self):
         res = loader.ensure_loaded(self.pin_prefix, self.root, self.features, self.splice)
+        if not res["adopted"]:
+            os.makedirs(os.path.dirname(self.node_file), exist_ok=True)
+            with open(self.node_file, "w") as f:
+                json.dump({"cgroup_root": self.root, "splice": self.splice,
+                           "degraded": res.get("degraded", [])}, f)
         with Maps(self.pin_prefix) as maps:
-            flags = structs.NODE_F_SPLICE if self.splice else 0
+            # splicing needs the sk_msg program, loaded only if the node was loaded with it
+            flags = structs.NODE_F_SPLICE if self.splice and "mb_sk_msg" in res["programs"] else 0
             cur = maps["node_cfg"].lookup(structs.U32(0))
             if cur is None or cur.flags != flags:
                 maps["node_cfg"].update(structs.U32(0), structs.NodeConfig(flags=flags))
@@ -89,6 +122,10 @@ class EbpfInterceptor(Interceptor):
             raise UsageError("attach needs an InterceptConfig")
         config.validate()
         self._check_pod_cgroup(pod)
+        with self._locked():
+            return self._attach(pod, config)
+
+    def _attach(self, pod, config):
         if config.redirect_dns:
             pass            # DNS capture is not implemented in eBPF mode; the record says so
         cookie = pod.netns_cookie
@@ -178,6 +215,8 @@ class EbpfInterceptor(Interceptor):
     @staticmethod
     def _remove_entries(maps, cookie, index, addresses):
         maps["pods"].delete(structs.U64(cookie))           # first: the pod stops being meshed
+        if index is None:
+            index = -1
         for k in [k for k in maps["cidr_rules"].keys() if k.pod_index == index]:
             maps["cidr_rules"].delete(k)
         for k in [k for k in maps["port_rules"].keys() if k.pod_index == index]:
@@ -186,6 +225,33 @@ class EbpfInterceptor(Interceptor):
             maps["local_ips"].delete(structs.ip_key(a))
 
     def detach(self, pod):
+        with self._locked():
+            self._detach(pod)
+
+    def detach_key(self, key):
+        """Detach a pod known only by its record key (its netns may be gone already):
+        remove its map entries and inbound hooks from the record. Returns False if no
+        record exists."""
+        with self._locked():
+            rec = self.store.load(key)
+            if rec is None:
+                return False
+            if loader.is_loaded(self.pin_prefix) and rec.get("netns_cookie") is not None:
+                with Maps(self.pin_prefix) as maps:
+                    cur = maps["pods"].lookup(structs.U64(rec["netns_cookie"]))
+                    if cur is None or cur.pod_index == rec.get("pod_index"):
+                        self._remove_entries(maps, rec["netns_cookie"], rec.get("pod_index"),
+                                             rec.get("addresses", []))
+            ghost = types.SimpleNamespace(netns=rec.get("netns") or "", name=rec.get("name"),
+                                          key=key)
+            try:
+                self._detach_inbound(ghost, rec)
+            except (MeshbpfError, OSError):
+                pass
+            self.store.remove(key)
+            return True
+
+    def _detach(self, pod):
         rec = self.store.load(pod.key)
         if not loader.is_loaded(self.pin_prefix):
             self.store.remove(pod.key)
@@ -222,6 +288,7 @@ class EbpfInterceptor(Interceptor):
 
     def status(self):
         out = {"mode": self.mode, "pin_prefix": self.pin_prefix, "cgroup_root": self.root,
+               "degraded": self._node_record().get("degraded", []),
                "splice": self.splice, "loaded": loader.is_loaded(self.pin_prefix),
                "pins": loader.pinned(self.pin_prefix), "pods": [], "programs": [],
                "counters": {}}
@@ -248,6 +315,15 @@ class EbpfInterceptor(Interceptor):
         return out
 
     def cleanup(self):
+        with self._locked():
+            self._cleanup()
+        for d in (os.path.join(os.path.dirname(self.store.dir), "lock"),):
+            with contextlib.suppress(OSError):
+                os.unlink(d)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(self.store.dir))
+
+    def _cleanup(self):
         errors = []
         for rec in self.store.all():
             netns = rec.get("netns")
@@ -259,6 +335,10 @@ class EbpfInterceptor(Interceptor):
                     errors.append(str(e))
         if os.path.isdir(self.pin_prefix):
             loader.unload(self.pin_prefix, self.root)
+        try:
+            os.unlink(self.node_file)
+        except FileNotFoundError:
+            pass
         self.store.destroy()
         if errors:
             raise ApplyError("cleanup finished with errors: " + "; ".join(errors))

@@ -50,13 +50,15 @@ PROGRAMS = (
              B.BPF_CGROUP_GETSOCKOPT, "cgroup"),
     ProgSpec("mb_sockops", "sockops.c", B.BPF_PROG_TYPE_SOCK_OPS,
              B.BPF_CGROUP_SOCK_OPS, "cgroup"),
+    ProgSpec("mb_sock_release", "sock_release.c", B.BPF_PROG_TYPE_CGROUP_SOCK,
+             B.BPF_CGROUP_INET_SOCK_RELEASE, "cgroup", feature="cgroup_sock_release"),
     ProgSpec("mb_sk_msg", "sk_msg.c", B.BPF_PROG_TYPE_SK_MSG,
              B.BPF_SK_MSG_VERDICT, "sockhash", splice=True),
     ProgSpec("tc_inbound_ingress", "tc_inbound.c", B.BPF_PROG_TYPE_SCHED_CLS, -1, "none"),
     ProgSpec("tc_inbound_egress", "tc_inbound.c", B.BPF_PROG_TYPE_SCHED_CLS, -1, "none"),
 )
 CORE_SOURCES = ("connect4.c", "connect6.c", "getpeername4.c", "getpeername6.c",
-                "getsockopt.c", "sockops.c", "sk_msg.c")
+                "getsockopt.c", "sockops.c", "sock_release.c", "sk_msg.c")
 MAP_NAMES = ("pods", "cidr_rules", "port_rules", "local_ips", "node_cfg", "orig_dst",
              "pairs", "sock_hash", "counters")
 SOCKHASH_MAP = "sock_hash"
@@ -172,7 +174,7 @@ def _compile(text):
                                hint="install python3-bpfcc (Debian) and use a venv made with "
                                     "--system-site-packages; `make setup` does both")
     try:
-        return BPF(text=text, cflags=["-Wno-comment"])
+        return BPF(text=text.encode(), cflags=["-Wno-comment"])
     except Exception as e:  # bcc raises bare Exception on compile errors
         raise UnsupportedError(f"bcc could not compile meshbpf's programs: {e}",
                                hint="kernel headers missing? see `meshbpf probe`")
@@ -180,7 +182,7 @@ def _compile(text):
 
 def _load_prog(b, spec):
     try:
-        fn = b.load_func(spec.name, spec.prog_type,
+        fn = b.load_func(spec.name.encode(), spec.prog_type,
                          attach_type=spec.attach_type if spec.target == "cgroup" else -1)
     except Exception as e:  # bcc raises bare Exception with the verifier's verdict
         raise ApplyError(f"the kernel refused program {spec.name}: {e}")
@@ -188,7 +190,8 @@ def _load_prog(b, spec):
 
 
 def load_and_pin(pin_prefix, features=None, splice=True):
-    """Compile + load everything and pin programs and maps; returns {name: prog id}.
+    """Compile + load everything and pin programs and maps; returns ({name: prog id},
+    [names of capability-only programs the kernel refused]).
 
     Anything pinned by a failed attempt is removed again.
     """
@@ -198,6 +201,7 @@ def load_and_pin(pin_prefix, features=None, splice=True):
     b = _compile(text)
     dirs = pin_dirs(pin_prefix)
     ids = {}
+    degraded = []
     try:
         for d in dirs.values():
             os.makedirs(d, exist_ok=True)
@@ -208,7 +212,13 @@ def load_and_pin(pin_prefix, features=None, splice=True):
                 raise ApplyError(f"map {name} was not created by the compiled module")
             _pin(fd, os.path.join(dirs["maps"], name))
         for spec in wanted_programs(text, features, splice):
-            fd = _load_prog(b, spec)
+            try:
+                fd = _load_prog(b, spec)
+            except ApplyError:
+                if spec.feature:          # a program that only degrades a capability
+                    degraded.append(spec.name)
+                    continue
+                raise
             _pin(fd, os.path.join(dirs["progs"], spec.name))
             ids[spec.name] = bpfsys.prog_get_info(fd)["id"]
         with Maps(pin_prefix) as maps:
@@ -219,7 +229,7 @@ def load_and_pin(pin_prefix, features=None, splice=True):
         raise
     finally:
         b.cleanup()
-    return ids
+    return ids, degraded
 
 
 def _extra_maps(b):
@@ -276,36 +286,11 @@ def attach_all(pin_prefix, cgroup_root, features=None):
                 continue
             pfd = prog_fd(pin_prefix, name)
             try:
-                if spec.target == "sockhash":
-                    with Maps(pin_prefix) as maps:
-                        if not _attached_ids(maps.fd(SOCKHASH_MAP), spec.attach_type,
-                                             bpfsys.prog_get_info(pfd)["id"]):
-                            bpfsys.prog_attach(maps.fd(SOCKHASH_MAP), pfd, spec.attach_type)
-                            made.append({"program": name, "target": SOCKHASH_MAP, "how": "prog_attach"})
-                    continue
-                link_path = os.path.join(dirs["links"], name)
-                if os.path.exists(link_path):
-                    continue           # adopted: attached through this link already
-                pid = bpfsys.prog_get_info(pfd)["id"]
-                if _attached_ids(cgfd, spec.attach_type, pid):
-                    continue           # attached with ALLOW_MULTI by an earlier run
-                if _links_supported(features):
-                    try:
-                        lfd = bpfsys.link_create(pfd, cgfd, spec.attach_type)
-                    except OSError as e:
-                        if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):  # 524: ENOTSUPP
-                            raise
-                        lfd = None
-                    if lfd is not None:
-                        try:
-                            os.makedirs(dirs["links"], exist_ok=True)
-                            bpfsys.obj_pin(lfd, link_path)
-                        finally:
-                            os.close(lfd)
-                        made.append({"program": name, "target": cg, "how": "bpf_link"})
-                        continue
-                bpfsys.prog_attach(cgfd, pfd, spec.attach_type, bpfsys.BPF_F_ALLOW_MULTI)
-                made.append({"program": name, "target": cg, "how": "prog_attach(ALLOW_MULTI)"})
+                made.extend(_attach_one(pin_prefix, spec, pfd, cgfd, cg, dirs, features))
+            except OSError:
+                if not spec.feature:
+                    raise
+                # a capability-only hook this kernel cannot attach: the node runs without it
             finally:
                 os.close(pfd)
     except OSError as e:
@@ -313,6 +298,39 @@ def attach_all(pin_prefix, cgroup_root, features=None):
     finally:
         os.close(cgfd)
     return made
+
+
+def _attach_one(pin_prefix, spec, pfd, cgfd, cg, dirs, features):
+    """Attach one program unless it already is; returns the attachments made ([] or [one])."""
+    name = spec.name
+    pid = bpfsys.prog_get_info(pfd)["id"]
+    if spec.target == "sockhash":
+        with Maps(pin_prefix) as maps:
+            if _attached_ids(maps.fd(SOCKHASH_MAP), spec.attach_type, pid):
+                return []
+            bpfsys.prog_attach(maps.fd(SOCKHASH_MAP), pfd, spec.attach_type)
+        return [{"program": name, "target": SOCKHASH_MAP, "how": "prog_attach"}]
+    link_path = os.path.join(dirs["links"], name)
+    if os.path.exists(link_path):
+        return []              # adopted: attached through this pinned link already
+    if _attached_ids(cgfd, spec.attach_type, pid):
+        return []              # attached with ALLOW_MULTI by an earlier run
+    if _links_supported(features):
+        try:
+            lfd = bpfsys.link_create(pfd, cgfd, spec.attach_type)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, 524):  # 524: ENOTSUPP
+                raise
+            lfd = None         # no bpf_link for cgroups here: fall back to ALLOW_MULTI
+        if lfd is not None:
+            try:
+                os.makedirs(dirs["links"], exist_ok=True)
+                bpfsys.obj_pin(lfd, link_path)
+            finally:
+                os.close(lfd)
+            return [{"program": name, "target": cg, "how": "bpf_link"}]
+    bpfsys.prog_attach(cgfd, pfd, spec.attach_type, bpfsys.BPF_F_ALLOW_MULTI)
+    return [{"program": name, "target": cg, "how": "prog_attach(ALLOW_MULTI)"}]
 
 
 def _attached_ids(target_fd, attach_type, prog_id):
@@ -340,7 +358,7 @@ def attachments(pin_prefix, cgroup_root):
                     info = bpfsys.prog_get_info(pfd)
                 finally:
                     os.close(pfd)
-                rec = {"program": name, "id": info["id"], "type": info["type"]}
+                rec = {"program": name, "name": name, "id": info["id"], "type": info["type"]}
                 if spec and spec.target == "cgroup":
                     rec["target"] = cgroup_root
                     rec["attached"] = bool(cgfd is not None and
@@ -350,6 +368,7 @@ def attachments(pin_prefix, cgroup_root):
                     rec["attached"] = True
                 else:
                     rec["target"] = "per pod (tc)" if spec and spec.target == "none" else None
+                rec["attach"] = _describe_attach(spec, rec)
                 out.append(rec)
         finally:
             maps.close()
@@ -359,17 +378,39 @@ def attachments(pin_prefix, cgroup_root):
     return out
 
 
+def _describe_attach(spec, rec):
+    if spec is None:
+        return ""
+    if spec.target == "cgroup":
+        how = "attached" if rec.get("attached") else "NOT attached"
+        return f"{_ATTACH_NAMES.get(spec.attach_type, spec.attach_type)} @ {rec.get('target')} ({how})"
+    if spec.target == "sockhash":
+        return f"sk_msg verdict @ map {SOCKHASH_MAP}"
+    return "tc ingress on each meshed pod's interfaces"
+
+
+_ATTACH_NAMES = {
+    B.BPF_CGROUP_INET4_CONNECT: "cgroup/connect4", B.BPF_CGROUP_INET6_CONNECT: "cgroup/connect6",
+    B.BPF_CGROUP_INET4_GETPEERNAME: "cgroup/getpeername4",
+    B.BPF_CGROUP_INET6_GETPEERNAME: "cgroup/getpeername6",
+    B.BPF_CGROUP_GETSOCKOPT: "cgroup/getsockopt", B.BPF_CGROUP_SOCK_OPS: "sockops",
+    B.BPF_CGROUP_INET_SOCK_RELEASE: "cgroup/sock_release",
+}
+
+
 def ensure_loaded(pin_prefix, cgroup_root, features=None, splice=True):
     """Load+pin (unless already pinned: adopt) and attach (unless attached). Idempotent.
 
-    Returns {"adopted": bool, "programs": {name: id}, "attached_now": [...]}.
+    Returns {"adopted": bool, "programs": {name: id}, "attached_now": [...],
+    "degraded": [programs the kernel refused that only cost a capability]}.
     """
     _safe_prefix(pin_prefix)
     adopted = is_loaded(pin_prefix)
+    degraded = []
     if not adopted:
         if any(pinned(pin_prefix).values()):
             unload(pin_prefix, cgroup_root)      # a half-made earlier attempt
-        load_and_pin(pin_prefix, features, splice)
+        _, degraded = load_and_pin(pin_prefix, features, splice)
     try:
         made = attach_all(pin_prefix, cgroup_root, features)
     except MeshbpfError:
@@ -383,7 +424,7 @@ def ensure_loaded(pin_prefix, cgroup_root, features=None, splice=True):
             ids[name] = bpfsys.prog_get_info(fd)["id"]
         finally:
             os.close(fd)
-    return {"adopted": adopted, "programs": ids, "attached_now": made}
+    return {"adopted": adopted, "programs": ids, "attached_now": made, "degraded": degraded}
 
 
 # ---- unload -------------------------------------------------------------------------------

@@ -10,11 +10,15 @@ rules it put into built-in chains. Nothing here touches the machine's own netns.
 """
 
 import grp
+import os
 
 from . import rules as rules_mod
 from . import savefile
 from .backend import detect
-from ..errors import ApplyError, MeshbpfError, UsageError
+from .. import system
+from ..errors import ApplyError, MeshbpfError, NotFoundError, UsageError
+
+INBOUND_V6_ADDRESS = "::6/128"
 
 
 def resolve_owner_groups(cfg, group_file=None):
@@ -52,6 +56,25 @@ def resolve_owner_groups(cfg, group_file=None):
     return out
 
 
+def guard_netns(netns):
+    """Refuse the machine's own network namespace (the one meshbpf runs in, or init's):
+    meshbpf only ever changes pods' namespaces."""
+    try:
+        target = os.stat(netns)
+    except FileNotFoundError:
+        raise NotFoundError(f"network namespace {netns} does not exist")
+    own = set()
+    for path in ("/proc/self/ns/net", "/proc/1/ns/net"):
+        try:
+            st = os.stat(path)
+            own.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    if (target.st_dev, target.st_ino) in own:
+        raise UsageError(f"{netns} is the machine's own network namespace; meshbpf only "
+                         "changes pods' namespaces", hint="name the pod's netns or a pod process")
+
+
 def _plan(netns, cfg, family, force, group_file, recorded):
     be = detect(netns, family, force=force, group_file=group_file)
     payload = rules_mod.render(cfg, family)
@@ -76,6 +99,7 @@ def apply(netns, cfg, families=(4,), force=None, reconcile=False, group_file=Non
     changed) when meshbpf's rules differ and reconcile is False, ApplyError (rolled
     back) when iptables fails.
     """
+    guard_netns(netns)
     cfg.validate()
     resolve_owner_groups(cfg, group_file)
     families = tuple(int(f) for f in families)
@@ -127,19 +151,24 @@ def apply(netns, cfg, families=(4,), force=None, reconcile=False, group_file=Non
                                    "drift": p["drift"] if p["action"] != "applied" else []}
                      for p in plans},
         "builtin": {str(p["family"]): savefile.builtin_rules(p["target"]) for p in plans},
+        # tables that did not exist before this apply (cleanup may delete them again)
+        "created_tables": {str(p["family"]): sorted(set(p["target"]) - set(p["current"]))
+                           for p in plans if p["input"] is not None},
     }
 
 
 def _rollback(netns, done):
     failures = []
     for p in reversed(done):
-        tables = set(savefile._payload_sections(p["input"]))
+        tables = set(savefile.payload_sections(p["input"]))
         text = savefile.rollback_payload(p["before"], tables)
         if not text:
             continue
         ok, err = p["backend"].restore(netns, text, noflush=False)
         if not ok:
             failures.append(f"IPv{p['family']}: {err}")
+            continue
+        p["backend"].delete_empty_tables(netns, sorted(tables - set(p["current"])))
     return failures
 
 
@@ -155,13 +184,16 @@ def verify(netns, cfg, families=(4,), force=None, group_file=None, recorded=None
     return out
 
 
-def cleanup(netns, cfg=None, families=(4, 6), force=None, group_file=None, recorded=None):
+def cleanup(netns, cfg=None, families=(4, 6), force=None, group_file=None, recorded=None,
+            created_tables=None):
     """Remove meshbpf's chains and built-in-chain rules from `netns`.
 
     `cfg` (or `recorded` built-in rules from attach) identifies built-in-chain rules that
-    are not jumps into ISTIO_* chains (interface RETURNs, TPROXY marks). Returns
-    {fam: {"removed": bool, "backend": variant}}.
+    are not jumps into ISTIO_* chains (interface RETURNs, TPROXY marks).
+    `created_tables` ({fam: [table]}, from apply) are deleted again when left empty
+    (nft). Returns {fam: {"removed": bool, "backend": variant}}.
     """
+    guard_netns(netns)
     out = {}
     for fam in families:
         fam = int(fam)
@@ -179,9 +211,76 @@ def cleanup(netns, cfg=None, families=(4, 6), force=None, group_file=None, recor
             continue
         ok, err = be.restore(netns, text)
         if not ok:
-            back = savefile.rollback_payload(before, set(savefile._payload_sections(text)))
+            back = savefile.rollback_payload(before, set(savefile.payload_sections(text)))
             be.restore(netns, back, noflush=False)
             raise ApplyError(f"{be.restore_bin} failed removing rules in {netns}: {err} "
                              "(the previous rules were restored)")
+        be.delete_empty_tables(netns, (created_tables or {}).get(str(fam), []))
         out[fam] = {"removed": True, "backend": be.variant}
     return out
+
+
+def ensure_inbound_v6_address(netns):
+    """Add ::6/128 to the pod's lo, as istio-iptables does when IPv6 is enabled: the inbound
+    passthrough binds to it (IPv6 loopback is only ::1/128 otherwise).
+
+    Returns True if this call added it, False if it was already there.
+    """
+    guard_netns(netns)
+    have = system.run(["ip", "-6", "-o", "addr", "show", "dev", "lo"], netns=netns).stdout
+    if " ::6/128 " in have:
+        return False
+    system.run(["ip", "-6", "addr", "add", INBOUND_V6_ADDRESS, "dev", "lo", "nodad"], netns=netns)
+    return True
+
+
+def remove_inbound_v6_address(netns):
+    """Remove the ::6/128 that ensure_inbound_v6_address added (no error if it is gone)."""
+    system.run(["ip", "-6", "addr", "del", INBOUND_V6_ADDRESS, "dev", "lo"], netns=netns, check=False)
+
+
+def tproxy_route_specs(cfg, families):
+    """The policy routing TPROXY mode needs, as Istio's configureTProxyRoutes sets it up:
+    packets marked `inbound_tproxy_mark` look up table `inbound_tproxy_route_table`, whose
+    only route delivers everything locally via lo. [] unless TPROXY captures something."""
+    if cfg.inbound_interception_mode != "TPROXY" or not cfg.inbound_ports_include.strip():
+        return []
+    mark, table = str(cfg.inbound_tproxy_mark), str(cfg.inbound_tproxy_route_table)
+    specs = []
+    for fam in families:
+        v = f"-{int(fam)}"
+        specs.append([v, "rule", "fwmark", mark, "lookup", table])
+        specs.append([v, "route", "local", "default", "dev", "lo", "table", table])
+    return specs
+
+
+def _route_present(netns, spec):
+    v, kind = spec[0], spec[1]
+    if kind == "rule":
+        mark, table = int(spec[3]), spec[5]
+        out = system.run(["ip", v, "rule", "show"], netns=netns).stdout
+        return any(f"fwmark {hex(mark)} lookup {table}" in line or
+                   f"fwmark {mark} lookup {table}" in line for line in out.splitlines())
+    out = system.run(["ip", v, "route", "show", "table", spec[-1]], netns=netns, check=False).stdout
+    return any(line.startswith("local default dev lo") for line in out.splitlines())
+
+
+def ensure_tproxy_routes(netns, cfg, families):
+    """Add the missing TPROXY rules/routes in `netns`; returns the specs this call added."""
+    guard_netns(netns)
+    added = []
+    try:
+        for spec in tproxy_route_specs(cfg, families):
+            if not _route_present(netns, spec):
+                system.run(["ip", spec[0], spec[1], "add"] + spec[2:], netns=netns)
+                added.append(spec)
+    except MeshbpfError as e:
+        remove_routes(netns, added)
+        raise ApplyError(f"cannot set up TPROXY policy routing in {netns}: {e}")
+    return added
+
+
+def remove_routes(netns, specs):
+    """Delete rules/routes that ensure_tproxy_routes added (missing ones are fine)."""
+    for spec in reversed(specs or []):
+        system.run(["ip", spec[0], spec[1], "del"] + spec[2:], netns=netns, check=False)

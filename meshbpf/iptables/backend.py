@@ -115,6 +115,26 @@ class Backend:
             raise UsageError(f"iptables rejected the generated rules: {_err(proc)}")
         return proc.stdout
 
+    def delete_empty_tables(self, netns, tables):
+        """nft only: delete `tables` (created by meshbpf) if they hold nothing any more.
+
+        iptables-nft leaves an emptied table behind; deleting it makes iptables-save
+        show exactly what it showed before meshbpf came. Legacy tables cannot be
+        unloaded from a netns; there an empty table simply stays.
+        """
+        if self.variant != "nft" or not tables or not shutil.which("nft"):
+            return []
+        from .savefile import parse_save
+        current = parse_save(self.save(netns))
+        family = "ip6" if self.family == 6 else "ip"
+        removed = []
+        for table in tables:
+            if table in current and current[table].is_empty():
+                proc = self._run(["nft", "delete", "table", family, table], netns=netns)
+                if proc.returncode == 0:
+                    removed.append(table)
+        return removed
+
     def has_rules(self, netns):
         """True if this variant holds any rule or user chain in `netns`."""
         try:

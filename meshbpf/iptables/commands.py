@@ -112,8 +112,9 @@ def apply(netns, pid, iptables_binary, output, pin_prefix, reconcile, **kwargs):
     pod = _pod(netns, pid)
     rec = _interceptor(pin_prefix, iptables_binary, reconcile=reconcile,
                        ipv6_auto=rest["ipv6_auto"]).attach(pod, cfg)
-    out = {k: rec[k] for k in ("name", "netns", "families", "backend", "actions", "config")}
-    text = "\n".join(f"IPv{f}: {a} ({rec['backends'][f]})" for f, a in rec["actions"].items())
+    out = {k: rec[k] for k in ("name", "netns", "families", "backend", "actions", "config", "warnings")}
+    text = "\n".join([f"IPv{f}: {a} ({rec['backends'][f]})" for f, a in rec["actions"].items()]
+                     + [f"warning: {w}" for w in rec["warnings"]])
     _emit(out, output, text)
 
 

@@ -1,7 +1,9 @@
 """IptablesInterceptor: the Interceptor that installs Istio-identical iptables rules per pod.
 
 Works on any kernel with iptables (nft or legacy) and never imports bcc. One attach is
-one `iptables-restore --noflush` per address family in the pod's netns (see apply.py);
+one `iptables-restore --noflush` per address family in the pod's netns (see apply.py),
+plus what Istio's ConfigureRoutes adds: ::6/128 on lo with IPv6, and in TPROXY mode the
+fwmark rule and local route table (each removed on detach if meshbpf added it);
 a record per pod in the StateStore remembers the config, families and backend so that
 `detach`, `status` and `cleanup` work from any later process.
 
@@ -45,6 +47,10 @@ class IptablesInterceptor(Interceptor):
     def _families(cfg):
         return (4, 6) if cfg.enable_ipv6 else (4,)
 
+    def _records(self):
+        """This instance's iptables-mode pod records (the store is shared with eBPF mode)."""
+        return [r for r in self.store.all() if r.get("mode", self.mode) == self.mode]
+
     # ---- Interceptor --------------------------------------------------------------
 
     def attach(self, pod, config):
@@ -55,14 +61,37 @@ class IptablesInterceptor(Interceptor):
         # A pod we attached with another config is an update we own: replace atomically.
         reconcile = self.reconcile or bool(old and old.get("config") != cfg.to_dict())
         recorded = (old or {}).get("builtin")
-        result = ops.apply(pod.netns, cfg, families=families, force=self.force, reconcile=reconcile,
-                           group_file=self.group_file, recorded=recorded)
+        # TPROXY policy routing first (Istio's ConfigureRoutes): a failure changes nothing.
+        new_routes = ops.ensure_tproxy_routes(pod.netns, cfg, families)
+        try:
+            result = ops.apply(pod.netns, cfg, families=families, force=self.force,
+                               reconcile=reconcile, group_file=self.group_file, recorded=recorded)
+        except BaseException:
+            ops.remove_routes(pod.netns, new_routes)
+            raise
         dropped = [f for f in (old or {}).get("families", []) if int(f) not in families]
         if dropped:
             old_cfg = InterceptConfig.from_dict(old["config"])
             ops.cleanup(pod.netns, old_cfg, families=dropped, force=self.force,
                         group_file=self.group_file, recorded=recorded)
+        added_v6 = bool((old or {}).get("added_inbound_v6_address"))
+        warnings = []
+        if 6 in families:
+            try:
+                added_v6 = ops.ensure_inbound_v6_address(pod.netns) or added_v6
+            except MeshbpfError as e:
+                warnings.append(f"could not add ::6/128 to lo (IPv6 inbound passthrough): {e}")
+        elif added_v6:
+            ops.remove_inbound_v6_address(pod.netns)
+            added_v6 = False
+        wanted_routes = ops.tproxy_route_specs(cfg, families)
+        old_routes = (old or {}).get("added_routes", [])
+        ops.remove_routes(pod.netns, [r for r in old_routes if r not in wanted_routes])
+        routes = [r for r in old_routes if r in wanted_routes] + new_routes
         backends = {str(f): r["backend"] for f, r in result["families"].items()}
+        created = dict((old or {}).get("created_tables") or {})
+        for fam, tables in result["created_tables"].items():
+            created[fam] = sorted(set(created.get(fam, [])) | set(tables))
         record = {
             "name": pod.name,
             "netns": pod.netns,
@@ -73,6 +102,10 @@ class IptablesInterceptor(Interceptor):
             "backend": backends["4"],
             "backends": backends,
             "builtin": result["builtin"],
+            "created_tables": created,
+            "added_inbound_v6_address": added_v6,
+            "added_routes": routes,
+            "warnings": warnings,
             "actions": {str(f): r["action"] for f, r in result["families"].items()},
         }
         return self.store.save(key, record)
@@ -83,16 +116,21 @@ class IptablesInterceptor(Interceptor):
         cfg = InterceptConfig.from_dict(rec["config"]) if rec else self.cleanup_config
         force = self.force or (rec or {}).get("backend")
         res = ops.cleanup(pod.netns, cfg, families=(4, 6), force=force, group_file=self.group_file,
-                          recorded=(rec or {}).get("builtin"))
+                          recorded=(rec or {}).get("builtin"),
+                          created_tables=(rec or {}).get("created_tables"))
+        if (rec or {}).get("added_inbound_v6_address"):
+            ops.remove_inbound_v6_address(pod.netns)
+        ops.remove_routes(pod.netns, (rec or {}).get("added_routes"))
         self.store.remove(key)
         return {"name": pod.name, "netns": pod.netns, "was_attached": rec is not None,
                 "families": res}
 
     def status(self):
         pods = []
-        for rec in self.store.all():
+        for rec in self._records():
             rec = dict(rec)
             rec.pop("builtin", None)
+            rec.pop("created_tables", None)
             try:
                 cfg = InterceptConfig.from_dict(rec["config"])
                 res = ops.verify(rec["netns"], cfg, families=rec.get("families", [4]),
@@ -107,11 +145,15 @@ class IptablesInterceptor(Interceptor):
 
     def cleanup(self):
         errors = []
-        for rec in self.store.all():
+        for rec in self._records():
             try:
                 cfg = InterceptConfig.from_dict(rec["config"])
                 ops.cleanup(rec["netns"], cfg, families=(4, 6), force=self.force or rec.get("backend"),
-                            group_file=self.group_file, recorded=rec.get("builtin"))
+                            group_file=self.group_file, recorded=rec.get("builtin"),
+                            created_tables=rec.get("created_tables"))
+                if rec.get("added_inbound_v6_address"):
+                    ops.remove_inbound_v6_address(rec["netns"])
+                ops.remove_routes(rec["netns"], rec.get("added_routes"))
             except NotFoundError:
                 pass  # the pod's netns is gone, and its rules with it
             except MeshbpfError as e:
@@ -120,5 +162,6 @@ class IptablesInterceptor(Interceptor):
             self.store.remove(rec["key"])
         if errors:
             raise MeshbpfError("cleanup left rules behind: " + "; ".join(errors))
-        self.store.destroy()
+        if not self.store.all():
+            self.store.destroy()       # other modes' records (eBPF) are left to their owner
         return {"mode": self.mode, "cleaned": True}

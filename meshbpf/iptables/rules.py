@@ -13,6 +13,7 @@ stay names in the payload (iptables resolves them), exactly as upstream does.
 
 import dataclasses
 import ipaddress
+import re
 
 from ..config import WILDCARD, split_list
 from ..errors import UsageError
@@ -118,13 +119,26 @@ def _owner_group_filter(include, exclude):
     return split_list(include), False
 
 
-def _ports(value, field):
+def _ports(value, field, wildcard=False):
     items = split_list(value)
     for p in items:
-        if p == WILDCARD:
+        if p == WILDCARD and wildcard and items == [WILDCARD]:
             continue
         if not p.isdigit() or not 0 < int(p) < 65536:
             raise UsageError(f"{field}: {p!r} is not a port number (1-65535)")
+    return items
+
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.:@+-]{1,15}$")
+_OWNER = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.$-]{0,31}$")
+
+
+def _names(value, field, pattern, what):
+    """Comma list of interface/user/group names, each one safe as a single iptables word."""
+    items = split_list(value)
+    for item in items:
+        if not pattern.match(item):
+            raise UsageError(f"{field}: {item!r} is not a valid {what}")
     return items
 
 
@@ -141,8 +155,11 @@ def build(cfg):
     mark = str(cfg.inbound_tproxy_mark)
     loopback4 = cfg.host_ipv4_loopback_cidr.strip()
     tproxy = cfg.inbound_interception_mode == "TPROXY"
-    uids = split_list(cfg.proxy_uid)
-    gids = split_list(cfg.proxy_gid)
+    uids = _names(cfg.proxy_uid, "proxy_uid", _OWNER, "user id or name")
+    gids = _names(cfg.proxy_gid, "proxy_gid", _OWNER, "group id or name")
+    _names(cfg.owner_groups_include if cfg.owner_groups_include.strip() != WILDCARD else "",
+           "owner_groups_include", _OWNER, "group id or name")
+    _names(cfg.owner_groups_exclude, "owner_groups_exclude", _OWNER, "group id or name")
 
     v4_excl, v6_excl = _separate_v4_v6(cfg.outbound_ip_ranges_exclude, "outbound_ip_ranges_exclude")
     if v4_excl.wildcard:
@@ -155,7 +172,7 @@ def build(cfg):
         redirect_dns = False  # Istio: REDIRECT_DNS without servers or capture-all is a no-op
 
     # shortCircuitExcludeInterfaces
-    excluded_ifaces = split_list(cfg.exclude_interfaces)
+    excluded_ifaces = _names(cfg.exclude_interfaces, "exclude_interfaces", _IFNAME, "interface name")
     for iface in excluded_ifaces:
         b.append("PREROUTING", "nat", "-i", iface, "-j", "RETURN")
         b.append("OUTPUT", "nat", "-o", iface, "-j", "RETURN")
@@ -165,7 +182,8 @@ def build(cfg):
             b.append("OUTPUT", "mangle", "-o", iface, "-j", "RETURN")
 
     # shortCircuitKubeInternalInterface
-    virt_ifaces = split_list(cfg.reroute_virtual_interfaces)
+    virt_ifaces = _names(cfg.reroute_virtual_interfaces, "reroute_virtual_interfaces", _IFNAME,
+                         "interface name")
     for iface in virt_ifaces:
         b.insert("PREROUTING", "nat", 1, "-i", iface, "-j", "RETURN")
 
@@ -178,7 +196,7 @@ def build(cfg):
     b.append(ISTIO_IN_REDIRECT, "nat", "-p", "tcp", "-j", "REDIRECT", "--to-ports", capture_port)
 
     # handleInboundPortsInclude
-    inbound_include = _ports(cfg.inbound_ports_include, "inbound_ports_include")
+    inbound_include = _ports(cfg.inbound_ports_include, "inbound_ports_include", wildcard=True)
     if inbound_include:
         if tproxy:
             b.append(ISTIO_DIVERT, "mangle", "-j", "MARK", "--set-mark", mark)

@@ -157,7 +157,7 @@ def has_ours(current, recorded=None):
     return bool(ours(current, None, recorded))
 
 
-def _payload_sections(payload):
+def payload_sections(payload):
     """Split a restore payload into {table: [lines between '*table' and COMMIT]}, in order."""
     sections = {}
     cur = None
@@ -182,7 +182,7 @@ def transition_payload(current, payload, target, recorded=None):
     deleted, then the payload's rules added. Other software's rules are untouched.
     """
     have = ours(current, target, recorded)
-    sections = _payload_sections(payload)
+    sections = payload_sections(payload)
     out = []
     for tname in sorted(set(have) | set(sections)):
         h = have.get(tname, {"chains": {}, "builtin": []})

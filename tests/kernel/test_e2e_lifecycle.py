@@ -19,10 +19,10 @@ def test_auto_mode_picks_ebpf_here_and_iptables_on_an_assumed_3_10_kernel():
         a, b = sb.add_pod("a"), sb.add_pod("b")
         b.start_http_server(APP)
         env = a.start_envoy()
-        rec = json.loads(attach(sb, a, "auto", "-o", "json").stdout)
+        rec = json.loads(attach(sb, a, "auto", "--output", "json").stdout)
         assert rec["mode"] == "ebpf", rec
         cli(sb, "detach", *pod_args(a))
-        r = cli(sb, "attach", *pod_args(a), "--assume-kernel", "3.10", "-o", "json")
+        r = cli(sb, "attach", *pod_args(a), "--assume-kernel", "3.10", "--output", "json")
         rec = json.loads(r.stdout)
         assert rec["mode"] == "iptables"
         assert "3.10" in rec["reason"], rec["reason"]

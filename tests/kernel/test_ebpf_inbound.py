@@ -24,7 +24,8 @@ pytestmark = pytest.mark.kernel
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COUNTER_REDIRECT_IN = 1
-COUNTER_NO_LISTENER = 12        # COUNTER_INBOUND_NAT_MISS: "SYN dropped, no listener"
+COUNTER_NO_LISTENER = 12        # MBI_COUNTER_NO_LISTENER (slot COUNTER_INBOUND_NAT_MISS)
+COUNTER_UNSTEERABLE = 13        # MBI_COUNTER_UNSTEERABLE (slot COUNTER_INBOUND_REPLY)
 COUNTER_BYPASS = 14
 
 # A listener that tells each client which server answered and what both ends look like.
@@ -46,11 +47,18 @@ while True:
 """
 
 # Connects, prints what the server said and the peer the client's socket reports.
+# A 4th argument "dstopts" puts an IPv6 destination options header on every packet.
 CLIENT = r"""
 import json, socket, sys
 host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 try:
-    s = socket.create_connection((host, port), timeout=timeout)
+    if sys.argv[4:] == ["dstopts"]:
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
+        s.settimeout(timeout)
+        s.connect((host, port))
+    else:
+        s = socket.create_connection((host, port), timeout=timeout)
 except OSError as e:
     print(json.dumps({"error": type(e).__name__}))
     sys.exit(0)
@@ -107,8 +115,8 @@ def serve(pod, *ports):
     return procs
 
 
-def connect(client, host, port, timeout=3.0):
-    r = client.exec([sys.executable, "-c", CLIENT, host, str(port), str(timeout)],
+def connect(client, host, port, timeout=3.0, *extra):
+    r = client.exec([sys.executable, "-c", CLIENT, host, str(port), str(timeout), *extra],
                     timeout=timeout + 20, check=True)
     return json.loads(r.stdout)
 
@@ -148,6 +156,65 @@ def test_captured_port_reaches_capture_listener_with_original_port(sb, obj):
         assert out["reply"]["server"] == 15020 and out["peer"] == [ip, 15020]
     assert counter(b, COUNTER_REDIRECT_IN) - before_in == 2
     assert counter(b, COUNTER_BYPASS) - before_bypass == 2
+
+
+# Sends a TCP SYN to host:port as two IPv4 fragments (raw socket, IP_HDRINCL).
+FRAGMENTED_SYN = r"""
+import socket, struct, sys
+src, dst, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def csum(b):
+    if len(b) % 2:
+        b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff)
+    s += s >> 16
+    return ~s & 0xffff
+tcp = struct.pack("!HHIIBBHHH", 40000, port, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+tcp = tcp[:16] + struct.pack("!H", csum(pseudo + tcp)) + tcp[18:]
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for off, chunk, more in ((0, tcp[:8], 1), (1, tcp[8:], 0)):
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(chunk), 0x4242,
+                     (more << 13) | off, 64, 6, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    s.sendto(ip + chunk, (dst, 0))
+"""
+
+
+def reassembly_requests(pod):
+    with system.in_netns(pod.netns):
+        with open("/proc/thread-self/net/snmp") as f:
+            lines = [l.split() for l in f if l.startswith("Ip:")]
+    return int(dict(zip(lines[0], lines[1]))["ReasmReqds"])
+
+
+def test_ipv6_extension_headers_are_skipped(sb, obj):
+    from meshbpf.ebpf import inbound
+    b, maps, progs = obj
+    pb, pc = sb.add_pod("b"), sb.add_pod("c")
+    serve(pb, 15006, 8080)
+    inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
+    out = connect(pc, pb.ip6, 8080, 3.0, "dstopts")
+    assert out["reply"]["server"] == 15006 and out["peer"] == [pb.ip6, 8080]
+
+
+def test_tcp_fragments_to_a_captured_pod_are_dropped_not_delivered_to_the_app(sb, obj):
+    from meshbpf.ebpf import inbound
+    b, maps, progs = obj
+    pb, pc = sb.add_pod("b"), sb.add_pod("c")
+    serve(pb, 15006, 8080)
+    inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
+    before, reasm = counter(b, COUNTER_UNSTEERABLE), reassembly_requests(pb)
+    pc.exec([sys.executable, "-c", FRAGMENTED_SYN, pc.ip4, pb.ip4, "8080"], check=True)
+    time.sleep(0.3)
+    # Reassembly happens after tc: had the fragments passed, the reassembled SYN would
+    # have reached the app's listener without the sidecar.
+    assert counter(b, COUNTER_UNSTEERABLE) - before == 2
+    assert reassembly_requests(pb) == reasm
+    # Detached, the same fragments reach the IP layer (the check above is meaningful).
+    inbound.detach_pod(pb.pod, maps)
+    pc.exec([sys.executable, "-c", FRAGMENTED_SYN, pc.ip4, pb.ip4, "8080"], check=True)
+    time.sleep(0.3)
+    assert reassembly_requests(pb) > reasm
 
 
 def test_include_list_captures_only_listed_ports(sb, obj):
@@ -238,9 +305,11 @@ def test_detach_removes_filters_qdisc_and_entries(sb, obj):
     b, maps, progs = obj
     pb, pc = sb.add_pod("b"), sb.add_pod("c")
     serve(pb, 15006, 8080)
+    first = inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
     rec = inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
-    rec = inbound.merge_records(rec, inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs))
-    assert rec["interfaces"][0]["clsact_added"]      # kept across the idempotent re-attach
+    assert first["interfaces"][0]["clsact_added"] is True
+    assert rec["interfaces"][0]["clsact_added"] is None   # a re-attach cannot tell
+    assert len(inbound.list_hooks(pb.pod)) == 1
     assert "clsact" in tc_state(pb)[0] and "meshbpf_inbound" in tc_state(pb)[1]
     assert len(maps["inbound_pods"]) == 2 and len(maps["inbound_ports"]) > 0
     inbound.detach_pod(pb.pod, maps, rec)
@@ -250,12 +319,12 @@ def test_detach_removes_filters_qdisc_and_entries(sb, obj):
     assert inbound.list_hooks(pb.pod) == []
     assert connect(pc, pb.ip4, 8080)["reply"]["server"] == 8080
     inbound.detach_pod(pb.pod, maps, rec)            # idempotent
-    # A lost record still removes meshbpf's filter, and the clsact it leaves empty.
+    # Without the record (the caller lost it) the same things go.
     inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
     inbound.detach_pod(pb.pod, maps, None)
     qd, filters = tc_state(pb)
     assert "clsact" not in qd and filters.strip() == ""
-    assert len(maps["inbound_pods"]) == 0
+    assert len(maps["inbound_pods"]) == 0 and len(maps["inbound_ports"]) == 0
 
 
 def test_detach_keeps_someone_elses_clsact_and_filters(sb, obj):
@@ -269,7 +338,8 @@ def test_detach_keeps_someone_elses_clsact_and_filters(sb, obj):
                netns=pb.netns)
     rec = inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
     assert rec["interfaces"][0]["clsact_added"] is False
-    inbound.detach_pod(pb.pod, maps, rec)
+    inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
+    inbound.detach_pod(pb.pod, maps, None)          # also without a record
     qd, filters = tc_state(pb)
     assert "clsact" in qd and "u32" in filters and "meshbpf" not in filters
 
@@ -308,6 +378,78 @@ def test_iperf3_1g_through_haproxy_sidecar(sb, obj):
     assert res["end"]["sum_sent"]["bytes"] >= 1 << 30
     # iperf3's control and data connections both went through the sidecar, all of it.
     assert counter(b, COUNTER_REDIRECT_IN) - before >= 2
-    stats = hap.stats()
+    # The bulk went through the proxy. (Not all of it: iperf3 ends the test over its
+    # control connection, which can overtake the last MBs buffered in the proxy's sockets;
+    # the server then closes the data stream. Same with no interception, any proxy.)
+    deadline = time.monotonic() + 10      # HAProxy counts a session's bytes as it ends
+    while True:
+        stats = hap.stats()
+        if stats.get("inbound.FRONTEND.bin", 0) >= 0.98 * (1 << 30) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert stats.get("inbound.FRONTEND.stot", 0) >= 2, stats
-    assert stats.get("inbound.FRONTEND.bin", 0) >= 1 << 30, stats
+    assert stats.get("inbound.FRONTEND.bin", 0) >= 0.98 * (1 << 30), stats
+
+
+# ---- through the whole eBPF interceptor, with a real Envoy sidecar ---------------------------
+
+@pytest.fixture
+def meshed(sb):
+    """Pod B meshed by EbpfInterceptor (Envoy sidecar + app on 8080), plain pod C."""
+    from meshbpf.ebpf.interceptor import EbpfInterceptor
+    pb, pc = sb.add_pod("b"), sb.add_pod("c")
+    icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+    try:
+        env = pb.start_envoy()
+        pb.start_http_server(8080)
+        rec = icp.attach(pb.pod, InterceptConfig())
+        yield icp, rec, env, pb, pc
+    finally:
+        icp.cleanup()
+
+
+def test_envoy_inbound_listener_serves_a_non_meshed_client(meshed):
+    from meshbpf.ebpf import inbound
+    icp, rec, env, pb, pc = meshed
+    assert [h["direction"] for h in inbound.list_hooks(pb.pod)] == ["ingress"]
+    assert rec["inbound"]["interfaces"][0]["name"] == "eth0"
+    before = env.stats().get("tcp.inbound.downstream_cx_total", 0)
+    for ip, url_host, sidecar_src in ((pb.ip4, pb.ip4, "127.0.0.6"),
+                                      (pb.ip6, f"[{pb.ip6}]", "::6")):
+        r = pc.exec(["curl", "-sS", "-m", "10", f"http://{url_host}:8080/hello"], check=True)
+        reply = json.loads(r.stdout)
+        # B's app got the request from B's sidecar (Istio's inbound passthrough source),
+        # on the port the client dialled.
+        assert _bare(reply["peer"][0]) == sidecar_src, reply
+        assert _bare(reply["local"][0]) == ip and reply["local"][1] == 8080
+        assert reply["path"] == "/hello"
+    assert env.stats()["tcp.inbound.downstream_cx_total"] - before == 2
+    assert icp.status()["counters"]["redirect_in"] >= 2
+
+
+@pytest.mark.parametrize("family", ["ipv4", "ipv6"])
+def test_iperf3_1g_through_envoy_inbound(meshed, family):
+    icp, rec, env, pb, pc = meshed
+    srv = pb.spawn(["iperf3", "-s", "-p", "5201"], label="iperf3-s")
+    pb.wait_port(5201, listening=True, proc=srv)
+    before = env.stats().get("tcp.inbound.downstream_cx_total", 0)
+    host = pb.ip4 if family == "ipv4" else pb.ip6
+    r = pc.exec(["iperf3", "-c", host, "-p", "5201", "-n", "1G", "-J"], timeout=300)
+    res = json.loads(r.stdout)
+    assert r.returncode == 0 and "error" not in res, r.stdout[-2000:] + r.stderr
+    assert res["end"]["sum_sent"]["bytes"] >= 1 << 30
+    # control + data connection, both through the sidecar's inbound listener
+    assert env.stats()["tcp.inbound.downstream_cx_total"] - before >= 2
+
+
+def test_cleanup_leaves_no_filter_qdisc_or_pin(meshed, sb):
+    from meshbpf.ebpf import inbound
+    icp, rec, env, pb, pc = meshed
+    assert inbound.list_hooks(pb.pod)
+    icp.cleanup()
+    qd, filters = tc_state(pb)
+    assert "clsact" not in qd and filters.strip() == ""
+    assert not os.path.exists(sb.pin_prefix) or os.listdir(sb.pin_prefix) == []
+    # B's app is reached directly again.
+    r = pc.exec(["curl", "-sS", "-m", "10", f"http://{pb.ip4}:8080/"], check=True)
+    assert _bare(json.loads(r.stdout)["peer"][0]) == pc.ip4

@@ -70,6 +70,10 @@ def test_redirect_dns_without_servers_is_off_like_istio():
     ("outbound_ip_ranges_include", "10.0.0.300/8", "not a valid CIDR"),
     ("outbound_ip_ranges_exclude", "*", "outbound_ip_ranges_exclude"),
     ("inbound_ports_include", "80,99999", "out of range"),
+    ("outbound_ports_exclude", "*", "not a port number"),
+    ("exclude_interfaces", "eth0 -j ACCEPT", "not a valid interface name"),
+    ("reroute_virtual_interfaces", "a-very-long-interface-name", "not a valid interface name"),
+    ("owner_groups_exclude", "ftp -j DROP", "not a valid group id or name"),
 ])
 def test_bad_input_is_a_usage_error(field, value, needle):
     cfg = InterceptConfig()

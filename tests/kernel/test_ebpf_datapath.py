@@ -1,0 +1,532 @@
+"""eBPF data path, end to end in the sandbox: connect4/6 redirect to a real Envoy (uid
+1337), SO_ORIGINAL_DST emulation, getpeername restore, include/exclude rules, sockops +
+sk_msg splicing, HAProxy as the sidecar, sidecar-not-yet-listening, attach/adopt/detach/
+cleanup lifecycle, concurrent pods with colliding loopback 4-tuples, IPv6.
+
+Every test uses its own EbpfInterceptor on the sandbox's pin prefix and test cgroup and
+calls cleanup() in `finally`; the sandbox removes namespaces, cgroups and processes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from meshbpf import bpfsys, system
+from meshbpf.config import InterceptConfig
+from meshbpf.ebpf import loader
+from meshbpf.ebpf.interceptor import EbpfInterceptor
+from meshbpf.ebpf.maps import Maps
+from meshbpf.errors import UsageError
+from meshbpf.sandbox import Sandbox
+
+pytestmark = pytest.mark.kernel
+
+APP_UID = 1000
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# A client that prints what the app sees: getpeername() and the server's JSON reply.
+CLIENT = textwrap.dedent("""
+    import json, socket, sys, time
+    host, port = sys.argv[1], int(sys.argv[2])
+    bind_port = int(sys.argv[3]) if len(sys.argv) > 3 else 0
+    hold = float(sys.argv[4]) if len(sys.argv) > 4 else 0
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if bind_port:
+        s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", bind_port))
+    s.settimeout(10)
+    s.connect((host, port))
+    peer = s.getpeername()
+    local = s.getsockname()
+    time.sleep(hold)
+    s.sendall(b"GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n")
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    body = data.split(b"\\r\\n\\r\\n", 1)[1]
+    print(json.dumps({"peer": list(peer[:2]), "local": list(local[:2]),
+                      "reply": json.loads(body)}))
+""")
+
+
+def _py():
+    try:
+        from meshbpf.sandbox import _python
+        return _python()
+    except ImportError:  # pragma: no cover
+        return sys.executable
+
+
+def client(pod, host, port=8080, uid=APP_UID, bind_port=0, hold=0):
+    r = pod.exec([_py(), "-c", CLIENT, host, str(port), str(bind_port), str(hold)],
+                 uid=uid, timeout=30)
+    assert r.returncode == 0, f"client in {pod.name} -> {host}:{port}: {r.stderr}"
+    return json.loads(r.stdout)
+
+
+def curl(pod, url, uid=APP_UID, timeout=10):
+    return pod.exec(["curl", "-sS", "--max-time", str(timeout), url], uid=uid,
+                    timeout=timeout + 10)
+
+
+def url(ip, port=8080):
+    return f"http://[{ip}]:{port}/" if ":" in ip else f"http://{ip}:{port}/"
+
+
+def outbound_cx(sidecar):
+    return sidecar.stats().get("tcp.outbound.downstream_cx_total", 0)
+
+
+def tcp_out_segs(pod):
+    with system.in_netns(pod.netns):
+        with open("/proc/thread-self/net/snmp") as f:
+            lines = [l.split() for l in f if l.startswith("Tcp:")]
+    names, values = lines[0], lines[1]
+    return int(values[names.index("OutSegs")])
+
+
+def lo_tx_packets(pod):
+    r = pod.exec(["ip", "-s", "-j", "link", "show", "lo"], check=True)
+    return json.loads(r.stdout)[0]["stats64"]["tx"]["packets"]
+
+
+def counters(pin_prefix):
+    with Maps(pin_prefix) as m:
+        return m.counters()
+
+
+def cgroup_prog_ids(cgroup):
+    """Every program id attached at `cgroup`, per attach type we use."""
+    out = {}
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for spec in loader.PROGRAMS:
+            if spec.target == "cgroup":
+                _, ids = bpfsys.prog_query(fd, spec.attach_type)
+                out[spec.name] = ids
+    finally:
+        os.close(fd)
+    return out
+
+
+@pytest.fixture(scope="module")
+def node():
+    """Pod a (Envoy as uid 1337), pod b (HTTP server 8080, iperf3 server)."""
+    with Sandbox(name="ebpf") as sb:
+        a, b = sb.add_pod("a"), sb.add_pod("b")
+        b.start_http_server(8080)
+        env = a.start_envoy()
+        yield sb, a, b, env
+
+
+@pytest.fixture
+def icpt(node):
+    sb = node[0]
+    made = []
+
+    def make(**kw):
+        ic = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root, **kw)
+        made.append(ic)
+        return ic
+    yield make
+    for ic in made:
+        ic.cleanup()
+    assert not os.path.exists(sb.pin_prefix)
+    assert all(not ids for ids in cgroup_prog_ids(sb.cgroup_root).values())
+
+
+def test_outbound_goes_through_envoy_and_app_sees_original_peer(node, icpt):
+    sb, a, b, env = node
+    ic = icpt()
+    before = outbound_cx(env)
+    ic.attach(a.pod, InterceptConfig())
+    out = client(a, b.ip4)
+    # the app sees the peer it dialled, not 127.0.0.1:15001
+    assert out["peer"] == [b.ip4, 8080]
+    # B's server got the request, from A's address (Envoy's upstream)
+    assert out["reply"]["pod"] == "b"
+    assert out["reply"]["peer"][0].replace("::ffff:", "") == a.ip4
+    assert outbound_cx(env) == before + 1
+    r = curl(a, url(b.ip4))
+    assert r.returncode == 0 and json.loads(r.stdout)["pod"] == "b"
+    assert outbound_cx(env) == before + 2
+    c = counters(sb.pin_prefix)
+    assert c["redirect_out"] >= 2 and c["orig_dst"] >= 2 and c["peername"] >= 1
+    # Envoy's own upstream connects (uid 1337) were left alone, or it would loop
+    assert c["bypass_proxy"] >= 2
+    # no iptables rule anywhere in A's netns
+    for binary in ("iptables-save", "ip6tables-save"):
+        saved = a.exec([binary]).stdout
+        assert "-A " not in saved, saved
+
+
+def test_sidecar_uid_and_loopback_are_not_redirected(node, icpt):
+    sb, a, b, env = node
+    ic = icpt()
+    ic.attach(a.pod, InterceptConfig())
+    before = outbound_cx(env)
+    out = client(a, b.ip4, uid=1337)                 # the proxy's own uid
+    assert out["peer"] == [b.ip4, 8080] and out["reply"]["pod"] == "b"
+    r = a.exec(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                "http://127.0.0.1:15000/ready"], uid=APP_UID)   # loopback: Envoy's admin
+    assert r.stdout == "200"
+    assert outbound_cx(env) == before
+
+
+@pytest.mark.parametrize("change", [
+    {"outbound_ip_ranges_exclude": "{b}/32"},
+    {"outbound_ports_exclude": "8080"},
+    {"outbound_ip_ranges_include": "10.99.0.0/16"},
+    {"outbound_ip_ranges_include": "10.0.0.0/8", "outbound_ip_ranges_exclude": "10.233.0.0/16"},
+    {"owner_groups_exclude": str(APP_UID)},          # the app runs with gid == uid
+    {"owner_groups_include": "4242"},
+])
+def test_excluded_destinations_bypass_the_sidecar(node, icpt, change):
+    sb, a, b, env = node
+    ic = icpt()
+    cfg = InterceptConfig().replace(**{k: v.format(b=b.ip4) for k, v in change.items()})
+    ic.attach(a.pod, cfg)
+    before = outbound_cx(env)
+    out = client(a, b.ip4)
+    assert out["peer"] == [b.ip4, 8080] and out["reply"]["pod"] == "b"
+    assert outbound_cx(env) == before, f"{change} should bypass Envoy"
+
+
+def test_included_ports_and_ranges_are_captured(node, icpt):
+    sb, a, b, env = node
+    ic = icpt()
+    # ports include captures to destinations no range includes (Istio's ISTIO_OUTPUT order)
+    ic.attach(a.pod, InterceptConfig(outbound_ip_ranges_include="",
+                                     outbound_ports_include="8080"))
+    before = outbound_cx(env)
+    assert client(a, b.ip4)["reply"]["pod"] == "b"
+    assert outbound_cx(env) == before + 1
+    # re-attach with another config: rules are replaced, not added to
+    ic.attach(a.pod, InterceptConfig(outbound_ip_ranges_include=f"{b.ip4}/32"))
+    assert client(a, b.ip4)["reply"]["pod"] == "b"
+    assert outbound_cx(env) == before + 2
+    with Maps(sb.pin_prefix) as m:
+        assert len(m["port_rules"]) == 0
+    # an exclude containing the include wins
+    ic.attach(a.pod, InterceptConfig(outbound_ip_ranges_include=f"{b.ip4}/32",
+                                     outbound_ip_ranges_exclude="10.233.0.0/16"))
+    assert client(a, b.ip4)["reply"]["pod"] == "b"
+    assert outbound_cx(env) == before + 2
+
+
+# B: read everything until EOF, answer with its length and sha256 (catches reordering).
+SINK = textwrap.dedent("""
+    import hashlib, socket, sys
+    srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    srv.bind(("::", int(sys.argv[1])))
+    srv.listen(16)
+    print("listening", flush=True)
+    while True:
+        c, _ = srv.accept()
+        h, n = hashlib.sha256(), 0
+        while True:
+            d = c.recv(1 << 20)
+            if not d:
+                break
+            h.update(d)
+            n += len(d)
+        c.sendall(f"{n} {h.hexdigest()}".encode())
+        c.close()
+""")
+# A: send N pseudo-random bytes in odd-sized writes, then compare B's answer.
+SOURCE = textwrap.dedent("""
+    import hashlib, random, socket, sys
+    host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    rnd = random.Random(7)
+    block = rnd.randbytes(1 << 20)
+    s = socket.create_connection((host, port), timeout=60)
+    h, sent, i = hashlib.sha256(), 0, 0
+    while sent < total:
+        size = min(total - sent, 1000 + (i * 7919) % 65000)
+        off = (i * 104729) % (len(block) - size)
+        chunk = block[off:off + size]
+        s.sendall(chunk)
+        h.update(chunk)
+        sent += size
+        i += 1
+    s.shutdown(socket.SHUT_WR)
+    reply = b""
+    while True:
+        d = s.recv(4096)
+        if not d:
+            break
+        reply += d
+    n, digest = reply.decode().split()
+    assert int(n) == total, (n, total)
+    assert digest == h.hexdigest(), "payload corrupted or reordered"
+    print("ok", n)
+""")
+BULK = 48 * 1024 * 1024
+
+
+def _bulk(sb, a, b, splice):
+    """BULK bytes app -> Envoy -> B, verified; returns (A's TcpOutSegs delta, counters, status)."""
+    ic = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root, splice=splice)
+    try:
+        ic.attach(a.pod, InterceptConfig())
+        segs0, lo0 = tcp_out_segs(a), lo_tx_packets(a)
+        r = a.exec([_py(), "-c", SOURCE, b.ip4, "9000", str(BULK)], uid=APP_UID, timeout=120)
+        segs, lo = tcp_out_segs(a) - segs0, lo_tx_packets(a) - lo0
+        assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+        return (segs, lo), counters(sb.pin_prefix), ic.status()
+    finally:
+        ic.cleanup()
+
+
+def test_splice_skips_tcp_for_app_to_sidecar_bytes(node):
+    sb, a, b, env = node
+    sink = b.spawn([_py(), "-c", SINK, "9000"], label="sink")
+    b.wait_port(9000, listening=True, proc=sink)
+    before = outbound_cx(env)
+    segs_on, c_on, st = _bulk(sb, a, b, splice=True)
+    assert outbound_cx(env) == before + 1
+    assert st["splice"] is True
+    assert any(p["program"] == "mb_sk_msg" for p in st["programs"])
+    assert c_on["splice_msgs"] > 0 and c_on["splice_bytes"] >= BULK
+    segs_off, c_off, st = _bulk(sb, a, b, splice=False)
+    assert st["splice"] is False
+    assert not any(p["program"] == "mb_sk_msg" for p in st["programs"])
+    assert c_off["splice_msgs"] == 0 and c_off["sockhash_add"] == 0
+    # app<->Envoy segments on A's loopback are gone with splicing (handshakes remain);
+    # Envoy->B segments on eth0 remain, so A's TcpOutSegs falls by about the loopback share
+    (segs_on, lo_on), (segs_off, lo_off) = segs_on, segs_off
+    assert lo_on * 4 < lo_off, (lo_on, lo_off)
+    assert segs_on < segs_off, (segs_on, segs_off)
+    sink.stop()
+
+
+def test_haproxy_as_the_sidecar(node, icpt):
+    sb, _, b, _ = node
+    h = sb.add_pod("h")
+    try:
+        hap = h.start_haproxy()
+        ic = icpt()
+        ic.attach(h.pod, InterceptConfig())
+        out = client(h, b.ip4)
+        assert out["peer"] == [b.ip4, 8080] and out["reply"]["pod"] == "b"
+        assert hap.stats().get("outbound.FRONTEND.stot", 0) >= 1
+        assert out["reply"]["peer"][0].replace("::ffff:", "") == h.ip4
+    finally:
+        sb.remove_pod("h")
+
+
+def test_app_before_and_after_the_sidecar_listens(node, icpt):
+    sb, _, b, _ = node
+    p = sb.add_pod("late")
+    try:
+        ic = icpt()
+        ic.attach(p.pod, InterceptConfig())
+        r = curl(p, url(b.ip4), timeout=5)
+        assert r.returncode == 7, (r.returncode, r.stdout, r.stderr)    # refused: no sidecar
+        with Maps(sb.pin_prefix) as m:      # the refused connect left no state behind
+            assert len(m["orig_dst"]) == 0
+        env = p.start_envoy()
+        r = curl(p, url(b.ip4))
+        assert r.returncode == 0 and json.loads(r.stdout)["pod"] == "b"
+        assert outbound_cx(env) == 1
+        # closed connections leave no per-connection state (no LRU reliance)
+        deadline = time.monotonic() + 5
+        while True:
+            with Maps(sb.pin_prefix) as m:
+                left = len(m["orig_dst"]), len(m["pairs"])
+            if left == (0, 0) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert left == (0, 0)
+    finally:
+        sb.remove_pod("late")
+
+
+def test_attach_twice_adopt_detach_cleanup(node):
+    sb, a, b, env = node
+    ic = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+    ids = []
+    try:
+        rec1 = ic.attach(a.pod, InterceptConfig())
+        attached1 = cgroup_prog_ids(sb.cgroup_root)
+        rec2 = ic.attach(a.pod, InterceptConfig())
+        assert rec1["programs"] == rec2["programs"] and rec1["pod_index"] == rec2["pod_index"]
+        assert cgroup_prog_ids(sb.cgroup_root) == attached1
+        assert all(len(v) == 1 for v in attached1.values()), attached1
+        ids = sorted(rec1["programs"].values())
+        # another process adopts the pins: same programs, no second attachment
+        code = (f"import json; from meshbpf.ebpf.interceptor import EbpfInterceptor as E; "
+                f"from meshbpf.config import InterceptConfig as C; from meshbpf.pod import Pod; "
+                f"e = E(pin_prefix={sb.pin_prefix!r}, cgroup_root={sb.cgroup_root!r}); "
+                f"r = e.attach(Pod(netns={a.netns!r}, cgroup={a.cgroup!r}), C()); "
+                f"print(json.dumps(sorted(r['programs'].values())))")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           cwd=REPO, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout.strip().splitlines()[-1]) == ids
+        assert cgroup_prog_ids(sb.cgroup_root) == attached1
+        # the attaching process is gone; interception goes on
+        before = outbound_cx(env)
+        assert client(a, b.ip4)["peer"] == [b.ip4, 8080]
+        assert outbound_cx(env) == before + 1
+        st = ic.status()
+        assert [p["name"] for p in st["pods"]] == [a.pod.name]
+        assert {p["program"] for p in st["programs"] if p.get("attached")} >= {
+            "mb_connect4", "mb_connect6", "mb_getsockopt", "mb_sockops", "mb_sk_msg"}
+        # detach: direct traffic again
+        ic.detach(a.pod)
+        out = client(a, b.ip4)
+        assert out["peer"] == [b.ip4, 8080] and outbound_cx(env) == before + 1
+        assert out["local"][0] == a.ip4          # not 127.0.0.1: it really went direct
+        ic.detach(a.pod)                          # idempotent
+    finally:
+        ic.cleanup()
+    assert not os.path.exists(sb.pin_prefix)
+    assert all(not v for v in cgroup_prog_ids(sb.cgroup_root).values())
+    assert ic.status()["pods"] == []
+    deadline = time.monotonic() + 10
+    alive = ids
+    while alive and time.monotonic() < deadline:
+        alive = [i for i in ids if _prog_exists(i)]
+        time.sleep(0.2)
+    assert alive == [], f"programs still loaded after cleanup: {alive}"
+
+
+def _prog_exists(prog_id):
+    try:
+        fd = bpfsys.prog_get_fd_by_id(prog_id)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def test_pod_outside_the_cgroup_root_is_refused(node, icpt, tmp_path):
+    sb, a, _, _ = node
+    ic = EbpfInterceptor(pin_prefix=sb.pin_prefix,
+                         cgroup_root=os.path.join(sb.cgroup_root, "b"))
+    with pytest.raises(UsageError):
+        ic.attach(a.pod, InterceptConfig())
+    assert not os.path.exists(sb.pin_prefix)
+
+
+def test_many_pods_with_colliding_loopback_tuples(node, icpt):
+    sb, _, b, _ = node
+    ports = [8081, 8082, 8083, 8084]
+    for port in ports:
+        b.start_http_server(port)
+    pods = [sb.add_pod(f"m{i}") for i in range(len(ports))]
+    try:
+        ic = icpt()
+        for p in pods:
+            p.start_haproxy()
+            ic.attach(p.pod, InterceptConfig())
+        # every app binds the same local port: the loopback 4-tuple
+        # 127.0.0.1:41000 -> 127.0.0.1:15001 exists in all four pods at once
+        procs = []
+        for p, port in zip(pods, ports):
+            procs.append(p.spawn([_py(), "-c", CLIENT, b.ip4, str(port), "41000", "1.5"],
+                                 uid=APP_UID, label="client"))
+        for p, port, proc in zip(pods, ports, procs):
+            assert proc.wait(timeout=30) == 0, proc.output()
+            out = json.loads(proc.output().strip().splitlines()[-1])
+            assert out["local"] == ["127.0.0.1", 41000]
+            assert out["peer"] == [b.ip4, port]
+            assert out["reply"]["local"][1] == port            # B got it on that port
+            assert out["reply"]["peer"][0].replace("::ffff:", "") == p.ip4
+    finally:
+        for p in pods:
+            sb.remove_pod(p.name)
+
+
+def test_ipv6_pods_behave_as_ipv4_pods(node, icpt):
+    sb, a, b, env = node
+    ic = icpt()
+    ic.attach(a.pod, InterceptConfig(enable_ipv6=True))
+    before = outbound_cx(env)
+    out = client(a, b.ip6)
+    assert out["peer"] == [b.ip6, 8080] and out["reply"]["pod"] == "b"
+    assert out["reply"]["peer"][0] == a.ip6
+    assert outbound_cx(env) == before + 1
+    # an AF_INET6 socket dialling a v4-mapped address is an IPv4 connection
+    out = client(a, f"::ffff:{b.ip4}")
+    assert out["peer"] == [f"::ffff:{b.ip4}", 8080] and out["reply"]["pod"] == "b"
+    assert outbound_cx(env) == before + 2
+    # excluding the IPv6 range bypasses, as for IPv4
+    ic.attach(a.pod, InterceptConfig(enable_ipv6=True, outbound_ip_ranges_exclude="fd00::/8"))
+    assert client(a, b.ip6)["peer"] == [b.ip6, 8080]
+    assert outbound_cx(env) == before + 2
+
+
+def test_ipv6_not_captured_without_enable_ipv6(node, icpt):
+    """Istio leaves IPv6 alone unless enable_ipv6 (no ip6tables rules): so does eBPF."""
+    sb, a, b, env = node
+    ic = icpt()
+    ic.attach(a.pod, InterceptConfig())
+    before = outbound_cx(env)
+    assert client(a, b.ip6)["peer"] == [b.ip6, 8080]
+    assert outbound_cx(env) == before
+
+
+def test_meshed_to_meshed_on_one_node_is_spliced_end_to_end(node, icpt):
+    """A's app -> A's Envoy -> (pod to pod) -> B's Envoy inbound -> 127.0.0.6 -> B's app:
+    every hop on this node is a spliced socket pair, and the bytes arrive intact."""
+    sb, a, _, env_a = node
+    m = sb.add_pod("mb")
+    try:
+        sink = m.spawn([_py(), "-c", SINK, "9000"], label="sink")
+        m.wait_port(9000, listening=True, proc=sink)
+        env_m = m.start_envoy()
+        ic = icpt()
+        ic.attach(a.pod, InterceptConfig())
+        ic.attach(m.pod, InterceptConfig())
+        c0 = counters(sb.pin_prefix)
+        before_out = outbound_cx(env_a)
+        r = a.exec([_py(), "-c", SOURCE, m.ip4, "9000", str(8 * 1024 * 1024)], uid=APP_UID,
+                   timeout=120)
+        assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+        assert outbound_cx(env_a) == before_out + 1
+        assert env_m.stats().get("tcp.inbound.downstream_cx_total", 0) >= 1
+        c1 = counters(sb.pin_prefix)
+        # three hops of 8 MiB each were spliced (app->Envoy A, Envoy A->Envoy B, Envoy B->app)
+        assert c1["splice_bytes"] - c0["splice_bytes"] >= 3 * 8 * 1024 * 1024
+        assert c1["redirect_in"] > c0["redirect_in"]
+        assert c1["orig_dst"] - c0["orig_dst"] >= 2          # both Envoys asked
+    finally:
+        sb.remove_pod("mb")
+
+
+def test_ebpf_commands_show_maps_and_source(node, icpt):
+    from click.testing import CliRunner
+    from meshbpf.ebpf.commands import ebpf
+    sb, a, b, env = node
+    ic = icpt()
+    ic.attach(a.pod, InterceptConfig(outbound_ip_ranges_exclude="10.99.0.0/16",
+                                     outbound_ports_exclude="22"))
+    client(a, b.ip4)
+    r = CliRunner().invoke(ebpf, ["maps", "--pin-prefix", sb.pin_prefix, "-o", "json"])
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["pods"][0]["netns_cookie"] == a.pod.netns_cookie
+    assert {"pod_index": d["pods"][0]["pod_index"], "cidr": "10.99.0.0/16",
+            "rule": "exclude"} in d["cidr_rules"]
+    assert d["port_rules"] == [{"pod_index": d["pods"][0]["pod_index"], "port": 22,
+                                "rule": "exclude"}]
+    assert a.ip4 in [i["ip"] for i in d["local_ips"]]
+    assert d["counters"]["redirect_out"] >= 1
+    r = CliRunner().invoke(ebpf, ["source"])
+    assert r.exit_code == 0 and "int mb_connect4(" in r.output
+    ic.cleanup()
+    r = CliRunner().invoke(ebpf, ["counters", "--pin-prefix", sb.pin_prefix])
+    assert r.exit_code != 0 and "not loaded" in str(r.exception)

@@ -1,0 +1,96 @@
+"""The CLI's error handling and the mode choice / runtime fallback, without root."""
+
+import pytest
+from click.testing import CliRunner
+
+from meshbpf import modes
+from meshbpf.cli import main
+from meshbpf.config import InterceptConfig
+from meshbpf.errors import ApplyError, UsageError
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["attach"], 2, "exactly one of --pid or --netns"),
+    (["attach", "--pid", "1", "--netns", "x"], 2, "exactly one of --pid or --netns"),
+    (["attach", "--netns", "/run/netns/mbt-no-such-ns"], 3, "does not exist"),
+    (["attach", "--pid", "999999999"], 3, "no process with pid"),
+    (["attach", "--netns", "x", "-x", "10.0.0.0/33"], 2, "not a valid CIDR"),
+    (["detach", "--netns", "/run/netns/mbt-no-such-ns"], 3, "does not exist"),
+])
+def test_user_mistakes_are_one_line_errors_with_meaningful_exit_codes(args, code, needle):
+    r = run(*args)
+    assert r.exit_code == code, r.output
+    assert needle in r.output
+    assert "Traceback" not in r.output
+
+
+def test_help_has_examples():
+    for cmd in ([], ["attach"], ["detach"], ["status"], ["cleanup"], ["probe"]):
+        r = run(*cmd, "--help")
+        assert r.exit_code == 0 and "Example" in r.output, cmd
+
+
+class FakeInterceptor:
+    calls = []
+
+    def __init__(self, mode, fail=False, **kw):
+        self.mode, self.fail, self.kw = mode, fail, kw
+
+    def attach(self, pod, config):
+        FakeInterceptor.calls.append((self.mode, self.kw))
+        if self.fail:
+            raise ApplyError("cannot load programs")
+        return {"name": pod.name, "mode": self.mode, "config": config.to_dict()}
+
+
+class FakePod:
+    name, key = "p", 42
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    import meshbpf.state as state
+    monkeypatch.setattr(state, "STATE_ROOT", str(tmp_path))
+    FakeInterceptor.calls = []
+
+    def install(ebpf_fails=False, probe_mode="ebpf"):
+        monkeypatch.setattr(modes, "get_interceptor",
+                            lambda m, **kw: FakeInterceptor(m, fail=(m == "ebpf" and ebpf_fails), **kw))
+        import meshbpf.probe as probe
+        monkeypatch.setattr(probe, "probe", lambda assume_kernel=None: {
+            "mode": probe_mode, "reason": f"probe says {probe_mode}"})
+    return install
+
+
+def test_auto_follows_the_probe(fake):
+    fake(probe_mode="iptables")
+    rec = modes.attach(FakePod(), InterceptConfig(), mode="auto", pin_prefix="/x/p")
+    assert rec["mode"] == "iptables" and rec["reason"] == "probe says iptables"
+    assert rec["fallback"] is None
+
+
+def test_auto_falls_back_to_iptables_when_ebpf_fails_at_run_time(fake):
+    fake(ebpf_fails=True)
+    rec = modes.attach(FakePod(), InterceptConfig(), mode="auto", pin_prefix="/x/p",
+                       splice=True, iptables_binary=None)
+    assert [c[0] for c in FakeInterceptor.calls] == ["ebpf", "iptables"]
+    assert rec["mode"] == "iptables"
+    assert "cannot load programs" in rec["fallback"] and "fell back to iptables" in rec["fallback"]
+    # each interceptor gets only the options it understands
+    assert "splice" not in FakeInterceptor.calls[1][1]
+
+
+def test_a_forced_mode_never_falls_back(fake):
+    fake(ebpf_fails=True)
+    with pytest.raises(ApplyError):
+        modes.attach(FakePod(), InterceptConfig(), mode="ebpf", pin_prefix="/x/p")
+    assert [c[0] for c in FakeInterceptor.calls] == ["ebpf"]
+
+
+def test_unknown_mode_is_a_usage_error():
+    with pytest.raises(UsageError):
+        modes.choose_mode("bpf")

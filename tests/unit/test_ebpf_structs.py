@@ -1,0 +1,261 @@
+"""meshbpf/ebpf/structs.py mirrors bpf/meshbpf.h, and its packing functions follow Istio's
+semantics. No root, no bcc: the header is parsed here and its layout computed with the C
+rules (natural alignment), then compared with the ctypes mirror."""
+
+import ctypes
+import ipaddress
+import os
+import re
+
+import pytest
+
+from meshbpf.config import InterceptConfig
+from meshbpf.ebpf import loader, structs
+from meshbpf.errors import UsageError
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HEADER = os.path.join(REPO, "bpf", "meshbpf.h")
+SIZES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__be16": 2, "__be32": 4}
+
+
+def _header():
+    with open(HEADER) as f:
+        text = f.read()
+    return re.sub(r"/\*.*?\*/", "", text, flags=re.S)
+
+
+def _defines(text):
+    out = {}
+    for m in re.finditer(r"^#define\s+(\w+)\s+(.+)$", text, flags=re.M):
+        out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def _eval(expr, defines):
+    expr = expr.strip()
+    if expr in defines:
+        return _eval(defines[expr], defines)
+    expr = re.sub(r"(\d+)u\b", r"\1", expr)
+    return eval(expr, {})  # noqa: S307 - our own header's integer constants
+
+
+def c_layout(name):
+    """[(field, offset, size)] and total size of `struct name` per the C rules."""
+    text = _header()
+    defines = _defines(text)
+    m = re.search(r"struct\s+" + name + r"\s*\{(.*?)\};", text, flags=re.S)
+    assert m, f"struct {name} not in meshbpf.h"
+    fields, off, align_max = [], 0, 1
+    for decl in m.group(1).split(";"):
+        decl = decl.strip()
+        if not decl:
+            continue
+        fm = re.match(r"(\w+)\s+(\w+)(?:\[(\w+)\])?$", decl)
+        assert fm, f"cannot parse {decl!r} in struct {name}"
+        ctype, fname, count = fm.groups()
+        size = SIZES[ctype]
+        n = _eval(count, defines) if count else 1
+        off = (off + size - 1) // size * size
+        fields.append((fname, off, size * n))
+        off += size * n
+        align_max = max(align_max, size)
+    total = (off + align_max - 1) // align_max * align_max
+    return fields, total
+
+
+@pytest.mark.parametrize("cname", sorted(structs.MIRRORS))
+def test_struct_mirror_matches_header(cname):
+    mirror = structs.MIRRORS[cname]
+    fields, total = c_layout(cname)
+    assert ctypes.sizeof(mirror) == total
+    got = [(f, getattr(mirror, f).offset, getattr(mirror, f).size) for f, *_ in mirror._fields_]
+    assert got == fields
+
+
+def test_counter_enum_matches_header():
+    text = _header()
+    enum = re.search(r"enum\s+mb_counter\s*\{(.*?)\};", text, flags=re.S).group(1)
+    entries = dict((k, int(v)) for k, v in re.findall(r"(COUNTER_\w+)\s*=\s*(\d+)", enum))
+    assert entries.pop("COUNTER_MAX") == structs.COUNTER_MAX
+    names = [n[len("COUNTER_"):].lower() for n, _ in sorted(entries.items(), key=lambda kv: kv[1])]
+    assert names == structs.COUNTERS
+    assert sorted(entries.values()) == list(range(len(entries)))
+
+
+def test_flag_constants_match_header():
+    defines = _defines(_header())
+    for name in ("POD_F_OUTBOUND_ALL", "POD_F_IPV6", "POD_F_OWNER_INCLUDE",
+                 "POD_F_OWNER_EXCLUDE", "POD_F_INBOUND_ALL", "RULE_INCLUDE", "RULE_EXCLUDE",
+                 "NODE_F_SPLICE", "ORIG_F_ANSWERED", "MB_MAX_IDS", "MB_MAX_PODS"):
+        assert _eval(name, defines) == getattr(structs, name), name
+
+
+def test_map_key_types_match_the_header_declarations():
+    from meshbpf.ebpf.maps import MAP_TYPES
+    text = _header()
+    decl = {}
+    for m in re.finditer(r"BPF_(HASH|LPM_TRIE|ARRAY|PERCPU_ARRAY)\((\w+),\s*([\w ]+?),\s*([\w ]+?),", text):
+        decl[m.group(2)] = (m.group(3).strip(), m.group(4).strip())
+    sizes = {"__u64": 8, "__u32": 4}
+    for name, (k, v) in decl.items():
+        if name not in MAP_TYPES:
+            continue
+        kt, vt = MAP_TYPES[name]
+        ks = sizes.get(k) or ctypes.sizeof(structs.MIRRORS[k.replace("struct ", "")])
+        vs = sizes.get(v) or ctypes.sizeof(structs.MIRRORS[v.replace("struct ", "")])
+        assert (ctypes.sizeof(kt), ctypes.sizeof(vt)) == (ks, vs), name
+    # ARRAY / PERCPU_ARRAY keys are u32 implicitly; the declared type is the value
+    assert "counters" in MAP_TYPES and "node_cfg" in MAP_TYPES
+
+
+# ---- packing --------------------------------------------------------------------------------
+
+def test_ip16_maps_ipv4_and_roundtrips():
+    assert structs.ip16("10.1.2.3") == bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 3])
+    assert structs.ip16("fd00::1") == ipaddress.ip_address("fd00::1").packed
+    assert structs.ip_from16(structs.ip16("10.1.2.3")) == ipaddress.ip_address("10.1.2.3")
+    assert structs.ip_from16(structs.ip16("fd00::1")) == ipaddress.ip_address("fd00::1")
+
+
+def test_pod_struct_defaults():
+    pc = structs.pod_struct(InterceptConfig(), 7)
+    assert structs.ntohs(pc.proxy_port) == 15001
+    assert structs.ntohs(pc.inbound_port) == 15006
+    assert pc.pod_index == 7
+    assert list(pc.uids[:pc.n_uids]) == [1337] and list(pc.gids[:pc.n_gids]) == [1337]
+    assert pc.flags & structs.POD_F_OUTBOUND_ALL
+    assert not pc.flags & structs.POD_F_IPV6
+    assert not pc.flags & (structs.POD_F_OWNER_INCLUDE | structs.POD_F_OWNER_EXCLUDE)
+    # network byte order on the wire: 15001 = 0x3a99 -> bytes 3a 99
+    assert bytes(pc)[:2] == b"\x3a\x99"
+
+
+def test_pod_struct_options():
+    cfg = InterceptConfig(proxy_port=16001, proxy_uid="3,4", proxy_gid="5",
+                          outbound_ip_ranges_include="10.0.0.0/8", enable_ipv6=True,
+                          owner_groups_exclude="1001,1002")
+    pc = structs.pod_struct(cfg, 1)
+    assert structs.ntohs(pc.proxy_port) == 16001
+    assert list(pc.uids[:pc.n_uids]) == [3, 4] and list(pc.gids[:pc.n_gids]) == [5]
+    assert not pc.flags & structs.POD_F_OUTBOUND_ALL
+    assert pc.flags & structs.POD_F_IPV6
+    assert pc.flags & structs.POD_F_OWNER_EXCLUDE
+    assert list(pc.owner_gids[:pc.n_owner_gids]) == [1001, 1002]
+    inc = structs.pod_struct(InterceptConfig(owner_groups_include="1001"), 1)
+    assert inc.flags & structs.POD_F_OWNER_INCLUDE
+
+
+def test_too_many_proxy_uids_is_a_usage_error():
+    cfg = InterceptConfig(proxy_uid=",".join(str(i) for i in range(1, 11)))
+    with pytest.raises(UsageError):
+        structs.pod_struct(cfg, 1)
+
+
+def test_cidr_key_prefix_lengths():
+    k4 = structs.cidr_key(3, ipaddress.ip_network("10.1.0.0/16"))
+    assert k4.prefixlen == 32 + 96 + 16 and k4.pod_index == 3
+    assert bytes(k4.ip) == structs.ip16("10.1.0.0")
+    k6 = structs.cidr_key(3, ipaddress.ip_network("fd00::/8"))
+    assert k6.prefixlen == 32 + 8
+    host = structs.cidr_key(1, ipaddress.ip_network("127.0.0.1/32"))
+    assert host.prefixlen == 32 + 128
+    assert ctypes.sizeof(k4) == 24
+
+
+def _rules(cfg, extra=()):
+    return {str(n): r for n, r in structs.cidr_rules(cfg, extra)}
+
+
+def test_cidr_rules_wildcard_only_excludes_loopback_and_own_addresses():
+    rules = _rules(InterceptConfig(), [ipaddress.ip_network("10.233.0.5/32")])
+    assert rules == {"127.0.0.1/32": structs.RULE_EXCLUDE, "10.233.0.5/32": structs.RULE_EXCLUDE}
+
+
+def test_cidr_rules_exclude_wins_over_a_narrower_include():
+    cfg = InterceptConfig(outbound_ip_ranges_include="10.1.0.0/16,192.168.0.0/16,fd00::/8",
+                          outbound_ip_ranges_exclude="10.0.0.0/8,fd00:1::/32")
+    rules = _rules(cfg)
+    assert rules["10.0.0.0/8"] == structs.RULE_EXCLUDE
+    # Istio checks every exclude first: an include inside an exclude is excluded
+    assert rules["10.1.0.0/16"] == structs.RULE_EXCLUDE
+    assert rules["192.168.0.0/16"] == structs.RULE_INCLUDE
+    assert rules["fd00::/8"] == structs.RULE_INCLUDE
+    assert rules["fd00:1::/32"] == structs.RULE_EXCLUDE
+
+
+def test_cidr_rules_same_range_in_both_is_excluded():
+    cfg = InterceptConfig(outbound_ip_ranges_include="10.0.0.0/8",
+                          outbound_ip_ranges_exclude="10.0.0.0/8")
+    assert _rules(cfg)["10.0.0.0/8"] == structs.RULE_EXCLUDE
+
+
+def lpm(rules, addr):
+    """What the kernel's LPM trie answers for `addr` given `rules`."""
+    ip = ipaddress.ip_address(addr)
+    best = None
+    for net, rule in rules:
+        if net.version == ip.version and ip in net:
+            if best is None or net.prefixlen > best[0].prefixlen:
+                best = (net, rule)
+    return best[1] if best else 0
+
+
+@pytest.mark.parametrize("addr", ["10.1.2.3", "10.2.0.1", "192.168.1.1", "172.16.0.1",
+                                  "127.0.0.1", "fd00::1", "fd00:1::1"])
+def test_lpm_answer_equals_istio_order(addr):
+    cfg = InterceptConfig(outbound_ip_ranges_include="10.1.0.0/16,192.168.0.0/16,fd00::/8",
+                          outbound_ip_ranges_exclude="10.0.0.0/8,fd00:1::/32")
+    inc, exc = cfg.outbound_cidrs()
+    ip = ipaddress.ip_address(addr)
+    loop = ipaddress.ip_network(cfg.host_ipv4_loopback_cidr)
+    istio_excluded = any(ip.version == n.version and ip in n for n in list(exc) + [loop])
+    istio_included = any(ip.version == n.version and ip in n for n in inc)
+    got = lpm(structs.cidr_rules(cfg), addr)
+    if istio_excluded:
+        assert got == structs.RULE_EXCLUDE
+    elif istio_included:
+        assert got == structs.RULE_INCLUDE
+    else:
+        assert got == 0
+
+
+def test_port_rules_exclude_wins():
+    cfg = InterceptConfig(outbound_ports_include="80,443", outbound_ports_exclude="443,22")
+    assert structs.port_rules(cfg) == [(22, structs.RULE_EXCLUDE), (80, structs.RULE_INCLUDE),
+                                       (443, structs.RULE_EXCLUDE)]
+    k = structs.port_key(2, 443)
+    assert k.pod_index == 2 and structs.ntohs(k.port) == 443 and ctypes.sizeof(k) == 8
+
+
+# ---- loader (pure parts) ------------------------------------------------------------------
+
+def test_render_source_is_one_module():
+    text = loader.render_source()
+    assert not re.search(r'^\s*#include "meshbpf.h"', text, flags=re.M)
+    assert text.count("#ifndef MESHBPF_H") == 1
+    for fn in ("mb_connect4", "mb_connect6", "mb_getsockopt", "mb_sockops", "mb_sk_msg",
+               "mb_getpeername4", "mb_getpeername6"):
+        assert re.search(r"\bint\s+" + fn + r"\s*\(", text), fn
+    assert "#define HAVE_GETPEERNAME 1" in text
+
+
+def test_missing_getpeername_drops_those_programs():
+    feats = {"cgroup_getpeername4": False, "cgroup_getpeername6": True}
+    text = loader.render_source(feats)
+    assert "mb_getpeername4" not in text and "HAVE_GETPEERNAME" not in text
+    names = {p.name for p in loader.wanted_programs(text, feats)}
+    assert "mb_getpeername4" not in names and "mb_connect4" in names
+    # a probe report shape works as well
+    report = {"features": {"cgroup_getpeername4": {"ok": False}}}
+    assert "mb_getpeername4" not in loader.render_source(report)
+
+
+def test_splice_off_leaves_sk_msg_out():
+    text = loader.render_source()
+    assert "mb_sk_msg" in {p.name for p in loader.wanted_programs(text, splice=True)}
+    assert "mb_sk_msg" not in {p.name for p in loader.wanted_programs(text, splice=False)}
+
+
+def test_pin_prefix_must_be_on_bpffs():
+    with pytest.raises(UsageError):
+        loader.ensure_loaded("/tmp/meshbpf-not-bpffs", "/sys/fs/cgroup")
