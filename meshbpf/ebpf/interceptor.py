@@ -126,83 +126,112 @@ class EbpfInterceptor(Interceptor):
             return self._attach(pod, config)
 
     def _attach(self, pod, config):
-        if config.redirect_dns:
-            pass            # DNS capture is not implemented in eBPF mode; the record says so
         cookie = pod.netns_cookie
-        addresses = [a for a in pod.addresses()]
-        # Pure part first: a bad config fails before anything is touched.
+        addresses = list(pod.addresses())
+        # Pure part first: a config eBPF mode cannot express fails before anything changes.
+        pc = structs.pod_struct(config, 0)
+        cidrs = structs.cidr_rules(config, extra_excludes=[
+            ipaddress.ip_network(a) for a in addresses])
+        ports = structs.port_rules(config)
+        old_rec = self.store.load(pod.key) or {}
         node = self._ensure_node()
-        with Maps(self.pin_prefix) as maps:
-            index = self._pod_index(maps, cookie)
-            pc = structs.pod_struct(config, index)
-            cidrs = structs.cidr_rules(config, extra_excludes=[
-                ipaddress.ip_network(a) for a in addresses])
-            ports = structs.port_rules(config)
-            old_pod = maps["pods"].lookup(structs.U64(cookie))
-            old_cidr, old_ports = self._rule_keys(maps, index)
-            old_rec = self.store.load(pod.key) or {}
-            written = []
-            try:
-                new_cidr = set()
-                for net, rule in cidrs:
-                    k = structs.cidr_key(index, net)
-                    maps["cidr_rules"].update(k, structs.U32(rule))
-                    written.append(("cidr_rules", bytes(k)))
-                    new_cidr.add(bytes(k))
-                new_ports = set()
-                for port, rule in ports:
-                    k = structs.port_key(index, port)
-                    maps["port_rules"].update(k, structs.U32(rule))
-                    written.append(("port_rules", bytes(k)))
-                    new_ports.add(bytes(k))
-                for a in addresses:
-                    k = structs.ip_key(a)
-                    maps["local_ips"].update(k, structs.U32(index))
-                    written.append(("local_ips", bytes(k)))
-                maps["pods"].update(structs.U64(cookie), pc)     # last: the pod goes live
-                written.append(("pods", bytes(structs.U64(cookie))))
-            except (OSError, ValueError) as e:
-                for name, key in reversed(written):
-                    if name == "pods" and old_pod is not None:
-                        maps["pods"].update(key, old_pod)
-                    elif (name == "cidr_rules" and key in old_cidr) or \
-                            (name == "port_rules" and key in old_ports):
-                        continue
-                    else:
-                        maps[name].delete(key)
-                raise ApplyError(f"enrolling pod {pod.name} failed, rolled back: {e}")
-            # A re-attach with another config: drop the rules it no longer has.
-            for k in old_cidr:
-                if k not in new_cidr:
-                    maps["cidr_rules"].delete(k)
-            for k in old_ports:
-                if k not in new_ports:
-                    maps["port_rules"].delete(k)
-            for a in old_rec.get("addresses", []):
-                if a not in [str(x) for x in addresses]:
-                    maps["local_ips"].delete(structs.ip_key(a))
-            inbound = None
-            mod = _inbound()
-            if mod is not None and hasattr(mod, "attach_pod"):
-                progs = self._tc_prog_fds()
+        try:
+            with Maps(self.pin_prefix) as maps:
+                index = self._pod_index(maps, cookie)
+                pc.pod_index = index
+                snap = self._snapshot(maps, cookie, index,
+                                      set(old_rec.get("addresses", [])) | {str(a) for a in addresses})
                 try:
-                    if progs:
-                        inbound = mod.attach_pod(pod, config, maps, progs)
-                except MeshbpfError:
-                    self._remove_entries(maps, cookie, index, addresses)
-                    raise
-                finally:
-                    for fd in progs.values():
-                        os.close(fd)
+                    self._write(maps, cookie, index, pc, cidrs, ports, addresses)
+                    inbound = self._attach_inbound(pod, config, maps)
+                except (MeshbpfError, OSError, ValueError) as e:
+                    self._restore(maps, snap, cookie, index)
+                    if isinstance(e, MeshbpfError):
+                        raise
+                    raise ApplyError(f"enrolling pod {pod.name} failed, rolled back: {e}")
+        except BaseException:
+            if not node["adopted"]:
+                with Maps(self.pin_prefix) as maps:
+                    empty = len(maps["pods"]) == 0
+                if empty:            # this call loaded the node for nothing: undo that too
+                    self._cleanup_node()
+            raise
         record = {
             "name": pod.name, "netns": pod.netns, "cgroup": pod.cgroup, "mode": self.mode,
             "netns_cookie": cookie, "pod_index": index,
             "addresses": [str(a) for a in addresses], "config": config.to_dict(),
             "splice": self.splice, "programs": node["programs"],
+            "degraded": node.get("degraded") or self._node_record().get("degraded", []),
             "inbound": inbound if isinstance(inbound, (dict, list, str, type(None))) else str(inbound),
             "not_supported": (["redirect_dns"] if config.redirect_dns else []),
         }
         return self.store.save(pod.key, record)
+
+    @staticmethod
+    def _snapshot(maps, cookie, index, addresses):
+        """The pod's current entries (raw bytes), to restore on a failed (re-)attach."""
+        def raw(name, key):
+            v = maps[name].lookup_raw(key)
+            return bytes(v) if v is not None else None
+        return {
+            "pods": raw("pods", structs.U64(cookie)),
+            "cidr_rules": {bytes(k): raw("cidr_rules", k)
+                           for k in maps["cidr_rules"].keys() if k.pod_index == index},
+            "port_rules": {bytes(k): raw("port_rules", k)
+                           for k in maps["port_rules"].keys() if k.pod_index == index},
+            "local_ips": {bytes(structs.ip_key(a)): raw("local_ips", structs.ip_key(a))
+                          for a in addresses},
+        }
+
+    @staticmethod
+    def _restore(maps, snap, cookie, index):
+        if snap["pods"] is None:
+            maps["pods"].delete(structs.U64(cookie))
+        else:
+            maps["pods"].update(structs.U64(cookie), snap["pods"])
+        for name in ("cidr_rules", "port_rules"):
+            for k in [bytes(k) for k in maps[name].keys() if k.pod_index == index]:
+                if k not in snap[name]:
+                    maps[name].delete(k)
+            for k, v in snap[name].items():
+                if v is not None:
+                    maps[name].update(k, v)
+        for k, v in snap["local_ips"].items():
+            if v is None:
+                maps["local_ips"].delete(k)
+            else:
+                maps["local_ips"].update(k, v)
+
+    @staticmethod
+    def _write(maps, cookie, index, pc, cidrs, ports, addresses):
+        """Write the pod's entries; the pods entry last, so connect never sees half a pod.
+        Rules the pod no longer has (a re-attach with another config) are removed."""
+        want_cidr, want_ports = {}, {}
+        for net, rule in cidrs:
+            want_cidr[bytes(structs.cidr_key(index, net))] = rule
+        for port, rule in ports:
+            want_ports[bytes(structs.port_key(index, port))] = rule
+        for name, want in (("cidr_rules", want_cidr), ("port_rules", want_ports)):
+            for k, rule in want.items():
+                maps[name].update(k, structs.U32(rule))
+        for a in addresses:
+            maps["local_ips"].update(structs.ip_key(a), structs.U32(index))
+        maps["pods"].update(structs.U64(cookie), pc)
+        for name, want in (("cidr_rules", want_cidr), ("port_rules", want_ports)):
+            for k in [bytes(k) for k in maps[name].keys() if k.pod_index == index]:
+                if k not in want:
+                    maps[name].delete(k)
+
+    def _attach_inbound(self, pod, config, maps):
+        mod = _inbound()
+        if mod is None or not hasattr(mod, "attach_pod"):
+            return None
+        progs = self._tc_prog_fds()
+        try:
+            return mod.attach_pod(pod, config, maps, progs) if progs else None
+        finally:
+            for fd in progs.values():
+                os.close(fd)
 
     def _tc_prog_fds(self):
         """{name: fd} of the pinned inbound tc programs (caller closes the fds)."""
@@ -322,6 +351,12 @@ class EbpfInterceptor(Interceptor):
                 os.unlink(d)
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(self.store.dir))
+
+    def _cleanup_node(self):
+        if os.path.isdir(self.pin_prefix):
+            loader.unload(self.pin_prefix, self.root)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.node_file)
 
     def _cleanup(self):
         errors = []

@@ -122,7 +122,7 @@ def test_inbound_from_a_non_meshed_pod(mesh):
 def test_inbound_bulk_transfer_iperf3(mesh):
     b, c, env_b = mesh["b"], mesh["c"], mesh["env_b"]
     srv = b.spawn(["iperf3", "-s", "-p", "5201", "-1"])
-    b.wait_port(5201, host="127.0.0.1")
+    b.wait_port(5201, listening=True)
     before = env_b.stats().get(IN_CX, 0)
     r = c.exec(["iperf3", "-c", b.ip4, "-p", "5201", "-n", "1G", "-J"], timeout=240)
     srv.stop()

@@ -412,13 +412,39 @@ def _prog_exists(prog_id):
     return True
 
 
-def test_pod_outside_the_cgroup_root_is_refused(node, icpt, tmp_path):
+def test_bad_input_changes_nothing(node, icpt):
     sb, a, _, _ = node
-    ic = EbpfInterceptor(pin_prefix=sb.pin_prefix,
-                         cgroup_root=os.path.join(sb.cgroup_root, "b"))
+    # the pod's cgroup is not under the attach point: its sockets would not be seen
+    ic = icpt(cgroup_root=os.path.join(sb.cgroup_root, "b"))
     with pytest.raises(UsageError):
         ic.attach(a.pod, InterceptConfig())
     assert not os.path.exists(sb.pin_prefix)
+    # more proxy uids than the pod struct holds: refused before anything is loaded
+    ic = icpt()
+    with pytest.raises(UsageError):
+        ic.attach(a.pod, InterceptConfig(proxy_uid=",".join(str(i) for i in range(1, 11))))
+    assert not os.path.exists(sb.pin_prefix)
+    # a valid attach, then a bad re-attach: the first config stays in force
+    ic.attach(a.pod, InterceptConfig(outbound_ports_exclude="22"))
+    with pytest.raises(UsageError):
+        ic.attach(a.pod, InterceptConfig(proxy_uid=",".join(str(i) for i in range(1, 11))))
+    with Maps(sb.pin_prefix) as m:
+        assert len(m["pods"]) == 1 and len(m["port_rules"]) == 1
+
+
+def test_detach_key_after_the_pod_is_gone(node, icpt):
+    sb, _, _, _ = node
+    p = sb.add_pod("gone")
+    ic = icpt()
+    rec = ic.attach(p.pod, InterceptConfig(outbound_ports_exclude="22"))
+    key = p.pod.key
+    sb.remove_pod("gone")
+    assert ic.detach_key(key) is True
+    with Maps(sb.pin_prefix) as m:
+        assert len(m["pods"]) == 0 and len(m["port_rules"]) == 0
+        assert len(m["cidr_rules"]) == 0 and len(m["local_ips"]) == 0
+    assert ic.status()["pods"] == [] and rec["pod_index"] >= 1
+    assert ic.detach_key(key) is False
 
 
 def test_many_pods_with_colliding_loopback_tuples(node, icpt):
