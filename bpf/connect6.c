@@ -20,13 +20,22 @@ int mb_connect6(struct bpf_sock_addr *ctx)
     if (!v4 && !(pc->flags & POD_F_IPV6))
         return 1;
     __u16 port = (__u16)ctx->user_port;
-    if (!mb_should_capture(pc, ip, port))
+    __u32 src[4] = {};
+    struct bpf_sock *sk = ctx->sk;
+    if (sk) {
+        src[0] = sk->src_ip6[0];
+        src[1] = sk->src_ip6[1];
+        src[2] = sk->src_ip6[2];
+        src[3] = sk->src_ip6[3];
+    }
+    int verdict = mb_should_capture(pc, ip, port, src);
+    if (!verdict)
         return 1;
-    mb_remember(ctx, ip, port, v4 ? MB_AF_INET : MB_AF_INET6);
+    mb_remember(ctx, ip, port, v4 ? MB_AF_INET : MB_AF_INET6, verdict);
     ctx->user_ip6[0] = 0;
     ctx->user_ip6[1] = 0;
     ctx->user_ip6[2] = v4 ? bpf_htonl(0x0000ffff) : 0;
     ctx->user_ip6[3] = v4 ? bpf_htonl(0x7f000001) : bpf_htonl(1);
-    ctx->user_port = (__u32)pc->proxy_port;
+    ctx->user_port = (__u32)mb_capture_port(pc, verdict);
     return 1;
 }

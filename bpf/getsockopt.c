@@ -99,7 +99,7 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
         port = k.remote_port;
     }
     if (mb_answer(ctx, ip, port))
-        mb_count(COUNTER_ORIG_DST, 1);
+        mb_count(COUNTER_ORIG_DST_ANSWERED, 1);
     else
         mb_count(COUNTER_ORIG_DST_MISS, 1);
     return 1;

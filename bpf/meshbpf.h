@@ -23,7 +23,10 @@
  *   port_rules    connect4/6 (outbound port include/exclude)   — written by Python
  *   local_ips     sockops (is the peer on this node? => splice) — written by Python
  *   node_cfg      sockops (splice on/off)                      — written by Python
- *   orig_dst      connect4/6 write, getpeername4/6 read, sockops copy + delete
+ *   orig_dst      connect4/6 write, getpeername4/6 read, sockops copy + delete,
+ *                 sock_release delete
+ *   dns_orig      sendmsg4/6 write, recvmsg4/6 read, sock_release delete (by cookie;
+ *                 LRU only as a backstop on kernels without sock_release)
  *   pairs         sockops write/delete, getsockopt read
  *   sock_hash     sockops insert, sk_msg redirect
  *   inbound_pods, inbound_ports   tc_inbound (see the inbound section)
@@ -48,6 +51,7 @@
 #define MB_AF_INET 2
 #define MB_AF_INET6 10
 #define MB_SOCK_STREAM 1
+#define MB_SOCK_DGRAM 2
 #define MB_TCP_CLOSE 7
 
 /* ---- pod membership -------------------------------------------------------------------- */
@@ -58,6 +62,12 @@
 #define POD_F_OWNER_INCLUDE  (1u << 2)  /* capture only gids in owner_gids              */
 #define POD_F_OWNER_EXCLUDE  (1u << 3)  /* never capture gids in owner_gids             */
 #define POD_F_INBOUND_ALL    (1u << 4)  /* inbound_ports_include == '*' (inbound's)     */
+#define POD_F_DNS            (1u << 5)  /* redirect_dns: port 53 to the sidecar's DNS   */
+#define POD_F_DNS_ALL        (1u << 6)  /* capture_all_dns: any server, not the listed  */
+
+/* cidr_rules scope of a pod's DNS servers (dns_servers_v4/v6): pod_index | MB_DNS_SCOPE */
+#define MB_DNS_SCOPE 0x80000000u
+#define MB_DNS_PORT_BE bpf_htons(53) /* port 53 as stored in maps and ctx (network order) */
 
 struct pod_config {
     __u16 proxy_port;            /* outbound listener, network order (15001)           */
@@ -70,6 +80,8 @@ struct pod_config {
     __u32 uids[MB_MAX_IDS];      /* proxy uids: their connects are never rewritten     */
     __u32 gids[MB_MAX_IDS];      /* proxy gids: likewise                               */
     __u32 owner_gids[MB_MAX_IDS];/* owner_groups_include / _exclude                    */
+    __u16 dns_port;              /* the sidecar's DNS listener, network order (15053)  */
+    __u16 tunnel_port;           /* inbound_tunnel_port, network order (15008)         */
 };
 
 /* Outbound CIDR rules: LPM trie. prefixlen counts pod_index too: 32 + prefix length of
@@ -123,7 +135,7 @@ struct sock_key {
 enum mb_counter {
     COUNTER_REDIRECT_OUT = 0,    /* connects rewritten to the sidecar                  */
     COUNTER_REDIRECT_IN = 1,     /* inbound connections steered to 15006 (tc_inbound)  */
-    COUNTER_ORIG_DST = 2,        /* SO_ORIGINAL_DST answers                            */
+    COUNTER_ORIG_DST_ANSWERED = 2, /* SO_ORIGINAL_DST answers                          */
     COUNTER_ORIG_DST_MISS = 3,   /* SO_ORIGINAL_DST asked, nothing known               */
     COUNTER_PEERNAME = 4,        /* getpeername answers restored                       */
     COUNTER_SPLICE_MSGS = 5,     /* sk_msg messages redirected to the peer socket      */
@@ -136,6 +148,9 @@ enum mb_counter {
     COUNTER_INBOUND_NAT_MISS = 12, /* tc_inbound: non-SYN packet with no nat entry    */
     COUNTER_INBOUND_REPLY = 13,  /* tc_inbound: replies whose source port was restored */
     COUNTER_INBOUND_BYPASS = 14, /* tc_inbound: packets to excluded ports              */
+    COUNTER_DNS_REDIRECT = 15,   /* DNS queries (UDP sends, TCP connects) redirected   */
+    COUNTER_DNS_REPLY = 16,      /* DNS replies given back their server's address      */
+    COUNTER_REDIRECT_SELF = 17,  /* the proxy's connects to its own pod -> inbound port */
     COUNTER_MAX = 32
 };
 
@@ -148,6 +163,7 @@ BPF_ARRAY(node_cfg, struct node_config, 1);
 BPF_HASH(orig_dst, __u64, struct orig_dst, MB_MAX_CONNS);
 BPF_TABLE("lru_hash", struct sock_key, struct orig_dst, pairs, MB_MAX_CONNS);
 BPF_SOCKHASH(sock_hash, struct sock_key, MB_MAX_CONNS);
+BPF_TABLE("lru_hash", __u64, struct orig_dst, dns_orig, MB_MAX_CONNS);
 BPF_PERCPU_ARRAY(counters, __u64, COUNTER_MAX);
 
 /* ---- helpers --------------------------------------------------------------------------- */
@@ -202,14 +218,60 @@ static __always_inline int mb_id_in(__u32 id, const __u32 *ids, __u32 n)
     return 0;
 }
 
-/* The outbound decision shared by connect4 and connect6, in Istio's ISTIO_OUTPUT order:
- * outbound_ports_exclude -> proxy uid/gid -> owner groups -> loopback and excluded ranges
- * -> outbound_ports_include -> included ranges ('*' = all). `ip` is v4-mapped for IPv4,
- * `port` network order. Returns 1 to redirect the connect to the sidecar. */
-static __always_inline int mb_should_capture(struct pod_config *pc, const __u32 *ip, __u16 port)
+/* Is a port-53 destination one the pod's DNS capture takes (Istio's ISTIO_OUTPUT_DNS)? */
+static __always_inline int mb_dns_target(struct pod_config *pc, const __u32 *ip)
+{
+    if (!(pc->flags & POD_F_DNS))
+        return 0;
+    if (pc->flags & POD_F_DNS_ALL)
+        return 1;
+    struct cidr_key ck = {};
+    ck.prefixlen = 32 + 128;
+    ck.pod_index = pc->pod_index | MB_DNS_SCOPE;
+    __builtin_memcpy(ck.ip, ip, 16);
+    __u32 *r = cidr_rules.lookup(&ck);
+    return r && *r == RULE_INCLUDE;
+}
+
+static __always_inline int mb_is_proxy(struct pod_config *pc)
 {
     __u64 ug = bpf_get_current_uid_gid();
     __u32 uid = (__u32)ug, gid = (__u32)(ug >> 32);
+    return mb_id_in(uid, pc->uids, pc->n_uids) || mb_id_in(gid, pc->gids, pc->n_gids);
+}
+
+#define MB_CAPTURE_PROXY 1       /* redirect to the outbound listener (proxy_port)     */
+#define MB_CAPTURE_DNS 2         /* redirect to the DNS listener (dns_port)            */
+#define MB_CAPTURE_INBOUND 3     /* redirect to the inbound listener (inbound_port)    */
+
+/* Istio's `-o lo ! -d 127.0.0.1 ! --dport 15008 --uid-owner 1337 -j ISTIO_IN_REDIRECT`:
+ * the proxy dialling its own pod's IP goes through its inbound listener, unless the
+ * connection comes from the inbound passthrough itself (bound to 127.0.0.6 / ::6). */
+static __always_inline int mb_proxy_to_self(struct pod_config *pc, const __u32 *ip,
+                                            __u16 port, const __u32 *src)
+{
+    if (port == pc->tunnel_port || port == MB_DNS_PORT_BE)
+        return 0;
+    if (mb_is_mapped(src) ? src[3] == bpf_htonl(0x7f000006)
+                          : (src[0] == 0 && src[1] == 0 && src[2] == 0 && src[3] == bpf_htonl(6)))
+        return 0;
+    struct ip_key k = {};
+    mb_copy_ip(k.ip, ip);
+    __u32 *owner = local_ips.lookup(&k);
+    return owner && *owner == pc->pod_index;
+}
+
+/* The outbound decision shared by connect4 and connect6, in Istio's ISTIO_OUTPUT order:
+ * outbound_ports_exclude -> proxy uid/gid (its own pod IP: inbound) -> owner groups ->
+ * DNS (port 53 to a captured server) -> loopback and excluded ranges ->
+ * outbound_ports_include -> included ranges ('*' = all). `ip` is v4-mapped for IPv4,
+ * `port` network order, `src` the socket's bound source (v4-mapped, or zeros). Returns 0
+ * (leave it), MB_CAPTURE_PROXY, MB_CAPTURE_DNS or MB_CAPTURE_INBOUND. */
+static __always_inline int mb_should_capture(struct pod_config *pc, const __u32 *ip, __u16 port,
+                                             const __u32 *src)
+{
+    __u64 ug = bpf_get_current_uid_gid();
+    __u32 gid = (__u32)(ug >> 32);
     struct port_key pk = {};
     pk.pod_index = pc->pod_index;
     pk.port = port;
@@ -218,7 +280,9 @@ static __always_inline int mb_should_capture(struct pod_config *pc, const __u32 
         mb_count(COUNTER_BYPASS_RULE, 1);
         return 0;
     }
-    if (mb_id_in(uid, pc->uids, pc->n_uids) || mb_id_in(gid, pc->gids, pc->n_gids)) {
+    if (mb_is_proxy(pc)) {
+        if (mb_proxy_to_self(pc, ip, port, src))
+            return MB_CAPTURE_INBOUND;
         mb_count(COUNTER_BYPASS_PROXY, 1);
         return 0;
     }
@@ -226,6 +290,8 @@ static __always_inline int mb_should_capture(struct pod_config *pc, const __u32 
         goto bypass;
     if ((pc->flags & POD_F_OWNER_EXCLUDE) && mb_id_in(gid, pc->owner_gids, pc->n_owner_gids))
         goto bypass;
+    if (port == MB_DNS_PORT_BE && mb_dns_target(pc, ip))
+        return MB_CAPTURE_DNS;
     struct cidr_key ck = {};
     ck.prefixlen = 32 + 128;
     ck.pod_index = pc->pod_index;
@@ -238,16 +304,27 @@ static __always_inline int mb_should_capture(struct pod_config *pc, const __u32 
     if (mb_is_loopback(ip) && crule != RULE_INCLUDE)
         goto bypass;
     if (pa && *pa == RULE_INCLUDE)
-        return 1;
+        return MB_CAPTURE_PROXY;
     if (crule == RULE_INCLUDE || (pc->flags & POD_F_OUTBOUND_ALL))
-        return 1;
+        return MB_CAPTURE_PROXY;
 bypass:
     mb_count(COUNTER_BYPASS_RULE, 1);
     return 0;
 }
 
+/* The listener a verdict sends the connect to (network order). */
+static __always_inline __u16 mb_capture_port(struct pod_config *pc, int verdict)
+{
+    if (verdict == MB_CAPTURE_DNS)
+        return pc->dns_port;
+    if (verdict == MB_CAPTURE_INBOUND)
+        return pc->inbound_port;
+    return pc->proxy_port;
+}
+
 /* Remember what the app dialled (by socket cookie) and count the redirect. */
-static __always_inline void mb_remember(void *ctx, const __u32 *ip, __u16 port, __u16 family)
+static __always_inline void mb_remember(void *ctx, const __u32 *ip, __u16 port, __u16 family,
+                                       int verdict)
 {
     struct orig_dst od = {};
     mb_copy_ip(od.ip, ip);
@@ -255,7 +332,8 @@ static __always_inline void mb_remember(void *ctx, const __u32 *ip, __u16 port, 
     od.family = family;
     __u64 ck = mb_socket_cookie(ctx);
     orig_dst.update(&ck, &od);
-    mb_count(COUNTER_REDIRECT_OUT, 1);
+    mb_count(verdict == MB_CAPTURE_DNS ? COUNTER_DNS_REDIRECT :
+             verdict == MB_CAPTURE_INBOUND ? COUNTER_REDIRECT_SELF : COUNTER_REDIRECT_OUT, 1);
 }
 
 /* ---- inbound (tc_inbound.c) -------------------------------------------------------------
@@ -272,8 +350,7 @@ static __always_inline void mb_remember(void *ctx, const __u32 *ip, __u16 port, 
  *   - replies carry the original source port because the socket is bound to it;
  *   - sockops sees the real 4-tuple, mirror of the peer's: register the socket as usual,
  *     no inbound_nat lookup, nothing to delete on close.
- * So tc_inbound writes NO inbound_nat entries. inbound_nat stays declared only because
- * core code may still reference it; it can be removed with those references.
+ * So there is no inbound_nat map (the port-rewrite design's per-connection state).
  *
  * Inbound policy maps, written by meshbpf/ebpf/inbound.py (policy_entries), keyed by pod
  * IP (node-unique, so no netns cookie is needed and tc needs no netns helper): */
@@ -303,21 +380,6 @@ BPF_HASH(inbound_ports, struct inbound_port_key, __u32, 65536);
  * ("inbound_unsteerable") in the enum and structs.py, then update these two lines. */
 #define MBI_COUNTER_NO_LISTENER COUNTER_INBOUND_NAT_MISS   /* SYN dropped: no capture listener */
 #define MBI_COUNTER_UNSTEERABLE COUNTER_INBOUND_REPLY      /* TCP fragment etc. dropped */
-
-/* Kept for the core programs only (see the design note): never written by tc_inbound. */
-struct inbound_key {
-    __u32 pod_ip[4];             /* v4-mapped if IPv4 */
-    __u32 peer_ip[4];
-    __u16 peer_port;             /* network order */
-    __u16 pad;
-    __u32 pad2;
-};
-struct inbound_val {
-    __u16 orig_port;             /* network order */
-    __u16 pad;
-    __u32 pad2;
-};
-BPF_HASH(inbound_nat, struct inbound_key, struct inbound_val, 65536);
 
 /* ---- end of inbound section ---- */
 #endif /* MESHBPF_H */

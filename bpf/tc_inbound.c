@@ -129,6 +129,8 @@ int tc_inbound_ingress(struct __sk_buff *skb)
         __builtin_memcpy(tuple.ipv6.daddr, &ip6h.daddr, 16);
         tuple_len = sizeof(tuple.ipv6);
         __builtin_memcpy(pk.ip, &ip6h.daddr, 16);
+        if (mb_is_mapped(pk.ip))                 /* never a real IPv6 destination */
+            return TC_ACT_OK;
         l4off = MBI_ETH_HLEN + sizeof(ip6h);
         __u8 nexthdr = ip6h.nexthdr;
         /* Skip extension headers to find TCP. A fragment, or a chain too long to walk,

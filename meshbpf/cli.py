@@ -244,9 +244,10 @@ def cleanup(pin_prefix, cgroup_root, output):
 def _register_subcommands():
     from .bench.commands import bench
     from .demo import demo
+    from .ebpf.commands import ebpf
     from .iptables.commands import iptables
     from .probe import probe_command
-    for cmd in (probe_command, iptables, bench, demo):
+    for cmd in (probe_command, iptables, ebpf, bench, demo):
         main.add_command(cmd)
 
 

@@ -64,6 +64,6 @@ def _ebpf_present(pin_prefix):
 
 def _for(mode, kw):
     """The keyword arguments `mode`'s interceptor takes."""
-    keys = {"ebpf": ("pin_prefix", "cgroup_root", "splice"),
+    keys = {"ebpf": ("pin_prefix", "cgroup_root", "splice", "ipv6_auto"),
             "iptables": ("pin_prefix", "iptables_binary", "reconcile", "ipv6_auto")}[mode]
     return {k: kw[k] for k in keys if k in kw}

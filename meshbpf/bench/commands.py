@@ -94,8 +94,10 @@ out_opt = click.option("--out", "out_dir", type=click.Path(file_okay=False),
                        help="Also write JSON, a Markdown report and PNG charts into DIR.")
 quick_opt = click.option("--quick", is_flag=True,
                          help="Short run (< 60 s) that still covers every mode / N=20,000.")
-rounds_opt = click.option("--rounds", type=click.IntRange(1, 100),
-                          help="Interleaved rounds (default 5, --quick 1).")
+
+
+def rounds_opt(default_help):
+    return click.option("--rounds", type=click.IntRange(1, 100), help=default_help)
 
 
 class BenchGroup(click.Group):
@@ -125,7 +127,7 @@ def bench():
 @quick_opt
 @output_opt
 @out_opt
-@rounds_opt
+@rounds_opt("Rounds, the order of modes rotating each round (default 5, --quick 1).")
 @click.option("--sizes", default=None, help="sockperf message sizes in bytes, comma list "
               "(default 64,1024; --quick 64).")
 @click.option("--modes", default=None, help="Comma list of modes (default all: "
@@ -150,7 +152,7 @@ def latency_cmd(quick, output, out_dir, rounds, sizes, modes, duration, n_opt):
 @quick_opt
 @output_opt
 @out_opt
-@rounds_opt
+@rounds_opt("Rounds of the connection-rate part (default 3, --quick 1).")
 @click.option("--n", "n_opt", default=None,
               help="Comma list of N existing entries (default 100,1000,5000,20000; "
                    "--quick 100,20000). '20k' works.")

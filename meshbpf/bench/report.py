@@ -110,9 +110,11 @@ def _table(headers, rows, aligns=None):
 
 
 def _md_table(headers, rows):
+    left = lambda i, h: i == 0 or h in ("errors", "error", "backend")
+    cell = lambda c: str(c).replace("|", "\\|").replace("\n", " ")
     out = ["| " + " | ".join(headers) + " |",
-           "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+           "|" + "|".join("---" if left(i, h) else "---:" for i, h in enumerate(headers)) + "|"]
+    out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
 
 
@@ -232,7 +234,8 @@ def _rules_grid(result):
 def _dataplane_rows(result):
     rows = []
     for r in sorted(result.get("dataplane", []), key=lambda r: (r["n"], r["backend"])):
-        rows.append([r["backend"], f"{r['n']:,}", _fmt(r.get("conn_per_s"), ".0f"),
+        name = r["backend"] + (f" ({r['impl']})" if r.get("impl") else "")
+        rows.append([name, f"{r['n']:,}", _fmt(r.get("conn_per_s"), ".0f"),
                      _fmt_ratio(r.get("ratio_to_ebpf")), r.get("error") or ""])
     return ["backend", "N entries", "conn/s", "vs eBPF", "error"], rows
 
@@ -248,6 +251,7 @@ def rules_text(result):
     lines.append("")
     lines += [f"target: {t['name']}: {_verdict(t)} ({t['detail']})" for t in result.get("targets", [])]
     lines += [f"error: {e}" for e in result.get("errors", [])]
+    lines += [f"note: {e}" for e in result.get("notes", [])]
     return "\n".join(lines)
 
 
@@ -258,17 +262,34 @@ def rules_markdown(result, charts=()):
            "(one pod's interception), `add-entry` / `remove-entry` (one excluded CIDR), "
            "`full-sync` (writing all N entries). iptables timings include the `iptables` "
            "process; eBPF timings are bpf(2) map updates. The ratio is to eBPF in the same run.",
+           "",
+           "- iptables: the N entries are Istio's `-A ISTIO_OUTPUT -d <cidr> -j RETURN` "
+           "exclusions in one pod's nat table; add = `iptables -w -t nat -I ISTIO_OUTPUT <pos>` "
+           "before the final jump to ISTIO_REDIRECT, remove = `-D` by rule spec; full sync = "
+           "one `iptables-restore` of the whole payload; enroll-pod = Istio's default payload "
+           "restored (`--noflush`) into a fresh pod netns (independent of N: every pod has "
+           "its own tables).",
+           "- eBPF: the N entries are in an LPM trie keyed like the data path's `cidr_rules`; "
+           "add/remove = one update/delete; full sync = N updates from one process; "
+           "enroll-pod = the pod record, its CIDR and port rules and its local address "
+           "(map writes only; the inbound tc hook the real attach also installs is not "
+           "included).",
            "", _md_table(headers, rows), ""]
     if result.get("dataplane"):
         h, r = _dataplane_rows(result)
         out += ["## Data-plane cost of N entries", "",
-                "New connections per second (connect, one request, close) to a destination "
-                "matched by the last of N exclusions: linear iptables rules against one LPM "
-                "trie lookup.", "", _md_table(h, r), ""]
+                "New connections per second (connect, one request, close) from a client pod "
+                "to a server pod whose address is matched by the last of N excluded CIDRs: "
+                "Istio's rules (linear in N) against the eBPF path's LPM trie "
+                "(`ebpf-interceptor`: the real EbpfInterceptor with those exclusions; "
+                "`lpm-lookup`: a connect4 program doing only that lookup). `none`: no rules.",
+                "", _md_table(h, r), ""]
     out += ["## Targets", ""]
     out += [f"- {t['name']}: **{_verdict(t)}** ({t['detail']})" for t in result.get("targets", [])]
     if result.get("errors"):
         out += ["", "## Errors", ""] + [f"- {e}" for e in result["errors"]]
+    if result.get("notes"):
+        out += ["", "## Notes", ""] + [f"- {e}" for e in result["notes"]]
     for c in charts:
         out += ["", f"![{c}]({c})"]
     return "\n".join(out) + "\n"

@@ -123,12 +123,34 @@ def pod_value(config, pod_index, size=64):
     return raw + b"\x00" * (size - len(raw))
 
 
-def enroll_entries(config, pod_index, cookie):
-    """What enrolling one pod writes: (pods entry, [LPM entries], [port entries])."""
+def enroll_entries(config, pod_index, cookie, pod_ip="10.233.255.1"):
+    """What enrolling one pod writes: {"pods": [(k, v)], "lpm": [(k, v)], "ports": [(k, v)],
+    "local_ips": [(k, v)]}, all bytes.
+
+    Uses the eBPF data path's own packing (meshbpf.ebpf.structs: the pod_config struct,
+    Istio's include/exclude resolution, the pod's address excluded) when it is present,
+    else the same-shaped stand-in above.
+    """
+    try:
+        from ..ebpf import structs as S
+    except ImportError:
+        S = None
+    if S is not None:
+        lpm = [(bytes(S.cidr_key(pod_index, net)), S.u32_bytes(rule))
+               for net, rule in S.cidr_rules(config, extra_excludes=[pod_ip])]
+        ports = [(bytes(S.port_key(pod_index, p)), S.u32_bytes(rule))
+                 for p, rule in S.port_rules(config)]
+        return {"pods": [(S.u64_bytes(cookie), bytes(S.pod_struct(config, pod_index)))],
+                "lpm": lpm, "ports": ports,
+                "local_ips": [(bytes(S.ip_key(pod_ip)), S.u32_bytes(1))]}
     inc, _ = config.outbound_cidrs()
-    lpm = [lpm_key(pod_index, "0.0.0.0/0")] if inc == "*" else [lpm_key(pod_index, str(c)) for c in inc]
-    ports = [port_key(pod_index, p) for p in config.inbound_excluded_always()]
-    return (struct.pack("<Q", cookie), pod_value(config, pod_index)), lpm, ports
+    nets = ["0.0.0.0/0"] if inc == "*" else [str(c) for c in inc]
+    one = struct.pack("<I", 1)
+    ip16 = b"\x00" * 10 + b"\xff\xff" + ipaddress.ip_address(pod_ip).packed
+    return {"pods": [(struct.pack("<Q", cookie), pod_value(config, pod_index))],
+            "lpm": [(lpm_key(pod_index, n), one) for n in nets + [f"{pod_ip}/32"]],
+            "ports": [(port_key(pod_index, p), one) for p in config.inbound_excluded_always()],
+            "local_ips": [(ip16, one)]}
 
 
 def connect4_lpm_program(map_fd):
@@ -182,9 +204,12 @@ class _Maps:
         self.pin_dir = pin_dir
         os.makedirs(pin_dir, exist_ok=True)
         self.fds, self.pins = {}, []
+        sample = enroll_entries(InterceptConfig(), 1, 1)
+        pod_vs = len(sample["pods"][0][1])
         try:
-            self.fds["pods"] = self._make("pods", bpfsys.BPF_MAP_TYPE_HASH, 8, 64, 4096)
+            self.fds["pods"] = self._make("pods", bpfsys.BPF_MAP_TYPE_HASH, 8, pod_vs, 4096)
             self.fds["ports"] = self._make("ports", bpfsys.BPF_MAP_TYPE_HASH, 8, 4, 65536)
+            self.fds["local_ips"] = self._make("local_ips", bpfsys.BPF_MAP_TYPE_HASH, 16, 4, 65536)
             self.fds["lpm"] = self._make("lpm", bpfsys.BPF_MAP_TYPE_LPM_TRIE, 24, 4,
                                          max_lpm, bpfsys.BPF_F_NO_PREALLOC)
         except BaseException:
@@ -275,19 +300,16 @@ def _bench_ebpf(maps, n, reps, sync_reps, progress):
     cfg = InterceptConfig()
     enrolls = []
     for k in range(reps):
-        (pk, pv), lpms, ports = enroll_entries(cfg, 1 + k, 0x1000 + k)
+        entries = enroll_entries(cfg, 1 + k, 0x1000 + k, pod_ip=f"10.234.{k // 250}.{1 + k % 250}")
         t0 = time.perf_counter()
-        bpfsys.map_update_elem(maps.fds["pods"], pk, pv)
-        for key in lpms:
-            bpfsys.map_update_elem(lpm, key, _VAL)
-        for key in ports:
-            bpfsys.map_update_elem(maps.fds["ports"], key, _VAL)
+        for name, kvs in entries.items():
+            fd = maps.fds[name]
+            for key, val in kvs:
+                bpfsys.map_update_elem(fd, key, val)
         enrolls.append(time.perf_counter() - t0)
-        bpfsys.map_delete_elem(maps.fds["pods"], pk)
-        for key in lpms:
-            bpfsys.map_delete_elem(lpm, key)
-        for key in ports:
-            bpfsys.map_delete_elem(maps.fds["ports"], key)
+        for name, kvs in entries.items():
+            for key, _ in kvs:
+                bpfsys.map_delete_elem(maps.fds[name], key)
     out.append({"backend": "ebpf", "op": "enroll-pod", "n": n, "seconds": enrolls})
     progress(f"rules: ebpf N={n}: add {stats.median(adds) * 1e6:.1f}us, "
              f"full sync {stats.median(syncs) * 1e3:.1f}ms")
@@ -420,6 +442,58 @@ def _detach_lpm_prog(cg, prog):
         os.close(prog)
 
 
+class _EbpfExclusions:
+    """N outbound exclusions on the client pod, the eBPF way.
+
+    Preferably through the real EbpfInterceptor (its connect4 program and `cidr_rules`
+    trie: the whole eBPF path, sockops included); if that is unavailable or fails, a
+    connect4 program doing the same single LPM lookup (`impl` says which was used).
+    """
+
+    def __init__(self, sb, maps, client, progress):
+        self.sb, self.maps, self.client, self.progress = sb, maps, client, progress
+        self.icpt, self.impl, self.note, self.attached = None, "lpm-lookup", None, None
+        try:
+            from ..interceptor import get_interceptor
+            self.icpt = get_interceptor("ebpf", pin_prefix=sb.pin_prefix,
+                                        cgroup_root=sb.cgroup_root, splice=True)
+            self.impl = "ebpf-interceptor"
+        except Exception as e:  # noqa: BLE001 - no bcc, no module: use the stand-in
+            self.note = f"eBPF interceptor unavailable ({e}); measured a connect4 LPM lookup"
+
+    def install(self, cidrs):
+        if self.icpt is not None:
+            try:
+                cfg = InterceptConfig().replace(outbound_ip_ranges_exclude=",".join(cidrs))
+                self.icpt.attach(self.client.pod, cfg)
+                self.attached = "icpt"
+                return
+            except Exception as e:  # noqa: BLE001 - fall back, and say so
+                self.note = (f"eBPF interceptor attach failed ({e}); measured a connect4 "
+                             f"LPM lookup instead")
+                self.progress(f"rules: {self.note}")
+                self.close()
+                self.impl = "lpm-lookup"
+        self.maps.new_lpm(len(cidrs) + 4096)
+        _fill_lpm(self.maps.fds["lpm"], [lpm_key(0, c) for c in cidrs])
+        self.attached = _attach_lpm_prog(self.client.cgroup, self.maps.fds["lpm"])
+
+    def remove(self):
+        att, self.attached = self.attached, None
+        if att == "icpt":
+            self.icpt.detach(self.client.pod)
+        elif att:
+            _detach_lpm_prog(*att)
+
+    def close(self):
+        if self.icpt is not None:
+            icpt, self.icpt = self.icpt, None
+            try:
+                icpt.cleanup()
+            except Exception as e:  # noqa: BLE001
+                self.progress(f"rules: eBPF interceptor cleanup: {e}")
+
+
 def _bench_dataplane(sb, maps, ns, backends, seconds, rounds, progress):
     client, server = sb.add_pod("dpc"), sb.add_pod("dps")
     client.exec(["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"], check=True)
@@ -434,6 +508,19 @@ def _bench_dataplane(sb, maps, ns, backends, seconds, rounds, progress):
         if err:
             errors.append(f"data plane without rules: {err}")
     samples[("none", 0)] = {"backend": "none", "n": 0, "conn_per_s": base}
+    ebpf = _EbpfExclusions(sb, maps, client, progress) if "ebpf" in backends else None
+    try:
+        _dataplane_loop(ns, backends, rounds, seconds, client, server, ebpf, samples, errors,
+                        progress)
+    finally:
+        if ebpf is not None:
+            ebpf.close()
+    notes = [f"data plane: {ebpf.note}"] if ebpf is not None and ebpf.note else []
+    return list(samples.values()), errors, notes
+
+
+def _dataplane_loop(ns, backends, rounds, seconds, client, server, ebpf, samples, errors,
+                    progress):
     for n in ns:
         cidrs = exclusion_cidrs(n, last=server.ip4)
         payload = iptables_payload(cidrs)
@@ -442,13 +529,12 @@ def _bench_dataplane(sb, maps, ns, backends, seconds, rounds, progress):
                 rec = samples.setdefault((backend, n), {"backend": backend, "n": n, "conn_per_s": []})
                 try:
                     if backend == "ebpf":
-                        maps.new_lpm(n + 4096)
-                        _fill_lpm(maps.fds["lpm"], [lpm_key(0, c) for c in cidrs])
-                        cg, prog = _attach_lpm_prog(client.cgroup, maps.fds["lpm"])
+                        ebpf.install(cidrs)
+                        rec["impl"] = ebpf.impl
                         try:
                             rate, err = measure_conn_rate(client, server.ip4, CONN_PORT, seconds)
                         finally:
-                            _detach_lpm_prog(cg, prog)
+                            ebpf.remove()
                     else:
                         ipt, restore = _binaries(backend)
                         _run_timed([restore, "-w"], client.netns, input=payload)
@@ -465,7 +551,6 @@ def _bench_dataplane(sb, maps, ns, backends, seconds, rounds, progress):
                     errors.append(f"data plane {backend} N={n}: {e}")
             progress(f"rules: data plane N={n}: " + ", ".join(
                 f"{b} {stats.median(samples[(b, n)]['conn_per_s']) or 0:.0f} conn/s" for b in backends))
-    return list(samples.values()), errors
 
 
 # ---- the runner ------------------------------------------------------------------------
@@ -499,7 +584,7 @@ def run_rules(ns=DEFAULT_NS, backends=BACKENDS, quick=False, reps=None, dataplan
     dataplane_seconds = dataplane_seconds or (0.7 if quick else 2.0)
     from ..sandbox import Sandbox
     t_start = time.monotonic()
-    samples, errors = [], [f"{b}: not installed" for b in missing]
+    samples, errors, notes = [], [f"{b}: not installed" for b in missing], []
     dp_samples = []
     with Sandbox(name="benchrules") as sb:
         maps = None
@@ -521,7 +606,7 @@ def run_rules(ns=DEFAULT_NS, backends=BACKENDS, quick=False, reps=None, dataplan
             for p in pods.values():
                 sb.remove_pod(p.name)
             if dataplane:
-                dp_samples, dp_errors = _bench_dataplane(
+                dp_samples, dp_errors, notes = _bench_dataplane(
                     sb, maps, ns, backends, dataplane_seconds, rounds, progress)
                 errors += dp_errors
         finally:
@@ -534,7 +619,7 @@ def run_rules(ns=DEFAULT_NS, backends=BACKENDS, quick=False, reps=None, dataplan
         "results": results,
         "dataplane": stats.aggregate_dataplane(dp_samples),
         "targets": rules_targets(results),
-        "errors": errors,
+        "errors": errors, "notes": notes,
         "seconds": time.monotonic() - t_start,
         "host": {"kernel": os.uname().release, "cpus": os.cpu_count(),
                  "hostname": socket.gethostname()},

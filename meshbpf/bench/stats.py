@@ -142,7 +142,7 @@ def aggregate_dataplane(samples, base_backend="ebpf"):
     for s in samples:
         sp = spread(s["conn_per_s"])
         rows.append({"backend": s["backend"], "n": int(s["n"]), "conn_per_s": sp["median"],
-                     "spread": sp, "error": s.get("error")})
+                     "spread": sp, "error": s.get("error"), "impl": s.get("impl")})
     base = {r["n"]: r["conn_per_s"] for r in rows if r["backend"] == base_backend}
     for r in rows:
         r["ratio_to_ebpf"] = ratio(r["conn_per_s"], base.get(r["n"]))

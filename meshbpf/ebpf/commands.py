@@ -56,9 +56,11 @@ def _dump(pin_prefix):
             ip = structs.ip_from16(bytes(k.ip))
             if ip.version == 4:
                 plen -= 96
-            out["cidr_rules"].append({"pod_index": k.pod_index, "cidr": f"{ip}/{plen}",
-                                      "rule": "include" if v.value == structs.RULE_INCLUDE
-                                      else "exclude"})
+            rule = {"pod_index": k.pod_index & ~structs.MB_DNS_SCOPE, "cidr": f"{ip}/{plen}",
+                    "rule": "include" if v.value == structs.RULE_INCLUDE else "exclude"}
+            if k.pod_index & structs.MB_DNS_SCOPE:
+                rule["dns_server"] = True
+            out["cidr_rules"].append(rule)
         for k, v in m["port_rules"].items():
             out["port_rules"].append({"pod_index": k.pod_index, "port": structs.ntohs(k.port),
                                       "rule": "include" if v.value == structs.RULE_INCLUDE
@@ -92,7 +94,8 @@ def maps_command(pin_prefix, output):
                    f"proxy={p['proxy_port']}/{p['inbound_port']} uids={p['uids']} "
                    f"gids={p['gids']} flags={p['flags']:#x}")
     for r in d["cidr_rules"]:
-        click.echo(f"  cidr  pod {r['pod_index']}: {r['cidr']} {r['rule']}")
+        what = "dns server" if r.get("dns_server") else "cidr"
+        click.echo(f"  {what}  pod {r['pod_index']}: {r['cidr']} {r['rule']}")
     for r in d["port_rules"]:
         click.echo(f"  port  pod {r['pod_index']}: {r['port']} {r['rule']}")
     click.echo(f"node-local IPs: {', '.join(i['ip'] for i in d['local_ips']) or '-'}")

@@ -18,6 +18,7 @@ failure; `detach_pod(pod, maps, record)` removes exactly what attach added (the 
 qdisc only if meshbpf created it); `list_hooks(pod)` reports the filters for status.
 `maps` maps a map name to a map fd (or a bcc table); `progs` a program name to a program
 fd (or a bcc function). Nothing here loads or pins programs: meshbpf/ebpf/loader.py does.
+`probe()` tries the steering for real in a throwaway netns (for `meshbpf probe`).
 """
 
 import dataclasses
@@ -301,6 +302,7 @@ def _del_filter(ipr, index, parent):
 
 
 def _ipr(pod):
+    """A netlink handle in the current thread's netns (call under system.in_netns)."""
     from pyroute2 import IPRoute
     return IPRoute()
 
@@ -333,8 +335,12 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto"):
     added = []         # interface records
     try:
         # 1. map entries: remember the previous values of every key touched.
-        stale = [(MAP_PORTS, k) for k in _pod_port_keys(ops, fds[MAP_PORTS], entries[MAP_PODS])
-                 if k not in entries[MAP_PORTS]]
+        # Port entries an earlier attach wrote for these IPs and this config drops. Only a
+        # re-attach (an IP already enrolled) pays for scanning inbound_ports.
+        enrolled = [k for k in entries[MAP_PODS]
+                    if ops.map_lookup_elem(fds[MAP_PODS], k, POD_VAL.size) is not None]
+        stale = [(MAP_PORTS, k) for k in _pod_port_keys(ops, fds[MAP_PORTS], enrolled)
+                 if k not in entries[MAP_PORTS]] if enrolled else []
         for name, table in entries.items():
             for key, value in table.items():
                 old = ops.map_lookup_elem(fds[name], key, len(value))
@@ -442,7 +448,14 @@ def detach_pod(pod, maps=None, record=None):
         fds = _map_fds(maps)
         ops = _map_ops()
         keys = {pod_key(a) for a in addrs}
-        for k in _pod_port_keys(ops, fds[MAP_PORTS], keys):
+        policy = (record or {}).get("policy")
+        if policy and set(addrs) <= {ipaddress.ip_address(a) for a in record.get("addresses", [])}:
+            # The record says which port entries exist: no scan of inbound_ports.
+            ports = [port_key(a, p) for a in addrs
+                     for p in list(policy.get("capture", [])) + list(policy.get("bypass", []))]
+        else:
+            ports = _pod_port_keys(ops, fds[MAP_PORTS], keys)
+        for k in ports:
             ops.map_delete_elem(fds[MAP_PORTS], k)
         for k in keys:
             ops.map_delete_elem(fds[MAP_PODS], k)
@@ -501,3 +514,84 @@ def read_policy(maps, addresses):
         v["capture"].sort()
         v["bypass"].sort()
     return out
+
+
+# ---- probe --------------------------------------------------------------------------------
+
+_PROBE = r"""
+import json, os, re, socket, sys
+from bcc import BPF
+from pyroute2 import IPRoute
+sys.path.insert(0, sys.argv[1])
+from meshbpf import bpfsys
+from meshbpf.ebpf import inbound
+bpf_dir = os.path.join(sys.argv[1], "bpf")
+text = open(os.path.join(bpf_dir, "meshbpf.h")).read() + re.sub(
+    r'^\s*#include\s+"meshbpf\.h"\s*$', "", open(os.path.join(bpf_dir, "tc_inbound.c")).read(),
+    flags=re.M)
+b = BPF(text=text.encode(), cflags=["-Wno-comment"])
+fn = b.load_func(b"tc_inbound_ingress", BPF.SCHED_CLS)
+with IPRoute() as ipr:
+    lo = ipr.link_lookup(ifname="lo")[0]
+    ipr.link("set", index=lo, state="up")
+    ipr.tc("add", "clsact", lo)
+    inbound._add_filter(ipr, lo, inbound.TC_INGRESS_PARENT, fn.fd)
+out = {}
+for name, reuse in (("plain", False), ("reuseport", True)):
+    srv = socket.socket()
+    if reuse:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    cap = srv.getsockname()[1]
+    # 127.0.0.1 enrolled like a pod IP whose policy captures every port into `cap`.
+    bpfsys.map_update_elem(b[b"inbound_pods"].map_fd, inbound.pod_key("127.0.0.1"),
+                           inbound.pod_value(inbound.InboundPolicy(cap, True)))
+    c = socket.socket()
+    c.settimeout(2)
+    try:
+        c.connect(("127.0.0.1", 9))          # the discard port: nothing listens on it
+        s, _ = srv.accept()
+        out[name] = s.getsockname()[1] == 9
+    except OSError:
+        out[name] = False
+    c.close()
+    srv.close()
+print(json.dumps(out))
+"""
+
+
+def probe(timeout=60):
+    """Try inbound steering for real: the tc_inbound program on `lo` of a throwaway
+    network namespace (`unshare --net`, gone with the child) hands a connection to port 9
+    to a listener on another port, once plain and once with SO_REUSEPORT (what Envoy
+    uses; bpf_sk_assign accepts those only since Linux 6.5).
+
+    Returns {"ok": bool, "reuseport": bool, "detail": str}.
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        proc = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", _PROBE, repo],
+                              capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"ok": False, "reuseport": False, "detail": f"the probe could not run: {e}"}
+    try:
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        err = (proc.stderr or proc.stdout).strip().splitlines()
+        return {"ok": False, "reuseport": False,
+                "detail": "tc_inbound could not be loaded or attached: "
+                          + (err[-1] if err else f"exit {proc.returncode}")}
+    if res.get("plain") and res.get("reuseport"):
+        return {"ok": True, "reuseport": True,
+                "detail": "bpf_sk_assign handed connections to plain and SO_REUSEPORT listeners"}
+    if res.get("plain"):
+        return {"ok": True, "reuseport": False,
+                "detail": "bpf_sk_assign cannot use SO_REUSEPORT listeners (Linux < 6.5): "
+                          "the sidecar's inbound listener must not set SO_REUSEPORT"}
+    return {"ok": False, "reuseport": False,
+            "detail": "bpf_sk_assign did not hand a connection to the listener"}

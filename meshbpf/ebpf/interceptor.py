@@ -17,7 +17,7 @@ import types
 
 from .. import system
 from ..config import InterceptConfig
-from ..errors import ApplyError, MeshbpfError, NotFoundError, UsageError
+from ..errors import ApplyError, MeshbpfError, UsageError
 from ..interceptor import DEFAULT_PIN_PREFIX, Interceptor
 from ..state import StateStore
 from . import loader, structs
@@ -41,6 +41,10 @@ class EbpfInterceptor(Interceptor):
         super().__init__(pin_prefix=pin_prefix, cgroup_root=cgroup_root, **options)
         self.splice = bool(splice)
         self.features = features
+        # As in iptables mode: capture IPv6 when the pod has an IPv6 address even if the
+        # config does not say enable_ipv6 (the CLI passes False for an explicit choice).
+        ipv6_auto = options.get("ipv6_auto", True)
+        self.ipv6_auto = True if ipv6_auto is None else bool(ipv6_auto)
         self.store = StateStore(pin_prefix)
         # where the node programs were attached (so status/cleanup find them later)
         self.node_file = os.path.join(os.path.dirname(self.store.dir), "node.json")
@@ -72,14 +76,20 @@ class EbpfInterceptor(Interceptor):
         return self._node_record().get("cgroup_root") or os.path.realpath(system.cgroup2_mount())
 
     def _check_pod_cgroup(self, pod):
+        """The node hooks see a pod's sockets only if its cgroup is under their attach point
+        (the one asked for, and the one the loaded node really uses, if it differs)."""
+        roots = {self.root}
+        if loader.is_loaded(self.pin_prefix) and self._node_record().get("cgroup_root"):
+            roots.add(self._node_record()["cgroup_root"])
         if pod.cgroup is None:
             return
         cg = os.path.realpath(pod.cgroup)
-        root = self.root
-        if not (cg == root or cg.startswith(root.rstrip("/") + "/")):
-            raise UsageError(f"pod {pod.name}: its cgroup {pod.cgroup} is not under {root}, "
-                             "where meshbpf's programs are attached, so they would not see "
-                             "its sockets", hint="attach with a cgroup_root that contains it")
+        for root in sorted(roots):
+            if not (cg == root or cg.startswith(root.rstrip("/") + "/")):
+                raise UsageError(f"pod {pod.name}: its cgroup {pod.cgroup} is not under {root}, "
+                                 "where meshbpf's programs are attached, so they would not "
+                                 "see its sockets",
+                                 hint="attach with a cgroup_root that contains it")
 
     def _ensure_node(self):
         res = loader.ensure_loaded(self.pin_prefix, self.root, self.features, self.splice)
@@ -109,13 +119,6 @@ class EbpfInterceptor(Interceptor):
             raise ApplyError(f"this node already has {structs.MB_MAX_PODS} meshed pods")
         return i
 
-    @staticmethod
-    def _rule_keys(maps, index):
-        """This pod's current cidr/port rule keys (bytes) in the maps."""
-        cidr = [bytes(k) for k in maps["cidr_rules"].keys() if k.pod_index == index]
-        ports = [bytes(k) for k in maps["port_rules"].keys() if k.pod_index == index]
-        return cidr, ports
-
     # -- Interceptor ---------------------------------------------------------------------
     def attach(self, pod, config):
         if not isinstance(config, InterceptConfig):
@@ -128,11 +131,14 @@ class EbpfInterceptor(Interceptor):
     def _attach(self, pod, config):
         cookie = pod.netns_cookie
         addresses = list(pod.addresses())
+        if not config.enable_ipv6 and self.ipv6_auto and any(a.version == 6 for a in addresses):
+            config = config.replace(enable_ipv6=True)
         # Pure part first: a config eBPF mode cannot express fails before anything changes.
         pc = structs.pod_struct(config, 0)
         cidrs = structs.cidr_rules(config, extra_excludes=[
             ipaddress.ip_network(a) for a in addresses])
         ports = structs.port_rules(config)
+        dns = structs.dns_rules(config)
         old_rec = self.store.load(pod.key) or {}
         node = self._ensure_node()
         try:
@@ -142,7 +148,7 @@ class EbpfInterceptor(Interceptor):
                 snap = self._snapshot(maps, cookie, index,
                                       set(old_rec.get("addresses", [])) | {str(a) for a in addresses})
                 try:
-                    self._write(maps, cookie, index, pc, cidrs, ports, addresses)
+                    self._write(maps, cookie, index, pc, cidrs, ports, addresses, dns)
                     inbound = self._attach_inbound(pod, config, maps)
                 except (MeshbpfError, OSError, ValueError) as e:
                     self._restore(maps, snap, cookie, index)
@@ -163,7 +169,8 @@ class EbpfInterceptor(Interceptor):
             "splice": self.splice, "programs": node["programs"],
             "degraded": node.get("degraded") or self._node_record().get("degraded", []),
             "inbound": inbound if isinstance(inbound, (dict, list, str, type(None))) else str(inbound),
-            "not_supported": (["redirect_dns"] if config.redirect_dns else []),
+            "not_supported": (["redirect_dns"] if config.redirect_dns and not all(
+                p in node["programs"] for p in loader.DNS_PROGRAMS) else []),
         }
         return self.store.save(pod.key, record)
 
@@ -176,9 +183,9 @@ class EbpfInterceptor(Interceptor):
         return {
             "pods": raw("pods", structs.U64(cookie)),
             "cidr_rules": {bytes(k): raw("cidr_rules", k)
-                           for k in maps["cidr_rules"].keys() if k.pod_index == index},
+                           for k in maps["cidr_rules"].keys() if k.pod_index in structs.scopes(index)},
             "port_rules": {bytes(k): raw("port_rules", k)
-                           for k in maps["port_rules"].keys() if k.pod_index == index},
+                           for k in maps["port_rules"].keys() if k.pod_index in structs.scopes(index)},
             "local_ips": {bytes(structs.ip_key(a)): raw("local_ips", structs.ip_key(a))
                           for a in addresses},
         }
@@ -190,7 +197,7 @@ class EbpfInterceptor(Interceptor):
         else:
             maps["pods"].update(structs.U64(cookie), snap["pods"])
         for name in ("cidr_rules", "port_rules"):
-            for k in [bytes(k) for k in maps[name].keys() if k.pod_index == index]:
+            for k in [bytes(k) for k in maps[name].keys() if k.pod_index in structs.scopes(index)]:
                 if k not in snap[name]:
                     maps[name].delete(k)
             for k, v in snap[name].items():
@@ -203,12 +210,14 @@ class EbpfInterceptor(Interceptor):
                 maps["local_ips"].update(k, v)
 
     @staticmethod
-    def _write(maps, cookie, index, pc, cidrs, ports, addresses):
+    def _write(maps, cookie, index, pc, cidrs, ports, addresses, dns=()):
         """Write the pod's entries; the pods entry last, so connect never sees half a pod.
         Rules the pod no longer has (a re-attach with another config) are removed."""
         want_cidr, want_ports = {}, {}
         for net, rule in cidrs:
             want_cidr[bytes(structs.cidr_key(index, net))] = rule
+        for net, rule in dns:
+            want_cidr[bytes(structs.cidr_key(index | structs.MB_DNS_SCOPE, net))] = rule
         for port, rule in ports:
             want_ports[bytes(structs.port_key(index, port))] = rule
         for name, want in (("cidr_rules", want_cidr), ("port_rules", want_ports)):
@@ -218,7 +227,7 @@ class EbpfInterceptor(Interceptor):
             maps["local_ips"].update(structs.ip_key(a), structs.U32(index))
         maps["pods"].update(structs.U64(cookie), pc)
         for name, want in (("cidr_rules", want_cidr), ("port_rules", want_ports)):
-            for k in [bytes(k) for k in maps[name].keys() if k.pod_index == index]:
+            for k in [bytes(k) for k in maps[name].keys() if k.pod_index in structs.scopes(index)]:
                 if k not in want:
                     maps[name].delete(k)
 
@@ -246,9 +255,9 @@ class EbpfInterceptor(Interceptor):
         maps["pods"].delete(structs.U64(cookie))           # first: the pod stops being meshed
         if index is None:
             index = -1
-        for k in [k for k in maps["cidr_rules"].keys() if k.pod_index == index]:
+        for k in [k for k in maps["cidr_rules"].keys() if k.pod_index in structs.scopes(index)]:
             maps["cidr_rules"].delete(k)
-        for k in [k for k in maps["port_rules"].keys() if k.pod_index == index]:
+        for k in [k for k in maps["port_rules"].keys() if k.pod_index in structs.scopes(index)]:
             maps["port_rules"].delete(k)
         for a in addresses:
             maps["local_ips"].delete(structs.ip_key(a))

@@ -50,6 +50,14 @@ PROGRAMS = (
              B.BPF_CGROUP_GETSOCKOPT, "cgroup"),
     ProgSpec("mb_sockops", "sockops.c", B.BPF_PROG_TYPE_SOCK_OPS,
              B.BPF_CGROUP_SOCK_OPS, "cgroup"),
+    ProgSpec("mb_sendmsg4", "sendmsg4.c", B.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+             B.BPF_CGROUP_UDP4_SENDMSG, "cgroup", feature="cgroup_sendmsg4"),
+    ProgSpec("mb_sendmsg6", "sendmsg6.c", B.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+             B.BPF_CGROUP_UDP6_SENDMSG, "cgroup", feature="cgroup_sendmsg4"),
+    ProgSpec("mb_recvmsg4", "recvmsg4.c", B.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+             B.BPF_CGROUP_UDP4_RECVMSG, "cgroup", feature="cgroup_recvmsg4"),
+    ProgSpec("mb_recvmsg6", "recvmsg6.c", B.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+             B.BPF_CGROUP_UDP6_RECVMSG, "cgroup", feature="cgroup_recvmsg4"),
     ProgSpec("mb_sock_release", "sock_release.c", B.BPF_PROG_TYPE_CGROUP_SOCK,
              B.BPF_CGROUP_INET_SOCK_RELEASE, "cgroup", feature="cgroup_sock_release"),
     ProgSpec("mb_sk_msg", "sk_msg.c", B.BPF_PROG_TYPE_SK_MSG,
@@ -58,9 +66,11 @@ PROGRAMS = (
     ProgSpec("tc_inbound_egress", "tc_inbound.c", B.BPF_PROG_TYPE_SCHED_CLS, -1, "none"),
 )
 CORE_SOURCES = ("connect4.c", "connect6.c", "getpeername4.c", "getpeername6.c",
-                "getsockopt.c", "sockops.c", "sock_release.c", "sk_msg.c")
+                "getsockopt.c", "sockops.c", "sock_release.c", "sk_msg.c",
+                "sendmsg4.c", "sendmsg6.c", "recvmsg4.c", "recvmsg6.c")
+DNS_PROGRAMS = ("mb_sendmsg4", "mb_sendmsg6", "mb_recvmsg4", "mb_recvmsg6")
 MAP_NAMES = ("pods", "cidr_rules", "port_rules", "local_ips", "node_cfg", "orig_dst",
-             "pairs", "sock_hash", "counters")
+             "pairs", "sock_hash", "dns_orig", "counters")
 SOCKHASH_MAP = "sock_hash"
 
 
@@ -120,8 +130,11 @@ def render_source(features=None, bpf_dir=BPF_DIR):
     if defines:
         parts.insert(0, "/* ==== features ==== */\n" + defines)
     have_peer = _has(features, "cgroup_getpeername4") and _has(features, "cgroup_getpeername6")
+    have_dns = _has(features, "cgroup_sendmsg4") and _has(features, "cgroup_recvmsg4")
     for name in source_files(bpf_dir):
         if name.startswith("getpeername") and not have_peer:
+            continue
+        if name.startswith(("sendmsg", "recvmsg")) and not have_dns:
             continue
         with open(os.path.join(bpf_dir, name)) as f:
             parts.append(f"/* ==== {name} ==== */\n" + _strip_include(f.read()))
@@ -250,11 +263,12 @@ def _extra_maps(b):
 
 
 def _pin(fd, path):
+    """Pin `fd` at `path`. An existing pin is an error: it would be another object than
+    the one the freshly loaded programs use (ensure_loaded removes stale pins first)."""
     try:
         bpfsys.obj_pin(fd, path)
     except OSError as e:
-        if e.errno != errno.EEXIST:
-            raise ApplyError(f"cannot pin {path}: {os.strerror(e.errno)}")
+        raise ApplyError(f"cannot pin {path}: {os.strerror(e.errno)}")
 
 
 def prog_fd(pin_prefix, name):
@@ -395,6 +409,8 @@ _ATTACH_NAMES = {
     B.BPF_CGROUP_INET6_GETPEERNAME: "cgroup/getpeername6",
     B.BPF_CGROUP_GETSOCKOPT: "cgroup/getsockopt", B.BPF_CGROUP_SOCK_OPS: "sockops",
     B.BPF_CGROUP_INET_SOCK_RELEASE: "cgroup/sock_release",
+    B.BPF_CGROUP_UDP4_SENDMSG: "cgroup/sendmsg4", B.BPF_CGROUP_UDP6_SENDMSG: "cgroup/sendmsg6",
+    B.BPF_CGROUP_UDP4_RECVMSG: "cgroup/recvmsg4", B.BPF_CGROUP_UDP6_RECVMSG: "cgroup/recvmsg6",
 }
 
 

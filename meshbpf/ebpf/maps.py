@@ -22,6 +22,7 @@ MAP_TYPES = {
     "orig_dst": (structs.U64, structs.OrigDst),
     "pairs": (structs.SockKey, structs.OrigDst),
     "sock_hash": (structs.SockKey, structs.U64),
+    "dns_orig": (structs.U64, structs.OrigDst),
     "counters": (structs.U32, structs.U64),
 }
 PERCPU = {"counters"}

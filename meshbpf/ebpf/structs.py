@@ -11,7 +11,7 @@ import ctypes
 import ipaddress
 import socket
 
-from ..config import WILDCARD, parse_ids, split_list
+from ..config import DNS_CAPTURE_PORT, WILDCARD, parse_ids, split_list
 from ..errors import UsageError
 
 MB_MAX_IDS = 8
@@ -22,6 +22,9 @@ POD_F_IPV6 = 1 << 1
 POD_F_OWNER_INCLUDE = 1 << 2
 POD_F_OWNER_EXCLUDE = 1 << 3
 POD_F_INBOUND_ALL = 1 << 4
+POD_F_DNS = 1 << 5
+POD_F_DNS_ALL = 1 << 6
+MB_DNS_SCOPE = 0x80000000
 
 RULE_INCLUDE = 1
 RULE_EXCLUDE = 2
@@ -33,7 +36,7 @@ ORIG_F_ANSWERED = 1
 COUNTERS = [
     "redirect_out",       # COUNTER_REDIRECT_OUT
     "redirect_in",        # COUNTER_REDIRECT_IN
-    "orig_dst",           # COUNTER_ORIG_DST
+    "orig_dst_answered",  # COUNTER_ORIG_DST_ANSWERED
     "orig_dst_miss",      # COUNTER_ORIG_DST_MISS
     "peername",           # COUNTER_PEERNAME
     "splice_msgs",        # COUNTER_SPLICE_MSGS
@@ -46,6 +49,9 @@ COUNTERS = [
     "inbound_nat_miss",   # COUNTER_INBOUND_NAT_MISS
     "inbound_reply",      # COUNTER_INBOUND_REPLY
     "inbound_bypass",     # COUNTER_INBOUND_BYPASS
+    "dns_redirect",       # COUNTER_DNS_REDIRECT
+    "dns_reply",          # COUNTER_DNS_REPLY
+    "redirect_self",      # COUNTER_REDIRECT_SELF
 ]
 COUNTER_MAX = 32
 
@@ -64,6 +70,8 @@ class PodConfig(ctypes.Structure):
         ("uids", u32 * MB_MAX_IDS),
         ("gids", u32 * MB_MAX_IDS),
         ("owner_gids", u32 * MB_MAX_IDS),
+        ("dns_port", u16),         # network order
+        ("tunnel_port", u16),      # network order
     ]
 
 
@@ -171,10 +179,15 @@ def pod_struct(config, pod_index):
         flags |= POD_F_INBOUND_ALL
     oflag, ogids = owner_groups(config)
     flags |= oflag
+    if config.redirect_dns:
+        flags |= POD_F_DNS
+        if config.capture_all_dns:
+            flags |= POD_F_DNS_ALL
     pc = PodConfig(proxy_port=htons(config.proxy_port),
                    inbound_port=htons(config.inbound_capture_port),
                    flags=flags, pod_index=pod_index, n_uids=len(uids), n_gids=len(gids),
-                   n_owner_gids=len(ogids))
+                   n_owner_gids=len(ogids), dns_port=htons(DNS_CAPTURE_PORT),
+                   tunnel_port=htons(config.inbound_tunnel_port))
     _fill(pc.uids, uids)
     _fill(pc.gids, gids)
     _fill(pc.owner_gids, ogids)
@@ -217,6 +230,22 @@ def cidr_rules(config, extra_excludes=()):
     return sorted(rules.items(), key=lambda kv: (kv[0].version, kv[0]))
 
 
+def dns_rules(config):
+    """[(ip_network, RULE_INCLUDE)] of the DNS servers whose port-53 traffic is captured
+    (scope pod_index | MB_DNS_SCOPE); empty unless redirect_dns without capture_all_dns."""
+    if not config.redirect_dns or config.capture_all_dns:
+        return []
+    out = []
+    for s in list(config.dns_servers_v4) + list(config.dns_servers_v6):
+        out.append((ipaddress.ip_network(s), RULE_INCLUDE))
+    return sorted(set(out), key=lambda kv: (kv[0].version, kv[0]))
+
+
+def scopes(pod_index):
+    """The cidr_rules scopes a pod owns: its outbound rules and its DNS servers."""
+    return {pod_index, pod_index | MB_DNS_SCOPE}
+
+
 def port_rules(config):
     """[(port, RULE_*)]: outbound_ports_exclude wins over outbound_ports_include."""
     inc, exc = config.outbound_ports()
@@ -248,12 +277,9 @@ def u64_bytes(v):
     return bytes(U64(v))
 
 
-def to_bytes(obj):
-    return bytes(obj)
-
-
 def from_bytes(cls, raw):
-    return cls.from_buffer_copy(raw[:ctypes.sizeof(cls)])
+    """A ctypes struct of type `cls` from (at least) its size of raw bytes."""
+    return cls.from_buffer_copy(bytes(raw)[:ctypes.sizeof(cls)])
 
 
 def describe_pod_struct(pc):
@@ -263,4 +289,5 @@ def describe_pod_struct(pc):
         "flags": pc.flags, "pod_index": pc.pod_index,
         "uids": list(pc.uids[:pc.n_uids]), "gids": list(pc.gids[:pc.n_gids]),
         "owner_gids": list(pc.owner_gids[:pc.n_owner_gids]),
+        "dns_port": ntohs(pc.dns_port), "tunnel_port": ntohs(pc.tunnel_port),
     }

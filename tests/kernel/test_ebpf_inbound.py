@@ -8,8 +8,6 @@ The last tests go through the whole EbpfInterceptor with a real Envoy sidecar.
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -23,10 +21,24 @@ from meshbpf.sandbox import Sandbox
 pytestmark = pytest.mark.kernel
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COUNTER_REDIRECT_IN = 1
-COUNTER_NO_LISTENER = 12        # MBI_COUNTER_NO_LISTENER (slot COUNTER_INBOUND_NAT_MISS)
-COUNTER_UNSTEERABLE = 13        # MBI_COUNTER_UNSTEERABLE (slot COUNTER_INBOUND_REPLY)
-COUNTER_BYPASS = 14
+
+
+def _counter_indexes():
+    """Counter indexes from bpf/meshbpf.h: the enum, and the MBI_COUNTER_* aliases."""
+    import re
+    with open(os.path.join(REPO, "bpf", "meshbpf.h")) as f:
+        text = f.read()
+    idx = {m.group(1): int(m.group(2)) for m in re.finditer(r"\b(COUNTER_\w+) = (\d+)", text)}
+    for m in re.finditer(r"#define (MBI_COUNTER_\w+) (COUNTER_\w+)", text):
+        idx[m.group(1)] = idx[m.group(2)]
+    return idx
+
+
+_IDX = _counter_indexes()
+COUNTER_REDIRECT_IN = _IDX["COUNTER_REDIRECT_IN"]
+COUNTER_NO_LISTENER = _IDX["MBI_COUNTER_NO_LISTENER"]
+COUNTER_UNSTEERABLE = _IDX["MBI_COUNTER_UNSTEERABLE"]
+COUNTER_BYPASS = _IDX["COUNTER_INBOUND_BYPASS"]
 
 # A listener that tells each client which server answered and what both ends look like.
 SERVER = r"""
@@ -36,7 +48,7 @@ s = socket.socket(socket.AF_INET6)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 s.bind(("::", port))
-s.listen(64)
+s.listen(1024)
 print("listening", port, flush=True)
 while True:
     c, peer = s.accept()
@@ -47,7 +59,8 @@ while True:
 """
 
 # Connects, prints what the server said and the peer the client's socket reports.
-# A 4th argument "dstopts" puts an IPv6 destination options header on every packet.
+# A 4th argument "dstopts" puts an IPv6 destination options header on every packet,
+# "ipopts" IPv4 options (a 24-byte IPv4 header).
 CLIENT = r"""
 import json, socket, sys
 host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
@@ -55,6 +68,11 @@ try:
     if sys.argv[4:] == ["dstopts"]:
         s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
+        s.settimeout(timeout)
+        s.connect((host, port))
+    elif sys.argv[4:] == ["ipopts"]:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, bytes([1, 1, 1, 0]))  # NOPs, EOL
         s.settimeout(timeout)
         s.connect((host, port))
     else:
@@ -187,7 +205,7 @@ def reassembly_requests(pod):
     return int(dict(zip(lines[0], lines[1]))["ReasmReqds"])
 
 
-def test_ipv6_extension_headers_are_skipped(sb, obj):
+def test_ip_options_and_ipv6_extension_headers_are_skipped(sb, obj):
     from meshbpf.ebpf import inbound
     b, maps, progs = obj
     pb, pc = sb.add_pod("b"), sb.add_pod("c")
@@ -195,6 +213,8 @@ def test_ipv6_extension_headers_are_skipped(sb, obj):
     inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
     out = connect(pc, pb.ip6, 8080, 3.0, "dstopts")
     assert out["reply"]["server"] == 15006 and out["peer"] == [pb.ip6, 8080]
+    out = connect(pc, pb.ip4, 8080, 3.0, "ipopts")
+    assert out["reply"]["server"] == 15006 and out["peer"] == [pb.ip4, 8080]
 
 
 def test_tcp_fragments_to_a_captured_pod_are_dropped_not_delivered_to_the_app(sb, obj):
@@ -215,6 +235,58 @@ def test_tcp_fragments_to_a_captured_pod_are_dropped_not_delivered_to_the_app(sb
     pc.exec([sys.executable, "-c", FRAGMENTED_SYN, pc.ip4, pb.ip4, "8080"], check=True)
     time.sleep(0.3)
     assert reassembly_requests(pb) > reasm
+
+
+def test_syncookie_handshakes_complete_at_the_sidecar(sb, obj):
+    """With SYN cookies the handshake's last ACK finds no half-open socket; it must still
+    go to the sidecar's listener, which sent the cookie. (Left to the kernel it reaches
+    the app's listener: reset, or accepted around the sidecar if that listener recently
+    overflowed.)"""
+    from meshbpf.ebpf import inbound
+    b, maps, progs = obj
+    pb, pc = sb.add_pod("b"), sb.add_pod("c")
+    system.run(["sysctl", "-qw", "net.ipv4.tcp_syncookies=2"], netns=pb.netns)  # always
+    serve(pb, 15006, 8080)
+    inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
+    for ip in (pb.ip4, pb.ip6):
+        out = connect(pc, ip, 8080)
+        assert out["reply"]["server"] == 15006 and out["peer"] == [ip, 8080]
+    with system.in_netns(pb.netns):
+        with open("/proc/thread-self/net/netstat") as f:
+            rows = [l.split() for l in f if l.startswith("TcpExt:")]
+    assert int(dict(zip(rows[0], rows[1]))["SyncookiesRecv"]) >= 2   # cookies were used
+
+
+# Opens many connections from a thread pool; prints how many each server port answered
+# and whether every reply showed the original local port.
+MANY = r"""
+import collections, json, socket, sys
+from concurrent.futures import ThreadPoolExecutor
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def one(_):
+    s = socket.create_connection((host, port), timeout=10)
+    r = json.loads(s.makefile().readline())
+    ok = r["local"][1] == port and s.getpeername()[1] == port
+    s.close()
+    return r["server"], ok
+with ThreadPoolExecutor(32) as ex:
+    res = list(ex.map(one, range(n)))
+print(json.dumps({"servers": collections.Counter(str(a) for a, _ in res), "all_ok": all(o for _, o in res)}))
+"""
+
+
+def test_many_concurrent_connections_all_reach_the_sidecar(sb, obj):
+    from meshbpf.ebpf import inbound
+    b, maps, progs = obj
+    pb, pc = sb.add_pod("b"), sb.add_pod("c")
+    serve(pb, 15006, 8080)
+    inbound.attach_pod(pb.pod, InterceptConfig(), maps, progs)
+    before = counter(b, COUNTER_REDIRECT_IN)
+    for ip in (pb.ip4, pb.ip6):
+        r = pc.exec([sys.executable, "-c", MANY, ip, "8080", "400"], timeout=120, check=True)
+        out = json.loads(r.stdout)
+        assert out == {"servers": {"15006": 400}, "all_ok": True}
+    assert counter(b, COUNTER_REDIRECT_IN) - before == 800
 
 
 def test_include_list_captures_only_listed_ports(sb, obj):
@@ -379,16 +451,16 @@ def test_iperf3_1g_through_haproxy_sidecar(sb, obj):
     # iperf3's control and data connections both went through the sidecar, all of it.
     assert counter(b, COUNTER_REDIRECT_IN) - before >= 2
     # The bulk went through the proxy. (Not all of it: iperf3 ends the test over its
-    # control connection, which can overtake the last MBs buffered in the proxy's sockets;
-    # the server then closes the data stream. Same with no interception, any proxy.)
+    # control connection, which can overtake the tens of MB still buffered in the proxy's
+    # sockets; the server then closes the data stream. Same in iptables mode, any proxy.)
     deadline = time.monotonic() + 10      # HAProxy counts a session's bytes as it ends
     while True:
         stats = hap.stats()
-        if stats.get("inbound.FRONTEND.bin", 0) >= 0.98 * (1 << 30) or time.monotonic() > deadline:
+        if stats.get("inbound.FRONTEND.bin", 0) >= 0.9 * (1 << 30) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert stats.get("inbound.FRONTEND.stot", 0) >= 2, stats
-    assert stats.get("inbound.FRONTEND.bin", 0) >= 0.98 * (1 << 30), stats
+    assert stats.get("inbound.FRONTEND.bin", 0) >= 0.9 * (1 << 30), stats
 
 
 # ---- through the whole eBPF interceptor, with a real Envoy sidecar ---------------------------
@@ -438,18 +510,50 @@ def test_iperf3_1g_through_envoy_inbound(meshed, family):
     res = json.loads(r.stdout)
     assert r.returncode == 0 and "error" not in res, r.stdout[-2000:] + r.stderr
     assert res["end"]["sum_sent"]["bytes"] >= 1 << 30
-    # control + data connection, both through the sidecar's inbound listener
+    # control + data connection, both through the sidecar's inbound listener, and the
+    # bulk of the bytes (iperf3 may end the test while tens of MB are still buffered in
+    # and around the proxy).
     assert env.stats()["tcp.inbound.downstream_cx_total"] - before >= 2
+    deadline = time.monotonic() + 10
+    while True:
+        rx = env.stats().get("tcp.inbound.downstream_cx_rx_bytes_total", 0)
+        if rx >= 0.9 * (1 << 30) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert rx >= 0.9 * (1 << 30)
 
 
 def test_cleanup_leaves_no_filter_qdisc_or_pin(meshed, sb):
     from meshbpf.ebpf import inbound
+    from meshbpf import bpfsys
     icp, rec, env, pb, pc = meshed
-    assert inbound.list_hooks(pb.pod)
+    hooks = inbound.list_hooks(pb.pod)
+    assert len(hooks) == 1
     icp.cleanup()
     qd, filters = tc_state(pb)
     assert "clsact" not in qd and filters.strip() == ""
     assert not os.path.exists(sb.pin_prefix) or os.listdir(sb.pin_prefix) == []
+    assert "xdp" not in system.run(["ip", "link", "show"], netns=pb.netns).stdout
+    # The tc program itself is gone (nothing holds it; the kernel frees it after RCU).
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            os.close(bpfsys.prog_get_fd_by_id(hooks[0]["prog_id"]))
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "the tc_inbound program is still loaded"
+        time.sleep(0.1)
     # B's app is reached directly again.
     r = pc.exec(["curl", "-sS", "-m", "10", f"http://{pb.ip4}:8080/"], check=True)
     assert _bare(json.loads(r.stdout)["peer"][0]) == pc.ip4
+
+
+def test_probe_tries_plain_and_reuseport_listeners():
+    from meshbpf.ebpf import inbound
+    res = inbound.probe()
+    assert res["ok"], res["detail"]
+    # bpf_sk_assign accepts SO_REUSEPORT listeners since Linux 6.5 (older kernels may
+    # have it backported, so only the newer side is certain).
+    release = tuple(int(x) for x in os.uname().release.split(".")[:2])
+    if release >= (6, 5):
+        assert res["reuseport"], res

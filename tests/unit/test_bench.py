@@ -6,7 +6,6 @@ loopback in a throwaway netns plus a refused connection.
 """
 
 import json
-import math
 import os
 import struct
 
@@ -288,13 +287,23 @@ def test_lpm_and_port_keys():
 
 
 def test_enroll_entries_follow_config():
+    from meshbpf.ebpf import structs as S
     cfg = InterceptConfig()
-    (pk, pv), lpm, ports = rules.enroll_entries(cfg, 5, 0xabc)
-    assert pk == struct.pack("<Q", 0xabc) and len(pv) == 64
-    assert lpm == [rules.lpm_key(5, "0.0.0.0/0")]
-    assert len(ports) == len(cfg.inbound_excluded_always())
-    cfg2 = cfg.replace(outbound_ip_ranges_include="10.0.0.0/8,192.168.0.0/16")
-    assert len(rules.enroll_entries(cfg2, 5, 1)[1]) == 2
+    e = rules.enroll_entries(cfg, 5, 0xabc, pod_ip="10.233.0.20")
+    (pk, pv), = e["pods"]
+    assert pk == struct.pack("<Q", 0xabc)
+    pc = S.from_bytes(S.PodConfig, pv)
+    assert pc.pod_index == 5 and S.ntohs(pc.proxy_port) == 15001
+    lpm = dict(e["lpm"])
+    # the pod's own address and the loopback CIDR are excluded, as Istio's rules do
+    assert lpm[rules.lpm_key(5, "10.233.0.20/32")] == S.u32_bytes(S.RULE_EXCLUDE)
+    assert lpm[rules.lpm_key(5, "127.0.0.1/32")] == S.u32_bytes(S.RULE_EXCLUDE)
+    assert e["ports"] == [] and len(e["local_ips"]) == 1
+    cfg2 = cfg.replace(outbound_ip_ranges_include="10.0.0.0/8,192.168.0.0/16",
+                       outbound_ports_exclude="5432")
+    e2 = rules.enroll_entries(cfg2, 5, 1, pod_ip="10.233.0.20")
+    assert dict(e2["lpm"])[rules.lpm_key(5, "192.168.0.0/16")] == S.u32_bytes(S.RULE_INCLUDE)
+    assert dict(e2["ports"]) == {rules.port_key(5, 5432): S.u32_bytes(S.RULE_EXCLUDE)}
 
 
 def test_iptables_payload_and_exclusion_position():
@@ -371,3 +380,14 @@ def test_cli_bad_input(args, msg):
     r = CliRunner().invoke(bench, args)
     assert r.exit_code == 2, r.output
     assert msg in r.stderr and "Traceback" not in r.output
+
+
+def test_out_dir_gets_json_markdown_and_png(tmp_path):
+    from meshbpf.bench.commands import _write_outputs
+    lat = _write_outputs(recorded_latency_result(), str(tmp_path / "o"), "latency")
+    rl = _write_outputs(recorded_rules_result(), str(tmp_path / "o"), "rules")
+    names = sorted(os.path.basename(p) for p in lat + rl)
+    assert names == ["latency.json", "latency.md", "latency.png", "rules.json", "rules.md", "rules.png"]
+    assert json.load(open(tmp_path / "o" / "rules.json"))["results"]
+    assert "![latency.png](latency.png)" in (tmp_path / "o" / "latency.md").read_text()
+    assert _is_png(tmp_path / "o" / "rules.png")

@@ -85,7 +85,8 @@ def test_counter_enum_matches_header():
 def test_flag_constants_match_header():
     defines = _defines(_header())
     for name in ("POD_F_OUTBOUND_ALL", "POD_F_IPV6", "POD_F_OWNER_INCLUDE",
-                 "POD_F_OWNER_EXCLUDE", "POD_F_INBOUND_ALL", "RULE_INCLUDE", "RULE_EXCLUDE",
+                 "POD_F_OWNER_EXCLUDE", "POD_F_INBOUND_ALL", "POD_F_DNS", "POD_F_DNS_ALL",
+                 "MB_DNS_SCOPE", "RULE_INCLUDE", "RULE_EXCLUDE",
                  "NODE_F_SPLICE", "ORIG_F_ANSWERED", "MB_MAX_IDS", "MB_MAX_PODS"):
         assert _eval(name, defines) == getattr(structs, name), name
 
@@ -259,3 +260,26 @@ def test_splice_off_leaves_sk_msg_out():
 def test_pin_prefix_must_be_on_bpffs():
     with pytest.raises(UsageError):
         loader.ensure_loaded("/tmp/meshbpf-not-bpffs", "/sys/fs/cgroup")
+
+
+def test_dns_flags_and_servers():
+    pc = structs.pod_struct(InterceptConfig(), 1)
+    assert not pc.flags & (structs.POD_F_DNS | structs.POD_F_DNS_ALL)
+    assert structs.ntohs(pc.dns_port) == 15053
+    cfg = InterceptConfig(redirect_dns=True, dns_servers_v4=["10.96.0.10", "10.96.0.10"],
+                          dns_servers_v6=["fd00::a"])
+    pc = structs.pod_struct(cfg, 1)
+    assert pc.flags & structs.POD_F_DNS and not pc.flags & structs.POD_F_DNS_ALL
+    assert [(str(n), r) for n, r in structs.dns_rules(cfg)] == [
+        ("10.96.0.10/32", structs.RULE_INCLUDE), ("fd00::a/128", structs.RULE_INCLUDE)]
+    every = cfg.replace(capture_all_dns=True)
+    assert structs.pod_struct(every, 1).flags & structs.POD_F_DNS_ALL
+    assert structs.dns_rules(every) == []            # every server: no list needed
+    assert structs.dns_rules(InterceptConfig(dns_servers_v4=["10.96.0.10"])) == []
+    assert structs.scopes(3) == {3, 3 | structs.MB_DNS_SCOPE}
+
+
+def test_dns_programs_follow_the_features():
+    text = loader.render_source({"cgroup_sendmsg4": False})
+    assert "mb_sendmsg4" not in text and "mb_recvmsg4" not in text
+    assert "mb_sendmsg4" in loader.render_source()

@@ -1,0 +1,21 @@
+/* cgroup/recvmsg4: a DNS reply from the sidecar (127.0.0.1:<dns_port>) to a socket whose
+ * query sendmsg4 redirected shows the server the app asked as its source. */
+#include "meshbpf.h"
+
+int mb_recvmsg4(struct bpf_sock_addr *ctx)
+{
+    __u64 ck = mb_socket_cookie(ctx);
+    struct orig_dst *o = dns_orig.lookup(&ck);
+    if (!o || !mb_is_mapped(o->ip))
+        return 1;
+    if (ctx->user_ip4 != bpf_htonl(0x7f000001))
+        return 1;
+    __u64 nc = bpf_get_netns_cookie(ctx);
+    struct pod_config *pc = pods.lookup(&nc);
+    if (!pc || (__u16)ctx->user_port != pc->dns_port)
+        return 1;
+    ctx->user_ip4 = o->ip[3];
+    ctx->user_port = (__u32)o->port;
+    mb_count(COUNTER_DNS_REPLY, 1);
+    return 1;
+}

@@ -1,0 +1,29 @@
+/* cgroup/sendmsg4: a meshed pod's UDP DNS query (port 53) to a captured server goes to
+ * the sidecar's DNS listener, 127.0.0.1:<dns_port> (Istio's redirect_dns; every server
+ * with capture_all_dns, else only dns_servers_v4). The proxy's own queries are left alone.
+ * The server the app asked is kept in dns_orig (by socket cookie) for recvmsg4. */
+#include "meshbpf.h"
+
+int mb_sendmsg4(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != MB_SOCK_DGRAM || (__u16)ctx->user_port != MB_DNS_PORT_BE)
+        return 1;
+    __u64 nc = bpf_get_netns_cookie(ctx);
+    struct pod_config *pc = pods.lookup(&nc);
+    if (!pc || !(pc->flags & POD_F_DNS) || mb_is_proxy(pc))
+        return 1;
+    __u32 ip[4];
+    mb_map4(ip, ctx->user_ip4);
+    if (!mb_dns_target(pc, ip))
+        return 1;
+    struct orig_dst od = {};
+    mb_copy_ip(od.ip, ip);
+    od.port = MB_DNS_PORT_BE;
+    od.family = MB_AF_INET;
+    __u64 ck = mb_socket_cookie(ctx);
+    dns_orig.update(&ck, &od);
+    ctx->user_ip4 = bpf_htonl(0x7f000001);
+    ctx->user_port = (__u32)pc->dns_port;
+    mb_count(COUNTER_DNS_REDIRECT, 1);
+    return 1;
+}

@@ -1,0 +1,36 @@
+/* cgroup/sendmsg6: sendmsg4 for AF_INET6 UDP sockets; a v4-mapped server follows the IPv4
+ * rules (to ::ffff:127.0.0.1), an IPv6 one (pods capturing IPv6) goes to [::1]. */
+#include "meshbpf.h"
+
+int mb_sendmsg6(struct bpf_sock_addr *ctx)
+{
+    if (ctx->type != MB_SOCK_DGRAM || (__u16)ctx->user_port != MB_DNS_PORT_BE)
+        return 1;
+    __u64 nc = bpf_get_netns_cookie(ctx);
+    struct pod_config *pc = pods.lookup(&nc);
+    if (!pc || !(pc->flags & POD_F_DNS) || mb_is_proxy(pc))
+        return 1;
+    __u32 ip[4];
+    ip[0] = ctx->user_ip6[0];
+    ip[1] = ctx->user_ip6[1];
+    ip[2] = ctx->user_ip6[2];
+    ip[3] = ctx->user_ip6[3];
+    int v4 = mb_is_mapped(ip);
+    if (!v4 && !(pc->flags & POD_F_IPV6))
+        return 1;
+    if (!mb_dns_target(pc, ip))
+        return 1;
+    struct orig_dst od = {};
+    mb_copy_ip(od.ip, ip);
+    od.port = MB_DNS_PORT_BE;
+    od.family = v4 ? MB_AF_INET : MB_AF_INET6;
+    __u64 ck = mb_socket_cookie(ctx);
+    dns_orig.update(&ck, &od);
+    ctx->user_ip6[0] = 0;
+    ctx->user_ip6[1] = 0;
+    ctx->user_ip6[2] = v4 ? bpf_htonl(0x0000ffff) : 0;
+    ctx->user_ip6[3] = v4 ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+    ctx->user_port = (__u32)pc->dns_port;
+    mb_count(COUNTER_DNS_REDIRECT, 1);
+    return 1;
+}
