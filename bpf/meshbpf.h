@@ -145,8 +145,8 @@ enum mb_counter {
     COUNTER_BYPASS_PROXY = 9,    /* connects by the proxy uid/gid, left alone          */
     COUNTER_BYPASS_RULE = 10,    /* connects left alone by include/exclude rules       */
     COUNTER_CLOSED = 11,         /* per-connection state removed on close              */
-    COUNTER_INBOUND_NAT_MISS = 12, /* tc_inbound: non-SYN packet with no nat entry    */
-    COUNTER_INBOUND_REPLY = 13,  /* tc_inbound: replies whose source port was restored */
+    COUNTER_INBOUND_NO_LISTENER = 12, /* tc_inbound: SYN dropped, no capture listener  */
+    COUNTER_INBOUND_UNSTEERABLE = 13, /* tc_inbound: fragment etc. to a captured port dropped */
     COUNTER_INBOUND_BYPASS = 14, /* tc_inbound: packets to excluded ports              */
     COUNTER_DNS_REDIRECT = 15,   /* DNS queries (UDP sends, TCP connects) redirected   */
     COUNTER_DNS_REPLY = 16,      /* DNS replies given back their server's address      */
@@ -374,12 +374,8 @@ struct inbound_port_key {
 BPF_HASH(inbound_pods, struct inbound_pod_key, struct inbound_pod_val, MB_MAX_PODS);
 BPF_HASH(inbound_ports, struct inbound_port_key, __u32, 65536);
 
-/* tc_inbound's two drop counters reuse enum slots named for the old port-rewrite design.
- * REQUEST to the core: rename COUNTER_INBOUND_NAT_MISS -> COUNTER_INBOUND_NO_LISTENER
- * ("inbound_no_listener") and COUNTER_INBOUND_REPLY -> COUNTER_INBOUND_UNSTEERABLE
- * ("inbound_unsteerable") in the enum and structs.py, then update these two lines. */
-#define MBI_COUNTER_NO_LISTENER COUNTER_INBOUND_NAT_MISS   /* SYN dropped: no capture listener */
-#define MBI_COUNTER_UNSTEERABLE COUNTER_INBOUND_REPLY      /* TCP fragment etc. dropped */
+#define MBI_COUNTER_NO_LISTENER COUNTER_INBOUND_NO_LISTENER
+#define MBI_COUNTER_UNSTEERABLE COUNTER_INBOUND_UNSTEERABLE
 
 /* ---- end of inbound section ---- */
 #endif /* MESHBPF_H */

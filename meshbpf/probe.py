@@ -55,8 +55,14 @@ class Feature:
 FEATURES = (
     Feature("tc_clsact", "tc clsact with sched_cls programs", (4, 5), REQUIRED,
             "steer inbound traffic to the sidecar's inbound port"),
-    Feature("xdp", "XDP programs", (4, 8), DEGRADES, "steer inbound traffic at the driver",
-            "XDP inbound steering unavailable (tc is used)"),
+    Feature("xdp", "XDP programs", (4, 8), INFO,
+            "run at the driver (not used for inbound: XDP cannot hand a packet to a socket, "
+            "see docs/inbound.md)"),
+    Feature("tc_sk_assign", "bpf_sk_assign from tc", (5, 7), REQUIRED,
+            "hand inbound connections to the sidecar's capture listener"),
+    Feature("tc_sk_assign_reuseport", "bpf_sk_assign to SO_REUSEPORT listeners", (6, 5),
+            DEGRADES, "steer inbound connections to a SO_REUSEPORT listener (Envoy's default)",
+            "the sidecar's inbound listener must not use SO_REUSEPORT"),
     Feature("sock_ops", "sock_ops programs", (4, 13), REQUIRED,
             "see connections become established (splicing and original-destination bookkeeping)"),
     Feature("sockmap", "SOCKMAP maps", (4, 14), INFO,
@@ -456,6 +462,27 @@ class _Prober:
 
     def check_bcc(self):
         return check_bcc()
+
+    _inbound = None
+
+    def _inbound_probe(self):
+        """Real inbound steering in a throwaway netns (needs bcc); run once for both checks."""
+        if self._inbound is None:
+            ok, detail = check_bcc()
+            if not ok:
+                self._inbound = {"ok": False, "reuseport": False, "detail": f"not tried: {detail}"}
+            else:
+                from .ebpf import inbound
+                self._inbound = inbound.probe()
+        return self._inbound
+
+    def check_tc_sk_assign(self):
+        res = self._inbound_probe()
+        return res["ok"], res["detail"]
+
+    def check_tc_sk_assign_reuseport(self):
+        res = self._inbound_probe()
+        return res["reuseport"], res["detail"]
 
     def check_kernel_headers(self):
         return check_kernel_headers()

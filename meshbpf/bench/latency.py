@@ -177,17 +177,34 @@ class _Bench:
         for p in (self.client, self.server):
             p.exec(["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"], check=False)
             p.exec(["sysctl", "-q", "-w", "net.core.somaxconn=4096"], check=False)
-        self.sp_srv = self.server.spawn(["sockperf", "sr", "--tcp", "-i", "0.0.0.0",
-                                         "-p", str(SOCKPERF_PORT)], label="sockperf-sr")
-        self.ip_srv = self.server.spawn(["iperf3", "-s", "-p", str(IPERF_PORT), "--rcv-timeout", "5000"],
-                                        label="iperf3-s")
-        self.conn_srv = start_conn_server(self.server)
-        self.server.wait_port(SOCKPERF_PORT, proc=self.sp_srv, listening=True)
-        self.server.wait_port(IPERF_PORT, proc=self.ip_srv, listening=True)
+        self.sp_srv = self.ip_srv = self.conn_srv = None
+        self.ensure_servers()
         self.c_env = start_bench_envoy(self.client, bench_bootstrap("client", self.server.ip4))
         self.s_env = start_bench_envoy(self.server, bench_bootstrap("server", self.server.ip4))
         self.interceptors = {}
         self.config = InterceptConfig()
+
+    def ensure_servers(self):
+        """Start the server apps, or restart any that exited; returns what was restarted."""
+        notes = []
+        if self.sp_srv is None or not self.sp_srv.alive():
+            if self.sp_srv is not None:
+                notes.append(f"sockperf server had exited ({self.sp_srv.returncode}): "
+                             f"{' '.join(self.sp_srv.output().split())[-200:]}")
+            self.sp_srv = self.server.spawn(["sockperf", "sr", "--tcp", "-i", "0.0.0.0",
+                                             "-p", str(SOCKPERF_PORT)], label="sockperf-sr")
+            self.server.wait_port(SOCKPERF_PORT, proc=self.sp_srv, listening=True)
+        if self.ip_srv is None or not self.ip_srv.alive():
+            if self.ip_srv is not None:
+                notes.append(f"iperf3 server had exited ({self.ip_srv.returncode})")
+            self.ip_srv = self.server.spawn(["iperf3", "-s", "-p", str(IPERF_PORT),
+                                             "--rcv-timeout", "5000"], label="iperf3-s")
+            self.server.wait_port(IPERF_PORT, proc=self.ip_srv, listening=True)
+        if self.conn_srv is None or not self.conn_srv.alive():
+            if self.conn_srv is not None:
+                notes.append(f"connection server had exited ({self.conn_srv.returncode})")
+            self.conn_srv = start_conn_server(self.server)
+        return notes
 
     # -- interception --------------------------------------------------------------------
     def _interceptor(self, mode):
@@ -254,6 +271,8 @@ class _Bench:
 
     def run_mode(self, mode, round_index):
         sample = {"mode": mode, "round": round_index, "sizes": {}, "errors": []}
+        # A failure in an earlier mode may have killed a server: never blame this mode.
+        sample["notes"] = self.ensure_servers()
         try:
             icpt = self.enter(mode)
         except Exception as e:  # noqa: BLE001 - one mode failing must not sink the run
@@ -345,6 +364,8 @@ def run_latency(modes=None, sizes=None, rounds=None, quick=False, duration=None,
                        f"{(s.get('conn_per_s') or 0):.0f} conn/s")
                 if s["errors"]:
                     msg += f"; errors: {'; '.join(s['errors'])[:300]}"
+                for note in s["notes"]:
+                    progress(f"latency: before {mode}: restarted a server: {note}")
                 progress(msg)
     result_modes = stats.aggregate_latency(samples, sizes)
     from .report import latency_targets
@@ -352,6 +373,8 @@ def run_latency(modes=None, sizes=None, rounds=None, quick=False, duration=None,
         "kind": "latency", "quick": quick, "rounds": rounds, "sizes": sizes, "rtt": True,
         "durations": durations, "modes": result_modes,
         "targets": latency_targets(result_modes),
+        "notes": [f"round {s['round'] + 1}, before {s['mode']}: {n}" for s in samples
+                  for n in s.get("notes", [])],
         "samples": samples,
         "seconds": time.monotonic() - t0,
         "host": {"kernel": os.uname().release, "cpus": os.cpu_count(),

@@ -171,6 +171,7 @@ def latency_text(result):
         lines.append(_table(["mode"] + [f"{s} B" for s in sizes], rows))
     lines.append("")
     lines += [f"target: {t['name']}: {_verdict(t)} ({t['detail']})" for t in result.get("targets", [])]
+    lines += [f"note: {n}" for n in result.get("notes", [])]
     return "\n".join(lines)
 
 
@@ -202,6 +203,8 @@ def latency_markdown(result, charts=()):
                    f"max {_fmt(sp.get('max'))}, n={sp.get('n', 0)}")
     out += ["", "## Targets", ""]
     out += [f"- {t['name']}: **{_verdict(t)}** ({t['detail']})" for t in result.get("targets", [])]
+    if result.get("notes"):
+        out += ["", "## Notes", ""] + [f"- {n}" for n in result["notes"]]
     for c in charts:
         out += ["", f"![{c}]({c})"]
     return "\n".join(out) + "\n"

@@ -245,7 +245,7 @@ class EbpfInterceptor(Interceptor):
     def _tc_prog_fds(self):
         """{name: fd} of the pinned inbound tc programs (caller closes the fds)."""
         out = {}
-        for name in ("tc_inbound_ingress", "tc_inbound_egress"):
+        for name in ("tc_inbound_ingress",):
             if name in loader.pinned(self.pin_prefix)["progs"]:
                 out[name] = loader.prog_fd(self.pin_prefix, name)
         return out

@@ -63,7 +63,6 @@ PROGRAMS = (
     ProgSpec("mb_sk_msg", "sk_msg.c", B.BPF_PROG_TYPE_SK_MSG,
              B.BPF_SK_MSG_VERDICT, "sockhash", splice=True),
     ProgSpec("tc_inbound_ingress", "tc_inbound.c", B.BPF_PROG_TYPE_SCHED_CLS, -1, "none"),
-    ProgSpec("tc_inbound_egress", "tc_inbound.c", B.BPF_PROG_TYPE_SCHED_CLS, -1, "none"),
 )
 CORE_SOURCES = ("connect4.c", "connect6.c", "getpeername4.c", "getpeername6.c",
                 "getsockopt.c", "sockops.c", "sock_release.c", "sk_msg.c",

@@ -46,8 +46,8 @@ COUNTERS = [
     "bypass_proxy",       # COUNTER_BYPASS_PROXY
     "bypass_rule",        # COUNTER_BYPASS_RULE
     "closed",             # COUNTER_CLOSED
-    "inbound_nat_miss",   # COUNTER_INBOUND_NAT_MISS
-    "inbound_reply",      # COUNTER_INBOUND_REPLY
+    "inbound_no_listener",  # COUNTER_INBOUND_NO_LISTENER
+    "inbound_unsteerable",  # COUNTER_INBOUND_UNSTEERABLE
     "inbound_bypass",     # COUNTER_INBOUND_BYPASS
     "dns_redirect",       # COUNTER_DNS_REDIRECT
     "dns_reply",          # COUNTER_DNS_REPLY

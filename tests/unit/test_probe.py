@@ -74,7 +74,7 @@ def test_each_required_feature_alone_forces_iptables(name):
     ("cgroup_sendmsg4", "DNS capture unavailable"),
     ("cgroup_recvmsg4", "DNS capture unavailable"),
     ("sk_lookup", "sk_lookup"),
-    ("xdp", "XDP"),
+    ("tc_sk_assign_reuseport", "SO_REUSEPORT"),
     ("bpf_link", "bpf_link"),
 ])
 def test_optional_features_only_degrade(name, capability):
@@ -201,9 +201,13 @@ def test_assume_kernel_walks_the_table(version, mode, first):
 
 
 def test_assume_515_keeps_optional_features():
-    assert P.degraded(all_ok(), assume_kernel="5.15") == []
+    # 5.15 has every optional feature but handing connections to SO_REUSEPORT listeners (6.5)
+    assert P.degraded(all_ok(), assume_kernel="5.15") == [
+        P.BY_NAME["tc_sk_assign_reuseport"].capability]
+    assert P.degraded(all_ok(), assume_kernel="6.5") == []
     # 5.8 has getpeername and bpf_link, not sk_lookup (5.9)
-    assert P.degraded(all_ok(), assume_kernel="5.8") == [P.BY_NAME["sk_lookup"].capability]
+    assert sorted(P.degraded(all_ok(), assume_kernel="5.8")) == sorted([
+        P.BY_NAME["sk_lookup"].capability, P.BY_NAME["tc_sk_assign_reuseport"].capability])
 
 
 def test_apply_assumption_does_not_change_its_input():
