@@ -744,7 +744,7 @@ class Sandbox:
         removed = []
         for rid, paths in Sandbox.leftovers().items():
             pid = int(_ID_RE.match(rid).group(1))
-            if pid == os.getpid() or _owner_alive(pid, paths):
+            if pid == os.getpid() or _owner_alive(pid, paths, rid):
                 continue
             _remove_run(rid)
             removed.append(rid)
@@ -763,7 +763,32 @@ def _process_start_time(pid):
     return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
 
 
-def _owner_alive(pid, paths):
+def _foreign(rid):
+    """True if run `rid` has processes in another pid namespace (a container's run sharing
+    this cgroup hierarchy): its owner pid means nothing here, so it is never stale to us."""
+    try:
+        root = os.path.join(system.cgroup2_mount(), TEST_CGROUP, rid)
+        mine = os.stat("/proc/self/ns/pid").st_ino
+    except (MeshbpfError, OSError):
+        return False
+    for d in _cgroup_dirs_bottom_up(root):
+        try:
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                pids = [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+        for p in pids:
+            if p == 0:
+                return True     # invisible from our pid namespace
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{p}/ns/pid").st_ino != mine:
+                    return True
+    return False
+
+
+def _owner_alive(pid, paths, rid=None):
+    if rid and _foreign(rid):
+        return True
     if not _pid_alive(pid):
         return False
     started = _process_start_time(pid)
@@ -793,7 +818,9 @@ def _cgroup_dirs_bottom_up(root):
 def _procs_in_cgroup(cg):
     try:
         with open(os.path.join(cg, "cgroup.procs")) as f:
-            return [int(x) for x in f.read().split()]
+            # A process outside our pid namespace reads as 0 here: never "kill 0" (that
+            # is our own process group).
+            return [int(x) for x in f.read().split() if int(x) > 0]
     except (FileNotFoundError, ProcessLookupError, OSError):
         return []
 
