@@ -5,40 +5,12 @@ machine, 5 apply failed and was rolled back. Errors are one sentence on stderr, 
 traceback, for anything a user can cause.
 """
 
-import json
-import sys
-
 import click
 
 from . import __version__
 from .cliopts import config_options
+from .clickutil import MeshGroup, emit, output_option
 from .errors import MeshbpfError
-
-
-class MeshGroup(click.Group):
-    """Turns MeshbpfError into a one-line message and its exit code."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except MeshbpfError as e:
-            click.echo(f"meshbpf: error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except PermissionError as e:
-            click.echo(f"meshbpf: error: {e.strerror}: {e.filename or ''} (run as root)", err=True)
-            sys.exit(4)
-
-
-def emit(obj, output, text_fn):
-    """Print `obj` as JSON (-o json) or through `text_fn` (the default text form)."""
-    if output == "json":
-        click.echo(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    else:
-        text_fn(obj)
-
-
-output_option = click.option("-o", "--output", type=click.Choice(["text", "json"]),
-                             default="text", show_default=True, help="Output format.")
 
 
 @click.group(cls=MeshGroup, context_settings={"help_option_names": ["-h", "--help"]})

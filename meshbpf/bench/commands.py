@@ -10,6 +10,7 @@ import time
 
 import click
 
+from ..clickutil import MeshGroup
 from ..errors import MeshbpfError, UsageError
 from . import report
 
@@ -100,18 +101,7 @@ def rounds_opt(default_help):
     return click.option("--rounds", type=click.IntRange(1, 100), help=default_help)
 
 
-class BenchGroup(click.Group):
-    """Prints MeshbpfError as one line with its exit code when run on its own."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except MeshbpfError as e:
-            click.echo(f"meshbpf: error: {e}", err=True)
-            ctx.exit(e.exit_code)
-
-
-@click.group("bench", cls=BenchGroup)
+@click.group("bench", cls=MeshGroup)
 def bench():
     """Measure what interception costs: data path (latency) and control plane (rules).
 

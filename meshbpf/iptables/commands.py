@@ -11,33 +11,19 @@ is a MeshbpfError printed as one sentence with its exit code, never a traceback.
 """
 
 import json
-import sys
 
 import click
 
 from . import apply as ops
 from . import rules
 from .backend import VARIANTS
+from ..clickutil import MeshGroup
 from ..cliopts import config_from_options, config_options
 from ..errors import MeshbpfError, UsageError  # noqa: F401
 from ..pod import Pod
 
 
-class _Group(click.Group):
-    """Like meshbpf.cli.MeshGroup (not imported: cli imports this module): one-line errors."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except MeshbpfError as e:
-            click.echo(f"meshbpf: error: {e}", err=True)
-            sys.exit(e.exit_code)
-        except PermissionError as e:
-            click.echo(f"meshbpf: error: {e.strerror}: {e.filename or ''} (run as root)", err=True)
-            sys.exit(4)
-
-
-@click.group("iptables", cls=_Group)
+@click.group("iptables", cls=MeshGroup)
 def iptables():
     """Istio-identical iptables interception (the fallback when eBPF cannot)."""
 
