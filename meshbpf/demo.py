@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import click
 
@@ -30,9 +31,19 @@ def _delta(before, after, names):
     return {n: after.get(n, 0) - before.get(n, 0) for n in names}
 
 
-def _last_access(sidecar, listener):
-    lines = [l for l in sidecar.log().splitlines() if l.startswith(f"[{listener}]")]
-    return lines[-1] if lines else "(no access log line)"
+def _access_lines(sidecar, listener):
+    return [l for l in sidecar.log().splitlines() if l.startswith(f"[{listener}]")]
+
+
+def _new_access(sidecar, listener, seen, timeout=5):
+    """The first access-log line after the `seen` ones (Envoy writes them asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = _access_lines(sidecar, listener)
+        if len(lines) > seen:
+            return lines[seen]
+        time.sleep(0.1)
+    return "(no new access log line)"
 
 
 OUT_STATS = ["tcp.outbound.downstream_cx_total", "cluster.PassthroughCluster.upstream_cx_total"]
@@ -50,6 +61,8 @@ def show_request(mode, client, server, outsider, env_c, env_s):
         click.echo(f"  attached {p.name} in {rec['mode']} mode")
     try:
         b_c, b_s = env_c.stats(), env_s.stats()
+        seen_c = len(_access_lines(env_c, "virtualOutbound"))
+        seen_s = len(_access_lines(env_s, "virtualInbound"))
         url = f"http://{server.ip4}:{APP_PORT}/hello"
         r = client.exec(["curl", "-sS", "--noproxy", "*", "-m", "10", url])
         if r.returncode != 0:
@@ -60,9 +73,11 @@ def show_request(mode, client, server, outsider, env_c, env_s):
         click.echo(f"  server app answered; it saw its peer as {body['peer'][0]} "
                    "(127.0.0.6 = its own sidecar's inbound passthrough)")
         click.echo(f"  client sidecar outbound: {_delta(b_c, a_c, OUT_STATS)}")
-        click.echo(f"  client sidecar access log: {_last_access(env_c, 'virtualOutbound')}")
+        click.echo("  access log format: [listener] downstream peer -> original destination the "
+                   "sidecar read (SO_ORIGINAL_DST) via upstream local -> upstream host")
+        click.echo(f"  client sidecar access log: {_new_access(env_c, 'virtualOutbound', seen_c)}")
         click.echo(f"  server sidecar inbound:  {_delta(b_s, a_s, IN_STATS)}")
-        click.echo(f"  server sidecar access log: {_last_access(env_s, 'virtualInbound')}")
+        click.echo(f"  server sidecar access log: {_new_access(env_s, 'virtualInbound', seen_s)}")
         r = outsider.exec(["curl", "-sS", "--noproxy", "*", "-m", "10", url])
         seen = json.loads(r.stdout)["peer"][0] if r.returncode == 0 else r.stderr.strip()
         click.echo(f"  outsider (not meshed) -> server: answered, app saw {seen}")

@@ -466,6 +466,8 @@ class SandboxPod:
         os.chmod(cfg, 0o644)
         proc = self.spawn([binary, "-c", cfg, "--disable-hot-restart", "--concurrency", "1",
                            "-l", log_level, "--log-format", "[%Y-%m-%d %T.%e][%l][%n] %v",
+                           # access log lines are evidence tests read: write them promptly
+                           "--file-flush-interval-msec", "100",
                            *extra_args],
                           uid=uid, gid=gid, label="envoy", cwd=d)
         env = Sidecar(proc, self, cfg, admin_port, access_path)
