@@ -55,6 +55,7 @@ from .errors import MeshbpfError, NotFoundError, UnsupportedError, UsageError
 from .state import STATE_ROOT as STATE_DIR
 
 ID_PREFIX = "mbt-"
+STALE_FOREIGN_AGE = 600   # seconds before a run seen only through shared cgroups is stale
 NETNS_DIR = "/run/netns"
 TEST_CGROUP = "meshbpf-test"
 PIN_PARENT = system.BPFFS
@@ -73,9 +74,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _new_id():
+    """mbt-<pid>-<n>; n is offset by our pid namespace so that runs of two containers
+    sharing the cgroup hierarchy (each with its own pid numbers) do not share ids."""
     with _counter_lock:
         n = next(_counter)
-    return f"{ID_PREFIX}{os.getpid()}-{n}"
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino % 1000
+    except OSError:
+        ns = 0
+    return f"{ID_PREFIX}{os.getpid()}-{ns * 1000 + n}"
 
 
 def pod_addresses(index):
@@ -749,9 +756,17 @@ class Sandbox:
         the run's leftovers were made, the pid was reused and the owner is dead too.
         """
         removed = []
+        now = time.time()
         for rid, paths in Sandbox.leftovers().items():
             pid = int(_ID_RE.match(rid).group(1))
             if pid == os.getpid() or _owner_alive(pid, paths, rid):
+                continue
+            # A live run always has a netns or a temp dir in its own mount namespace. If we
+            # see neither, it may be another container's run (it shares only the cgroup
+            # hierarchy with us) whose pid means nothing here: leave it unless it is old.
+            private = [p for p in paths if p.startswith((NETNS_DIR + "/", tempfile.gettempdir() + "/"))]
+            if not private and any(now - os.lstat(p).st_mtime < STALE_FOREIGN_AGE
+                                   for p in paths if os.path.lexists(p)):
                 continue
             _remove_run(rid)
             removed.append(rid)

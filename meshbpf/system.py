@@ -141,16 +141,20 @@ def netns_inode(path):
 
 
 def reachable_by_all(path):
-    """True if any uid can execute `path`: o+x on the file and on every directory above it
-    (a checkout under a 0700 home is not reachable by the proxy uid)."""
+    """True if any uid can execute `path`: o+x on every directory on the way to it (as
+    written, and after resolving links) and on the file itself. A checkout under a 0700
+    home is not reachable by the proxy uid."""
     import stat
-    p = os.path.realpath(path)
-    if not os.stat(p).st_mode & stat.S_IXOTH:
-        return False
-    d = os.path.dirname(p)
-    while True:
-        if not os.stat(d).st_mode & stat.S_IXOTH:
-            return False
-        if d == "/":
-            return True
-        d = os.path.dirname(d)
+
+    def dirs_ok(p):
+        d = os.path.dirname(os.path.abspath(p))
+        while True:
+            if not os.stat(d).st_mode & stat.S_IXOTH:
+                return False
+            if d == "/":
+                return True
+            d = os.path.dirname(d)
+
+    real = os.path.realpath(path)
+    return (dirs_ok(path) and dirs_ok(real)
+            and bool(os.stat(real).st_mode & stat.S_IXOTH))
