@@ -377,5 +377,74 @@ BPF_HASH(inbound_ports, struct inbound_port_key, __u32, 65536);
 #define MBI_COUNTER_NO_LISTENER COUNTER_INBOUND_NO_LISTENER
 #define MBI_COUNTER_UNSTEERABLE COUNTER_INBOUND_UNSTEERABLE
 
+/* The TIME_WAIT path (sk_lookup.c). A SYN whose 4-tuple is held by a TIME_WAIT socket must
+ * not be bpf_sk_assign()ed by tc: the listener would then build a request socket that
+ * inet_ehash_insert() drops as a duplicate of the TIME_WAIT, silently, on every retransmit
+ * until the TIME_WAIT expires (60 s). tc instead marks the 4-tuple in `inbound_tw` and
+ * leaves the SYN to the kernel, whose TIME_WAIT handling (TCP_TW_SYN) deschedules the
+ * TIME_WAIT and asks the netns's sk_lookup programs for a listener: mb_sk_lookup consumes
+ * the mark and picks the pod's capture listener. Only lookups tc marked are touched (the
+ * pod's own traffic to itself, e.g. the sidecar's inbound passthrough, never is). Only for
+ * pods whose inbound_pods entry has INBOUND_POD_SK_LOOKUP (mb_sk_lookup is linked in the
+ * pod's netns): without it the kernel would pick the app's own listener. */
+#define INBOUND_POD_SK_LOOKUP 4  /* mb_sk_lookup is linked in this pod IP's netns           */
+#define INBOUND_TW_MAX_AGE_NS 1000000000ULL  /* a mark older than this is stale (ignored) */
+struct inbound_tw_key {          /* a SYN's 4-tuple, as the pod sees it */
+    __u32 local_ip[4];           /* the pod IP, v4-mapped if IPv4, network order */
+    __u32 remote_ip[4];
+    __u16 local_port;            /* network order */
+    __u16 remote_port;           /* network order */
+};
+struct capture_listener_key {    /* the pod's capture listener (sockops LISTEN_CB, or
+                                    adopted at attach time by meshbpf/ebpf/inbound.py) */
+    __u64 netns;                 /* netns cookie of the listening socket */
+    __u16 port;                  /* its port (the capture port), network order */
+    __u16 family;                /* MB_AF_INET or MB_AF_INET6 (of the socket) */
+    __u32 pad;
+};
+/* tc_inbound marks (value: bpf_ktime_get_ns()), mb_sk_lookup consumes (deletes) the mark in
+ * the same softirq; LRU only for marks whose SYN the TIME_WAIT rejected (it then ACKs). */
+BPF_TABLE("lru_hash", struct inbound_tw_key, __u64, inbound_tw, 4096);
+/* pod IP -> its netns cookie (key of capture_listeners), written by inbound.py */
+BPF_HASH(inbound_netns, struct inbound_pod_key, __u64, MB_MAX_PODS);
+/* A SOCKHASH as BPF_SOCKHASH declares it, plus `lookup` (bcc 0.26's BPF_SOCKHASH has none;
+ * sk_lookup.c looks listeners up, which yields a referenced socket to bpf_sk_release). */
+struct capture_listeners_table_t {
+    struct capture_listener_key key;
+    int leaf;
+    int *(*lookup)(struct capture_listener_key *);
+    int (*update)(struct capture_listener_key *, int *);
+    int (*delete)(struct capture_listener_key *);
+    int (*sock_hash_update)(void *, void *, u64);
+    u32 max_entries;
+};
+__attribute__((section("maps/sockhash")))
+struct capture_listeners_table_t capture_listeners = { .max_entries = MB_MAX_PODS * 4 };
+BPF_ANNOTATE_KV_PAIR(capture_listeners, struct capture_listener_key, int);
+
+/* 1 and *capture_port, *pod_flags if the pod's policy steers `dport`; -1 if the destination
+ * is an enrolled pod IP whose policy leaves the port alone; 0 if it is no enrolled pod IP.
+ * Ports in network order. (tc_inbound.c and sk_lookup.c) */
+static __always_inline int mbi_policy(struct inbound_pod_key *pk, __be16 dport,
+                                      __be16 *capture_port, __u16 *pod_flags)
+{
+    struct inbound_pod_val *pod = inbound_pods.lookup(pk);
+    if (!pod)
+        return 0;
+    struct inbound_port_key k = {};
+    __builtin_memcpy(k.ip, pk->ip, sizeof(k.ip));
+    k.port = dport;
+    __u32 *action = inbound_ports.lookup(&k);
+    if (action) {
+        if (*action != INBOUND_PORT_CAPTURE)
+            return -1;
+    } else if (!(pod->flags & INBOUND_POD_WILDCARD)) {
+        return -1;
+    }
+    *capture_port = pod->capture_port;
+    *pod_flags = pod->flags;
+    return 1;
+}
+
 /* ---- end of inbound section ---- */
 #endif /* MESHBPF_H */

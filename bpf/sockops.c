@@ -6,7 +6,9 @@
  *    the peer is on this node (loopback, or a pod IP in local_ips), put the socket in
  *    sock_hash. (Inbound sockets need nothing special: tc_inbound assigns the SYN to the
  *    15006 listener unrewritten, so the accepted socket's tuple mirrors the peer's.)
- *  - STATE_CB -> TCP_CLOSE: delete orig_dst and the pair entry. */
+ *  - STATE_CB -> TCP_CLOSE: delete orig_dst and the pair entry.
+ *  - TCP_LISTEN_CB on a meshed pod's capture port: register the listener in
+ *    capture_listeners (inbound: sk_lookup.c's TIME_WAIT path). */
 #include "meshbpf.h"
 
 static __always_inline int mb_ops_key(struct bpf_sock_ops *skops, struct sock_key *k, __u64 nc)
@@ -100,6 +102,42 @@ static __always_inline void mb_closed(struct bpf_sock_ops *skops)
     mb_count(COUNTER_CLOSED, 1);
 }
 
+/* LISTEN_CB (fires for every listen(), no cb flags needed): a socket that starts listening
+ * on a meshed pod's inbound capture port (pods[netns].inbound_port), on the wildcard or a
+ * non-loopback address, becomes the pod's capture listener for sk_lookup (inbound section
+ * of meshbpf.h). The entry goes when the socket closes; a restarted sidecar's new listener
+ * replaces it here. */
+static __always_inline void mb_listen(struct bpf_sock_ops *skops)
+{
+    __u64 nc = bpf_get_netns_cookie(skops);
+    struct pod_config *pc = pods.lookup(&nc);
+    if (!pc || bpf_htons((__u16)skops->local_port) != pc->inbound_port)
+        return;
+    __u32 family = skops->family;
+    __u32 ip[4] = {};
+    if (family == MB_AF_INET) {
+        mb_map4(ip, skops->local_ip4);
+    } else if (family == MB_AF_INET6) {
+        ip[0] = skops->local_ip6[0];
+        ip[1] = skops->local_ip6[1];
+        ip[2] = skops->local_ip6[2];
+        ip[3] = skops->local_ip6[3];
+    } else {
+        return;
+    }
+    int any = ip[0] == 0 && ip[1] == 0 && ip[3] == 0 &&
+              (ip[2] == 0 || ip[2] == bpf_htonl(0x0000ffff));   /* 0.0.0.0 or :: */
+    if (!any && mb_is_loopback(ip))
+        return;                  /* 127/8 or ::1: not reachable from the pod's interfaces */
+    struct capture_listener_key lk = {};
+    lk.netns = nc;
+    lk.port = pc->inbound_port;
+    lk.family = family;
+    /* bcc rewrites map.sock_hash_update(...) into a statement ending in ';' */
+    long err = capture_listeners.sock_hash_update(skops, &lk, BPF_ANY);
+    (void)err;
+}
+
 int mb_sockops(struct bpf_sock_ops *skops)
 {
     __u32 op = skops->op;
@@ -113,6 +151,8 @@ int mb_sockops(struct bpf_sock_ops *skops)
     } else if (op == BPF_SOCK_OPS_STATE_CB) {
         if (skops->args[1] == MB_TCP_CLOSE)
             mb_closed(skops);
+    } else if (op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
+        mb_listen(skops);
     }
     return 1;
 }

@@ -9,7 +9,10 @@
  *   1. If the packet belongs to a connection that already has a socket (established,
  *      SYN_RECV request socket, or TIME_WAIT for a non-SYN) it is left alone: the kernel's
  *      normal lookup delivers it. Connections that existed before the pod was attached
- *      therefore keep working, untouched.
+ *      therefore keep working, untouched. A SYN that meets a TIME_WAIT is marked in
+ *      `inbound_tw` and left to the kernel's TIME_WAIT path when mb_sk_lookup is linked
+ *      in the pod's netns (INBOUND_POD_SK_LOOKUP): that path asks sk_lookup, which picks
+ *      the capture listener (see sk_lookup.c and the inbound section of meshbpf.h).
  *   2. Otherwise the sidecar's inbound listener (pod IP or wildcard address, port
  *      `capture_port`, normally 15006) is looked up in the pod's netns and the packet is
  *      assigned to it with bpf_sk_assign(), the socket-level equivalent of TPROXY.
@@ -23,7 +26,8 @@
  *      retransmission connects once the sidecar listens.
  *
  * Counters (core's per-CPU `counters`; see the inbound section of meshbpf.h):
- *   COUNTER_REDIRECT_IN       SYN steered to the sidecar's inbound listener;
+ *   COUNTER_REDIRECT_IN       SYN steered to the sidecar's inbound listener (or handed to
+ *                             the TIME_WAIT path, where sk_lookup steers it);
  *   COUNTER_INBOUND_BYPASS    SYN to an enrolled pod IP on a port its policy leaves alone;
  *   MBI_COUNTER_NO_LISTENER   SYN dropped because nothing listens on the capture port;
  *   MBI_COUNTER_UNSTEERABLE   TCP fragment / over-long IPv6 header chain to a captured
@@ -33,7 +37,8 @@
  * up to MBI_MAX_EXTHDRS) are skipped. Interfaces must carry Ethernet framing
  * (meshbpf/ebpf/inbound.py only hooks ARPHRD_ETHER links).
  *
- * Maps (declared in meshbpf.h's inbound section): inbound_pods, inbound_ports.
+ * Maps (declared in meshbpf.h's inbound section): inbound_pods, inbound_ports, inbound_tw
+ * (and mbi_policy(), shared with sk_lookup.c).
  */
 
 #include <uapi/linux/pkt_cls.h>
@@ -75,29 +80,6 @@ static __always_inline int mbi_unsteerable(struct inbound_pod_key *pk)
     return TC_ACT_SHOT;
 }
 
-/* 1 and *capture_port if the pod's policy steers `dport`; -1 if the destination is an
- * enrolled pod IP whose policy leaves the port alone; 0 if it is no enrolled pod IP.
- * Ports in network order. */
-static __always_inline int mbi_policy(struct inbound_pod_key *pk, __be16 dport,
-                                      __be16 *capture_port)
-{
-    struct inbound_pod_val *pod = inbound_pods.lookup(pk);
-    if (!pod)
-        return 0;
-    struct inbound_port_key k = {};
-    __builtin_memcpy(k.ip, pk->ip, sizeof(k.ip));
-    k.port = dport;
-    __u32 *action = inbound_ports.lookup(&k);
-    if (action) {
-        if (*action != INBOUND_PORT_CAPTURE)
-            return -1;
-    } else if (!(pod->flags & INBOUND_POD_WILDCARD)) {
-        return -1;
-    }
-    *capture_port = pod->capture_port;
-    return 1;
-}
-
 int tc_inbound_ingress(struct __sk_buff *skb)
 {
     struct bpf_sock_tuple tuple = {};
@@ -105,6 +87,7 @@ int tc_inbound_ingress(struct __sk_buff *skb)
     __u32 tuple_len;
     __u32 l4off;
     __be16 capture_port = 0;
+    __u16 pod_flags = 0;
     __u8 tcpflags = 0;
 
     if (skb->protocol == bpf_htons(MBI_ETH_P_IP)) {
@@ -170,7 +153,7 @@ int tc_inbound_ingress(struct __sk_buff *skb)
         return TC_ACT_OK;
 
     int syn = (tcpflags & (MBI_TCP_SYN | MBI_TCP_ACK)) == MBI_TCP_SYN;
-    int verdict = mbi_policy(&pk, ports[1], &capture_port);
+    int verdict = mbi_policy(&pk, ports[1], &capture_port, &pod_flags);
     if (verdict <= 0) {
         if (verdict < 0 && syn)
             mb_count(COUNTER_INBOUND_BYPASS, 1);
@@ -189,8 +172,31 @@ int tc_inbound_ingress(struct __sk_buff *skb)
     if (sk) {
         __u32 state = sk->state;
         bpf_sk_release(sk);
-        if (state != BPF_TCP_LISTEN && !(syn && state == BPF_TCP_TIME_WAIT))
+        if (syn && state == BPF_TCP_TIME_WAIT) {
+            /* A new SYN meeting a TIME_WAIT (the sidecar closed first): assigning it to the
+             * listener would stall (its request socket duplicates the TIME_WAIT and is
+             * dropped). Mark the 4-tuple and let the kernel's TIME_WAIT path take it: it
+             * asks sk_lookup, which sees the mark and picks the capture listener
+             * (sk_lookup.c). Without sk_lookup in the pod's netns that path would pick the
+             * app's listener: assign then (old behaviour, the connection waits for the
+             * TIME_WAIT to expire). */
+            if (pod_flags & INBOUND_POD_SK_LOOKUP) {
+                struct inbound_tw_key tk = {};
+                __builtin_memcpy(tk.local_ip, pk.ip, sizeof(tk.local_ip));
+                if (tuple_len == sizeof(tuple.ipv4))
+                    mb_map4(tk.remote_ip, tuple.ipv4.saddr);
+                else
+                    __builtin_memcpy(tk.remote_ip, tuple.ipv6.saddr, sizeof(tk.remote_ip));
+                tk.local_port = ports[1];
+                tk.remote_port = ports[0];
+                __u64 now = bpf_ktime_get_ns();
+                inbound_tw.update(&tk, &now);
+                mb_count(COUNTER_REDIRECT_IN, 1);
+                return TC_ACT_OK;
+            }
+        } else if (state != BPF_TCP_LISTEN) {
             return TC_ACT_OK;
+        }
     }
 
     /* 2. Hand the packet to the sidecar's inbound listener. */

@@ -93,8 +93,9 @@ FEATURES = (
     Feature("cgroup_getpeername6", "cgroup/getpeername6", (5, 8), DEGRADES,
             "show apps the IPv6 peer they dialled", "apps see the sidecar as peer"),
     Feature("sk_lookup", "sk_lookup programs", (5, 9), DEGRADES,
-            "steer inbound connections by socket lookup",
-            "sk_lookup inbound steering unavailable (tc is used)"),
+            "hand a new connection that reuses a TIME_WAIT 4-tuple to the sidecar",
+            "no sk_lookup: inbound connections reusing a TIME_WAIT 4-tuple stall until it "
+            "expires"),
     Feature("so_netns_cookie", "SO_NETNS_COOKIE", (5, 14), REQUIRED,
             "learn a pod's netns cookie from user space"),
     Feature("netns_cookie_sock_ops", "bpf_get_netns_cookie in sock_ops", (5, 15), REQUIRED,

@@ -19,6 +19,16 @@ qdisc only if meshbpf created it); `list_hooks(pod)` reports the filters for sta
 `maps` maps a map name to a map fd (or a bcc table); `progs` a program name to a program
 fd (or a bcc function). Nothing here loads or pins programs: meshbpf/ebpf/loader.py does.
 `probe()` tries the steering for real in a throwaway netns (for `meshbpf probe`).
+
+The TIME_WAIT path: a SYN that meets a TIME_WAIT of the same 4-tuple cannot be assigned by
+tc (the listener's request socket would duplicate the TIME_WAIT and be dropped until it
+expires); the kernel's TIME_WAIT handling asks sk_lookup instead. When the node has the
+`mb_sk_lookup` program pinned (maps given as a `Maps` of the pin prefix, or progs naming
+it), attach_pod also links it to the pod's netns (pin `<prefix>/links/sk_lookup-<netns
+inode>`), writes `inbound_netns` (pod IP -> netns cookie), puts the sidecar's existing
+capture listener in `capture_listeners` (found in /proc, duplicated with pidfd_getfd; later
+listeners are added by sockops LISTEN_CB) and sets INBOUND_POD_SK_LOOKUP, so tc marks such
+SYNs in `inbound_tw` and leaves them to the kernel. detach_pod undoes all of it.
 """
 
 import dataclasses
@@ -30,18 +40,35 @@ from ..config import WILDCARD
 from ..errors import ApplyError, MeshbpfError, NotFoundError, UnsupportedError, UsageError
 
 PROG_INGRESS = "tc_inbound_ingress"
+PROG_SK_LOOKUP = "mb_sk_lookup"
 MAP_PODS = "inbound_pods"
 MAP_PORTS = "inbound_ports"
+MAP_NETNS = "inbound_netns"
+MAP_TW = "inbound_tw"
+MAP_LISTENERS = "capture_listeners"
 
 # bpf/meshbpf.h, inbound section
 INBOUND_POD_WILDCARD = 1
 INBOUND_POD_CAPTURES = 2
 INBOUND_PORT_CAPTURE = 1
 INBOUND_PORT_BYPASS = 2
+INBOUND_POD_SK_LOOKUP = 4
 POD_KEY = struct.Struct("!16s")         # struct inbound_pod_key { __u32 ip[4]; }
 POD_VAL = struct.Struct("=2sHI")        # { __u16 capture_port (net); __u16 flags; __u32 pad; }
 PORT_KEY = struct.Struct("=16s2sH")     # { __u32 ip[4]; __u16 port (net); __u16 pad; }
 PORT_VAL = struct.Struct("=I")          # __u32 action
+NETNS_VAL = struct.Struct("=Q")         # inbound_netns[inbound_pod_key] = __u64 netns cookie
+TW_KEY = struct.Struct("=16s16s2s2s")   # struct inbound_tw_key { local_ip, remote_ip,
+                                        #   local_port (net), remote_port (net) }
+LISTENER_KEY = struct.Struct("=Q2sHI")  # struct capture_listener_key { __u64 netns;
+                                        #   __u16 port (net); __u16 family; __u32 pad; }
+LISTENER_VAL = struct.Struct("=I")      # the socket's fd (on update; the map's value is an int)
+AF_INET = 2
+AF_INET6 = 10
+LINK_PREFIX = "sk_lookup-"              # <pin prefix>/links/sk_lookup-<netns inode>
+TCP_LISTEN = 0x0A                       # st in /proc/net/tcp
+SYS_PIDFD_GETFD = 438
+BPF_LINK_DETACH = 34
 
 # How meshbpf's filters are recognised in a pod: this priority and name, handle 1.
 TC_PRIO = 0x6d62                        # "mb"
@@ -110,10 +137,54 @@ def pod_key(ip):
     return POD_KEY.pack(ip_key(ip))
 
 
-def pod_value(policy):
+def pod_value(policy, sk_lookup=False):
+    """inbound_pods value; `sk_lookup`: mb_sk_lookup is linked in the pod's netns (tc then
+    leaves SYNs that meet a TIME_WAIT to the kernel's TIME_WAIT path)."""
     flags = (INBOUND_POD_WILDCARD if policy.wildcard else 0) | \
-        (INBOUND_POD_CAPTURES if policy.wildcard or policy.capture else 0)
+        (INBOUND_POD_CAPTURES if policy.wildcard or policy.capture else 0) | \
+        (INBOUND_POD_SK_LOOKUP if sk_lookup else 0)
     return POD_VAL.pack(struct.pack("!H", policy.capture_port), flags, 0)
+
+
+def netns_entries(pod_keys, netns_cookie):
+    """inbound_netns entries: every pod IP (inbound_pods keys) -> the pod's netns cookie."""
+    return {k: NETNS_VAL.pack(netns_cookie) for k in pod_keys}
+
+
+def listener_key(netns_cookie, port, family):
+    return LISTENER_KEY.pack(netns_cookie, struct.pack("!H", port), family, 0)
+
+
+def decode_listener_key(raw):
+    netns, port, family, _ = LISTENER_KEY.unpack(raw)
+    return netns, struct.unpack("!H", port)[0], family
+
+
+def _proc_addr(hexaddr):
+    """An address from /proc/net/tcp{,6}: 32-bit words in host (little-endian) order."""
+    raw = bytes.fromhex(hexaddr)
+    return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+
+
+def parse_proc_net_tcp(text, port):
+    """Sockets LISTENing on `port` in a /proc/net/tcp or tcp6 text: [(address, inode)],
+    loopback-bound ones left out (unreachable from the pod's interfaces)."""
+    out = []
+    for line in text.splitlines()[1:]:
+        f = line.split()
+        if len(f) < 10 or ":" not in f[1]:
+            continue
+        addr, _, p = f[1].rpartition(":")
+        try:
+            if int(f[3], 16) != TCP_LISTEN or int(p, 16) != port:
+                continue
+            ip, inode = _proc_addr(addr), int(f[9])
+        except ValueError:
+            continue                         # not a socket line
+        if (getattr(ip, "ipv4_mapped", None) or ip).is_loopback or not inode:
+            continue
+        out.append((ip, inode))
+    return out
 
 
 def port_key(ip, port):
@@ -141,18 +212,18 @@ def _ip_from_key(ip16):
     return ip.ipv4_mapped or ip
 
 
-def policy_entries(policy, addresses):
+def policy_entries(policy, addresses, sk_lookup=False):
     """The map entries for a pod with `policy` and IPs `addresses`.
 
     Returns {map name: {key bytes: value bytes}}: one inbound_pods entry per pod IP and
     one inbound_ports entry per (IP, listed port). Link-local and loopback addresses are
-    not pod IPs and are skipped.
+    not pod IPs and are skipped. `sk_lookup`: see pod_value.
     """
     pods, ports = {}, {}
     for ip in sorted({ipaddress.ip_address(a) for a in addresses}, key=lambda a: (a.version, a)):
         if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
             continue
-        pods[pod_key(ip)] = pod_value(policy)
+        pods[pod_key(ip)] = pod_value(policy, sk_lookup)
         for port in policy.capture:
             ports[port_key(ip, port)] = port_value(INBOUND_PORT_CAPTURE)
         for port in policy.bypass:
@@ -307,14 +378,207 @@ def _ipr(pod):
     return IPRoute()
 
 
+# ---- the sk_lookup (TIME_WAIT) path: side effects ------------------------------------------
+
+def _has_map(maps, name):
+    if hasattr(maps, "exists"):                 # meshbpf.ebpf.maps.Maps
+        return maps.exists(name)
+    try:
+        maps[name]
+    except KeyError:
+        return False
+    return True
+
+
+def _pin_prefix(maps):
+    """The pin prefix of a meshbpf.ebpf.maps.Maps (`<prefix>/maps`), else None."""
+    import os
+    d = getattr(maps, "dir", None)
+    return os.path.dirname(d) if isinstance(d, str) else None
+
+
+def link_path(pin_prefix, netns_inode):
+    """Where the pod's sk_lookup link is pinned."""
+    import os
+    return os.path.join(pin_prefix, "links", f"{LINK_PREFIX}{netns_inode}")
+
+
+def _sk_lookup_prog(maps, progs):
+    """(program fd, owned, None) of mb_sk_lookup (owned: opened here, the caller closes it),
+    or (None, False, reason) when the TIME_WAIT path cannot be set up: the program is not
+    loaded (a kernel without sk_lookup or ctx->ingress_ifindex) or the maps are not the
+    node's pinned ones (no place to pin the link)."""
+    import os
+    from .. import bpfsys
+    if _pin_prefix(maps) is None:
+        return None, False, "maps are not meshbpf's pinned maps: no place to pin a link"
+    if not all(_has_map(maps, m) for m in (MAP_NETNS, MAP_TW, MAP_LISTENERS)):
+        return None, False, "the loaded eBPF object has no sk_lookup maps"
+    if PROG_SK_LOOKUP in progs:
+        return _fd(progs[PROG_SK_LOOKUP], "fd"), False, None
+    pin = os.path.join(_pin_prefix(maps), "progs", PROG_SK_LOOKUP)
+    if not os.path.exists(pin):
+        return None, False, (f"program {PROG_SK_LOOKUP} is not loaded (this kernel lacks "
+                             "sk_lookup programs, Linux 5.9)")
+    return bpfsys.obj_get(pin), True, None
+
+
+def _link_detach(path):
+    """Detach and unpin the bpf_link pinned at `path` (gone already: nothing to do)."""
+    import ctypes
+    import os
+    from .. import bpfsys
+
+    class _Attr(ctypes.Structure):
+        _fields_ = [("link_fd", ctypes.c_uint32)]
+    try:
+        lfd = bpfsys.obj_get(path)
+    except OSError:
+        lfd = None
+    if lfd is not None:
+        try:
+            bpfsys.bpf(BPF_LINK_DETACH, _Attr(link_fd=lfd), "detaching the sk_lookup link")
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOLINK, errno.EOPNOTSUPP, errno.ENOENT):
+                raise
+        finally:
+            os.close(lfd)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _link_sk_lookup(pod, prog_fd, path):
+    """Link mb_sk_lookup to the pod's netns and pin the link at `path`; True if made now,
+    False if it was there (a re-attach)."""
+    import os
+    from .. import bpfsys
+    if os.path.exists(path):
+        return False
+    nsfd = os.open(pod.netns, os.O_RDONLY)
+    try:
+        lfd = bpfsys.link_create(prog_fd, nsfd, bpfsys.BPF_SK_LOOKUP)
+    finally:
+        os.close(nsfd)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        bpfsys.obj_pin(lfd, path)
+    finally:
+        os.close(lfd)
+    return True
+
+
+def find_listeners(pod, port):
+    """The sockets listening on `port` in the pod's netns (wildcard or non-loopback address):
+    [{"family", "address", "inode", "pid", "fd"}], one per family, with an owning process."""
+    import os
+    from .. import system
+    found = []
+    with system.in_netns(pod.netns):
+        for family, name in ((AF_INET, "tcp"), (AF_INET6, "tcp6")):
+            try:
+                with open(f"/proc/thread-self/net/{name}") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            found += [(family, ip, ino) for ip, ino in parse_proc_net_tcp(text, port)]
+    if not found:
+        return []
+    # who holds them: processes in the pod's netns with an fd on the socket inode
+    netns_ino = os.stat(pod.netns).st_ino
+    want = {f"socket:[{ino}]": ino for _, _, ino in found}
+    owners = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino != netns_ino:
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                ino = want.get(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                if ino is not None and ino not in owners:
+                    owners[ino] = (int(pid), int(fd))
+        except OSError:
+            continue
+    out, seen = [], set()
+    # wildcard-bound first: it serves every pod IP
+    def wildcard(ip):
+        return (getattr(ip, "ipv4_mapped", None) or ip).is_unspecified
+    for family, ip, ino in sorted(found, key=lambda x: not wildcard(x[1])):
+        if family in seen or ino not in owners:
+            continue
+        seen.add(family)
+        out.append({"family": family, "address": str(ip), "inode": ino,
+                    "pid": owners[ino][0], "fd": owners[ino][1]})
+    return out
+
+
+def _dup_fd(pid, fd):
+    """A copy of process `pid`'s fd `fd` (pidfd_open + pidfd_getfd, Linux 5.6)."""
+    import ctypes
+    import os
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        r = libc.syscall(ctypes.c_long(SYS_PIDFD_GETFD), ctypes.c_int(pidfd), ctypes.c_int(fd),
+                         ctypes.c_uint(0))
+        if r < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"pidfd_getfd({pid}, {fd}): {os.strerror(err)}")
+        return r
+    finally:
+        os.close(pidfd)
+
+
+def adopt_listeners(pod, netns_cookie, port, listeners_fd):
+    """Put the capture listeners that already exist in the pod into capture_listeners (later
+    ones are added by sockops LISTEN_CB). Returns ([{family, address, inode, pid}], [keys
+    added now], error or None). Best effort: without an entry the TIME_WAIT path drops the
+    SYN and the client's retransmission goes through tc."""
+    import os
+    from .. import bpfsys
+    added, adopted = [], []
+    try:
+        listeners = find_listeners(pod, port)
+    except OSError as e:
+        return [], [], f"listing listeners: {e}"
+    existing = set(bpfsys.map_keys(listeners_fd, LISTENER_KEY.size))
+    for l in listeners:
+        key = listener_key(netns_cookie, port, l["family"])
+        try:
+            fd = _dup_fd(l["pid"], l["fd"])
+        except OSError as e:
+            return adopted, added, str(e)
+        try:
+            if os.fstat(fd).st_ino != l["inode"]:
+                continue                     # the process reused the fd meanwhile
+            bpfsys.map_update_elem(listeners_fd, key, LISTENER_VAL.pack(fd))
+        except OSError as e:
+            return adopted, added, f"adding listener {l['address']}:{port}: {e}"
+        finally:
+            os.close(fd)
+        if key not in existing:
+            added.append(key)
+        adopted.append({k: l[k] for k in ("family", "address", "inode", "pid")})
+    return adopted, added, None
+
+
+def _netns_keys(ops, fd, key_size, cookie):
+    return [k for k in ops.map_keys(fd, key_size) if struct.unpack_from("=Q", k)[0] == cookie]
+
+
 def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto"):
     """Steer `pod`'s inbound TCP per `config`; returns a JSON-able record for detach/status.
 
     Writes the pod IPs' entries into inbound_pods/inbound_ports (replacing the pod's old
     ones) and puts tc_inbound_ingress on the ingress of each chosen interface (creating a
-    clsact qdisc where there is none). Idempotent. On failure everything this call
-    changed is restored and ApplyError is raised.
+    clsact qdisc where there is none). Where mb_sk_lookup is available (see the module
+    docstring) it first sets up the TIME_WAIT path; the record's "sk_lookup" says whether
+    it did ({"enabled": False, "reason": ...} otherwise). Idempotent. On failure
+    everything this call changed is restored and ApplyError is raised.
     """
+    import os
     from .. import system
     policy = inbound_policy(config)
     fds = _map_fds(maps)
@@ -326,14 +590,39 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto"):
             chosen = _pick_interfaces(links, config, interfaces)
             hooks = {l["name"]: select_hook(hook, l["kind"]) for l in chosen}
             addrs = _addresses(ipr, {l["index"] for l in chosen})
-    entries = policy_entries(policy, addrs)
+    skl_fd, skl_owned, skl_why = _sk_lookup_prog(maps, progs)
+    sk_lookup = skl_fd is not None
+    entries = policy_entries(policy, addrs, sk_lookup=sk_lookup)
     if not entries[MAP_PODS]:
+        if skl_owned:
+            os.close(skl_fd)
         raise NotFoundError(f"pod {pod.name} has no IP address on {', '.join(hooks)} to "
                             "steer inbound traffic for")
 
     undo = []          # callables restoring what was there before, newest last
     added = []         # interface records
+    skl_rec = {"enabled": False, "reason": skl_why}
     try:
+        # 0. the TIME_WAIT path: sk_lookup linked in the pod's netns, the pod IPs' netns
+        # cookie and the existing capture listener, all before tc is told to rely on it
+        # (INBOUND_POD_SK_LOOKUP in the inbound_pods entries written in 1).
+        if sk_lookup:
+            cookie = pod.netns_cookie
+            path = link_path(_pin_prefix(maps), pod.key)
+            if _link_sk_lookup(pod, skl_fd, path):
+                undo.append(lambda p=path: _link_detach(p))
+            nfd, lfd = _fd(maps[MAP_NETNS], "map_fd"), _fd(maps[MAP_LISTENERS], "map_fd")
+            for key, value in netns_entries(entries[MAP_PODS], cookie).items():
+                old = ops.map_lookup_elem(nfd, key, NETNS_VAL.size)
+                ops.map_update_elem(nfd, key, value)
+                undo.append(_restore(ops, nfd, key, old))
+            adopted, new_keys, err = adopt_listeners(pod, cookie, policy.capture_port, lfd)
+            for key in new_keys:
+                undo.append(lambda k=key: ops.map_delete_elem(lfd, k))
+            skl_rec = {"enabled": True, "link": path, "netns_cookie": cookie,
+                       "listeners": adopted}
+            if err:
+                skl_rec["adopt_error"] = err
         # 1. map entries: remember the previous values of every key touched.
         # Port entries an earlier attach wrote for these IPs and this config drops. Only a
         # re-attach (an IP already enrolled) pays for scanning inbound_ports.
@@ -382,10 +671,13 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto"):
             raise ApplyError(f"steering inbound traffic of pod {pod.name} failed and was "
                              f"rolled back: {e}") from e
         raise
+    finally:
+        if skl_owned:                        # we opened the pinned program: close it
+            os.close(skl_fd)
     return {"hook": "tc", "policy": policy.to_dict(),
             "addresses": [str(a) for a in sorted(addrs, key=lambda a: (a.version, a))
                           if pod_key(a) in entries[MAP_PODS]],
-            "interfaces": added}
+            "interfaces": added, "sk_lookup": skl_rec}
 
 
 def _restore(ops, fd, key, old):
@@ -418,11 +710,21 @@ def detach_pod(pod, maps=None, record=None):
     name, so a lost record still cleans up); the clsact qdisc where the record says
     meshbpf created it, and where it cannot tell (no record, or a re-attach's record)
     only if no filter is left on it, never where it was someone else's; and, when
-    `maps` is given, the inbound map entries of the record's and the pod's current IPs.
-    A pod whose netns is gone only has its map entries removed. Idempotent.
+    `maps` is given, the inbound map entries of the record's and the pod's current IPs;
+    and the TIME_WAIT path: the pod's sk_lookup link (pin from the record, else derived
+    from the pin prefix of `maps` and the pod's netns inode), its inbound_netns, inbound_tw
+    and capture_listeners entries. A pod whose netns is gone only has its map entries and
+    link pin removed. Idempotent.
     """
     import os
     from .. import system
+    skl = (record or {}).get("sk_lookup") or {}
+    link = skl.get("link")
+    if not link and _pin_prefix(maps) is not None:
+        try:
+            link = link_path(_pin_prefix(maps), pod.key)
+        except (MeshbpfError, OSError, AttributeError):
+            link = None
     addrs = set()
     if record:
         addrs |= {ipaddress.ip_address(a) for a in record.get("addresses", [])}
@@ -444,6 +746,10 @@ def detach_pod(pod, maps=None, record=None):
                     ipr.tc("del", "clsact", l["index"])
                 addrs |= set(_addresses(ipr, {l["index"] for l in _links(ipr)
                                               if l["name"] != "lo"}))
+    if link:
+        # after the filters: until then tc may leave TIME_WAIT SYNs to the kernel, and
+        # without sk_lookup that path would reach the app's own listener
+        _link_detach(link)
     if maps is not None and addrs:
         fds = _map_fds(maps)
         ops = _map_ops()
@@ -459,6 +765,26 @@ def detach_pod(pod, maps=None, record=None):
             ops.map_delete_elem(fds[MAP_PORTS], k)
         for k in keys:
             ops.map_delete_elem(fds[MAP_PODS], k)
+        if _has_map(maps, MAP_NETNS):
+            nfd = _fd(maps[MAP_NETNS], "map_fd")
+            for k in keys:
+                ops.map_delete_elem(nfd, k)
+        if _has_map(maps, MAP_TW):           # marks not consumed (normally none)
+            tfd = _fd(maps[MAP_TW], "map_fd")
+            for k in [k for k in ops.map_keys(tfd, TW_KEY.size) if k[:16] in keys]:
+                ops.map_delete_elem(tfd, k)
+    if maps is not None and _has_map(maps, MAP_LISTENERS):
+        cookie = skl.get("netns_cookie")
+        if cookie is None:
+            try:
+                cookie = pod.netns_cookie
+            except (MeshbpfError, OSError, AttributeError):
+                cookie = None
+        if cookie is not None:
+            ops = _map_ops()
+            lfd = _fd(maps[MAP_LISTENERS], "map_fd")
+            for k in _netns_keys(ops, lfd, LISTENER_KEY.size, cookie):
+                ops.map_delete_elem(lfd, k)
 
 
 def list_hooks(pod):

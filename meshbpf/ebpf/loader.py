@@ -31,7 +31,8 @@ class ProgSpec:
     source: str            # file in bpf/
     prog_type: int         # BPF_PROG_TYPE_*
     attach_type: int       # expected/attach type (BPF_CGROUP_*, BPF_SK_MSG_VERDICT), or -1
-    target: str            # "cgroup", "sockhash" or "none" (attached elsewhere, e.g. tc)
+    target: str            # "cgroup", "sockhash", "netns" (per pod, by the inbound module)
+                           # or "none" (attached elsewhere, e.g. tc)
     feature: str = None    # probe feature that must be present
     splice: bool = False   # only when splicing is on
 
@@ -63,6 +64,8 @@ PROGRAMS = (
     ProgSpec("mb_sk_msg", "sk_msg.c", B.BPF_PROG_TYPE_SK_MSG,
              B.BPF_SK_MSG_VERDICT, "sockhash", splice=True),
     ProgSpec("tc_inbound_ingress", "tc_inbound.c", B.BPF_PROG_TYPE_SCHED_CLS, -1, "none"),
+    ProgSpec("mb_sk_lookup", "sk_lookup.c", B.BPF_PROG_TYPE_SK_LOOKUP, B.BPF_SK_LOOKUP, "netns",
+             feature="sk_lookup"),
 )
 CORE_SOURCES = ("connect4.c", "connect6.c", "getpeername4.c", "getpeername6.c",
                 "getsockopt.c", "sockops.c", "sock_release.c", "sk_msg.c",
@@ -135,6 +138,8 @@ def render_source(features=None, bpf_dir=BPF_DIR):
             continue
         if name.startswith(("sendmsg", "recvmsg")) and not have_dns:
             continue
+        if name == "sk_lookup.c" and not _has(features, "sk_lookup"):
+            continue
         with open(os.path.join(bpf_dir, name)) as f:
             parts.append(f"/* ==== {name} ==== */\n" + _strip_include(f.read()))
     return "\n".join(parts)
@@ -195,7 +200,8 @@ def _compile(text):
 def _load_prog(b, spec):
     try:
         fn = b.load_func(spec.name.encode(), spec.prog_type,
-                         attach_type=spec.attach_type if spec.target == "cgroup" else -1)
+                         attach_type=spec.attach_type if spec.target in ("cgroup", "netns")
+                         else -1)
     except Exception as e:  # bcc raises bare Exception with the verifier's verdict
         raise ApplyError(f"the kernel refused program {spec.name}: {e}")
     return fn.fd
@@ -295,7 +301,7 @@ def attach_all(pin_prefix, cgroup_root, features=None):
     try:
         for name in progs:
             spec = specs.get(name)
-            if spec is None or spec.target == "none":
+            if spec is None or spec.target in ("none", "netns"):
                 continue
             pfd = prog_fd(pin_prefix, name)
             try:
@@ -380,7 +386,8 @@ def attachments(pin_prefix, cgroup_root):
                     rec["target"] = f"map {SOCKHASH_MAP}"
                     rec["attached"] = True
                 else:
-                    rec["target"] = "per pod (tc)" if spec and spec.target == "none" else None
+                    rec["target"] = {"none": "per pod (tc)", "netns": "per pod (netns)"}.get(
+                        spec.target) if spec else None
                 rec["attach"] = _describe_attach(spec, rec)
                 out.append(rec)
         finally:
@@ -399,6 +406,8 @@ def _describe_attach(spec, rec):
         return f"{_ATTACH_NAMES.get(spec.attach_type, spec.attach_type)} @ {rec.get('target')} ({how})"
     if spec.target == "sockhash":
         return f"sk_msg verdict @ map {SOCKHASH_MAP}"
+    if spec.target == "netns":
+        return "sk_lookup on each meshed pod's network namespace (bpf_link)"
     return "tc ingress on each meshed pod's interfaces"
 
 

@@ -1,0 +1,189 @@
+"""The inbound TIME_WAIT path (bpf/sk_lookup.c, sockops LISTEN_CB, meshbpf/ebpf/inbound.py).
+
+A SYN that reuses a 4-tuple the meshed server still holds in TIME_WAIT (the sidecar closed
+first) is left by tc to the kernel's TIME_WAIT handling, which asks the pod's sk_lookup
+program for a listener; it must get the sidecar's capture listener, whether that listener
+existed before attach (adopted with pidfd_getfd) or started after (sockops LISTEN_CB), over
+IPv4 and IPv6, and never the app's own listener. Everything goes again on cleanup.
+"""
+
+import os
+import sys
+import time
+
+import pytest
+
+from meshbpf import bpfsys, system
+from meshbpf.config import InterceptConfig
+from meshbpf.ebpf import inbound
+from meshbpf.ebpf.interceptor import EbpfInterceptor
+from meshbpf.ebpf.maps import Maps
+from meshbpf.sandbox import Sandbox
+
+pytestmark = pytest.mark.kernel
+
+APP_PORT = 9000
+
+# The app: dual-stack, answers "y" to any request, then closes.
+APP = r"""
+import socket, sys
+l = socket.socket(socket.AF_INET6)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+l.bind(("::", int(sys.argv[1])))
+l.listen(128)
+while True:
+    c, _ = l.accept()
+    try:
+        if c.recv(64):
+            c.sendall(b"y")
+    except OSError:
+        pass
+    c.close()
+"""
+
+# From a fixed local port: send, read the reply, wait for the server to close first (so the
+# TIME_WAIT stays on the server), then close. Prints "ok" or what went wrong.
+CLIENT = r"""
+import socket, sys, time
+host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+v6 = ":" in host
+s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("::" if v6 else "0.0.0.0", port))
+s.settimeout(timeout)
+t = time.monotonic()
+try:
+    s.connect((host, 9000))
+    s.sendall(b"x")
+    reply = s.recv(1)
+    eof = s.recv(1) == b""
+    print("ok" if reply == b"y" and eof else f"bad reply {reply!r} eof={eof}")
+except OSError as e:
+    print(f"failed after {time.monotonic() - t:.1f}s: {e!r}")
+finally:
+    s.close()
+"""
+
+
+def _client(c, host, port, timeout=4):
+    r = c.exec([sys.executable, "-c", CLIENT, host, str(port), str(timeout)], timeout=60)
+    return (r.stdout + r.stderr).strip()
+
+
+def _server_time_wait(s, port):
+    return s.exec(["ss", "-Htan", "state", "time-wait", "dport", f"= :{port}"]).stdout
+
+
+def _listener_keys(sb, cookie):
+    with Maps(sb.pin_prefix) as m:
+        return sorted(inbound.decode_listener_key(k)[1:]
+                      for k in m[inbound.MAP_LISTENERS].keys()
+                      if inbound.decode_listener_key(k)[0] == cookie)
+
+
+def _reuse_twice(c, s, env, host, port):
+    """A first connection leaves a server-side TIME_WAIT; the second reuses its 4-tuple.
+    Both must be served through the sidecar."""
+    before = env.stats().get("tcp.inbound.downstream_cx_total", 0)
+    assert _client(c, host, port) == "ok"
+    tw = _server_time_wait(s, port)
+    assert f":{port}" in tw, f"no server-side TIME_WAIT to reuse: {tw!r}"
+    out = _client(c, host, port)
+    assert out == "ok", (out, tw)
+    assert env.stats()["tcp.inbound.downstream_cx_total"] - before == 2
+
+
+@pytest.fixture
+def pods():
+    with Sandbox(name="twsk") as sb:
+        c, s = sb.add_pod("c"), sb.add_pod("s")
+        app = s.spawn([sys.executable, "-c", APP, str(APP_PORT)], label="app")
+        s.wait_port(APP_PORT, listening=True, proc=app)
+        icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+        try:
+            yield sb, icp, c, s
+        finally:
+            icp.cleanup()
+
+
+def test_listener_that_existed_before_attach_is_adopted(pods):
+    sb, icp, c, s = pods
+    env = s.start_envoy(access_log=False)
+    rec = icp.attach(s.pod, InterceptConfig())
+    skl = rec["inbound"]["sk_lookup"]
+    assert skl["enabled"] and "adopt_error" not in skl, skl
+    # Envoy's [::]:15006 (dual-stack) listener, found in /proc and taken with pidfd_getfd.
+    assert [(l["family"], l["address"], l["pid"]) for l in skl["listeners"]] == \
+        [(inbound.AF_INET6, "::", env.proc.pid)]
+    assert _listener_keys(sb, s.pod.netns_cookie) == [(15006, inbound.AF_INET6)]
+    assert os.path.exists(skl["link"])
+    # IPv4 (via the dual-stack listener) and IPv6, from different client ports.
+    _reuse_twice(c, s, env, s.ip4, 40001)
+    _reuse_twice(c, s, env, s.ip6, 40002)
+    with Maps(sb.pin_prefix) as m:
+        assert len(m[inbound.MAP_TW]) == 0       # every mark was consumed by sk_lookup
+
+
+def test_listener_started_after_attach_comes_from_listen_cb(pods):
+    sb, icp, c, s = pods
+    rec = icp.attach(s.pod, InterceptConfig())          # no sidecar yet
+    skl = rec["inbound"]["sk_lookup"]
+    assert skl["enabled"] and skl["listeners"] == []
+    cookie = s.pod.netns_cookie
+    assert _listener_keys(sb, cookie) == []
+    env = s.start_envoy(access_log=False)
+    assert _listener_keys(sb, cookie) == [(15006, inbound.AF_INET6)]
+    _reuse_twice(c, s, env, s.ip4, 40003)
+    # A restarted sidecar: the closed listener leaves the map, the new one is added.
+    env.stop()
+    assert _listener_keys(sb, cookie) == []
+    env = s.start_envoy(access_log=False)
+    assert _listener_keys(sb, cookie) == [(15006, inbound.AF_INET6)]
+    _reuse_twice(c, s, env, s.ip4, 40004)
+
+
+def test_time_wait_path_never_reaches_the_app_without_the_sidecar(pods):
+    sb, icp, c, s = pods
+    env = s.start_envoy(access_log=False)
+    icp.attach(s.pod, InterceptConfig())
+    assert _client(c, s.ip4, 40005) == "ok"
+    assert ":40005" in _server_time_wait(s, 40005)
+    env.stop()
+    # The capture port is captured: with no sidecar the reused 4-tuple must not reach the
+    # app's own listener (which would answer "ok" at once).
+    out = _client(c, s.ip4, 40005, timeout=2.5)
+    assert out.startswith("failed") and "timed out" in out, out
+
+
+def test_cleanup_removes_the_sk_lookup_link_and_entries(pods):
+    sb, icp, c, s = pods
+    s.start_envoy(access_log=False)
+    rec = icp.attach(s.pod, InterceptConfig())
+    link = rec["inbound"]["sk_lookup"]["link"]
+    netns_ino = str(s.pod.key)
+    assert os.path.basename(link) == f"sk_lookup-{netns_ino}"
+
+    def netns_links():
+        out = system.run(["bpftool", "-j", "link", "show"]).stdout
+        import json
+        return [l for l in json.loads(out or "[]")
+                if l.get("type") == "netns" and str(l.get("netns_ino")) == netns_ino]
+    assert len(netns_links()) == 1
+    # detach alone removes the link, its pin and the pod's entries
+    icp.detach(s.pod)
+    assert not os.path.exists(link) and netns_links() == []
+    with Maps(sb.pin_prefix) as m:
+        for name in (inbound.MAP_NETNS, inbound.MAP_TW, inbound.MAP_LISTENERS):
+            assert len(m[name]) == 0, name
+    # re-attach, then cleanup: nothing of ours is left
+    icp.attach(s.pod, InterceptConfig())
+    assert len(netns_links()) == 1
+    icp.cleanup()
+    assert netns_links() == []
+    assert not os.path.exists(sb.pin_prefix) or os.listdir(sb.pin_prefix) == []
+    # the app is reached directly again
+    deadline = time.monotonic() + 5
+    while _client(c, s.ip4, 40006) != "ok":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
