@@ -205,6 +205,21 @@ int tc_inbound_ingress(struct __sk_buff *skb)
     else
         tuple.ipv6.dport = capture_port;
     sk = bpf_skc_lookup_tcp(skb, &tuple, tuple_len, BPF_F_CURRENT_NETNS, 0);
+    if (sk && sk->state != BPF_TCP_LISTEN) {
+        /* The client's 4-tuple on the capture port is still owned by an older socket (a
+         * TIME_WAIT of a connection that was REDIRECTed to 15006 under iptables mode, or
+         * dialled to 15006 directly). With no source in the tuple only listeners match;
+         * the real source is tried first so a SO_REUSEPORT group still spreads the load. */
+        bpf_sk_release(sk);
+        if (tuple_len == sizeof(tuple.ipv4)) {
+            tuple.ipv4.saddr = 0;
+            tuple.ipv4.sport = 0;
+        } else {
+            __builtin_memset(tuple.ipv6.saddr, 0, sizeof(tuple.ipv6.saddr));
+            tuple.ipv6.sport = 0;
+        }
+        sk = bpf_skc_lookup_tcp(skb, &tuple, tuple_len, BPF_F_CURRENT_NETNS, 0);
+    }
     if (!sk)
         goto no_listener;
     if (sk->state != BPF_TCP_LISTEN) {

@@ -4,6 +4,7 @@ import concurrent.futures
 import json
 import os
 import re
+import sys
 import time
 
 import pytest
@@ -85,3 +86,47 @@ def test_cleanup_leaves_nothing_behind(mode):
             assert "xdp" not in link.stdout
         st = json.loads(cli(sb, "status", "-o", "json").stdout)
         assert st["pods"] == [] and st["ebpf"] == {"loaded": False}
+
+
+# One request from a fixed source port; the server side closes first, so the server pod
+# keeps a TIME_WAIT for this client 4-tuple.
+FIXED_PORT_CLIENT = r"""
+import socket, sys
+host, port, sport = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.settimeout(5)
+s.bind(("0.0.0.0", sport))
+s.connect((host, port))
+s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+print(data.split(b"\r\n", 1)[0].decode())
+"""
+
+
+def test_a_time_wait_left_by_iptables_mode_does_not_hide_the_sidecar_from_ebpf_mode():
+    """Under iptables mode B's sidecar socket for C's connection is B:15006 (REDIRECT), and
+    it stays in TIME_WAIT. When B switches to eBPF mode and C dials again from the same
+    source port, inbound steering must still find the capture listener (not the TIME_WAIT
+    on the capture port) and deliver the connection through the sidecar."""
+    with Sandbox(name="switch") as sb:
+        b, c = sb.add_pod("b"), sb.add_pod("c")
+        b.start_http_server(APP)
+        env_b = b.start_envoy()
+        for mode in ("iptables", "ebpf"):
+            attach(sb, b, mode)
+            n, out = delta(env_b, "tcp.inbound.downstream_cx_total", lambda: c.exec(
+                [sys.executable, "-c", FIXED_PORT_CLIENT, b.ip4, str(APP), "40000"], timeout=30))
+            assert out.returncode == 0 and out.stdout.startswith("HTTP/1.0 200"), \
+                f"{mode}: {out.stdout}{out.stderr}"
+            assert n == 1, f"{mode}: the connection did not go through B's sidecar"
+            if mode == "iptables":
+                tw = b.exec(["ss", "-tanH", "state", "time-wait", "sport", "= :15006"]).stdout
+                assert f"{c.ip4}]:40000" in tw or f"{c.ip4}:40000" in tw, tw
+            cli(sb, "detach", *pod_args(b))
+        cli(sb, "cleanup")
