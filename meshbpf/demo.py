@@ -84,7 +84,7 @@ def show_request(mode, client, server, outsider, env_c, env_s):
     finally:
         for p in (client, server):
             modes.detach(p.pod, **kw)
-        click.echo(f"  detached client and server")
+        click.echo("  detached client and server")
 
 
 @click.command()

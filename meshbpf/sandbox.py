@@ -458,15 +458,17 @@ class SandboxPod:
         return d
 
     def start_envoy(self, uid=sidecar.PROXY_UID, gid=None, listen="compat", access_log=True,
-                    log_level="info", admin_port=sidecar.ADMIN_PORT, timeout=30, extra_args=()):
-        """Start an Istio-like Envoy sidecar (15001 out, 15006 in, admin 127.0.0.1:15000)."""
+                    log_level="info", admin_port=sidecar.ADMIN_PORT, timeout=30, extra_args=(),
+                    bootstrap=None):
+        """Start an Istio-like Envoy sidecar (15001 out, 15006 in, admin 127.0.0.1:15000);
+        `bootstrap` (a dict) replaces the generated configuration."""
         gid = uid if gid is None else gid
         binary = sidecar.envoy_binary()
         d = self._sidecar_dir("envoy", uid, gid)
-        access_path = os.path.join(d, "access.log") if access_log else None
-        boot = sidecar.envoy_bootstrap(listen=listen, admin_port=admin_port,
-                                       access_log_path=access_path,
-                                       node_id=f"sidecar~{self.ip4}~{self.netns_name}")
+        access_path = os.path.join(d, "access.log") if access_log and bootstrap is None else None
+        boot = bootstrap or sidecar.envoy_bootstrap(
+            listen=listen, admin_port=admin_port, access_log_path=access_path,
+            node_id=f"sidecar~{self.ip4}~{self.netns_name}")
         cfg = os.path.join(d, "envoy.json")
         with open(cfg, "w") as f:
             f.write(sidecar.envoy_config_text(boot))

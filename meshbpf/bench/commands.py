@@ -11,7 +11,7 @@ import time
 import click
 
 from ..clickutil import MeshGroup
-from ..errors import MeshbpfError, UsageError
+from ..errors import UsageError
 from . import report
 
 

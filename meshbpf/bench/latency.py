@@ -95,40 +95,6 @@ def targets_for(mode, server_ip):
 
 # ---- side effects -----------------------------------------------------------------------
 
-def start_bench_envoy(pod, bootstrap, timeout=30):
-    """Run Envoy with `bootstrap` in `pod` as uid 1337 (like SandboxPod.start_envoy)."""
-    from ..sandbox import Sidecar
-    uid = sidecar_cfg.PROXY_UID
-    d = pod._sidecar_dir("envoy", uid, uid)
-    cfg = os.path.join(d, "envoy.json")
-    with open(cfg, "w") as f:
-        f.write(sidecar_cfg.envoy_config_text(bootstrap))
-    os.chmod(cfg, 0o644)
-    proc = pod.spawn([sidecar_cfg.envoy_binary(), "-c", cfg, "--disable-hot-restart",
-                      "--concurrency", "1", "-l", "warning"], uid=uid, gid=uid, label="envoy", cwd=d)
-    env = Sidecar(proc, pod, cfg, sidecar_cfg.ADMIN_PORT)
-    try:
-        pod.wait_port(sidecar_cfg.ADMIN_PORT, timeout=timeout, proc=proc)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                if env.admin("/ready").strip() == "LIVE":
-                    break
-            except MeshbpfError:
-                pass
-            if not proc.alive() or time.monotonic() > deadline:
-                raise MeshbpfError(f"Envoy in pod {pod.name} did not become ready; "
-                                   f"log:\n{proc.output()[-3000:]}")
-            time.sleep(0.05)
-        ports = [sidecar_cfg.OUTBOUND_PORT, sidecar_cfg.INBOUND_PORT]
-        for p in ports:
-            pod.wait_port(p, timeout=timeout, proc=proc, listening=True)
-    except BaseException:
-        proc.stop()
-        raise
-    return env
-
-
 class _Cpu:
     """CPU seconds of long-lived processes (psutil) plus reaped children (getrusage)."""
 
@@ -179,8 +145,10 @@ class _Bench:
             p.exec(["sysctl", "-q", "-w", "net.core.somaxconn=4096"], check=False)
         self.sp_srv = self.ip_srv = self.conn_srv = None
         self.ensure_servers()
-        self.c_env = start_bench_envoy(self.client, bench_bootstrap("client", self.server.ip4))
-        self.s_env = start_bench_envoy(self.server, bench_bootstrap("server", self.server.ip4))
+        self.c_env = self.client.start_envoy(bootstrap=bench_bootstrap("client", self.server.ip4),
+                                              log_level="warning")
+        self.s_env = self.server.start_envoy(bootstrap=bench_bootstrap("server", self.server.ip4),
+                                              log_level="warning")
         self.interceptors = {}
         self.config = InterceptConfig()
 

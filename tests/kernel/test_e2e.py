@@ -6,7 +6,6 @@ same behaviour is required of both.
 """
 
 import json
-import os
 import subprocess
 import sys
 

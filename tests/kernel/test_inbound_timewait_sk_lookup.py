@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from meshbpf import bpfsys, system
+from meshbpf import system
 from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import inbound
 from meshbpf.ebpf.interceptor import EbpfInterceptor
