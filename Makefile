@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test unit kernel demo clean
+.PHONY: setup test unit demo clean
 
 setup:
 	@bash scripts/setup.sh
