@@ -98,6 +98,12 @@ def demo(no_bench, out):
     Example:
       sudo meshbpf demo --out /tmp/meshbpf-report
     """
+    from . import system
+    with system.bpffs_for_run():
+        _demo(no_bench, out)
+
+
+def _demo(no_bench, out):
     from . import probe
     from .interceptor import get_interceptor
     from .sandbox import Sandbox

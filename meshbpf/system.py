@@ -88,6 +88,29 @@ def ensure_bpffs(path=BPFFS):
     return True
 
 
+# Iterator pins the kernel's bpf_preload puts in every bpffs it mounts: not ours.
+KERNEL_BPFFS_ENTRIES = {"maps.debug", "progs.debug"}
+
+
+def release_bpffs(path=BPFFS):
+    """Unmount bpffs at `path` if nothing but the kernel's own entries is pinned there."""
+    if bpffs_mounted(path) and set(os.listdir(path)) <= KERNEL_BPFFS_ENTRIES:
+        run(["umount", path], check=False)
+
+
+@contextlib.contextmanager
+def bpffs_for_run(path=BPFFS):
+    """bpffs mounted for the body. If this mounted it, it is unmounted afterwards unless
+    something was left pinned (runs that only test or measure leave the machine as they
+    found it; `attach` mounts and keeps it, since its pins must outlive the process)."""
+    mounted = ensure_bpffs(path)
+    try:
+        yield
+    finally:
+        if mounted:
+            release_bpffs(path)
+
+
 def netns_path_of_pid(pid):
     path = f"/proc/{pid}/ns/net"
     if not os.path.exists(path):

@@ -39,7 +39,6 @@ if [ ! -e "$kmod/build/include" ] && [ ! -e /sys/kernel/kheaders.tar.xz ]; then
   ln -sfn "$common_dir" "$kmod/source"
 fi
 
-mountpoint -q /sys/fs/bpf || { say "mounting bpffs at /sys/fs/bpf"; mount -t bpf bpf /sys/fs/bpf; }
 
 # The venv sees Debian's bcc (PyPI's `bcc` is an unrelated package).
 if [ ! -x .venv/bin/python ]; then

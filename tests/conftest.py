@@ -14,6 +14,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
 
 
+_BPFFS_WAS_MOUNTED = None
+
+
+def pytest_sessionstart(session):
+    global _BPFFS_WAS_MOUNTED
+    from meshbpf import system
+    _BPFFS_WAS_MOUNTED = system.bpffs_mounted()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Kernel tests mount bpffs when the machine has none; leave the machine as we found it.
+    if _BPFFS_WAS_MOUNTED is False and os.geteuid() == 0:
+        from meshbpf import system
+        system.release_bpffs()
+
+
 def kernel_unavailable_reason():
     """Why kernel tests cannot run here, or None if they can."""
     if os.geteuid() != 0:

@@ -10,6 +10,7 @@ import time
 
 import click
 
+from .. import system
 from ..clickutil import MeshGroup
 from ..errors import UsageError
 from . import report
@@ -133,8 +134,9 @@ def latency_cmd(quick, output, out_dir, rounds, sizes, modes, duration, n_opt):
     sizes = _parse_ints(sizes, "--sizes", 14, 65000) if sizes else None
     modes = _parse_list(modes, latency.MODES, "--modes") if modes else None
     _check_root()
-    result = latency.run_latency(modes=modes, sizes=sizes, rounds=rounds, quick=quick,
-                                 duration=duration, progress=_progress)
+    with system.bpffs_for_run():
+        result = latency.run_latency(modes=modes, sizes=sizes, rounds=rounds, quick=quick,
+                                     duration=duration, progress=_progress)
     _emit(result, output, out_dir, "latency")
 
 
@@ -158,8 +160,9 @@ def rules_cmd(quick, output, out_dir, rounds, n_opt, backends, no_dataplane, siz
     ns = rules.parse_ns(n_opt) if n_opt else list(rules.QUICK_NS if quick else rules.DEFAULT_NS)
     backends = _parse_list(backends, rules.BACKENDS, "--backends") if backends else list(rules.BACKENDS)
     _check_root()
-    result = rules.run_rules(ns=ns, backends=backends, quick=quick, dataplane=not no_dataplane,
-                             rounds=rounds, progress=_progress)
+    with system.bpffs_for_run():
+        result = rules.run_rules(ns=ns, backends=backends, quick=quick,
+                                 dataplane=not no_dataplane, rounds=rounds, progress=_progress)
     _emit(result, output, out_dir, "rules")
 
 

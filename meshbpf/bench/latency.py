@@ -314,8 +314,6 @@ def run_latency(modes=None, sizes=None, rounds=None, quick=False, duration=None,
                  "iperf": max(1, int(round(duration - 0.49))),
                  "conn": max(0.5, duration * 0.6)}
     from ..sandbox import Sandbox
-    from ..system import ensure_bpffs
-    ensure_bpffs()
     t0 = time.monotonic()
     samples = []
     with Sandbox(name="benchlat") as sb:

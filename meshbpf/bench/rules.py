@@ -347,11 +347,14 @@ def _bench_iptables(sb, backend, pod, n, reps, sync_reps, progress):
 
 # ---- data plane: connection rate through N entries --------------------------------------
 
-_CONN_SERVER = r"""
+# Answers "y" to any request, then closes first (so TIME_WAITs stay on the server side).
+# Dual-stack: IPv4 clients arrive v4-mapped.
+CONN_SERVER = r"""
 import socket, sys
-l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+l = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
 l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.bind(("0.0.0.0", int(sys.argv[1])))
+l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+l.bind(("::", int(sys.argv[1])))
 l.listen(4096)
 while True:
     c, _ = l.accept()
@@ -415,7 +418,7 @@ def measure_conn_rate(client, host, port, seconds):
 
 
 def start_conn_server(pod, port=CONN_PORT):
-    proc = pod.spawn([sys.executable, "-c", _CONN_SERVER, str(port)], label="connsrv")
+    proc = pod.spawn([sys.executable, "-c", CONN_SERVER, str(port)], label="connsrv")
     proc.wait_port(port, host="127.0.0.1", timeout=10)
     return proc
 
@@ -590,7 +593,6 @@ def run_rules(ns=DEFAULT_NS, backends=BACKENDS, quick=False, reps=None, dataplan
         maps = None
         try:
             if "ebpf" in backends:
-                system.ensure_bpffs()
                 maps = _Maps(os.path.join(sb.pin_prefix, "bench"), max(ns) + 4096)
             pods = {b: sb.add_pod(b.split("-")[1]) for b in backends if b != "ebpf"}
             for n in ns:

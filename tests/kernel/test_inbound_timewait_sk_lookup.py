@@ -14,6 +14,7 @@ import time
 import pytest
 
 from meshbpf import system
+from meshbpf.bench.rules import CONN_SERVER
 from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import inbound
 from meshbpf.ebpf.interceptor import EbpfInterceptor
@@ -24,23 +25,8 @@ pytestmark = pytest.mark.kernel
 
 APP_PORT = 9000
 
-# The app: dual-stack, answers "y" to any request, then closes.
-APP = r"""
-import socket, sys
-l = socket.socket(socket.AF_INET6)
-l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-l.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-l.bind(("::", int(sys.argv[1])))
-l.listen(128)
-while True:
-    c, _ = l.accept()
-    try:
-        if c.recv(64):
-            c.sendall(b"y")
-    except OSError:
-        pass
-    c.close()
-"""
+# The app: answers "y" to any request, then closes first.
+APP = CONN_SERVER
 
 # From a fixed local port: send, read the reply, wait for the server to close first (so the
 # TIME_WAIT stays on the server), then close. Prints "ok" or what went wrong.
