@@ -12,10 +12,7 @@ int mb_connect6(struct bpf_sock_addr *ctx)
     if (!pc)
         return 1;
     __u32 ip[4];
-    ip[0] = ctx->user_ip6[0];
-    ip[1] = ctx->user_ip6[1];
-    ip[2] = ctx->user_ip6[2];
-    ip[3] = ctx->user_ip6[3];
+    mb_ctx_ip6(ctx, ip);
     int v4 = mb_is_mapped(ip);
     if (!v4 && !(pc->flags & POD_F_IPV6))
         return 1;
@@ -32,10 +29,7 @@ int mb_connect6(struct bpf_sock_addr *ctx)
     if (!verdict)
         return 1;
     mb_remember(ctx, ip, port, v4 ? MB_AF_INET : MB_AF_INET6, verdict);
-    ctx->user_ip6[0] = 0;
-    ctx->user_ip6[1] = 0;
-    ctx->user_ip6[2] = v4 ? bpf_htonl(0x0000ffff) : 0;
-    ctx->user_ip6[3] = v4 ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+    mb_set_ctx_loopback6(ctx, v4);
     ctx->user_port = (__u32)mb_capture_port(pc, verdict);
     return 1;
 }

@@ -7,10 +7,7 @@ int mb_getpeername6(struct bpf_sock_addr *ctx)
     struct orig_dst *o = orig_dst.lookup(&ck);
     if (!o)
         return 1;
-    ctx->user_ip6[0] = o->ip[0];
-    ctx->user_ip6[1] = o->ip[1];
-    ctx->user_ip6[2] = o->ip[2];
-    ctx->user_ip6[3] = o->ip[3];
+    mb_set_ctx_ip6(ctx, o->ip);
     ctx->user_port = (__u32)o->port;
     mb_count(COUNTER_PEERNAME, 1);
     return 1;

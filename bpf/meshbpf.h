@@ -208,6 +208,33 @@ static __always_inline void mb_copy_ip(__u32 *dst, const __u32 *src)
     dst[3] = src[3];
 }
 
+/* An AF_INET6 sock_addr context's address (v4-mapped or IPv6) as our 16-byte form. */
+static __always_inline void mb_ctx_ip6(struct bpf_sock_addr *ctx, __u32 *ip)
+{
+    ip[0] = ctx->user_ip6[0];
+    ip[1] = ctx->user_ip6[1];
+    ip[2] = ctx->user_ip6[2];
+    ip[3] = ctx->user_ip6[3];
+}
+
+/* Set an AF_INET6 sock_addr context's address (the ctx only takes 4-byte stores). */
+static __always_inline void mb_set_ctx_ip6(struct bpf_sock_addr *ctx, const __u32 *ip)
+{
+    ctx->user_ip6[0] = ip[0];
+    ctx->user_ip6[1] = ip[1];
+    ctx->user_ip6[2] = ip[2];
+    ctx->user_ip6[3] = ip[3];
+}
+
+/* Loopback as an AF_INET6 socket must dial it: ::ffff:127.0.0.1 for a v4-mapped peer
+ * (the socket stays IPv4 on the wire), ::1 for a real IPv6 one. */
+static __always_inline void mb_set_ctx_loopback6(struct bpf_sock_addr *ctx, int v4)
+{
+    __u32 lo[4] = {0, 0, v4 ? bpf_htonl(0x0000ffff) : 0,
+                   v4 ? bpf_htonl(0x7f000001) : bpf_htonl(1)};
+    mb_set_ctx_ip6(ctx, lo);
+}
+
 static __always_inline int mb_id_in(__u32 id, const __u32 *ids, __u32 n)
 {
 #pragma unroll

@@ -8,20 +8,14 @@ int mb_recvmsg6(struct bpf_sock_addr *ctx)
     if (!o)
         return 1;
     __u32 src[4];
-    src[0] = ctx->user_ip6[0];
-    src[1] = ctx->user_ip6[1];
-    src[2] = ctx->user_ip6[2];
-    src[3] = ctx->user_ip6[3];
+    mb_ctx_ip6(ctx, src);
     if (!mb_is_loopback(src))
         return 1;
     __u64 nc = bpf_get_netns_cookie(ctx);
     struct pod_config *pc = pods.lookup(&nc);
     if (!pc || (__u16)ctx->user_port != pc->dns_port)
         return 1;
-    ctx->user_ip6[0] = o->ip[0];
-    ctx->user_ip6[1] = o->ip[1];
-    ctx->user_ip6[2] = o->ip[2];
-    ctx->user_ip6[3] = o->ip[3];
+    mb_set_ctx_ip6(ctx, o->ip);
     ctx->user_port = (__u32)o->port;
     mb_count(COUNTER_DNS_REPLY, 1);
     return 1;

@@ -236,36 +236,21 @@ def build(cfg):
                        "-j", "RETURN")
 
     loopback_included = v4_incl.has_loopback or v6_incl.has_loopback
-    for uid in uids:
-        if redirect_dns:
+    # Istio's order: every proxy uid, then every proxy gid. Only the uid rules know DNS
+    # (with redirect_dns the proxy's own TCP DNS on lo is not sent to the inbound port).
+    for flag, owners, dns_aware in (("--uid-owner", uids, True), ("--gid-owner", gids, False)):
+        for owner in owners:
+            dns = redirect_dns and dns_aware
+            dports = (["-m", "multiport", "!", "--dports", "53," + tunnel_port] if dns
+                      else ["!", "--dport", tunnel_port])
             b.append_versioned(loopback4, LOOPBACK_V6, ISTIO_OUTPUT, "nat", "-o", "lo", "!", "-d", _V,
-                               "-p", "tcp", "-m", "multiport", "!", "--dports", "53," + tunnel_port,
-                               "-m", "owner", "--uid-owner", uid, "-j", ISTIO_IN_REDIRECT)
-        else:
-            b.append_versioned(loopback4, LOOPBACK_V6, ISTIO_OUTPUT, "nat", "-o", "lo", "!", "-d", _V,
-                               "-p", "tcp", "!", "--dport", tunnel_port,
-                               "-m", "owner", "--uid-owner", uid, "-j", ISTIO_IN_REDIRECT)
-        if not loopback_included:
-            if redirect_dns:
-                b.append(ISTIO_OUTPUT, "nat", "-o", "lo", "-p", "tcp", "!", "--dport", "53",
-                         "-m", "owner", "!", "--uid-owner", uid, "-j", "RETURN")
-            else:
-                b.append(ISTIO_OUTPUT, "nat", "-o", "lo", "-m", "owner", "!", "--uid-owner", uid,
-                         "-j", "RETURN")
-        b.append(ISTIO_OUTPUT, "nat", "-m", "owner", "--uid-owner", uid, "-j", "RETURN")
-
-    for gid in gids:
-        b.append_versioned(loopback4, LOOPBACK_V6, ISTIO_OUTPUT, "nat", "-o", "lo", "!", "-d", _V,
-                           "-p", "tcp", "!", "--dport", tunnel_port,
-                           "-m", "owner", "--gid-owner", gid, "-j", ISTIO_IN_REDIRECT)
-        if not loopback_included:
-            if redirect_dns:
-                b.append(ISTIO_OUTPUT, "nat", "-o", "lo", "-p", "tcp", "!", "--dport", "53",
-                         "-m", "owner", "!", "--gid-owner", gid, "-j", "RETURN")
-            else:
-                b.append(ISTIO_OUTPUT, "nat", "-o", "lo", "-m", "owner", "!", "--gid-owner", gid,
-                         "-j", "RETURN")
-        b.append(ISTIO_OUTPUT, "nat", "-m", "owner", "--gid-owner", gid, "-j", "RETURN")
+                               "-p", "tcp", *dports,
+                               "-m", "owner", flag, owner, "-j", ISTIO_IN_REDIRECT)
+            if not loopback_included:
+                tcp53 = ["-p", "tcp", "!", "--dport", "53"] if redirect_dns else []
+                b.append(ISTIO_OUTPUT, "nat", "-o", "lo", *tcp53,
+                         "-m", "owner", "!", flag, owner, "-j", "RETURN")
+            b.append(ISTIO_OUTPUT, "nat", "-m", "owner", flag, owner, "-j", "RETURN")
 
     # handleCaptureByOwnerGroup
     groups, except_mode = _owner_group_filter(cfg.owner_groups_include, cfg.owner_groups_exclude)
