@@ -108,7 +108,7 @@ struct ip_key {
 #define NODE_F_SPLICE (1u << 0)
 struct node_config {
     __u32 flags;
-    __u32 pad;
+    __u32 splice_limit;          /* bytes a splice direction may queue unread (splice below) */
 };
 
 /* ---- per-connection state -------------------------------------------------------------- */
@@ -151,6 +151,9 @@ enum mb_counter {
     COUNTER_DNS_REDIRECT = 15,   /* DNS queries (UDP sends, TCP connects) redirected   */
     COUNTER_DNS_REPLY = 16,      /* DNS replies given back their server's address      */
     COUNTER_REDIRECT_SELF = 17,  /* the proxy's connects to its own pod -> inbound port */
+    COUNTER_SPLICE_EXIT = 18,    /* a splice direction ran ahead of its reader: to TCP   */
+    COUNTER_SPLICE_REENTER = 19, /* ... and came back once the reader had caught up      */
+    COUNTER_SPLICE_TCP_BYTES = 20, /* bytes of spliced sockets sent over TCP meanwhile   */
     COUNTER_MAX = 32
 };
 
@@ -165,6 +168,41 @@ BPF_TABLE("lru_hash", struct sock_key, struct orig_dst, pairs, MB_MAX_CONNS);
 BPF_SOCKHASH(sock_hash, struct sock_key, MB_MAX_CONNS);
 BPF_TABLE("lru_hash", __u64, struct orig_dst, dns_orig, MB_MAX_CONNS);
 BPF_PERCPU_ARRAY(counters, __u64, COUNTER_MAX);
+
+/* ---- splice backpressure (sk_msg.c, sockops.c) --------------------------------------------
+ * sk_msg's BPF_F_INGRESS redirect queues bytes on the peer socket without holding them to its
+ * receive buffer, and no BPF hook sees the reader consume them: a writer that outpaces its
+ * reader would never block. So a direction is spliced only while it is provably short of a
+ * budget: at most node_cfg.splice_limit bytes go into the peer's queue, then the direction
+ * leaves the splice and its bytes take the normal TCP path, where the window and the
+ * writer's sndbuf block the writer as TCP always does. tcp_bpf_recvmsg reads the spliced
+ * queue before the TCP queue, so leaving keeps the byte order. Coming back is safe only
+ * once the reader has read every byte the TCP path carried (hence every spliced byte
+ * before them): the reader publishes its tcp_sock.copied_seq whenever it sends anything
+ * (its sk_msg, or the sockops header-option callback for ACKs and window updates), and the
+ * writer re-enters when that equals its own tcp_sock.write_seq. Both fields are read through
+ * bpf_skc_to_tcp_sock at offsets taken from the running kernel's BTF (MB_TCP_*_OFF, passed
+ * by the loader), since the headers bcc compiles with may be another kernel's.
+ * docs/splice.md has the whole argument and the kernels it holds on. */
+#define MB_SPLICE_ON 0
+#define MB_SPLICE_TCP 1
+struct splice_dir {              /* one direction of a spliced pair, keyed by the READER's
+                                    sock_key (its own tuple: local = reader) */
+    __u32 copied_seq;            /* reader's tcp_sock.copied_seq, as it last published    */
+    __u32 spliced;               /* bytes queued into the reader since it was last drained */
+    __u32 mode;                  /* MB_SPLICE_ON / MB_SPLICE_TCP                           */
+    __u32 pad;
+};
+BPF_HASH(splice_dirs, struct sock_key, struct splice_dir, MB_MAX_CONNS);
+
+/* bcc 0.26's helper table may lack it; BPF_FUNC_skc_to_tcp_sock is 137 (Linux 5.9). */
+static void *(*mb_skc_to_tcp_sock)(void *sk) = (void *)137;
+
+/* A u32 field of a struct tcp_sock at a BTF-derived constant offset; 0 for no tcp_sock.
+ * (A macro: the verifier needs the offset constant to match it against BTF.) */
+#define mb_tcp_u32(sk, off) ({                                          \
+    char *__tp = mb_skc_to_tcp_sock(sk);                                \
+    __tp ? *(volatile __u32 *)(__tp + (off)) : 0; })
 
 /* ---- helpers --------------------------------------------------------------------------- */
 /* bcc 0.26 declares bpf_get_socket_cookie as returning u32, which truncates the cookie. */

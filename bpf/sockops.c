@@ -8,7 +8,9 @@
  *    15006 listener unrewritten, so the accepted socket's tuple mirrors the peer's.)
  *  - STATE_CB -> TCP_CLOSE: delete orig_dst and the pair entry.
  *  - TCP_LISTEN_CB on a meshed pod's capture port: register the listener in
- *    capture_listeners (inbound: sk_lookup.c's TIME_WAIT path). */
+ *    capture_listeners (inbound: sk_lookup.c's TIME_WAIT path).
+ *  - HDR_OPT_LEN_CB (every segment a spliced socket sends, ACKs and window updates
+ *    included): publish how far it has read (splice backpressure, meshbpf.h). */
 #include "meshbpf.h"
 
 static __always_inline int mb_ops_key(struct bpf_sock_ops *skops, struct sock_key *k, __u64 nc)
@@ -36,10 +38,11 @@ static __always_inline int mb_ops_key(struct bpf_sock_ops *skops, struct sock_ke
     return 0;
 }
 
-static __always_inline void mb_want_state_cb(struct bpf_sock_ops *skops)
+static __always_inline void mb_want_cb(struct bpf_sock_ops *skops, int flags)
 {
-    bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+    bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | flags);
 }
+#define mb_want_state_cb(skops) mb_want_cb(skops, BPF_SOCK_OPS_STATE_CB_FLAG)
 
 static __always_inline void mb_established(struct bpf_sock_ops *skops)
 {
@@ -74,8 +77,29 @@ static __always_inline void mb_established(struct bpf_sock_ops *skops)
     }
     /* bcc rewrites map.sock_hash_update(...) into a statement ending in ';' */
     long err = sock_hash.sock_hash_update(skops, &k, BPF_ANY);
-    if (err == 0)
+    if (err == 0) {
         mb_count(COUNTER_SOCKHASH_ADD, 1);
+        /* segments of a spliced socket are rare (handshake, FIN) until a direction leaves
+         * the splice; then its ACKs are how the writer learns the reader caught up */
+        mb_want_cb(skops, BPF_SOCK_OPS_WRITE_HDR_OPT_CB_FLAG);
+    }
+}
+
+/* This socket as a reader of a direction that left the splice: publish copied_seq.
+ * (Compiled only with splicing, which brings the BTF offsets.) */
+static __always_inline void mb_ops_publish_copied(struct bpf_sock_ops *skops)
+{
+#ifdef MB_TCP_COPIED_SEQ_OFF
+    struct bpf_sock *sk = skops->sk;
+    if (!skops->is_fullsock || !sk)
+        return;
+    struct sock_key k = {};
+    if (mb_ops_key(skops, &k, bpf_get_netns_cookie(skops)) < 0)
+        return;
+    struct splice_dir *d = splice_dirs.lookup(&k);
+    if (d && d->mode == MB_SPLICE_TCP)
+        d->copied_seq = mb_tcp_u32(sk, MB_TCP_COPIED_SEQ_OFF);
+#endif
 }
 
 static __always_inline void mb_closed(struct bpf_sock_ops *skops)
@@ -99,6 +123,8 @@ static __always_inline void mb_closed(struct bpf_sock_ops *skops)
     sw.local_port = k.remote_port;
     sw.remote_port = k.local_port;
     pairs.delete(&sw);
+    splice_dirs.delete(&k);
+    splice_dirs.delete(&sw);
     mb_count(COUNTER_CLOSED, 1);
 }
 
@@ -153,6 +179,8 @@ int mb_sockops(struct bpf_sock_ops *skops)
             mb_closed(skops);
     } else if (op == BPF_SOCK_OPS_TCP_LISTEN_CB) {
         mb_listen(skops);
+    } else if (op == BPF_SOCK_OPS_HDR_OPT_LEN_CB) {
+        mb_ops_publish_copied(skops);
     }
     return 1;
 }

@@ -60,13 +60,17 @@ def _write_outputs(result, out_dir, kind):
         f.write(report.to_json(result))
     paths.append(jpath)
     png = f"{kind}.png"
-    if kind == "latency":
+    if kind in ("throughput", "soak"):
+        png = None
+        md = report.throughput_markdown(result)
+    elif kind == "latency":
         charts.latency_chart(result, os.path.join(out_dir, png))
         md = report.latency_markdown(result, charts=[png])
     else:
         charts.rules_chart(result, os.path.join(out_dir, png))
         md = report.rules_markdown(result, charts=[png])
-    paths.append(os.path.join(out_dir, png))
+    if png:
+        paths.append(os.path.join(out_dir, png))
     mpath = os.path.join(out_dir, f"{kind}.md")
     with open(mpath, "w") as f:
         f.write(md)
@@ -81,7 +85,9 @@ def _emit(result, output, out_dir, kind):
     if output == "json":
         click.echo(report.to_json(result))
     else:
-        click.echo(report.latency_text(result) if kind == "latency" else report.rules_text(result))
+        render = {"latency": report.latency_text, "rules": report.rules_text}.get(
+            kind, report.throughput_text)
+        click.echo(render(result))
 
 
 def _check_root():
@@ -111,7 +117,49 @@ def bench():
       meshbpf bench latency --quick
       meshbpf bench latency --rounds 5 --sizes 64,1024 --out /tmp/bench
       meshbpf bench rules --n 100,1000,5000,20000 -o json
+      meshbpf bench throughput --runs 3 --seconds 10
+      meshbpf bench soak --seconds 60 --flows 4
     """
+
+
+@bench.command("throughput")
+@output_opt
+@out_opt
+@click.option("--runs", type=click.IntRange(1, 50), default=3, show_default=True,
+              help="Transfers per mode (interleaved across modes).")
+@click.option("--seconds", type=click.IntRange(10, 600), default=10, show_default=True,
+              help="Length of each transfer (at least 10 s: shorter ones hide queueing).")
+@click.option("--modes", default="iptables,ebpf", show_default=True,
+              help="Comma list of iptables, ebpf, ebpf-nosplice.")
+def throughput_cmd(output, out_dir, runs, seconds, modes):
+    """Bulk throughput per mode with the node's peak TCP memory, and the targets."""
+    from . import throughput
+    modes = _parse_list(modes, ("iptables", "ebpf", "ebpf-nosplice"), "--modes")
+    _check_root()
+    with system.bpffs_for_run():
+        result = throughput.run_throughput(modes=modes, runs=runs, seconds=seconds,
+                                           progress=_progress)
+    _emit(result, output, out_dir, "throughput")
+
+
+@bench.command("soak")
+@output_opt
+@out_opt
+@click.option("--seconds", type=click.IntRange(10, 3600), default=60, show_default=True,
+              help="How long each mode runs.")
+@click.option("--flows", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="Parallel bulk streams (beside one request/response load).")
+@click.option("--modes", default="iptables,ebpf", show_default=True,
+              help="Comma list of iptables, ebpf, ebpf-nosplice.")
+def soak_cmd(output, out_dir, seconds, flows, modes):
+    """Many bulk and request/response flows at once: errors and peak TCP memory per mode."""
+    from . import throughput
+    modes = _parse_list(modes, ("iptables", "ebpf", "ebpf-nosplice"), "--modes")
+    _check_root()
+    with system.bpffs_for_run():
+        result = throughput.run_soak(modes=modes, seconds=seconds, flows=flows,
+                                     progress=_progress)
+    _emit(result, output, out_dir, "soak")
 
 
 @bench.command("latency")

@@ -100,10 +100,10 @@ class EbpfInterceptor(Interceptor):
                            "degraded": res.get("degraded", [])}, f)
         with Maps(self.pin_prefix) as maps:
             # splicing needs the sk_msg program, loaded only if the node was loaded with it
-            flags = structs.NODE_F_SPLICE if self.splice and "mb_sk_msg" in res["programs"] else 0
+            want = structs.node_config(self.splice and "mb_sk_msg" in res["programs"])
             cur = maps["node_cfg"].lookup(structs.U32(0))
-            if cur is None or cur.flags != flags:
-                maps["node_cfg"].update(structs.U32(0), structs.NodeConfig(flags=flags))
+            if cur is None or bytes(cur) != bytes(want):
+                maps["node_cfg"].update(structs.U32(0), want)
         return res
 
     @staticmethod

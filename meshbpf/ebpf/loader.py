@@ -17,7 +17,7 @@ import re
 
 from .. import bpfsys, system
 from ..errors import ApplyError, MeshbpfError, UnsupportedError, UsageError
-from . import structs
+from . import btf, structs
 from .maps import Maps
 
 BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -88,11 +88,24 @@ def _has(features, name):
     return bool(v)
 
 
-def cflags(features=None):
+def splice_defines(btf_path=btf.VMLINUX):
+    """The -D values the splice's backpressure needs (tcp_sock offsets from the running
+    kernel's BTF); raises UnsupportedError when this kernel cannot give them."""
+    try:
+        off = btf.tcp_sock_offsets(btf_path)
+    except btf.BtfError as e:
+        raise UnsupportedError(f"splicing needs the kernel's BTF for its backpressure: {e}",
+                               hint="use --no-splice, or a kernel built with "
+                                    "CONFIG_DEBUG_INFO_BTF (5.10 or later)")
+    return [f"-DMB_TCP_COPIED_SEQ_OFF={off['copied_seq']}",
+            f"-DMB_TCP_WRITE_SEQ_OFF={off['write_seq']}"]
+
+
+def cflags(features=None, splice=False):
     """Compiler flags for the features present (documentation for the C as much as gates)."""
     flags = []
-    if _has(features, "cgroup_getpeername4") and _has(features, "cgroup_getpeername6"):
-        flags.append("-DHAVE_GETPEERNAME")
+    if splice:
+        flags += splice_defines()
     return flags
 
 
@@ -121,14 +134,16 @@ def source_files(bpf_dir=BPF_DIR):
     return core + [f for f in present if f not in core]
 
 
-def render_source(features=None, bpf_dir=BPF_DIR):
-    """The C text bcc compiles: meshbpf.h, then each program file (its include dropped)."""
+def render_source(features=None, bpf_dir=BPF_DIR, splice=False):
+    """The C text bcc compiles: meshbpf.h, then each program file (its include dropped);
+    sk_msg.c only when splicing."""
     try:
         with open(os.path.join(bpf_dir, HEADER)) as f:
             parts = [f"/* ==== {HEADER} ==== */\n" + f.read()]
     except FileNotFoundError:
         raise UnsupportedError(f"{bpf_dir}/{HEADER} is missing: the installation is incomplete")
-    defines = "".join(f"#define {fl[2:]} 1\n" for fl in cflags(features))
+    defines = "".join("#define {} {}\n".format(*(fl[2:].split("=", 1) + ["1"])[:2])
+                      for fl in cflags(features, splice))
     if defines:
         parts.insert(0, "/* ==== features ==== */\n" + defines)
     have_peer = _has(features, "cgroup_getpeername4") and _has(features, "cgroup_getpeername6")
@@ -139,6 +154,8 @@ def render_source(features=None, bpf_dir=BPF_DIR):
         if name.startswith(("sendmsg", "recvmsg")) and not have_dns:
             continue
         if name == "sk_lookup.c" and not _has(features, "sk_lookup"):
+            continue
+        if name == "sk_msg.c" and not splice:
             continue
         with open(os.path.join(bpf_dir, name)) as f:
             parts.append(f"/* ==== {name} ==== */\n" + _strip_include(f.read()))
@@ -215,7 +232,7 @@ def load_and_pin(pin_prefix, features=None, splice=True):
     """
     _safe_prefix(pin_prefix)
     system.ensure_bpffs()
-    text = render_source(features)
+    text = render_source(features, splice=splice)
     b = _compile(text)
     dirs = pin_dirs(pin_prefix)
     ids = {}
@@ -240,8 +257,7 @@ def load_and_pin(pin_prefix, features=None, splice=True):
             _pin(fd, os.path.join(dirs["progs"], spec.name))
             ids[spec.name] = bpfsys.prog_get_info(fd)["id"]
         with Maps(pin_prefix) as maps:
-            ncfg = structs.NodeConfig(flags=structs.NODE_F_SPLICE if splice else 0)
-            maps["node_cfg"].update(structs.U32(0), ncfg)
+            maps["node_cfg"].update(structs.U32(0), structs.node_config(splice))
     except BaseException:
         _remove_pins(pin_prefix)
         raise

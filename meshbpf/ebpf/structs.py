@@ -52,6 +52,9 @@ COUNTERS = [
     "dns_redirect",       # COUNTER_DNS_REDIRECT
     "dns_reply",          # COUNTER_DNS_REPLY
     "redirect_self",      # COUNTER_REDIRECT_SELF
+    "splice_exit",        # COUNTER_SPLICE_EXIT
+    "splice_reenter",     # COUNTER_SPLICE_REENTER
+    "splice_tcp_bytes",   # COUNTER_SPLICE_TCP_BYTES
 ]
 COUNTER_MAX = 32
 
@@ -88,7 +91,16 @@ class IpKey(ctypes.Structure):
 
 
 class NodeConfig(ctypes.Structure):
-    _fields_ = [("flags", u32), ("pad", u32)]
+    _fields_ = [("flags", u32), ("splice_limit", u32)]
+
+
+# Bytes one direction of a spliced pair may queue unread before it leaves the splice for
+# TCP (docs/splice.md): of the order of one TCP receive buffer (tcp_rmem's max is 6 MiB).
+SPLICE_LIMIT = 4 << 20
+
+
+def node_config(splice, splice_limit=SPLICE_LIMIT):
+    return NodeConfig(flags=NODE_F_SPLICE if splice else 0, splice_limit=splice_limit)
 
 
 class OrigDst(ctypes.Structure):
@@ -100,6 +112,10 @@ class SockKey(ctypes.Structure):
                 ("local_port", u16), ("remote_port", u16), ("pad", u32)]
 
 
+class SpliceDir(ctypes.Structure):
+    _fields_ = [("copied_seq", u32), ("spliced", u32), ("mode", u32), ("pad", u32)]
+
+
 # C struct name -> ctypes mirror (checked against the header by the unit tests)
 MIRRORS = {
     "pod_config": PodConfig,
@@ -108,6 +124,7 @@ MIRRORS = {
     "ip_key": IpKey,
     "node_config": NodeConfig,
     "orig_dst": OrigDst,
+    "splice_dir": SpliceDir,
     "sock_key": SockKey,
 }
 

@@ -230,14 +230,16 @@ def test_port_rules_exclude_wins():
 
 # ---- loader (pure parts) ------------------------------------------------------------------
 
-def test_render_source_is_one_module():
-    text = loader.render_source()
+def test_render_source_is_one_module(monkeypatch):
+    monkeypatch.setattr(loader, "splice_defines", lambda: ["-DMB_TCP_COPIED_SEQ_OFF=8",
+                                                           "-DMB_TCP_WRITE_SEQ_OFF=12"])
+    text = loader.render_source(splice=True)
     assert not re.search(r'^\s*#include "meshbpf.h"', text, flags=re.M)
     assert text.count("#ifndef MESHBPF_H") == 1
     for fn in ("mb_connect4", "mb_connect6", "mb_getsockopt", "mb_sockops", "mb_sk_msg",
                "mb_getpeername4", "mb_getpeername6"):
         assert re.search(r"\bint\s+" + fn + r"\s*\(", text), fn
-    assert "#define HAVE_GETPEERNAME 1" in text
+    assert "#define MB_TCP_COPIED_SEQ_OFF 8" in text
 
 
 def test_missing_getpeername_drops_those_programs():
@@ -251,8 +253,9 @@ def test_missing_getpeername_drops_those_programs():
     assert "mb_getpeername4" not in loader.render_source(report)
 
 
-def test_splice_off_leaves_sk_msg_out():
-    text = loader.render_source()
+def test_splice_off_leaves_sk_msg_out(monkeypatch):
+    monkeypatch.setattr(loader, "splice_defines", lambda: [])
+    text = loader.render_source(splice=True)
     assert "mb_sk_msg" in {p.name for p in loader.wanted_programs(text, splice=True)}
     assert "mb_sk_msg" not in {p.name for p in loader.wanted_programs(text, splice=False)}
 
