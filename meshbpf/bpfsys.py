@@ -113,6 +113,7 @@ BPF_FUNC_ktime_get_ns = 5
 BPF_FUNC_get_socket_cookie = 46
 BPF_FUNC_msg_redirect_hash = 71
 BPF_FUNC_get_netns_cookie = 122
+BPF_FUNC_skc_to_tcp_sock = 137
 
 # --- return codes used by probe programs -----------------------------------------------
 SK_PASS = 1
@@ -275,6 +276,16 @@ def call(helper_id):
 def exit():  # noqa: A001 - the instruction is called exit
     """Return r0."""
     return insn(BPF_JMP_EXIT)
+
+
+def ldx(size, dst, src, off):
+    """dst = *(size *)(src + off); size 4 or 8 bytes."""
+    return insn({4: 0x61, 8: 0x79}[size], dst=dst, src=src, off=off)
+
+
+def jeq_imm(reg, imm, skip):
+    """if reg == imm: skip the next `skip` instructions."""
+    return insn(0x15, dst=reg, off=skip, imm=imm)
 
 
 def ld_map_fd(reg, map_fd):

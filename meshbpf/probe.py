@@ -69,6 +69,9 @@ FEATURES = (
             "hold sockets for redirection (meshbpf itself uses SOCKHASH)"),
     Feature("sk_msg", "sk_msg programs", (4, 17), REQUIRED,
             "splice same-node bytes from socket to socket"),
+    Feature("splice_backpressure", "sk_msg reading tcp_sock through the kernel's BTF", (5, 9),
+            DEGRADES, "splice same-node bytes while keeping TCP's backpressure (docs/splice.md)",
+            "no splicing: same-node bytes take TCP/IP"),
     Feature("cgroup_connect4", "cgroup/connect4", (4, 17), REQUIRED,
             "redirect IPv4 connects to the sidecar"),
     Feature("cgroup_connect6", "cgroup/connect6", (4, 17), REQUIRED,
@@ -384,6 +387,22 @@ class _Prober:
             return True, "loaded; attaching not tried (no sockmap type)"
         finally:
             self.release(fd)
+
+    # offsetof(struct sk_msg_md, sk): two 8-byte pointers, 13 u32 fields, aligned to 8
+    _SK_MSG_MD_SK = 72
+
+    def check_splice_backpressure(self):
+        from .ebpf import btf
+        try:
+            off = btf.tcp_sock_offsets()
+        except btf.BtfError as e:
+            return False, str(e)
+        insns = [B.ldx(8, 1, 1, self._SK_MSG_MD_SK), B.jeq_imm(1, 0, 3),
+                 B.call(B.BPF_FUNC_skc_to_tcp_sock), B.jeq_imm(0, 0, 1),
+                 B.ldx(4, 0, 0, off["write_seq"]), B.mov64_imm(0, B.SK_PASS), B.exit()]
+        return self.load_only(B.BPF_PROG_TYPE_SK_MSG, insns, 0,
+                              f"an sk_msg program reading tcp_sock.write_seq (BTF offset "
+                              f"{off['write_seq']}) through bpf_skc_to_tcp_sock loaded")
 
     def sock_addr(self, attach_type):
         return self.cgroup_prog(B.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, attach_type)

@@ -62,7 +62,7 @@ PROGRAMS = (
     ProgSpec("mb_sock_release", "sock_release.c", B.BPF_PROG_TYPE_CGROUP_SOCK,
              B.BPF_CGROUP_INET_SOCK_RELEASE, "cgroup", feature="cgroup_sock_release"),
     ProgSpec("mb_sk_msg", "sk_msg.c", B.BPF_PROG_TYPE_SK_MSG,
-             B.BPF_SK_MSG_VERDICT, "sockhash", splice=True),
+             B.BPF_SK_MSG_VERDICT, "sockhash", feature="splice_backpressure", splice=True),
     ProgSpec("tc_inbound_ingress", "tc_inbound.c", B.BPF_PROG_TYPE_SCHED_CLS, -1, "none"),
     ProgSpec("mb_sk_lookup", "sk_lookup.c", B.BPF_PROG_TYPE_SK_LOOKUP, B.BPF_SK_LOOKUP, "netns",
              feature="sk_lookup"),
@@ -232,11 +232,14 @@ def load_and_pin(pin_prefix, features=None, splice=True):
     """
     _safe_prefix(pin_prefix)
     system.ensure_bpffs()
+    degraded = []
+    if splice and not _has(features, "splice_backpressure"):
+        splice = False               # never splice without backpressure (docs/splice.md)
+        degraded.append("mb_sk_msg")
     text = render_source(features, splice=splice)
     b = _compile(text)
     dirs = pin_dirs(pin_prefix)
     ids = {}
-    degraded = []
     try:
         for d in dirs.values():
             os.makedirs(d, exist_ok=True)

@@ -205,9 +205,10 @@ def test_assume_515_keeps_optional_features():
     assert P.degraded(all_ok(), assume_kernel="5.15") == [
         P.BY_NAME["tc_sk_assign_reuseport"].capability]
     assert P.degraded(all_ok(), assume_kernel="6.5") == []
-    # 5.8 has getpeername and bpf_link, not sk_lookup (5.9)
+    # 5.8 has getpeername and bpf_link, not sk_lookup nor bpf_skc_to_tcp_sock (5.9)
     assert sorted(P.degraded(all_ok(), assume_kernel="5.8")) == sorted([
-        P.BY_NAME["sk_lookup"].capability, P.BY_NAME["tc_sk_assign_reuseport"].capability])
+        P.BY_NAME["sk_lookup"].capability, P.BY_NAME["tc_sk_assign_reuseport"].capability,
+        P.BY_NAME["splice_backpressure"].capability])
 
 
 def test_apply_assumption_does_not_change_its_input():
