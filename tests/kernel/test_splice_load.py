@@ -281,3 +281,21 @@ def test_request_response_past_the_budget_stays_intact_and_returns_to_the_splice
             # responses bring each direction back, so most bytes stay spliced
             assert c["splice_exit"] >= 1 and c["splice_reenter"] >= 1, c
             assert c["splice_bytes"] > c["splice_tcp_bytes"], c
+
+
+def test_a_kernel_without_splice_backpressure_does_not_splice(node):
+    """Where the probe finds no way to read tcp_sock (before 5.9, no BTF), eBPF mode runs
+    without the splice and says so, rather than splicing without backpressure."""
+    sb, a, b = node["sb"], node["a"], node["b"]
+    ic = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
+                         features={"splice_backpressure": False})
+    try:
+        ic.attach(a.pod, InterceptConfig())
+        st = ic.status()
+        assert st["splice"] is False and "mb_sk_msg" in st["degraded"], st
+        assert not any(p["program"] == "mb_sk_msg" for p in st["programs"])
+        r = a.exec([_python(), "-c", SOURCE, b.ip4, str(PAUSE_PORT), str(1 << 20)], timeout=60)
+        assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
+        assert ic.status()["counters"]["sockhash_add"] == 0
+    finally:
+        ic.cleanup()
