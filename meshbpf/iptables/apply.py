@@ -10,17 +10,15 @@ rules it put into built-in chains. Nothing here touches the machine's own netns.
 """
 
 import grp
-import os
 
 from . import rules as rules_mod
 from . import savefile
 from .backend import detect
 from .. import system
-from ..errors import ApplyError, MeshbpfError, NotFoundError, UsageError
+from ..errors import ApplyError, MeshbpfError, UsageError
 # shared with eBPF mode (Istio's ::6/128 on lo is not an iptables matter)
 from ..pod import (INBOUND_V6_ADDRESS, ensure_inbound_v6_address,  # noqa: F401
                    guard_netns, remove_inbound_v6_address)
-
 
 
 def resolve_owner_groups(cfg, group_file=None):
