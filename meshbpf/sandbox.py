@@ -22,7 +22,7 @@ API (others code against these names):
         .spawn(cmd, uid=0, gid=None, env=None, userns=False) -> Proc
         .exec(cmd, uid=0, timeout=30, check=False, userns=False)   .userns_base .host_id(n)
         .wait_port(port, host=None, timeout=10, listening=False)   .listening_ports()
-        .start_envoy(uid=1337, listen="compat"|"dual"|"ipv4") -> Sidecar
+        .start_envoy(uid=1337, listen="compat"|"dual"|"ipv4", userns=False) -> Sidecar
         .start_haproxy(uid=1337) -> HAProxy   .start_http_server(port=8080, uid=0) -> Proc
     Proc: .pid .wait_port(port, host, timeout) .output() .stop() .alive() .wait()
     Sidecar (Envoy): .proc .admin_url .admin(path) .stats() -> {name: int} .log() .stop()

@@ -151,9 +151,6 @@ class EbpfInterceptor(Interceptor):
                 added_v6_now = podmod.ensure_inbound_v6_address(pod.netns)
             except MeshbpfError as e:
                 warnings.append(f"could not add ::6/128 to lo (IPv6 inbound passthrough): {e}")
-        elif added_v6:
-            podmod.remove_inbound_v6_address(pod.netns)
-            added_v6 = False
         try:
             node = self._ensure_node()
         except BaseException:
@@ -183,6 +180,9 @@ class EbpfInterceptor(Interceptor):
                 if empty:            # this call loaded the node for nothing: undo that too
                     self._cleanup_node()
             raise
+        if added_v6 and not config.enable_ipv6:     # re-attached without IPv6 capture
+            podmod.remove_inbound_v6_address(pod.netns)
+            added_v6 = False
         record = {
             "name": pod.name, "netns": pod.netns, "cgroup": pod.cgroup, "mode": self.mode,
             "netns_cookie": cookie, "pod_index": index,

@@ -130,6 +130,20 @@ def test_a_v6_passthrough_address_meshbpf_did_not_add_stays(bed, mode):
         b.exec(["ip", "-6", "addr", "del", "::6/128", "dev", "lo"])
 
 
+@pytest.mark.parametrize("mode", ["ebpf", "iptables"])
+def test_reattach_without_ipv6_capture_removes_the_v6_passthrough_it_added(bed, mode):
+    sb, b = bed["sb"], bed["b"]
+    ic = interceptor(sb, mode)
+    try:
+        assert ic.attach(b.pod, InterceptConfig())["added_inbound_v6_address"] is True
+        v4only = type(ic)(pin_prefix=sb.pin_prefix, ipv6_auto=False,
+                          **({"cgroup_root": sb.cgroup_root} if mode == "ebpf" else {}))
+        rec = v4only.attach(b.pod, InterceptConfig(enable_ipv6=False))
+        assert rec["added_inbound_v6_address"] is False and not lo_has_v6_passthrough(b)
+    finally:
+        cleanup(sb, ic)
+
+
 # ---- item 2: IPv6 ranges never match IPv4 (and the other way round) --------------------
 
 CIDR_CASES = {
