@@ -6,6 +6,23 @@
  * SYN to the 15006 listener unrewritten). Every other getsockopt is left untouched. */
 #include "meshbpf.h"
 
+#define MB_PAGE_SIZE 4096
+
+/* Every path that leaves a getsockopt to the kernel's own answer ends here (and only the
+ * answered one does not: tests/unit check the source). Before Linux 6.5 the kernel gives
+ * the program at most a page of optval and fails the call with EFAULT when the program
+ * returns with a longer optlen than that; optlen 0 means "keep the kernel's own buffer".
+ * Without this, a large getsockopt (iptables-legacy's IPT_SO_GET_ENTRIES) fails for every
+ * process below the attach point. Harmless on 6.5+. */
+static __always_inline int mb_pass(struct bpf_sockopt *ctx)
+{
+    if (ctx->optlen > MB_PAGE_SIZE) {
+        volatile struct bpf_sockopt *vctx = ctx;   /* one 4-byte ctx store, as in mb_answer */
+        vctx->optlen = 0;
+    }
+    return 1;
+}
+
 static __always_inline int mb_answer(struct bpf_sockopt *ctx, const __u32 *ip, __u16 port)
 {
     void *optval = ctx->optval;
@@ -47,13 +64,13 @@ static __always_inline int mb_answer(struct bpf_sockopt *ctx, const __u32 *ip, _
 int mb_getsockopt(struct bpf_sockopt *ctx)
 {
     if (ctx->optname != MB_SO_ORIGINAL_DST)
-        return 1;
+        return mb_pass(ctx);
     int level = ctx->level;
     if (level != MB_SOL_IP && level != MB_SOL_IPV6)
-        return 1;
+        return mb_pass(ctx);
     struct bpf_sock *sk = ctx->sk;
     if (!sk)
-        return 1;
+        return mb_pass(ctx);
 
     /* The app's key: local = our remote, remote = our local. */
     struct sock_key k = {};
@@ -70,7 +87,7 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
         k.remote_ip[2] = sk->src_ip6[2];
         k.remote_ip[3] = sk->src_ip6[3];
     } else {
-        return 1;
+        return mb_pass(ctx);
     }
     k.local_port = (__u16)sk->dst_port;
     k.remote_port = bpf_htons((__u16)sk->src_port);
@@ -93,14 +110,15 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
         __u64 nc = bpf_get_netns_cookie(ctx);
         if (!pods.lookup(&nc)) {
             mb_count(COUNTER_ORIG_DST_MISS, 1);
-            return 1;
+            return mb_pass(ctx);
         }
         mb_copy_ip(ip, k.remote_ip);
         port = k.remote_port;
     }
-    if (mb_answer(ctx, ip, port))
+    if (mb_answer(ctx, ip, port)) {
         mb_count(COUNTER_ORIG_DST_ANSWERED, 1);
-    else
-        mb_count(COUNTER_ORIG_DST_MISS, 1);
-    return 1;
+        return 1;
+    }
+    mb_count(COUNTER_ORIG_DST_MISS, 1);
+    return mb_pass(ctx);
 }

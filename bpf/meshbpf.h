@@ -67,6 +67,12 @@
 
 /* cidr_rules scope of a pod's DNS servers (dns_servers_v4/v6): pod_index | MB_DNS_SCOPE */
 #define MB_DNS_SCOPE 0x80000000u
+/* IPv6 ranges live in their own scope (pod_index | MB_IPV6_SCOPE), IPv4 ranges in the
+ * plain one: both use the 16-byte form, so without it `::/0` (any IPv6 prefix <= 96) would
+ * also contain every v4-mapped IPv4 address. Istio writes the families to iptables and
+ * ip6tables apart; an IPv4 destination (v4-mapped on an AF_INET6 socket too) only ever
+ * meets IPv4 ranges. */
+#define MB_IPV6_SCOPE 0x40000000u
 #define MB_DNS_PORT_BE bpf_htons(53) /* port 53 as stored in maps and ctx (network order) */
 
 struct pod_config {
@@ -89,7 +95,8 @@ struct pod_config {
  * writing: an include range inside an exclude range is stored as exclude. */
 struct cidr_key {
     __u32 prefixlen;
-    __u32 pod_index;             /* host order; always fully matched (prefixlen >= 32) */
+    __u32 pod_index;             /* host order, | MB_IPV6_SCOPE for IPv6 ranges (and
+                                    | MB_DNS_SCOPE); always fully matched (prefixlen >= 32) */
     __u8  ip[16];
 };
 #define RULE_INCLUDE 1           /* capture (redirect to the sidecar) */
@@ -273,6 +280,12 @@ static __always_inline void mb_set_ctx_loopback6(struct bpf_sock_addr *ctx, int 
     mb_set_ctx_ip6(ctx, lo);
 }
 
+/* The cidr_rules scope an address is looked up in (see MB_IPV6_SCOPE). */
+static __always_inline __u32 mb_cidr_scope(__u32 scope, const __u32 *ip)
+{
+    return mb_is_mapped(ip) ? scope : scope | MB_IPV6_SCOPE;
+}
+
 static __always_inline int mb_id_in(__u32 id, const __u32 *ids, __u32 n)
 {
 #pragma unroll
@@ -292,7 +305,7 @@ static __always_inline int mb_dns_target(struct pod_config *pc, const __u32 *ip)
         return 1;
     struct cidr_key ck = {};
     ck.prefixlen = 32 + 128;
-    ck.pod_index = pc->pod_index | MB_DNS_SCOPE;
+    ck.pod_index = mb_cidr_scope(pc->pod_index | MB_DNS_SCOPE, ip);
     __builtin_memcpy(ck.ip, ip, 16);
     __u32 *r = cidr_rules.lookup(&ck);
     return r && *r == RULE_INCLUDE;
@@ -359,7 +372,7 @@ static __always_inline int mb_should_capture(struct pod_config *pc, const __u32 
         return MB_CAPTURE_DNS;
     struct cidr_key ck = {};
     ck.prefixlen = 32 + 128;
-    ck.pod_index = pc->pod_index;
+    ck.pod_index = mb_cidr_scope(pc->pod_index, ip);
     __builtin_memcpy(ck.ip, ip, 16);
     __u32 *ca = cidr_rules.lookup(&ck);
     __u32 crule = ca ? *ca : 0;

@@ -9,7 +9,12 @@ import ipaddress
 import os
 
 from . import system
-from .errors import NotFoundError
+from .errors import MeshbpfError, NotFoundError, UsageError
+from .userns import IdMap
+
+# Istio's inbound passthrough binds its IPv6 upstream connections to ::6, which istio-init
+# (ConfigureRoutes) adds to the pod's lo; both modes add it when the pod captures IPv6.
+INBOUND_V6_ADDRESS = "::6/128"
 
 
 @dataclasses.dataclass
@@ -24,6 +29,7 @@ class Pod:
     netns: str                 # path of the netns file (/proc/PID/ns/net, /run/netns/NAME)
     cgroup: str = None         # absolute cgroup v2 directory, when known
     name: str = None           # how status shows it
+    pid: int = None            # a process of the pod, when the pod was named by one
 
     def __post_init__(self):
         if not os.path.exists(self.netns):
@@ -42,7 +48,7 @@ class Pod:
         if not os.path.exists(f"/proc/{pid}"):
             raise NotFoundError(f"no process with pid {pid}")
         return cls(netns=system.netns_path_of_pid(pid), cgroup=system.cgroup_of_pid(pid),
-                   name=name or f"pid-{pid}")
+                   name=name or f"pid-{pid}", pid=int(pid))
 
     @classmethod
     def from_netns(cls, path, cgroup=None, name=None):
@@ -86,8 +92,102 @@ class Pod:
     def has_ipv6(self):
         return any(a.version == 6 for a in self.addresses())
 
+    def user_namespace(self):
+        """The pod's user namespace as an IdMap, or None when the pod runs in ours.
+
+        Read from the pod's process (`pid`) or, for a pod named by its netns, from a
+        process in that netns whose user namespace is not ours (Kubernetes puts every
+        container of a `hostUsers: false` pod in one). None if there is no such process.
+        """
+        pids = [self.pid] if self.pid is not None else _pids_in_netns(self.netns)
+        own = _userns_inode("self")
+        found = {}
+        for pid in pids:
+            ino = _userns_inode(pid)
+            if ino is not None and ino != own:
+                found.setdefault(ino, pid)
+        if not found:
+            return None
+        if len(found) > 1:
+            raise UsageError(f"pod {self.name}: processes in its netns run in "
+                             f"{len(found)} different user namespaces",
+                             hint="name the pod by its proxy's pid (--pid)")
+        pid = next(iter(found.values()))
+        try:
+            with open(f"/proc/{pid}/uid_map") as u, open(f"/proc/{pid}/gid_map") as g:
+                return IdMap.from_text(u.read(), g.read())
+        except OSError as e:
+            raise MeshbpfError(f"cannot read the user namespace maps of pid {pid}: {e.strerror}")
+
     def describe(self):
         return {"name": self.name, "netns": self.netns, "cgroup": self.cgroup}
+
+
+def _userns_inode(pid):
+    try:
+        return os.stat(f"/proc/{pid}/ns/user").st_ino
+    except OSError:
+        return None
+
+
+def _pids_in_netns(netns):
+    try:
+        st = os.stat(netns)
+    except OSError:
+        return []
+    out = []
+    for ent in os.listdir("/proc"):
+        if not ent.isdigit():
+            continue
+        try:
+            ns = os.stat(f"/proc/{ent}/ns/net")
+        except OSError:
+            continue
+        if (ns.st_dev, ns.st_ino) == (st.st_dev, st.st_ino):
+            out.append(int(ent))
+    return out
+
+
+def guard_netns(netns):
+    """Refuse the machine's own network namespace (the one meshbpf runs in, or init's):
+    meshbpf only ever changes pods' namespaces."""
+    try:
+        target = os.stat(netns)
+    except FileNotFoundError:
+        raise NotFoundError(f"network namespace {netns} does not exist")
+    own = set()
+    for path in ("/proc/self/ns/net", "/proc/1/ns/net"):
+        try:
+            st = os.stat(path)
+            own.add((st.st_dev, st.st_ino))
+        except OSError:
+            pass
+    if (target.st_dev, target.st_ino) in own:
+        raise UsageError(f"{netns} is the machine's own network namespace; meshbpf only "
+                         "changes pods' namespaces", hint="name the pod's netns or a pod process")
+
+
+def ensure_inbound_v6_address(netns):
+    """Add ::6/128 to the pod's lo, as istio-iptables does when IPv6 is enabled: the inbound
+    passthrough binds to it (IPv6 loopback is only ::1/128 otherwise). Without it Envoy's
+    bind fails, it dials the app from the pod's own address, and inbound capture sends that
+    straight back to Envoy: a loop.
+
+    Returns True if this call added it, False if it was already there.
+    """
+    guard_netns(netns)
+    have = system.run(["ip", "-6", "-o", "addr", "show", "dev", "lo"], netns=netns).stdout
+    if " ::6/128 " in have:
+        return False
+    system.run(["ip", "-6", "addr", "add", INBOUND_V6_ADDRESS, "dev", "lo", "nodad"], netns=netns)
+    return True
+
+
+def remove_inbound_v6_address(netns):
+    """Remove the ::6/128 that ensure_inbound_v6_address added (no error if it is gone)."""
+    if netns and os.path.exists(netns):
+        system.run(["ip", "-6", "addr", "del", INBOUND_V6_ADDRESS, "dev", "lo"], netns=netns,
+                   check=False)
 
 
 def _netns_name(path):

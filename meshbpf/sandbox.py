@@ -7,18 +7,22 @@
 
 The node is a netns `<id>-node` holding bridge `br0`; a pod is a netns `<id>-<name>` whose
 `eth0` is a veth with its peer on that bridge, with 10.233.x.y/16 and fd00:6d62::x/64,
-`lo` up (plus ::6/128, Istio's inbound bind address), and a cgroup v2 leaf under the per-run
-test cgroup `<cgroup2>/meshbpf-test/<id>`. Processes are started inside a pod (its netns,
-its cgroup, a given uid/gid) by fork + setns, never with `ip netns exec`.
+`lo` up, and a cgroup v2 leaf under the per-run test cgroup `<cgroup2>/meshbpf-test/<id>`.
+No `::6/128` on lo: Istio's init container adds it, so in a sandbox pod it comes only from
+meshbpf (both modes add it when they capture IPv6). Processes are started inside a pod (its
+netns, its cgroup, a given uid/gid) by fork + setns, never with `ip netns exec`; with
+`userns=True` they run in the pod's own user namespace (Kubernetes `hostUsers: false`),
+where id n inside is host id `userns_base + n`.
 
 API (others code against these names):
     Sandbox(name=None): .id (mbt-<pid>-<n>), .node_netns, .cgroup_root, .pin_prefix,
         .add_pod(name) -> SandboxPod, .pod(name), .remove_pod(name), .close(),
         Sandbox.cleanup_stale(), Sandbox.leftovers(run_id=None)
     SandboxPod: .name .netns .cgroup .ip4 .ip6 .ifname (eth0) .peer_ifname .pod (meshbpf.pod.Pod)
-        .spawn(cmd, uid=0, gid=None, env=None) -> Proc   .exec(cmd, uid=0, timeout=30, check=False)
+        .spawn(cmd, uid=0, gid=None, env=None, userns=False) -> Proc
+        .exec(cmd, uid=0, timeout=30, check=False, userns=False)   .userns_base .host_id(n)
         .wait_port(port, host=None, timeout=10, listening=False)   .listening_ports()
-        .start_envoy(uid=1337, listen="compat"|"dual"|"ipv4") -> Sidecar
+        .start_envoy(uid=1337, listen="compat"|"dual"|"ipv4", userns=False) -> Sidecar
         .start_haproxy(uid=1337) -> HAProxy   .start_http_server(port=8080, uid=0) -> Proc
     Proc: .pid .wait_port(port, host, timeout) .output() .stop() .alive() .wait()
     Sidecar (Envoy): .proc .admin_url .admin(path) .stats() -> {name: int} .log() .stop()
@@ -55,6 +59,8 @@ from .errors import MeshbpfError, NotFoundError, UnsupportedError, UsageError
 from .state import STATE_ROOT as STATE_DIR
 
 ID_PREFIX = "mbt-"
+USERNS_BASE = 100000      # pod n's user namespace maps 0..65535 inside to this + (n-1)*65536
+USERNS_SIZE = 65536
 STALE_FOREIGN_AGE = 600   # seconds before a run seen only through shared cgroups is stale
 NETNS_DIR = "/run/netns"
 TEST_CGROUP = "meshbpf-test"
@@ -114,8 +120,14 @@ def _pid_alive(pid):
 # processes
 
 
-def _enter_pod(netns_path, cgroup, uid, gid):
-    """The preexec of a pod process: join cgroup, then netns, then drop to uid/gid."""
+CLONE_NEWUSER = 0x10000000
+
+
+def _enter_pod(netns_path, cgroup, uid, gid, userns=None):
+    """The preexec of a pod process: join cgroup, then netns, then (optionally) a user
+    namespace, then drop to uid/gid. `userns`: the path of a user namespace to join, or
+    "new" for a new one (its maps are written by the parent; the process stays unmapped
+    root until then, so it must not change ids)."""
     def preexec():
         if cgroup:
             with open(os.path.join(cgroup, "cgroup.procs"), "w") as f:
@@ -125,6 +137,19 @@ def _enter_pod(netns_path, cgroup, uid, gid):
             if _libc.setns(fd, system.CLONE_NEWNET) != 0:
                 e = ctypes.get_errno()
                 raise OSError(e, f"setns({netns_path}): {os.strerror(e)}")
+            os.close(fd)
+        # the netns is joined first: inside the new user namespace we hold no capability
+        # over the netns (it belongs to the initial one)
+        if userns == "new":
+            if _libc.unshare(CLONE_NEWUSER) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, f"unshare(CLONE_NEWUSER): {os.strerror(e)}")
+            return
+        if userns:
+            fd = os.open(userns, os.O_RDONLY)
+            if _libc.setns(fd, CLONE_NEWUSER) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, f"setns({userns}): {os.strerror(e)}")
             os.close(fd)
         os.setgroups([])
         os.setgid(gid)
@@ -143,10 +168,11 @@ def _pod_env(env):
     return {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}
 
 
-def _popen_in_pod(pod, cmd, uid, gid, **kw):
+def _popen_in_pod(pod, cmd, uid, gid, userns=None, **kw):
     try:
         return subprocess.Popen([str(c) for c in cmd], start_new_session=True,
-                                preexec_fn=_enter_pod(pod.netns, pod.cgroup, uid, gid), **kw)
+                                preexec_fn=_enter_pod(pod.netns, pod.cgroup, uid, gid, userns),
+                                **kw)
     except FileNotFoundError:
         raise UnsupportedError(f"{cmd[0]} is not installed")
     except PermissionError as e:
@@ -310,6 +336,8 @@ class SandboxPod:
         self.netns = os.path.join(NETNS_DIR, self.netns_name)
         self.cgroup = os.path.join(sandbox.cgroup_root, name)
         self.ip4, self.ip6 = pod_addresses(index)
+        self.userns_base = USERNS_BASE + (index - 1) * USERNS_SIZE
+        self._userns_holder = None
         self.ifname = POD_IFNAME
         self.peer_ifname = f"vp{index}"          # the veth end on the node bridge
         self.tmpdir = os.path.join(sandbox.tmpdir, name)
@@ -337,8 +365,6 @@ class SandboxPod:
         _ip(["link", "set", "lo", "up"], netns=n)
         _ip(["addr", "add", f"{self.ip4}/16", "dev", POD_IFNAME], netns=n)
         _ip(["-6", "addr", "add", f"{self.ip6}/64", "dev", POD_IFNAME, "nodad"], netns=n)
-        # Istio's init container adds ::6 so the inbound passthrough can bind to it.
-        _ip(["-6", "addr", "add", "::6/128", "dev", "lo", "nodad"], netns=n)
         _ip(["link", "set", POD_IFNAME, "up"], netns=n)
         _ip(["route", "add", "default", "dev", POD_IFNAME], netns=n)
         _ip(["-6", "route", "add", "default", "dev", POD_IFNAME], netns=n)
@@ -357,18 +383,52 @@ class SandboxPod:
                                 "(removed or torn down)")
 
     # -- processes --------------------------------------------------------------------
-    def spawn(self, cmd, uid=0, gid=None, env=None, cwd=None, label=None):
-        """Start `cmd` in this pod (netns, cgroup, uid/gid); returns a Proc."""
+    def host_id(self, n, userns=True):
+        """The host uid/gid that id `n` of a process in this pod is (userns: in the pod's
+        user namespace)."""
+        if not userns:
+            return n
+        if not 0 <= n < USERNS_SIZE:
+            raise UsageError(f"id {n} is outside pod {self.name}'s user namespace (0..{USERNS_SIZE - 1})")
+        return self.userns_base + n
+
+    def _userns_path(self, userns):
+        """The pod's user namespace (made on first use by a holder process that lives as
+        long as the pod), or None when `userns` is false."""
+        if not userns:
+            return None
+        if self._userns_holder is None or not self._userns_holder.alive():
+            self._check_exists()
+            popen = _popen_in_pod(self, ["sleep", "infinity"], 0, 0, userns="new",
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+            holder = Proc(popen, os.devnull, self, ["sleep", "infinity"])
+            self.procs.append(holder)
+            mapping = f"0 {self.userns_base} {USERNS_SIZE}\n"
+            try:
+                for name in ("uid_map", "gid_map"):
+                    with open(f"/proc/{popen.pid}/{name}", "w") as f:
+                        f.write(mapping)
+            except OSError as e:
+                holder.stop()
+                raise MeshbpfError(f"cannot map pod {self.name}'s user namespace: {e}")
+            self._userns_holder = holder
+        return f"/proc/{self._userns_holder.pid}/ns/user"
+
+    def spawn(self, cmd, uid=0, gid=None, env=None, cwd=None, label=None, userns=False):
+        """Start `cmd` in this pod (netns, cgroup, uid/gid; with userns=True in the pod's
+        user namespace, uid/gid as seen inside it); returns a Proc."""
         if not cmd:
             raise UsageError("spawn needs a command")
         self._check_exists()
         gid = uid if gid is None else gid
         label = label or os.path.basename(str(cmd[0]))
         log_path = os.path.join(self.tmpdir, f"{label}-{next(self._seq)}.log")
+        ns = self._userns_path(userns)
         logf = open(log_path, "wb")
         try:
-            popen = _popen_in_pod(self, cmd, uid, gid, stdin=subprocess.DEVNULL, stdout=logf,
-                                  stderr=subprocess.STDOUT, env=_pod_env(env),
+            popen = _popen_in_pod(self, cmd, uid, gid, userns=ns, stdin=subprocess.DEVNULL,
+                                  stdout=logf, stderr=subprocess.STDOUT, env=_pod_env(env),
                                   cwd=cwd or self.tmpdir)
         finally:
             logf.close()
@@ -376,13 +436,14 @@ class SandboxPod:
         self.procs.append(proc)
         return proc
 
-    def exec(self, cmd, uid=0, gid=None, timeout=30, check=False, input=None, env=None):
+    def exec(self, cmd, uid=0, gid=None, timeout=30, check=False, input=None, env=None,
+             userns=False):
         """Run `cmd` to completion in this pod; returns CompletedProcess (text)."""
         if not cmd:
             raise UsageError("exec needs a command")
         self._check_exists()
         gid = uid if gid is None else gid
-        proc = _popen_in_pod(self, cmd, uid, gid,
+        proc = _popen_in_pod(self, cmd, uid, gid, userns=self._userns_path(userns),
                              stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=_pod_env(env), cwd=self.tmpdir)
@@ -451,20 +512,21 @@ class SandboxPod:
             time.sleep(0.05)
 
     # -- sidecars and apps -------------------------------------------------------------
-    def _sidecar_dir(self, kind, uid, gid):
+    def _sidecar_dir(self, kind, uid, gid, userns=False):
         d = tempfile.mkdtemp(prefix=f"{kind}-", dir=self.tmpdir)
-        os.chown(d, uid, gid)
+        os.chown(d, self.host_id(uid, userns), self.host_id(gid, userns))
         os.chmod(d, 0o755)
         return d
 
     def start_envoy(self, uid=sidecar.PROXY_UID, gid=None, listen="compat", access_log=True,
                     log_level="info", admin_port=sidecar.ADMIN_PORT, timeout=30, extra_args=(),
-                    bootstrap=None):
+                    bootstrap=None, userns=False):
         """Start an Istio-like Envoy sidecar (15001 out, 15006 in, admin 127.0.0.1:15000);
-        `bootstrap` (a dict) replaces the generated configuration."""
+        `bootstrap` (a dict) replaces the generated configuration; `userns`: run it in the
+        pod's user namespace (uid/gid as seen inside)."""
         gid = uid if gid is None else gid
         binary = sidecar.envoy_binary()
-        d = self._sidecar_dir("envoy", uid, gid)
+        d = self._sidecar_dir("envoy", uid, gid, userns)
         access_path = os.path.join(d, "access.log") if access_log and bootstrap is None else None
         boot = bootstrap or sidecar.envoy_bootstrap(
             listen=listen, admin_port=admin_port, access_log_path=access_path,
@@ -478,7 +540,7 @@ class SandboxPod:
                            # access log lines are evidence tests read: write them promptly
                            "--file-flush-interval-msec", "100",
                            *extra_args],
-                          uid=uid, gid=gid, label="envoy", cwd=d)
+                          uid=uid, gid=gid, label="envoy", cwd=d, userns=userns)
         env = Sidecar(proc, self, cfg, admin_port, access_path)
         try:
             self.wait_port(admin_port, timeout=timeout, proc=proc)
@@ -526,10 +588,10 @@ class SandboxPod:
             raise
         return hap
 
-    def start_http_server(self, port=8080, uid=0, gid=None, host="::", timeout=10):
+    def start_http_server(self, port=8080, uid=0, gid=None, host="::", timeout=10, userns=False):
         """A tiny HTTP app replying with JSON {pod, peer, local} for every GET."""
         proc = self.spawn([_python(), "-c", _HTTP_APP, str(port), self.name, host],
-                          uid=uid, gid=gid, label=f"http{port}")
+                          uid=uid, gid=gid, label=f"http{port}", userns=userns)
         proc.wait_port(port, host="127.0.0.1" if host in ("::", "0.0.0.0") else host,
                        timeout=timeout)
         return proc

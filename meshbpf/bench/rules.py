@@ -99,13 +99,15 @@ def exclusion_position(payload):
 
 
 def lpm_key(pod_index, cidr):
-    """LPM key {u32 prefixlen, u32 pod_index, u8 ip[16]} (IPv4 as v4-mapped), as in meshbpf.h."""
+    """LPM key {u32 prefixlen, u32 pod_index, u8 ip[16]} (IPv4 as v4-mapped, IPv6 in the
+    scope's IPv6 half), as in meshbpf.h."""
     net = ipaddress.ip_network(cidr, strict=False)
     if net.version == 4:
         ip16 = b"\x00" * 10 + b"\xff\xff" + net.network_address.packed
         plen = 96 + net.prefixlen
     else:
         ip16, plen = net.network_address.packed, net.prefixlen
+        pod_index |= 0x40000000              # MB_IPV6_SCOPE
     return struct.pack("<II", 32 + plen, pod_index) + ip16
 
 

@@ -52,13 +52,10 @@ def _dump(pin_prefix):
         for k, v in m["pods"].items():
             out["pods"].append(dict(structs.describe_pod_struct(v), netns_cookie=k.value))
         for k, v in m["cidr_rules"].items():
-            plen = k.prefixlen - 32
-            ip = structs.ip_from16(bytes(k.ip))
-            if ip.version == 4:
-                plen -= 96
-            rule = {"pod_index": k.pod_index & ~structs.MB_DNS_SCOPE, "cidr": f"{ip}/{plen}",
+            index, dns, net = structs.describe_cidr_key(k)
+            rule = {"pod_index": index, "cidr": str(net),
                     "rule": "include" if v.value == structs.RULE_INCLUDE else "exclude"}
-            if k.pod_index & structs.MB_DNS_SCOPE:
+            if dns:
                 rule["dns_server"] = True
             out["cidr_rules"].append(rule)
         for k, v in m["port_rules"].items():

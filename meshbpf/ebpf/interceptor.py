@@ -15,6 +15,7 @@ import json
 import os
 import types
 
+from .. import pod as podmod
 from .. import system
 from ..config import InterceptConfig
 from ..errors import ApplyError, MeshbpfError, UsageError
@@ -133,14 +134,29 @@ class EbpfInterceptor(Interceptor):
         addresses = list(pod.addresses())
         if not config.enable_ipv6 and self.ipv6_auto and any(a.version == 6 for a in addresses):
             config = config.replace(enable_ipv6=True)
+        idmap = pod.user_namespace() if hasattr(pod, "user_namespace") else None
         # Pure part first: a config eBPF mode cannot express fails before anything changes.
-        pc = structs.pod_struct(config, 0)
+        pc = structs.pod_struct(config, 0, idmap)
         cidrs = structs.cidr_rules(config, extra_excludes=[
             ipaddress.ip_network(a) for a in addresses])
         ports = structs.port_rules(config)
         dns = structs.dns_rules(config)
         old_rec = self.store.load(pod.key) or {}
-        node = self._ensure_node()
+        # ::6 first, so no IPv6 inbound connection is steered to a passthrough that cannot
+        # bind it (no init container does this in eBPF mode).
+        added_v6 = bool(old_rec.get("added_inbound_v6_address"))
+        added_v6_now, warnings = False, []
+        if config.enable_ipv6:
+            try:
+                added_v6_now = podmod.ensure_inbound_v6_address(pod.netns)
+            except MeshbpfError as e:
+                warnings.append(f"could not add ::6/128 to lo (IPv6 inbound passthrough): {e}")
+        try:
+            node = self._ensure_node()
+        except BaseException:
+            if added_v6_now:
+                podmod.remove_inbound_v6_address(pod.netns)
+            raise
         try:
             with Maps(self.pin_prefix) as maps:
                 index = self._pod_index(maps, cookie)
@@ -156,12 +172,17 @@ class EbpfInterceptor(Interceptor):
                         raise
                     raise ApplyError(f"enrolling pod {pod.name} failed, rolled back: {e}")
         except BaseException:
+            if added_v6_now:
+                podmod.remove_inbound_v6_address(pod.netns)
             if not node["adopted"]:
                 with Maps(self.pin_prefix) as maps:
                     empty = len(maps["pods"]) == 0
                 if empty:            # this call loaded the node for nothing: undo that too
                     self._cleanup_node()
             raise
+        if added_v6 and not config.enable_ipv6:     # re-attached without IPv6 capture
+            podmod.remove_inbound_v6_address(pod.netns)
+            added_v6 = False
         record = {
             "name": pod.name, "netns": pod.netns, "cgroup": pod.cgroup, "mode": self.mode,
             "netns_cookie": cookie, "pod_index": index,
@@ -171,6 +192,9 @@ class EbpfInterceptor(Interceptor):
             "inbound": inbound if isinstance(inbound, (dict, list, str, type(None))) else str(inbound),
             "not_supported": (["redirect_dns"] if config.redirect_dns and not all(
                 p in node["programs"] for p in loader.DNS_PROGRAMS) else []),
+            "added_inbound_v6_address": added_v6 or added_v6_now,
+            "userns": idmap.to_dict() if idmap is not None else None,
+            "warnings": warnings,
         }
         return self.store.save(pod.key, record)
 
@@ -286,12 +310,16 @@ class EbpfInterceptor(Interceptor):
                 self._detach_inbound(ghost, rec)
             except (MeshbpfError, OSError):
                 pass
+            if rec.get("added_inbound_v6_address"):
+                podmod.remove_inbound_v6_address(rec.get("netns"))
             self.store.remove(key)
             return True
 
     def _detach(self, pod):
         rec = self.store.load(pod.key)
         if not loader.is_loaded(self.pin_prefix):
+            if (rec or {}).get("added_inbound_v6_address"):
+                podmod.remove_inbound_v6_address(pod.netns)
             self.store.remove(pod.key)
             return
         try:
@@ -311,6 +339,8 @@ class EbpfInterceptor(Interceptor):
                 if index is not None:
                     self._remove_entries(maps, cookie, index, addrs)
         self._detach_inbound(pod, rec)
+        if (rec or {}).get("added_inbound_v6_address"):
+            podmod.remove_inbound_v6_address(pod.netns)
         self.store.remove(pod.key)
 
     def _detach_inbound(self, pod, rec=None):
@@ -377,6 +407,8 @@ class EbpfInterceptor(Interceptor):
                     self._detach_inbound(Pod(netns=netns, name=rec.get("name")), rec)
                 except MeshbpfError as e:
                     errors.append(str(e))
+                if rec.get("added_inbound_v6_address"):
+                    podmod.remove_inbound_v6_address(netns)
         if os.path.isdir(self.pin_prefix):
             loader.unload(self.pin_prefix, self.root)
         try:

@@ -25,6 +25,7 @@ POD_F_INBOUND_ALL = 1 << 4
 POD_F_DNS = 1 << 5
 POD_F_DNS_ALL = 1 << 6
 MB_DNS_SCOPE = 0x80000000
+MB_IPV6_SCOPE = 0x40000000      # IPv6 ranges apart from IPv4 ones (see meshbpf.h)
 
 RULE_INCLUDE = 1
 RULE_EXCLUDE = 2
@@ -182,8 +183,10 @@ def owner_groups(config):
     return 0, []
 
 
-def pod_struct(config, pod_index):
-    """The pods-map value for `config` (an InterceptConfig)."""
+def pod_struct(config, pod_index, idmap=None):
+    """The pods-map value for `config` (an InterceptConfig). `idmap` (meshbpf.userns.IdMap):
+    the pod's user namespace; its proxy uid/gid and owner groups are stored as the host ids
+    they map to, which is what bpf_get_current_uid_gid() answers."""
     uids = _ids(config.proxy_uids(), "proxy_uid")
     gids = _ids(config.proxy_gids(), "proxy_gid")
     flags = 0
@@ -196,6 +199,8 @@ def pod_struct(config, pod_index):
         flags |= POD_F_INBOUND_ALL
     oflag, ogids = owner_groups(config)
     flags |= oflag
+    if idmap is not None:
+        uids, gids, ogids = idmap.host_uids(uids), idmap.host_gids(gids), idmap.host_gids(ogids)
     if config.redirect_dns:
         flags |= POD_F_DNS
         if config.capture_all_dns:
@@ -212,12 +217,34 @@ def pod_struct(config, pod_index):
 
 
 def cidr_key(pod_index, network):
-    """LPM key for `network` (ip_network) in pod `pod_index`'s scope."""
+    """LPM key for `network` (ip_network) in pod `pod_index`'s scope; an IPv6 range goes to
+    the scope's IPv6 half (| MB_IPV6_SCOPE), so that it never contains an IPv4 address."""
     net = ipaddress.ip_network(network, strict=False)
     plen = net.prefixlen + (96 if net.version == 4 else 0)
-    key = CidrKey(prefixlen=32 + plen, pod_index=pod_index)
+    scope = pod_index if net.version == 4 else pod_index | MB_IPV6_SCOPE
+    key = CidrKey(prefixlen=32 + plen, pod_index=scope)
     key.ip[:] = list(ip16(net.network_address))
     return key
+
+
+def cidr_lookup_key(pod_index, addr):
+    """The key connect4/6 and sendmsg4/6 look a destination up with (mb_cidr_scope): the
+    full 32 + 128 bits, IPv4 as v4-mapped in the plain scope, IPv6 in the IPv6 scope."""
+    ip = ipaddress.ip_address(addr)
+    mapped = ip.version == 4 or ip.ipv4_mapped is not None
+    key = CidrKey(prefixlen=32 + 128, pod_index=pod_index if mapped else pod_index | MB_IPV6_SCOPE)
+    key.ip[:] = list(ip16(ip))
+    return key
+
+
+def describe_cidr_key(key):
+    """(pod_index, dns_server, ip_network) of a cidr_rules key (inverse of cidr_key)."""
+    plen = key.prefixlen - 32
+    if key.pod_index & MB_IPV6_SCOPE:
+        net = ipaddress.IPv6Network((bytes(key.ip), plen))
+    else:
+        net = ipaddress.IPv4Network((bytes(key.ip)[12:], plen - 96))
+    return key.pod_index & ~(MB_DNS_SCOPE | MB_IPV6_SCOPE), bool(key.pod_index & MB_DNS_SCOPE), net
 
 
 def _contains(outer, inner):
@@ -259,8 +286,9 @@ def dns_rules(config):
 
 
 def scopes(pod_index):
-    """The cidr_rules scopes a pod owns: its outbound rules and its DNS servers."""
-    return {pod_index, pod_index | MB_DNS_SCOPE}
+    """The cidr_rules scopes a pod owns: its outbound rules and its DNS servers, each with
+    an IPv4 and an IPv6 half."""
+    return {pod_index | dns | v6 for dns in (0, MB_DNS_SCOPE) for v6 in (0, MB_IPV6_SCOPE)}
 
 
 def port_rules(config):

@@ -10,15 +10,15 @@ rules it put into built-in chains. Nothing here touches the machine's own netns.
 """
 
 import grp
-import os
 
 from . import rules as rules_mod
 from . import savefile
 from .backend import detect
 from .. import system
-from ..errors import ApplyError, MeshbpfError, NotFoundError, UsageError
-
-INBOUND_V6_ADDRESS = "::6/128"
+from ..errors import ApplyError, MeshbpfError, UsageError
+# shared with eBPF mode (Istio's ::6/128 on lo is not an iptables matter)
+from ..pod import (INBOUND_V6_ADDRESS, ensure_inbound_v6_address,  # noqa: F401
+                   guard_netns, remove_inbound_v6_address)
 
 
 def resolve_owner_groups(cfg, group_file=None):
@@ -54,25 +54,6 @@ def resolve_owner_groups(cfg, group_file=None):
                              hint="use a numeric gid or a group listed in /etc/group")
         out[name] = gid
     return out
-
-
-def guard_netns(netns):
-    """Refuse the machine's own network namespace (the one meshbpf runs in, or init's):
-    meshbpf only ever changes pods' namespaces."""
-    try:
-        target = os.stat(netns)
-    except FileNotFoundError:
-        raise NotFoundError(f"network namespace {netns} does not exist")
-    own = set()
-    for path in ("/proc/self/ns/net", "/proc/1/ns/net"):
-        try:
-            st = os.stat(path)
-            own.add((st.st_dev, st.st_ino))
-        except OSError:
-            pass
-    if (target.st_dev, target.st_ino) in own:
-        raise UsageError(f"{netns} is the machine's own network namespace; meshbpf only "
-                         "changes pods' namespaces", hint="name the pod's netns or a pod process")
 
 
 def _plan(netns, cfg, family, force, group_file, recorded):
@@ -218,25 +199,6 @@ def cleanup(netns, cfg=None, families=(4, 6), force=None, group_file=None, recor
         be.delete_empty_tables(netns, (created_tables or {}).get(str(fam), []))
         out[fam] = {"removed": True, "backend": be.variant}
     return out
-
-
-def ensure_inbound_v6_address(netns):
-    """Add ::6/128 to the pod's lo, as istio-iptables does when IPv6 is enabled: the inbound
-    passthrough binds to it (IPv6 loopback is only ::1/128 otherwise).
-
-    Returns True if this call added it, False if it was already there.
-    """
-    guard_netns(netns)
-    have = system.run(["ip", "-6", "-o", "addr", "show", "dev", "lo"], netns=netns).stdout
-    if " ::6/128 " in have:
-        return False
-    system.run(["ip", "-6", "addr", "add", INBOUND_V6_ADDRESS, "dev", "lo", "nodad"], netns=netns)
-    return True
-
-
-def remove_inbound_v6_address(netns):
-    """Remove the ::6/128 that ensure_inbound_v6_address added (no error if it is gone)."""
-    system.run(["ip", "-6", "addr", "del", INBOUND_V6_ADDRESS, "dev", "lo"], netns=netns, check=False)
 
 
 def tproxy_route_specs(cfg, families):

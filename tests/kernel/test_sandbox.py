@@ -129,6 +129,37 @@ def test_process_runs_in_pod_netns_cgroup_and_uid():
         assert p.stop() == -signal.SIGTERM
 
 
+def test_pod_lo_has_no_v6_passthrough_address():
+    """Istio's init container adds ::6/128; a sandbox pod gets it only from meshbpf."""
+    with Sandbox() as sb:
+        a = sb.add_pod("a")
+        lo = a.exec(["ip", "-6", "-o", "addr", "show", "dev", "lo"], check=True).stdout
+        assert "::1/128" in lo and "::6/128" not in lo
+
+
+def test_processes_in_the_pod_user_namespace():
+    """userns=True: every such process of a pod shares one user namespace, where id n is
+    host id userns_base + n (Kubernetes hostUsers: false)."""
+    with Sandbox() as sb:
+        a = sb.add_pod("a")
+        p = a.spawn(["sleep", "60"], uid=1337, userns=True)
+        q = a.spawn(["sleep", "60"], userns=True)
+        time.sleep(0.1)
+        assert _ns_ident(f"/proc/{p.pid}/ns/user") == _ns_ident(f"/proc/{q.pid}/ns/user")
+        assert _ns_ident(f"/proc/{p.pid}/ns/user") != _ns_ident("/proc/self/ns/user")
+        assert _ns_ident(f"/proc/{p.pid}/ns/net") == _ns_ident(a.netns)
+        assert system.cgroup_of_pid(p.pid) == a.cgroup
+        with open(f"/proc/{p.pid}/status") as f:
+            status = dict(l.split(":", 1) for l in f.read().splitlines() if ":" in l)
+        assert status["Uid"].split() == [str(a.userns_base + 1337)] * 4
+        assert a.host_id(1337) == a.userns_base + 1337 != 1337
+        with open(f"/proc/{p.pid}/uid_map") as f:
+            assert f.read().split() == ["0", str(a.userns_base), "65536"]
+        r = a.exec(["id", "-u"], uid=1337, userns=True, check=True)
+        assert r.stdout.strip() == "1337"                 # as the process sees itself
+        assert a.exec(["id", "-u"], check=True).stdout.strip() == "0"   # default: host ids
+
+
 def test_exec_check_and_timeout_raise_clear_errors():
     with Sandbox() as sb:
         a = sb.add_pod("a")
@@ -297,6 +328,8 @@ def test_envoy_inbound_redirect_binds_127_0_0_6(family):
         b.start_http_server(8080)
         env = b.start_envoy()
         _iptables(b, INBOUND_REDIRECT)
+        # what istio-init does besides the rules (the sandbox leaves it to meshbpf)
+        b.exec(["ip", "-6", "addr", "add", "::6/128", "dev", "lo", "nodad"], check=True)
         s0 = env.stats()
         reply = _curl(a, _url(getattr(b, family)))
         s1 = env.stats()

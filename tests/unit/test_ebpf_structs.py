@@ -86,7 +86,7 @@ def test_flag_constants_match_header():
     defines = _defines(_header())
     for name in ("POD_F_OUTBOUND_ALL", "POD_F_IPV6", "POD_F_OWNER_INCLUDE",
                  "POD_F_OWNER_EXCLUDE", "POD_F_INBOUND_ALL", "POD_F_DNS", "POD_F_DNS_ALL",
-                 "MB_DNS_SCOPE", "RULE_INCLUDE", "RULE_EXCLUDE",
+                 "MB_DNS_SCOPE", "MB_IPV6_SCOPE", "RULE_INCLUDE", "RULE_EXCLUDE",
                  "NODE_F_SPLICE", "ORIG_F_ANSWERED", "MB_MAX_IDS", "MB_MAX_PODS"):
         assert _eval(name, defines) == getattr(structs, name), name
 
@@ -157,10 +157,59 @@ def test_cidr_key_prefix_lengths():
     assert k4.prefixlen == 32 + 96 + 16 and k4.pod_index == 3
     assert bytes(k4.ip) == structs.ip16("10.1.0.0")
     k6 = structs.cidr_key(3, ipaddress.ip_network("fd00::/8"))
-    assert k6.prefixlen == 32 + 8
+    assert k6.prefixlen == 32 + 8 and k6.pod_index == 3 | structs.MB_IPV6_SCOPE
     host = structs.cidr_key(1, ipaddress.ip_network("127.0.0.1/32"))
     assert host.prefixlen == 32 + 128
     assert ctypes.sizeof(k4) == 24
+
+
+def trie_lookup(entries, key):
+    """What the kernel's LPM trie answers for lookup `key` among `entries` [(key, value)]:
+    the value of the longest stored prefix whose first prefixlen bits of data (everything
+    after the prefixlen field) equal the lookup key's, compared bit by bit."""
+    def bits(k, n):
+        data = int.from_bytes(bytes(k)[4:], "big")
+        total = (ctypes.sizeof(k) - 4) * 8
+        return data >> (total - n) if n else 0
+    best = None
+    for k, v in entries:
+        if k.prefixlen <= key.prefixlen and bits(k, k.prefixlen) == bits(key, k.prefixlen):
+            if best is None or k.prefixlen > best[0]:
+                best = (k.prefixlen, v)
+    return best[1] if best else 0
+
+
+@pytest.mark.parametrize("change,addr,istio", [
+    # Istio renders IPv4 ranges into iptables and IPv6 ranges into ip6tables only.
+    ({"outbound_ip_ranges_exclude": "::/0"}, "10.233.0.12", 0),
+    ({"outbound_ip_ranges_exclude": "::/0"}, "::ffff:10.233.0.12", 0),
+    ({"outbound_ip_ranges_exclude": "::/0"}, "fd00:6d62::12", structs.RULE_EXCLUDE),
+    ({"outbound_ip_ranges_exclude": "::/96"}, "10.233.0.12", 0),
+    ({"outbound_ip_ranges_exclude": "::ffff:0:0/96"}, "10.233.0.12", 0),
+    ({"outbound_ip_ranges_exclude": "0.0.0.0/0"}, "fd00:6d62::12", 0),
+    ({"outbound_ip_ranges_exclude": "0.0.0.0/0"}, "::a00:1", 0),   # IPv4-compatible form
+    ({"outbound_ip_ranges_exclude": "0.0.0.0/0"}, "10.233.0.12", structs.RULE_EXCLUDE),
+    ({"outbound_ip_ranges_include": "::/0"}, "10.233.0.12", 0),
+    ({"outbound_ip_ranges_include": "::/0"}, "fd00:6d62::12", structs.RULE_INCLUDE),
+    ({"outbound_ip_ranges_include": "0.0.0.0/0"}, "fd00:6d62::12", 0),
+    ({"outbound_ip_ranges_include": "0.0.0.0/0", "outbound_ip_ranges_exclude": "::/0"},
+     "10.233.0.12", structs.RULE_INCLUDE),
+])
+def test_cidr_keys_keep_the_address_families_apart(change, addr, istio):
+    """Packed keys as the kernel's trie compares them: an IPv6 range never matches an IPv4
+    destination (nor the other way round), as in Istio's per-family rules."""
+    cfg = InterceptConfig(enable_ipv6=True).replace(**change)
+    entries = [(structs.cidr_key(4, net), rule) for net, rule in structs.cidr_rules(cfg)]
+    assert trie_lookup(entries, structs.cidr_lookup_key(4, addr)) == istio
+    # another pod's rules are never consulted
+    assert trie_lookup(entries, structs.cidr_lookup_key(5, addr)) == 0
+
+
+def test_cidr_key_describe_round_trips():
+    for net in ("10.1.0.0/16", "0.0.0.0/0", "::/0", "::ffff:0:0/96", "fd00::/8", "::6/128"):
+        n = ipaddress.ip_network(net)
+        for scope, dns in ((7, False), (7 | structs.MB_DNS_SCOPE, True)):
+            assert structs.describe_cidr_key(structs.cidr_key(scope, n)) == (7, dns, n)
 
 
 def _rules(cfg, extra=()):
@@ -279,7 +328,8 @@ def test_dns_flags_and_servers():
     assert structs.pod_struct(every, 1).flags & structs.POD_F_DNS_ALL
     assert structs.dns_rules(every) == []            # every server: no list needed
     assert structs.dns_rules(InterceptConfig(dns_servers_v4=["10.96.0.10"])) == []
-    assert structs.scopes(3) == {3, 3 | structs.MB_DNS_SCOPE}
+    d, v6 = structs.MB_DNS_SCOPE, structs.MB_IPV6_SCOPE
+    assert structs.scopes(3) == {3, 3 | d, 3 | v6, 3 | d | v6}
 
 
 def test_dns_programs_follow_the_features():

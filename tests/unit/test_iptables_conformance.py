@@ -26,15 +26,6 @@ def _load():
 
 _DATA = _load()
 
-# cases.json gives this istio-cni case outbound_ports_exclude "5555,6666,15020", but the
-# golden file (and upstream's test, cni/pkg/plugin/*_test.go: annotation
-# excludeOutboundPorts "5555,6666") has no 15020 rules: istio-cni uses the annotation
-# verbatim and only defaults to 15020 when it is absent. Istio's generator emits a
-# RETURN pair for every listed port, so no faithful generator can produce that golden
-# from that config. The case is kept strict-xfail (it alerts when the data is fixed) and
-# test_cni_include_exclude_ports_upstream_config checks the golden with upstream's value.
-_CNI_DATA_MISMATCH = {"include-exclude-ports"}
-
 
 @pytest.fixture(scope="module")
 def conformance(shared_dir):
@@ -70,22 +61,9 @@ def test_capture_case(conformance, case):
         assert render(cfg, family) == ""
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=pytest.mark.xfail(strict=True, reason="cases.json override disagrees "
-                                            "with the upstream golden (see _CNI_DATA_MISMATCH)"))
-    if c in _CNI_DATA_MISMATCH else c
-    for c in sorted(_DATA["cni_cases"])])
+@pytest.mark.parametrize("case", sorted(_DATA["cni_cases"]))
 def test_cni_case(conformance, case):
     root, data = conformance
     spec = data["cni_cases"][case]
     cfg = InterceptConfig.from_dict({**data["cni_base"], **spec["overrides"]})
-    assert render(cfg, 4) == _read(root, spec["payload"])
-
-
-def test_cni_include_exclude_ports_upstream_config(conformance):
-    """The same case with upstream's real annotation value reproduces the golden exactly."""
-    root, data = conformance
-    spec = data["cni_cases"]["include-exclude-ports"]
-    cfg = InterceptConfig.from_dict({**data["cni_base"], **spec["overrides"],
-                                     "outbound_ports_exclude": "5555,6666"})
     assert render(cfg, 4) == _read(root, spec["payload"])
