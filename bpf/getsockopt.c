@@ -91,7 +91,9 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
          * bpf_sk_assign, so the accepted socket's local address IS the original one.
          * Only for sockets in a meshed pod; anything else is left untouched. */
         __u64 nc = bpf_get_netns_cookie(ctx);
-        if (!pods.lookup(&nc)) {
+        /* A loopback local address is a redirected connection (15001, 15006, 15053)
+         * whose pairs entry could not be recorded: no answer beats its own address. */
+        if (!pods.lookup(&nc) || mb_is_loopback(k.remote_ip)) {
             mb_count(COUNTER_ORIG_DST_MISS, 1);
             return 1;
         }

@@ -30,6 +30,7 @@ RULE_INCLUDE = 1
 RULE_EXCLUDE = 2
 
 NODE_F_SPLICE = 1 << 0
+NODE_F_INBOUND_SK_LOOKUP = 1 << 1
 ORIG_F_ANSWERED = 1
 
 # enum mb_counter, in order (index = position); COUNTER_MAX slots in the per-CPU array.
@@ -52,6 +53,9 @@ COUNTERS = [
     "dns_redirect",       # COUNTER_DNS_REDIRECT
     "dns_reply",          # COUNTER_DNS_REPLY
     "redirect_self",      # COUNTER_REDIRECT_SELF
+    "conn_refused",       # COUNTER_CONN_REFUSED
+    "pairs_full",         # COUNTER_PAIRS_FULL
+    "inbound_sk_lookup",  # COUNTER_INBOUND_SK_LOOKUP
 ]
 COUNTER_MAX = 32
 
@@ -88,7 +92,7 @@ class IpKey(ctypes.Structure):
 
 
 class NodeConfig(ctypes.Structure):
-    _fields_ = [("flags", u32), ("pad", u32)]
+    _fields_ = [("flags", u32), ("pod_conn_limit", u32)]
 
 
 class OrigDst(ctypes.Structure):
