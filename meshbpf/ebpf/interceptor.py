@@ -24,6 +24,11 @@ from . import loader, structs
 from .maps import Maps
 
 
+# The per-pod share of the node's connection maps (node_cfg.pod_conn_limit) when the
+# interceptor is not given one; unset or 0: half of MB_MAX_CONNS (bpf/meshbpf.h).
+POD_CONN_LIMIT_ENV = "MESHBPF_POD_CONN_LIMIT"
+
+
 def address_conflicts(addresses, holders, me, alive):
     """Pure: the addresses of a pod being attached that another LIVE pod holds.
 
@@ -62,6 +67,14 @@ class EbpfInterceptor(Interceptor):
                                            not 0 <= pod_conn_limit < 1 << 32):
             raise UsageError(f"pod_conn_limit {pod_conn_limit!r} must be a number of "
                              "connections (0: the default)")
+        if pod_conn_limit is None and os.environ.get(POD_CONN_LIMIT_ENV, "").strip():
+            try:
+                pod_conn_limit = int(os.environ[POD_CONN_LIMIT_ENV])
+            except ValueError:
+                pod_conn_limit = -1
+        if pod_conn_limit is not None and not 0 <= pod_conn_limit < 1 << 32:
+            raise UsageError(f"{POD_CONN_LIMIT_ENV}={os.environ.get(POD_CONN_LIMIT_ENV)!r} "
+                             "must be a number of connections (0: the default)")
         self.pod_conn_limit = pod_conn_limit or 0
         # NODE_F_INBOUND_SK_LOOKUP: inbound always through sk_lookup (proves that path here)
         self.inbound_sk_lookup = bool(inbound_sk_lookup)
@@ -346,13 +359,17 @@ class EbpfInterceptor(Interceptor):
         with self._locked():
             self._detach(pod)
 
-    def detach_key(self, key):
+    def detach_key(self, key, netns_cookie=None):
         """Detach a pod known only by its record key (its netns may be gone already):
         remove its map entries and inbound hooks from the record. Returns False if no
-        record exists."""
+        record exists. The key is the netns inode, which a new netns may reuse once the
+        old one is gone: with `netns_cookie` (the dead pod's), a record of another pod
+        under that key is left alone (False)."""
         with self._locked():
             rec = self.store.load(key)
             if rec is None:
+                return False
+            if netns_cookie is not None and rec.get("netns_cookie") != netns_cookie:
                 return False
             self._detach_record(key, rec)
             return True
