@@ -968,6 +968,7 @@ def probe(timeout=60):
     if res.get("plain"):
         return {"ok": True, "reuseport": False,
                 "detail": "bpf_sk_assign cannot use SO_REUSEPORT listeners (Linux < 6.5): "
-                          "the sidecar's inbound listener must not set SO_REUSEPORT"}
+                          "tc_inbound hands connections to them to sk_lookup (Linux 5.9) "
+                          "instead"}
     return {"ok": False, "reuseport": False,
             "detail": "bpf_sk_assign did not hand a connection to the listener"}
