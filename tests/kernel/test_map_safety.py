@@ -277,3 +277,41 @@ def test_inbound_sk_lookup_path_never_reaches_the_app_without_the_sidecar():
             assert "error" in out, out
         finally:
             icp.cleanup()
+
+
+# Binds (not listens) a socket with SO_REUSEPORT on the sidecar's inbound address: this
+# succeeds only if the listener already there has SO_REUSEPORT too (same uid).
+JOIN_REUSEPORT = r"""
+import socket
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", 15006))
+s.close()
+"""
+
+
+def test_envoy_reuseport_inbound_listener_through_sk_lookup():
+    with Sandbox(name="sklenv") as sb:
+        pb, pc = sb.add_pod("b"), sb.add_pod("c")
+        env = pb.start_envoy()
+        pb.start_http_server(8080)
+        # Envoy's inbound listener uses SO_REUSEPORT (its default), which bpf_sk_assign
+        # refuses before Linux 6.5
+        r = pb.exec([sys.executable, "-c", JOIN_REUSEPORT], uid=1337)
+        assert r.returncode == 0, r.stderr
+        icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
+                              inbound_sk_lookup=True)
+        try:
+            icp.attach(pb.pod, InterceptConfig())
+            before = env.stats().get("tcp.inbound.downstream_cx_total", 0)
+            for ip, host, src in ((pb.ip4, pb.ip4, "127.0.0.6"), (pb.ip6, f"[{pb.ip6}]", "::6")):
+                r = pc.exec(["curl", "-sS", "-m", "10", f"http://{host}:8080/x"], check=True)
+                reply = json.loads(r.stdout)
+                # the app got it from Envoy's inbound passthrough, on the port dialled
+                assert reply["peer"][0].replace("::ffff:", "") == src, reply
+                assert reply["local"][0].replace("::ffff:", "") == ip and reply["local"][1] == 8080
+            assert env.stats()["tcp.inbound.downstream_cx_total"] - before == 2
+            assert icp.status()["counters"]["inbound_sk_lookup"] == 2
+        finally:
+            icp.cleanup()
