@@ -315,3 +315,56 @@ def test_envoy_reuseport_inbound_listener_through_sk_lookup():
             assert icp.status()["counters"]["inbound_sk_lookup"] == 2
         finally:
             icp.cleanup()
+
+
+# `n` connections whose app end closes at once while the sidecar's end stays open and never
+# asks: their pairs entries stay (the sidecar's close removes them). Then one more, whose
+# SO_ORIGINAL_DST the sidecar asks for. Prints that answer (or the error), and the answer
+# for a plain loopback connection to another port of the pod (conntrack's: its own).
+LINGER = r"""
+import errno, json, socket, struct, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def listener(p):
+    l = socket.socket()
+    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    l.bind(("127.0.0.1", p))
+    l.listen(64)
+    l.settimeout(5)
+    return l
+def ask(a):
+    try:
+        raw = a.getsockopt(socket.SOL_IP, 80, 16)
+        return "%s:%d" % (socket.inet_ntoa(raw[4:8]), struct.unpack("!H", raw[2:4])[0])
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+lst, other = listener(15001), listener(9100)
+held = []
+for _ in range(n):
+    s = socket.create_connection((host, port), timeout=5)
+    held.append(lst.accept()[0])
+    s.close()
+s = socket.create_connection((host, port), timeout=5)
+out = {"last": ask(lst.accept()[0])}
+s2 = socket.create_connection(("127.0.0.1", 9100), timeout=5)
+out["loopback"] = ask(other.accept()[0])
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_full_pairs_never_answer_the_sidecars_own_address(monkeypatch):
+    monkeypatch.setenv("MESHBPF_MAX_CONNS", "2")          # pairs: 4 entries
+    with Sandbox(name="pairs") as sb:
+        s, a = sb.add_pod("s"), sb.add_pod("a")
+        icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
+                              pod_conn_limit=2)
+        try:
+            icp.attach(a.pod, InterceptConfig())
+            r = a.exec([sys.executable, "-c", LINGER, s.ip4, "8080", "4"], timeout=60)
+            assert r.returncode == 0, r.stderr
+            out = json.loads(r.stdout)
+            assert icp.status()["counters"]["pairs_full"] == 1
+            # no answer for the unrecorded one, never 127.0.0.1:15001 (the sidecar itself)
+            assert out["last"] in ("ENOENT", "ENOPROTOOPT"), out
+            assert out["loopback"] == "127.0.0.1:9100", out
+        finally:
+            icp.cleanup()
