@@ -11,6 +11,8 @@
 """
 
 import json
+import os
+import subprocess
 import sys
 import time
 
@@ -93,6 +95,10 @@ def _serve(pod, port, *extra):
     p = pod.spawn([sys.executable, "-c", SERVER, str(port), *extra], label=f"srv{port}")
     pod.wait_port(port, listening=True, proc=p)
     return p
+
+
+def _run(cmd):
+    return subprocess.run(cmd, capture_output=True).returncode
 
 
 def _connect(client, host, port):
@@ -368,3 +374,47 @@ def test_full_pairs_never_answer_the_sidecars_own_address(monkeypatch):
             assert out["loopback"] == "127.0.0.1:9100", out
         finally:
             icp.cleanup()
+
+
+# As the proxy (uid 1337, never redirected): once `go` exists, a pod-address connection
+# to host:port; prints the server's reply line.
+PROXY_CLIENT = r"""
+import os, socket, sys, time
+host, port, go = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+while not os.path.exists(go):
+    time.sleep(0.05)
+s = socket.create_connection((host, port), timeout=5)
+print(s.makefile().readline().strip(), flush=True)
+"""
+
+
+def test_only_the_owner_of_an_address_splices_pod_address_connections():
+    """X's netns name goes while a process keeps the netns alive: meshbpf takes X as gone
+    and Y takes its address over. X still has sockets with that address, whose splice key
+    (pod addresses, netns 0) is Y's to use: X's end must stay out of the SOCKHASH."""
+    with Sandbox(name="splown") as sb:
+        s, x = sb.add_pod("s"), sb.add_pod("x")
+        _serve(s, 15006)                          # S is meshed: its inbound sidecar
+        go = os.path.join(x.tmpdir, "go")
+        proc = x.spawn([sys.executable, "-c", PROXY_CLIENT, s.ip4, "8080", go], uid=1337,
+                       label="proxy-client")
+        icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+        try:
+            icp.attach(s.pod, InterceptConfig())
+            icp.attach(x.pod, InterceptConfig())
+            # X's name goes; its netns lives on in proxy-client
+            assert _run(["ip", "netns", "del", x.netns_name]) == 0
+            y = sb.add_pod("y", ip4=x.ip4)
+            assert _run(["ip", "-n", y.netns_name, "link", "set", "eth0", "down"]) == 0
+            icp.attach(y.pod, InterceptConfig())  # takes X's address over
+            before = icp.status()["counters"]["sockhash_add"]
+            open(go, "w").close()
+            assert proc.wait(timeout=30) == 0, proc.output()
+            assert json.loads(proc.output().strip().splitlines()[-1])["server"] == 15006
+            # S's end (its own address, a registered peer) went in; X's did not: nothing
+            # can redirect bytes to X's socket by a key Y owns
+            assert icp.status()["counters"]["sockhash_add"] - before == 1
+        finally:
+            proc.stop()
+            icp.cleanup()
+
