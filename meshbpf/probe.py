@@ -67,7 +67,10 @@ FEATURES = (
             DEGRADES, "steer inbound connections to a SO_REUSEPORT listener (Envoy's default) "
             "from tc; without it they go through sk_lookup",
             "the sidecar's inbound listener must not use SO_REUSEPORT",
-            covered_by=("sk_lookup",)),
+            covered_by=("sk_lookup_reuseport",)),
+    Feature("sk_lookup_reuseport", "sk_lookup to SO_REUSEPORT listeners", (5, 9), INFO,
+            "hand inbound connections to a SO_REUSEPORT listener where bpf_sk_assign cannot "
+            "(tried for real: tc_inbound leaving the SYN to mb_sk_lookup)"),
     Feature("sock_ops", "sock_ops programs", (4, 13), REQUIRED,
             "see connections become established (splicing and original-destination bookkeeping)"),
     Feature("sockmap", "SOCKMAP maps", (4, 14), INFO,
@@ -203,7 +206,7 @@ def inbound_reuseport(results, assume_kernel=None):
     results = apply_assumption(results, assume_kernel)
     if _ok(results, "tc_sk_assign_reuseport"):
         return "sk_assign"
-    if _ok(results, "sk_lookup"):
+    if _ok(results, "sk_lookup_reuseport"):
         return "sk_lookup"
     return None
 
@@ -497,7 +500,8 @@ class _Prober:
         if self._inbound is None:
             ok, detail = check_bcc()
             if not ok:
-                self._inbound = {"ok": False, "reuseport": False, "detail": f"not tried: {detail}"}
+                self._inbound = {"ok": False, "reuseport": False, "sk_lookup_reuseport": False,
+                                 "detail": f"not tried: {detail}"}
             else:
                 from .ebpf import inbound
                 self._inbound = inbound.probe()
@@ -510,6 +514,10 @@ class _Prober:
     def check_tc_sk_assign_reuseport(self):
         res = self._inbound_probe()
         return res["reuseport"], res["detail"]
+
+    def check_sk_lookup_reuseport(self):
+        res = self._inbound_probe()
+        return bool(res.get("sk_lookup_reuseport")), res["detail"]
 
     def check_kernel_headers(self):
         return check_kernel_headers()

@@ -900,7 +900,7 @@ from bcc import BPF
 from pyroute2 import IPRoute
 sys.path.insert(0, sys.argv[1])
 from meshbpf import bpfsys
-from meshbpf.ebpf import inbound
+from meshbpf.ebpf import inbound, structs
 bpf_dir = os.path.join(sys.argv[1], "bpf")
 text = open(os.path.join(bpf_dir, "meshbpf.h")).read() + re.sub(
     r'^\s*#include\s+"meshbpf\.h"\s*$', "", open(os.path.join(bpf_dir, "tc_inbound.c")).read(),
@@ -933,6 +933,51 @@ for name, reuse in (("plain", False), ("reuseport", True)):
         out[name] = False
     c.close()
     srv.close()
+# The path for SO_REUSEPORT listeners that bpf_sk_assign refuses (Linux < 6.5): tc marks
+# the SYN and mb_sk_lookup, linked in this netns, assigns the listener from
+# capture_listeners. Forced (NODE_F_INBOUND_SK_LOOKUP) so it is tried on every kernel.
+try:
+    text2 = text + re.sub(r'^\s*#include\s+"meshbpf\.h"\s*$', "",
+                          open(os.path.join(bpf_dir, "sk_lookup.c")).read(), flags=re.M)
+    b2 = BPF(text=text2.encode(), cflags=["-Wno-comment"])
+    fn2 = b2.load_func(b"tc_inbound_ingress", BPF.SCHED_CLS)
+    skl = b2.load_func(b"mb_sk_lookup", bpfsys.BPF_PROG_TYPE_SK_LOOKUP,
+                       attach_type=bpfsys.BPF_SK_LOOKUP)
+    nsfd = os.open("/proc/self/ns/net", os.O_RDONLY)
+    link = bpfsys.link_create(skl.fd, nsfd, bpfsys.BPF_SK_LOOKUP)
+    with IPRoute() as ipr:
+        inbound._add_filter(ipr, lo, inbound.TC_INGRESS_PARENT, fn2.fd)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little")  # SO_NETNS_COOKIE
+    s.close()
+    bpfsys.map_update_elem(b2[b"node_cfg"].map_fd, (0).to_bytes(4, "little"),
+                           (2).to_bytes(4, "little") + bytes(4))   # NODE_F_INBOUND_SK_LOOKUP
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    cap = srv.getsockname()[1]
+    key = inbound.pod_key("127.0.0.1")
+    bpfsys.map_update_elem(b2[b"inbound_pods"].map_fd, key, inbound.pod_value(
+        inbound.InboundPolicy(cap, True), sk_lookup=True))
+    bpfsys.map_update_elem(b2[b"inbound_netns"].map_fd, key, cookie.to_bytes(8, "little"))
+    from bcc import libbcc                     # bcc's Python has no SOCKHASH type
+    bpfsys.map_update_elem(libbcc.lib.bpf_table_fd(b2.module, b"capture_listeners"),
+                           inbound.listener_key(cookie, cap, inbound.AF_INET),
+                           inbound.LISTENER_VAL.pack(srv.fileno()))
+    c = socket.socket()
+    c.settimeout(2)
+    try:
+        c.connect(("127.0.0.1", 9))
+        a, _ = srv.accept()
+        # and it went that way, not through bpf_sk_assign (which 6.5+ would also manage)
+        via = sum(b2[b"counters"][structs.COUNTERS.index("inbound_sk_lookup")])
+        out["sk_lookup_reuseport"] = a.getsockname()[1] == 9 and via > 0
+    except OSError:
+        out["sk_lookup_reuseport"] = False
+except Exception as e:  # noqa: BLE001 - no sk_lookup here: reported, not raised
+    out["sk_lookup_reuseport"] = False
+    out["sk_lookup_error"] = str(e).strip().splitlines()[-1][:200] if str(e).strip() else repr(e)
 print(json.dumps(out))
 """
 
@@ -943,7 +988,11 @@ def probe(timeout=60):
     to a listener on another port, once plain and once with SO_REUSEPORT (what Envoy
     uses; bpf_sk_assign accepts those only since Linux 6.5).
 
-    Returns {"ok": bool, "reuseport": bool, "detail": str}.
+    Then the path such listeners take where bpf_sk_assign refuses them (Linux < 6.5): tc
+    leaves the SYN to mb_sk_lookup, linked in that netns, which assigns a SO_REUSEPORT
+    listener ("sk_lookup_reuseport").
+
+    Returns {"ok": bool, "reuseport": bool, "sk_lookup_reuseport": bool, "detail": str}.
     """
     import json
     import os
@@ -954,21 +1003,27 @@ def probe(timeout=60):
         proc = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", _PROBE, repo],
                               capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
-        return {"ok": False, "reuseport": False, "detail": f"the probe could not run: {e}"}
+        return {"ok": False, "reuseport": False, "sk_lookup_reuseport": False,
+                "detail": f"the probe could not run: {e}"}
     try:
         res = json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         err = (proc.stderr or proc.stdout).strip().splitlines()
-        return {"ok": False, "reuseport": False,
+        return {"ok": False, "reuseport": False, "sk_lookup_reuseport": False,
                 "detail": "tc_inbound could not be loaded or attached: "
                           + (err[-1] if err else f"exit {proc.returncode}")}
+    skl = bool(res.get("sk_lookup_reuseport"))
+    skl_detail = ("sk_lookup handed a connection to a SO_REUSEPORT listener" if skl else
+                  "sk_lookup did not hand a connection to a SO_REUSEPORT listener"
+                  + (f" ({res['sk_lookup_error']})" if res.get("sk_lookup_error") else ""))
     if res.get("plain") and res.get("reuseport"):
-        return {"ok": True, "reuseport": True,
-                "detail": "bpf_sk_assign handed connections to plain and SO_REUSEPORT listeners"}
+        return {"ok": True, "reuseport": True, "sk_lookup_reuseport": skl,
+                "detail": "bpf_sk_assign handed connections to plain and SO_REUSEPORT "
+                          "listeners; " + skl_detail}
     if res.get("plain"):
-        return {"ok": True, "reuseport": False,
-                "detail": "bpf_sk_assign cannot use SO_REUSEPORT listeners (Linux < 6.5): "
-                          "tc_inbound hands connections to them to sk_lookup (Linux 5.9) "
-                          "instead"}
-    return {"ok": False, "reuseport": False,
+        return {"ok": True, "reuseport": False, "sk_lookup_reuseport": skl,
+                "detail": "bpf_sk_assign cannot use SO_REUSEPORT listeners (Linux < 6.5); "
+                          + skl_detail + (": tc_inbound hands such connections to it" if skl
+                                          else "")}
+    return {"ok": False, "reuseport": False, "sk_lookup_reuseport": skl,
             "detail": "bpf_sk_assign did not hand a connection to the listener"}

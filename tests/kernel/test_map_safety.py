@@ -418,3 +418,9 @@ def test_only_the_owner_of_an_address_splices_pod_address_connections():
             proc.stop()
             icp.cleanup()
 
+
+
+def test_probe_tries_the_sk_lookup_path_for_reuseport_listeners():
+    # what `meshbpf probe` reports as inbound_reuseport on kernels before 6.5 (5.9+ here)
+    res = inbound.probe()
+    assert res["ok"] and res["sk_lookup_reuseport"], res["detail"]

@@ -92,7 +92,10 @@ def test_reuseport_listeners_degrade_only_without_sk_lookup():
     results = with_missing("tc_sk_assign_reuseport")
     assert P.decide(results)[0] == "ebpf" and P.degraded(results) == []
     assert P.build_report("6.1.0", results)["inbound_reuseport"] == "sk_lookup"
-    both = with_missing("tc_sk_assign_reuseport", "sk_lookup")
+    # the fallback is tried for real: where it failed, the capability is lost
+    assert P.degraded(with_missing("tc_sk_assign_reuseport", "sk_lookup_reuseport")) == [
+        P.BY_NAME["tc_sk_assign_reuseport"].capability]
+    both = with_missing("tc_sk_assign_reuseport", "sk_lookup", "sk_lookup_reuseport")
     assert any("SO_REUSEPORT" in c for c in P.degraded(both))
     assert P.build_report("5.8.0", both)["inbound_reuseport"] is None
 
