@@ -37,7 +37,8 @@ import ipaddress
 import struct
 
 from ..config import WILDCARD
-from ..errors import ApplyError, MeshbpfError, NotFoundError, UnsupportedError, UsageError
+from ..errors import (AddressInUseError, ApplyError, MeshbpfError, NotFoundError,
+                      UnsupportedError, UsageError)
 
 PROG_INGRESS = "tc_inbound_ingress"
 PROG_SK_LOOKUP = "mb_sk_lookup"
@@ -617,7 +618,7 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto", owner_ali
     taken = [(a, o) for a, o in owners(maps, addrs).items()
              if o and o != me and (owner_alive is None or owner_alive(o))]
     if taken:
-        raise UsageError(f"pod {pod.name}: inbound address "
+        raise AddressInUseError(f"pod {pod.name}: inbound address "
                          + ", ".join(f"{a} (netns cookie {o})" for a, o in taken)
                          + " belongs to another pod that is still running; refused, nothing changed")
     skl_fd, skl_owned, skl_why = _sk_lookup_prog(maps, progs)

@@ -17,7 +17,7 @@ import types
 
 from .. import system
 from ..config import InterceptConfig
-from ..errors import ApplyError, MeshbpfError, UsageError
+from ..errors import AddressInUseError, ApplyError, MeshbpfError, UsageError
 from ..interceptor import DEFAULT_PIN_PREFIX, Interceptor
 from ..state import StateStore
 from . import loader, structs
@@ -257,9 +257,10 @@ class EbpfInterceptor(Interceptor):
         if clash:
             names = {r.get("netns_cookie"): r.get("name") for r in self.store.all()}
             what = ", ".join(f"{a} (pod {names.get(o) or o})" for a, o in clash)
-            raise UsageError(f"pod {pod.name}: its address {what} is held by another meshed "
-                             "pod that is still running; refused, nothing changed",
-                             hint="detach the other pod first, or give this pod another address")
+            raise AddressInUseError(
+                f"pod {pod.name}: its address {what} is held by another meshed pod that is "
+                "still running; refused, nothing changed",
+                hint="detach the other pod first, or give this pod another address")
 
     @staticmethod
     def _snapshot(maps, cookie, index, addresses):

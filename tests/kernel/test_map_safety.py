@@ -27,6 +27,8 @@ from meshbpf.sandbox import Sandbox
 
 pytestmark = pytest.mark.kernel
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 # Tells each client which listener answered and what both ends look like; "reuseport" puts
 # the listener in a SO_REUSEPORT group (as Envoy does by default).
 SERVER = r"""
@@ -169,6 +171,15 @@ def test_an_address_a_live_pod_holds_is_refused_and_nothing_changes():
             with pytest.raises(UsageError) as e:
                 icp.attach(b.pod, InterceptConfig())
             assert e.value.exit_code == 2 and a.ip4 in str(e.value)
+            assert _entries(sb) == before
+            # the CLI, in auto mode: the same refusal (no fallback to iptables), exit code 2
+            r = subprocess.run([sys.executable, "-m", "meshbpf", "attach", "--netns", b.netns,
+                                "--cgroup", b.cgroup, "--pin-prefix", sb.pin_prefix,
+                                "--cgroup-root", sb.cgroup_root], capture_output=True,
+                               text=True, timeout=120, env=dict(os.environ, PYTHONPATH=REPO))
+            assert r.returncode == 2 and "held by another meshed pod" in r.stderr, r.stderr
+            assert "Traceback" not in r.stderr
+            assert "ISTIO" not in b.exec(["iptables-save"]).stdout
             assert _entries(sb) == before
             assert [p["netns_cookie"] for p in icp.status()["pods"]] == [a.pod.netns_cookie]
             assert "meshbpf_inbound" not in b.exec(["tc", "filter", "show", "dev", "eth0",
