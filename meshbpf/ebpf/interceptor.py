@@ -441,6 +441,8 @@ class EbpfInterceptor(Interceptor):
             out["counters"] = maps.counters()
             ncfg = maps["node_cfg"].lookup(structs.U32(0))
             out["splice"] = bool(ncfg and ncfg.flags & structs.NODE_F_SPLICE)
+            held = ({k.value: v.value for k, v in maps["pod_conns"].items()}
+                    if maps.exists("pod_conns") else {})
             for key, pc in maps["pods"].items():
                 cookie = key.value
                 rec = records.pop(cookie, {})
@@ -448,8 +450,12 @@ class EbpfInterceptor(Interceptor):
                     "name": rec.get("name"), "netns": rec.get("netns"),
                     "netns_cookie": cookie, "config": rec.get("config"),
                     "addresses": rec.get("addresses"), "map": structs.describe_pod_struct(pc),
+                    "connections": held.get(cookie, 0),      # its use of the per-pod share
                 })
-            out["connections"] = {"orig_dst": len(maps["orig_dst"]), "pairs": len(maps["pairs"])}
+            ncfg_limit = ncfg.pod_conn_limit if ncfg is not None else 0
+            out["connections"] = {"orig_dst": len(maps["orig_dst"]), "pairs": len(maps["pairs"]),
+                                  "capacity": maps["orig_dst"].info.get("max_entries"),
+                                  "pod_limit": ncfg_limit or None}
         for rec in records.values():          # recorded but not in the map: stale
             out["pods"].append(dict(rec, stale=True))
         return out

@@ -190,6 +190,18 @@ def test_an_address_a_live_pod_holds_is_refused_and_nothing_changes():
 
 # ---- item 5: full maps ---------------------------------------------------------------------
 
+# One UDP DNS query to host:53 (captured: to the sidecar's 15053); prints "sent" or the errno.
+DNS_SEND = r"""
+import errno, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    s.sendto(b"q", (sys.argv[1], 53))
+    print("sent")
+except OSError as e:
+    print(errno.errorcode.get(e.errno, str(e.errno)))
+"""
+
+
 def _hold(pod, host, n, hold=60):
     p = pod.spawn([sys.executable, "-c", HOLDER, host, "8080", str(n), str(hold)], label="hold")
     deadline = time.monotonic() + 30
@@ -214,11 +226,14 @@ def test_full_maps_refuse_connects_count_them_and_never_answer_wrong(monkeypatch
         procs = []
         try:
             for p in (a, c, d):
-                icp.attach(p.pod, InterceptConfig())
+                icp.attach(p.pod, InterceptConfig(redirect_dns=True, capture_all_dns=True))
             # A asks for more than its share: 8 recorded, the rest refused
             pa, out_a = _hold(a, s.ip4, 12)
             procs.append(pa)
             assert out_a == [want] * 8 + ["EPERM"] * 4, out_a
+            # a captured DNS query needs a record too: refused as well, not redirected
+            r = a.exec([sys.executable, "-c", DNS_SEND, s.ip4], timeout=30)
+            assert r.stdout.strip() == "EPERM", (r.stdout, r.stderr)
             # another pod is not starved: C gets its whole share, answered right
             pc, out_c = _hold(c, s.ip4, 8)
             procs.append(pc)
@@ -227,8 +242,9 @@ def test_full_maps_refuse_connects_count_them_and_never_answer_wrong(monkeypatch
             pd, out_d = _hold(d, s.ip4, 2, hold=0)
             assert out_d == ["EPERM", "EPERM"], out_d
             st = icp.status()
-            assert st["counters"]["conn_refused"] == 6
-            assert st["connections"]["orig_dst"] == 16
+            assert st["counters"]["conn_refused"] == 7
+            assert st["connections"]["orig_dst"] == 16 and st["connections"]["capacity"] == 16
+            assert sorted(p["connections"] for p in st["pods"]) == [0, 8, 8]
             # closing gives every share back: no entry and no count leaks
             for p in procs:
                 p.stop()
