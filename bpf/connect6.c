@@ -28,7 +28,8 @@ int mb_connect6(struct bpf_sock_addr *ctx)
     int verdict = mb_should_capture(pc, ip, port, src);
     if (!verdict)
         return 1;
-    mb_remember(ctx, ip, port, v4 ? MB_AF_INET : MB_AF_INET6, verdict);
+    if (mb_remember(ctx, nc, ip, port, v4 ? MB_AF_INET : MB_AF_INET6, verdict))
+        return 0;                /* no room to record it: refuse (EPERM), never redirect */
     mb_set_ctx_loopback6(ctx, v4);
     ctx->user_port = (__u32)mb_capture_port(pc, verdict);
     return 1;

@@ -108,7 +108,14 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
          * bpf_sk_assign, so the accepted socket's local address IS the original one.
          * Only for sockets in a meshed pod; anything else is left untouched. */
         __u64 nc = bpf_get_netns_cookie(ctx);
-        if (!pods.lookup(&nc)) {
+        struct pod_config *pc = pods.lookup(&nc);
+        /* On loopback at a capture port it is a redirected connection whose pairs entry
+         * could not be recorded (pairs full): its own address would send the sidecar to
+         * itself, no answer is the safe one. (Any other socket: as conntrack answers.) */
+        __u16 lport = k.remote_port;
+        if (!pc || (mb_is_loopback(k.remote_ip) &&
+                    (lport == pc->proxy_port || lport == pc->inbound_port ||
+                     lport == pc->dns_port))) {
             mb_count(COUNTER_ORIG_DST_MISS, 1);
             return mb_pass(ctx);
         }

@@ -26,8 +26,10 @@
  *   orig_dst      connect4/6 write, getpeername4/6 read, sockops copy + delete,
  *                 sock_release delete
  *   dns_orig      sendmsg4/6 write, recvmsg4/6 read, sock_release delete (by cookie;
- *                 LRU only as a backstop on kernels without sock_release)
+ *                 LRU only on kernels without sock_release, see MB_NO_SOCK_RELEASE)
  *   pairs         sockops write/delete, getsockopt read
+ *   pod_conns     connect4/6 + sendmsg4/6 count up, sockops/sock_release count down
+ *                 (the per-pod share of orig_dst and dns_orig; see "Full maps")
  *   sock_hash     sockops insert, sk_msg redirect
  *   inbound_pods, inbound_ports   tc_inbound (see the inbound section)
  *   counters      everyone (index enum below)
@@ -42,7 +44,23 @@
 
 #define MB_MAX_IDS 8               /* proxy uids / gids / owner groups per pod */
 #define MB_MAX_PODS 16384
-#define MB_MAX_CONNS 65536
+/* Concurrent redirected connections (and captured DNS sockets) per node: 100,000 with
+ * headroom. The loader may override it (-DMB_MAX_CONNS=n, MESHBPF_MAX_CONNS) so a test can
+ * fill the maps in its own pin prefix. */
+#ifndef MB_MAX_CONNS
+#define MB_MAX_CONNS 131072
+#endif
+
+/* Full maps fail closed and never answer wrong. A connect (or DNS send) whose original
+ * destination cannot be recorded is refused (the cgroup hook returns 0: connect() and
+ * sendmsg() fail with EPERM) and counted (COUNTER_CONN_REFUSED): redirecting it without an
+ * entry would make the sidecar read its own 127.0.0.1:15001 as the original destination.
+ * One pod cannot starve the others: each pod (netns cookie) may hold at most
+ * node_cfg.pod_conn_limit entries of orig_dst + dns_orig (0: MB_MAX_CONNS / 2), counted in
+ * pod_conns, up at record time, down when the entry is deleted on close. orig_dst, pairs
+ * and dns_orig are plain hashes (no LRU: an evicted entry is a wrong answer), emptied
+ * explicitly by sockops STATE_CB (TCP_CLOSE) and cgroup/sock_release. */
+#define MB_POD_CONN_LIMIT_DEFAULT (MB_MAX_CONNS / 2)
 
 /* SO_ORIGINAL_DST (SOL_IP) and IP6T_SO_ORIGINAL_DST (SOL_IPV6) share the number 80. */
 #define MB_SO_ORIGINAL_DST 80
@@ -113,9 +131,14 @@ struct ip_key {
 };
 
 #define NODE_F_SPLICE (1u << 0)
+/* tc_inbound hands every captured SYN to sk_lookup (as it does on its own when
+ * bpf_sk_assign refuses a SO_REUSEPORT listener, Linux < 6.5): tests prove that path. */
+#define NODE_F_INBOUND_SK_LOOKUP (1u << 1)
 struct node_config {
     __u32 flags;
     __u32 splice_limit;          /* bytes a splice direction may queue unread (splice below) */
+    __u32 pod_conn_limit;        /* per-pod share of orig_dst + dns_orig; 0: the default */
+    __u32 pad;
 };
 
 /* ---- per-connection state -------------------------------------------------------------- */
@@ -158,9 +181,12 @@ enum mb_counter {
     COUNTER_DNS_REDIRECT = 15,   /* DNS queries (UDP sends, TCP connects) redirected   */
     COUNTER_DNS_REPLY = 16,      /* DNS replies given back their server's address      */
     COUNTER_REDIRECT_SELF = 17,  /* the proxy's connects to its own pod -> inbound port */
-    COUNTER_SPLICE_EXIT = 18,    /* a splice direction ran ahead of its reader: to TCP   */
-    COUNTER_SPLICE_REENTER = 19, /* ... and came back once the reader had caught up      */
-    COUNTER_SPLICE_TCP_BYTES = 20, /* bytes of spliced sockets sent over TCP meanwhile   */
+    COUNTER_CONN_REFUSED = 18,   /* connect/DNS send refused: no room to record it     */
+    COUNTER_PAIRS_FULL = 19,     /* pairs full: the sidecar gets no answer, not a wrong one */
+    COUNTER_INBOUND_SK_LOOKUP = 20, /* tc_inbound: SYN left to sk_lookup (reuseport)   */
+    COUNTER_SPLICE_EXIT = 21,    /* a splice direction ran ahead of its reader: to TCP   */
+    COUNTER_SPLICE_REENTER = 22, /* ... and came back once the reader had caught up      */
+    COUNTER_SPLICE_TCP_BYTES = 23, /* bytes of spliced sockets sent over TCP meanwhile   */
     COUNTER_MAX = 32
 };
 
@@ -171,9 +197,19 @@ BPF_HASH(port_rules, struct port_key, __u32, 65536);
 BPF_HASH(local_ips, struct ip_key, __u32, 65536);
 BPF_ARRAY(node_cfg, struct node_config, 1);
 BPF_HASH(orig_dst, __u64, struct orig_dst, MB_MAX_CONNS);
-BPF_TABLE("lru_hash", struct sock_key, struct orig_dst, pairs, MB_MAX_CONNS);
-BPF_SOCKHASH(sock_hash, struct sock_key, MB_MAX_CONNS);
+/* pairs entries can outlive orig_dst's (until the sidecar's end closes): room for both */
+BPF_HASH(pairs, struct sock_key, struct orig_dst, MB_MAX_CONNS * 2);
+BPF_SOCKHASH(sock_hash, struct sock_key, MB_MAX_CONNS * 2);
+#ifdef MB_NO_SOCK_RELEASE
+/* No cgroup/sock_release (Linux < 5.9): nothing deletes a closed UDP socket's entry, so
+ * LRU is the only way entries ever go. An evicted entry makes recvmsg leave the reply's
+ * source as the sidecar's, which resolvers drop: a retry, never a wrong server. */
 BPF_TABLE("lru_hash", __u64, struct orig_dst, dns_orig, MB_MAX_CONNS);
+#else
+BPF_HASH(dns_orig, __u64, struct orig_dst, MB_MAX_CONNS);
+#endif
+/* netns cookie -> entries of orig_dst + dns_orig the pod holds (its share, see above) */
+BPF_HASH(pod_conns, __u64, __u64, MB_MAX_PODS);
 BPF_PERCPU_ARRAY(counters, __u64, COUNTER_MAX);
 
 /* ---- splice backpressure (sk_msg.c, sockops.c) --------------------------------------------
@@ -400,18 +436,82 @@ static __always_inline __u16 mb_capture_port(struct pod_config *pc, int verdict)
     return pc->proxy_port;
 }
 
-/* Remember what the app dialled (by socket cookie) and count the redirect. */
-static __always_inline void mb_remember(void *ctx, const __u32 *ip, __u16 port, __u16 family,
-                                       int verdict)
+/* The pod's entry in pod_conns if it may record one more connection (or DNS socket), else
+ * NULL (its share is used up). Concurrent connects of one pod may overshoot the limit by
+ * the number of CPUs at most: it is a share, not an exact quota. */
+static __always_inline __u64 *mb_share(__u64 *nc)
+{
+    __u32 zero = 0;
+    struct node_config *ncfg = node_cfg.lookup(&zero);
+    __u64 limit = ncfg && ncfg->pod_conn_limit ? ncfg->pod_conn_limit
+                                               : MB_POD_CONN_LIMIT_DEFAULT;
+    __u64 init = 0;
+    pod_conns.insert(nc, &init);
+    __u64 *cnt = pod_conns.lookup(nc);
+    if (!cnt || *cnt >= limit)
+        return 0;
+    return cnt;
+}
+
+/* Give back the pod's share of a deleted entry (only the deleter that found it does). */
+static __always_inline void mb_uncharge(__u64 *nc)
+{
+    __u64 *cnt = pod_conns.lookup(nc);
+    if (cnt && *cnt)
+        __sync_fetch_and_add(cnt, -1);
+}
+
+/* Delete the socket's orig_dst entry (on close) and give back its share. */
+static __always_inline void mb_forget(__u64 *ck, __u64 *nc)
+{
+    if (orig_dst.delete(ck) == 0)
+        mb_uncharge(nc);
+}
+
+/* Remember what the app dialled (by socket cookie) and count the redirect; -1 if it
+ * cannot be remembered (the connect must then be refused, not redirected). */
+static __always_inline int mb_remember(void *ctx, __u64 nc, const __u32 *ip, __u16 port,
+                                       __u16 family, int verdict)
 {
     struct orig_dst od = {};
     mb_copy_ip(od.ip, ip);
     od.port = port;
     od.family = family;
     __u64 ck = mb_socket_cookie(ctx);
-    orig_dst.update(&ck, &od);
+    struct orig_dst *prev = orig_dst.lookup(&ck);
+    if (prev) {
+        /* the same socket connecting again (after a failed attempt): already charged */
+        __builtin_memcpy(prev, &od, sizeof(od));
+    } else {
+        __u64 *cnt = mb_share(&nc);
+        if (!cnt || orig_dst.insert(&ck, &od) != 0) {
+            mb_count(COUNTER_CONN_REFUSED, 1);
+            return -1;
+        }
+        __sync_fetch_and_add(cnt, 1);
+    }
     mb_count(verdict == MB_CAPTURE_DNS ? COUNTER_DNS_REDIRECT :
              verdict == MB_CAPTURE_INBOUND ? COUNTER_REDIRECT_SELF : COUNTER_REDIRECT_OUT, 1);
+    return 0;
+}
+
+/* sendmsg4/6: remember the DNS server a UDP socket asked (charged like a connection, once
+ * per socket); -1 if there is no room: the send must be refused, not redirected. */
+static __always_inline int mb_remember_dns(void *ctx, __u64 nc, struct orig_dst *od)
+{
+    __u64 ck = mb_socket_cookie(ctx);
+    struct orig_dst *prev = dns_orig.lookup(&ck);
+    if (prev) {
+        __builtin_memcpy(prev, od, sizeof(*od));
+        return 0;
+    }
+    __u64 *cnt = mb_share(&nc);
+    if (!cnt || dns_orig.insert(&ck, od) != 0) {
+        mb_count(COUNTER_CONN_REFUSED, 1);
+        return -1;
+    }
+    __sync_fetch_and_add(cnt, 1);
+    return 0;
 }
 
 /* ---- inbound (tc_inbound.c) -------------------------------------------------------------
@@ -439,6 +539,8 @@ struct inbound_pod_val {
     __u16 capture_port;          /* the sidecar's inbound listener (15006), network order */
     __u16 flags;                 /* INBOUND_POD_* */
     __u32 pad;
+    __u64 owner;                 /* netns cookie of the pod that wrote it (inbound.py):
+                                    only its owner deletes it and its inbound_ports */
 };
 #define INBOUND_POD_WILDCARD 1   /* ports with no inbound_ports entry are captured ('*') */
 #define INBOUND_POD_CAPTURES 2   /* the policy captures at least one port (or '*')       */

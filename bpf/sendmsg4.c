@@ -20,8 +20,8 @@ int mb_sendmsg4(struct bpf_sock_addr *ctx)
     mb_copy_ip(od.ip, ip);
     od.port = MB_DNS_PORT_BE;
     od.family = MB_AF_INET;
-    __u64 ck = mb_socket_cookie(ctx);
-    dns_orig.update(&ck, &od);
+    if (mb_remember_dns(ctx, nc, &od))
+        return 0;                /* no room to record it: refuse (EPERM), never redirect */
     ctx->user_ip4 = bpf_htonl(0x7f000001);
     ctx->user_port = (__u32)pc->dns_port;
     mb_count(COUNTER_DNS_REDIRECT, 1);

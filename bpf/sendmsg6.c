@@ -21,8 +21,8 @@ int mb_sendmsg6(struct bpf_sock_addr *ctx)
     mb_copy_ip(od.ip, ip);
     od.port = MB_DNS_PORT_BE;
     od.family = v4 ? MB_AF_INET : MB_AF_INET6;
-    __u64 ck = mb_socket_cookie(ctx);
-    dns_orig.update(&ck, &od);
+    if (mb_remember_dns(ctx, nc, &od))
+        return 0;                /* no room to record it: refuse (EPERM), never redirect */
     mb_set_ctx_loopback6(ctx, v4);
     ctx->user_port = (__u32)pc->dns_port;
     mb_count(COUNTER_DNS_REDIRECT, 1);

@@ -11,7 +11,10 @@
  * in the established hash and inet_ehash_insert() drops it, on every retransmit, until the
  * TIME_WAIT expires (60 s). tc marks such a SYN's 4-tuple in `inbound_tw` and lets it pass;
  * tcp_v4_rcv/tcp_v6_rcv (TCP_TW_SYN) deschedule the TIME_WAIT and look up a listener, which
- * runs this program.
+ * runs this program. tc marks a SYN the same way when bpf_sk_assign refuses the capture
+ * listener because it is in a SO_REUSEPORT group (Linux < 6.5; Envoy listens so by default)
+ * or node_cfg forces this path (NODE_F_INBOUND_SK_LOOKUP): the kernel's ordinary listener
+ * lookup then runs this program, whose assignment is reuseport-aware.
  *
  * What it does: a TCP lookup whose 4-tuple tc marked (within INBOUND_TW_MAX_AGE_NS) consumes
  * the mark and gets the pod's capture listener: `capture_listeners` keyed by the pod's netns

@@ -8,7 +8,9 @@
 int mb_sock_release(struct bpf_sock *sk)
 {
     __u64 ck = mb_socket_cookie(sk);
-    orig_dst.delete(&ck);
-    dns_orig.delete(&ck);
+    __u64 nc = bpf_get_netns_cookie(sk);
+    mb_forget(&ck, &nc);
+    if (dns_orig.delete(&ck) == 0)
+        mb_uncharge(&nc);
     return 1;
 }

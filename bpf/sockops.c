@@ -58,7 +58,8 @@ static __always_inline void mb_established(struct bpf_sock_ops *skops)
         mb_copy_ip(copy.ip, o->ip);
         copy.port = o->port;
         copy.family = o->family;
-        pairs.update(&k, &copy);
+        if (pairs.update(&k, &copy) != 0)
+            mb_count(COUNTER_PAIRS_FULL, 1);   /* getsockopt answers nothing, not 15001 */
         mb_want_state_cb(skops);
     }
     if (!pc)
@@ -74,6 +75,14 @@ static __always_inline void mb_established(struct bpf_sock_ops *skops)
         mb_copy_ip(rk.ip, k.remote_ip);
         if (!local_ips.lookup(&rk))
             return;              /* remote peer: normal path */
+        /* Pod-IP keys carry no netns, so only the registered owner of the local address
+         * may put one in (a pod using an address another pod is enrolled with, e.g. an
+         * overlapping address on an isolated secondary network, is not spliced). */
+        struct ip_key lk = {};
+        mb_copy_ip(lk.ip, k.local_ip);
+        __u32 *owner = local_ips.lookup(&lk);
+        if (!owner || *owner != pc->pod_index)
+            return;
     }
     /* bcc rewrites map.sock_hash_update(...) into a statement ending in ';' */
     long err = sock_hash.sock_hash_update(skops, &k, BPF_ANY);
@@ -105,8 +114,8 @@ static __always_inline void mb_ops_publish_copied(struct bpf_sock_ops *skops)
 static __always_inline void mb_closed(struct bpf_sock_ops *skops)
 {
     __u64 ck = mb_socket_cookie(skops);
-    orig_dst.delete(&ck);
     __u64 nc = bpf_get_netns_cookie(skops);
+    mb_forget(&ck, &nc);
     struct sock_key k = {};
     if (mb_ops_key(skops, &k, nc) < 0)
         return;

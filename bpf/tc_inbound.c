@@ -21,6 +21,10 @@
  *      it and every reply carries the original source port by construction. No
  *      per-connection map, no checksum update, no egress program: CHECKSUM_PARTIAL and
  *      GSO/GRO packets (usual on veth) are handled because no byte changes.
+ *      When bpf_sk_assign refuses the listener (a SO_REUSEPORT one before Linux 6.5, Envoy's
+ *      default), or node_cfg says NODE_F_INBOUND_SK_LOOKUP, the 4-tuple is marked in
+ *      `inbound_tw` and the packet continues: the kernel's listener lookup runs sk_lookup,
+ *      which assigns the capture listener, reuseport group included (sk_lookup.c).
  *   3. No listener on the capture port (the sidecar is not up yet): the packet is
  *      dropped, never delivered to the app behind the sidecar's back; the client's SYN
  *      retransmission connects once the sidecar listens.
@@ -71,6 +75,17 @@
  * reach the app around the sidecar) or an IPv6 header chain longer than it walks. TCP
  * never needs either (it sizes segments to the path MTU), so such packets are dropped;
  * anything not addressed to a captured pod passes. */
+/* Leave the packet to the kernel's listener lookup, where mb_sk_lookup (linked in the pod's
+ * netns) consumes the mark and picks the capture listener: the TIME_WAIT path, and the
+ * path for SO_REUSEPORT capture listeners that bpf_sk_assign refuses before Linux 6.5
+ * (sk_lookup's assignment is reuseport-aware since 5.9). */
+static __always_inline int mbi_to_sk_lookup(struct inbound_tw_key *tk)
+{
+    __u64 now = bpf_ktime_get_ns();
+    inbound_tw.update(tk, &now);
+    return TC_ACT_OK;
+}
+
 static __always_inline int mbi_unsteerable(struct inbound_pod_key *pk)
 {
     struct inbound_pod_val *pod = inbound_pods.lookup(pk);
@@ -166,6 +181,14 @@ int tc_inbound_ingress(struct __sk_buff *skb)
         tuple.ipv6.sport = ports[0];
         tuple.ipv6.dport = ports[1];
     }
+    struct inbound_tw_key tk = {};           /* the 4-tuple as mb_sk_lookup sees it */
+    __builtin_memcpy(tk.local_ip, pk.ip, sizeof(tk.local_ip));
+    if (tuple_len == sizeof(tuple.ipv4))
+        mb_map4(tk.remote_ip, tuple.ipv4.saddr);
+    else
+        __builtin_memcpy(tk.remote_ip, tuple.ipv6.saddr, sizeof(tk.remote_ip));
+    tk.local_port = ports[1];
+    tk.remote_port = ports[0];
 
     /* 1. A socket already owns this 4-tuple: let the normal lookup deliver it. */
     struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &tuple, tuple_len, BPF_F_CURRENT_NETNS, 0);
@@ -181,18 +204,8 @@ int tc_inbound_ingress(struct __sk_buff *skb)
              * app's listener: assign then (old behaviour, the connection waits for the
              * TIME_WAIT to expire). */
             if (pod_flags & INBOUND_POD_SK_LOOKUP) {
-                struct inbound_tw_key tk = {};
-                __builtin_memcpy(tk.local_ip, pk.ip, sizeof(tk.local_ip));
-                if (tuple_len == sizeof(tuple.ipv4))
-                    mb_map4(tk.remote_ip, tuple.ipv4.saddr);
-                else
-                    __builtin_memcpy(tk.remote_ip, tuple.ipv6.saddr, sizeof(tk.remote_ip));
-                tk.local_port = ports[1];
-                tk.remote_port = ports[0];
-                __u64 now = bpf_ktime_get_ns();
-                inbound_tw.update(&tk, &now);
                 mb_count(COUNTER_REDIRECT_IN, 1);
-                return TC_ACT_OK;
+                return mbi_to_sk_lookup(&tk);
             }
         } else if (state != BPF_TCP_LISTEN) {
             return TC_ACT_OK;
@@ -226,10 +239,22 @@ int tc_inbound_ingress(struct __sk_buff *skb)
         bpf_sk_release(sk);
         goto no_listener;
     }
-    long err = bpf_sk_assign(skb, sk, 0);
+    __u32 zero = 0;
+    struct node_config *ncfg = node_cfg.lookup(&zero);
+    int forced = ncfg && (ncfg->flags & NODE_F_INBOUND_SK_LOOKUP);
+    long err = forced ? -1 : bpf_sk_assign(skb, sk, 0);
     bpf_sk_release(sk);
-    if (err)
-        goto no_listener;
+    if (err) {
+        /* bpf_sk_assign refuses SO_REUSEPORT listeners before Linux 6.5 (Envoy's default):
+         * hand the SYN (or a syncookie ACK) to sk_lookup, which can (mbi_to_sk_lookup). */
+        if (!(pod_flags & INBOUND_POD_SK_LOOKUP))
+            goto no_listener;
+        if (syn) {
+            mb_count(COUNTER_REDIRECT_IN, 1);
+            mb_count(COUNTER_INBOUND_SK_LOOKUP, 1);
+        }
+        return mbi_to_sk_lookup(&tk);
+    }
     if (syn)
         mb_count(COUNTER_REDIRECT_IN, 1);
     return TC_ACT_OK;

@@ -25,6 +25,13 @@ class UsageError(MeshbpfError):
     exit_code = 2
 
 
+class AddressInUseError(UsageError):
+    """The pod's address is held by another live meshed pod. Refused in every mode: `auto`
+    does not fall back to iptables, so nothing changes for either pod."""
+
+    no_fallback = True
+
+
 class NotFoundError(MeshbpfError):
     """A named netns, cgroup, pid or pod does not exist."""
 

@@ -33,7 +33,7 @@ def attach(pod, config, mode="auto", assume_kernel=None, **kw):
     try:
         record = get_interceptor(chosen, **_for(chosen, kw)).attach(pod, config)
     except MeshbpfError as e:
-        if mode != "auto" or chosen != "ebpf":
+        if mode != "auto" or chosen != "ebpf" or getattr(e, "no_fallback", False):
             raise
         fallback = f"eBPF attach failed ({e}); fell back to iptables"
         log.warning("%s: %s", pod.name, fallback)

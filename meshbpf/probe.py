@@ -50,6 +50,7 @@ class Feature:
     enables: str = ""          # "needed to <enables>"
     capability: str = None     # what DEGRADES features take away when absent
     fix: str = None            # how an operator gets it (non-kernel items)
+    covered_by: tuple = ()     # DEGRADES: features that do its job when it is absent
 
 
 FEATURES = (
@@ -60,9 +61,16 @@ FEATURES = (
             "see docs/inbound.md)"),
     Feature("tc_sk_assign", "bpf_sk_assign from tc", (5, 7), REQUIRED,
             "hand inbound connections to the sidecar's capture listener"),
+    # Without it tc_inbound hands such SYNs to sk_lookup (5.9), which is reuseport-aware:
+    # only a kernel with neither loses the capability.
     Feature("tc_sk_assign_reuseport", "bpf_sk_assign to SO_REUSEPORT listeners", (6, 5),
-            DEGRADES, "steer inbound connections to a SO_REUSEPORT listener (Envoy's default)",
-            "the sidecar's inbound listener must not use SO_REUSEPORT"),
+            DEGRADES, "steer inbound connections to a SO_REUSEPORT listener (Envoy's default) "
+            "from tc; without it they go through sk_lookup",
+            "the sidecar's inbound listener must not use SO_REUSEPORT",
+            covered_by=("sk_lookup_reuseport",)),
+    Feature("sk_lookup_reuseport", "sk_lookup to SO_REUSEPORT listeners", (5, 9), INFO,
+            "hand inbound connections to a SO_REUSEPORT listener where bpf_sk_assign cannot "
+            "(tried for real: tc_inbound leaving the SYN to mb_sk_lookup)"),
     Feature("sock_ops", "sock_ops programs", (4, 13), REQUIRED,
             "see connections become established (splicing and original-destination bookkeeping)"),
     Feature("sockmap", "SOCKMAP maps", (4, 14), INFO,
@@ -187,9 +195,23 @@ def degraded(results, assume_kernel=None):
     results = apply_assumption(results, assume_kernel)
     caps = []
     for f in FEATURES:
+        if f.covered_by and all(_ok(results, n) for n in f.covered_by):
+            continue
         if f.role == DEGRADES and not _ok(results, f.name) and f.capability not in caps:
             caps.append(f.capability)
     return caps
+
+
+def inbound_reuseport(results, assume_kernel=None):
+    """How inbound connections reach a SO_REUSEPORT capture listener (pure): "sk_assign"
+    (tc assigns them, Linux 6.5+), "sk_lookup" (tc leaves them to the pod's sk_lookup
+    program, 5.9+), or None (they cannot: the listener must not use SO_REUSEPORT)."""
+    results = apply_assumption(results, assume_kernel)
+    if _ok(results, "tc_sk_assign_reuseport"):
+        return "sk_assign"
+    if _ok(results, "sk_lookup_reuseport"):
+        return "sk_lookup"
+    return None
 
 
 def decide(results, assume_kernel=None):
@@ -245,6 +267,7 @@ def build_report(kernel, results, assume_kernel=None):
         "mode": mode,
         "reason": reason,
         "degraded": degraded(results) if mode == "ebpf" else [],
+        "inbound_reuseport": inbound_reuseport(results),
     }
 
 
@@ -272,6 +295,12 @@ def render_text(report):
     lines.append(f"mode: {report['mode']} — {report['reason']}")
     if report.get("degraded"):
         lines.append("degraded: " + "; ".join(report["degraded"]))
+    if report["mode"] == "ebpf" and "inbound_reuseport" in report:
+        lines.append("inbound to SO_REUSEPORT listeners: " + {
+            "sk_assign": "assigned by tc (bpf_sk_assign)",
+            "sk_lookup": "through sk_lookup (bpf_sk_assign refuses them before Linux 6.5)"}.get(
+                report["inbound_reuseport"], "not possible: the sidecar's inbound listener "
+                "must not use SO_REUSEPORT"))
     return "\n".join(lines)
 
 
@@ -490,7 +519,8 @@ class _Prober:
         if self._inbound is None:
             ok, detail = check_bcc()
             if not ok:
-                self._inbound = {"ok": False, "reuseport": False, "detail": f"not tried: {detail}"}
+                self._inbound = {"ok": False, "reuseport": False, "sk_lookup_reuseport": False,
+                                 "detail": f"not tried: {detail}"}
             else:
                 from .ebpf import inbound
                 self._inbound = inbound.probe()
@@ -503,6 +533,10 @@ class _Prober:
     def check_tc_sk_assign_reuseport(self):
         res = self._inbound_probe()
         return res["reuseport"], res["detail"]
+
+    def check_sk_lookup_reuseport(self):
+        res = self._inbound_probe()
+        return bool(res.get("sk_lookup_reuseport")), res["detail"]
 
     def check_kernel_headers(self):
         return check_kernel_headers()

@@ -43,6 +43,7 @@ import contextlib
 import ctypes
 import errno
 import itertools
+import ipaddress
 import os
 import re
 import shutil
@@ -328,7 +329,7 @@ class HAProxy:
 class SandboxPod:
     """A pod of a sandbox: netns + eth0 on the node bridge + addresses + cgroup leaf."""
 
-    def __init__(self, sandbox, name, index):
+    def __init__(self, sandbox, name, index, ip4=None, ip6=None):
         self.sandbox = sandbox
         self.name = name
         self.index = index
@@ -336,6 +337,7 @@ class SandboxPod:
         self.netns = os.path.join(NETNS_DIR, self.netns_name)
         self.cgroup = os.path.join(sandbox.cgroup_root, name)
         self.ip4, self.ip6 = pod_addresses(index)
+        self.ip4, self.ip6 = ip4 or self.ip4, ip6 or self.ip6
         self.userns_base = USERNS_BASE + (index - 1) * USERNS_SIZE
         self._userns_holder = None
         self.ifname = POD_IFNAME
@@ -718,15 +720,24 @@ class Sandbox:
             raise
         return self
 
-    def add_pod(self, name):
-        """Create pod `name` (netns, veth on br0, addresses, cgroup leaf)."""
+    def add_pod(self, name, ip4=None, ip6=None):
+        """Create pod `name` (netns, veth on br0, addresses, cgroup leaf). Its addresses are
+        the next free pair (pod_addresses) unless `ip4`/`ip6` choose them, e.g. another
+        pod's, to reuse an address. Chosen ones must lie in the sandbox's ranges."""
         if not self._up:
             raise MeshbpfError("the sandbox is not started (use `with Sandbox() as sb`)")
         if not _NAME_RE.match(name or "") or name == "node":
             raise UsageError(f"pod name {name!r} must be short lowercase letters/digits (not 'node')")
         if name in self.pods:
             raise UsageError(f"pod {name!r} already exists in sandbox {self.id}")
-        pod = SandboxPod(self, name, self._next_index)
+        for ip, net in ((ip4, IPV4_NET), (ip6, IPV6_NET)):
+            try:
+                inside = ip is None or ipaddress.ip_address(ip) in ipaddress.ip_network(net)
+            except ValueError:
+                inside = False
+            if not inside:
+                raise UsageError(f"pod address {ip!r} must be an address in {net}")
+        pod = SandboxPod(self, name, self._next_index, ip4=ip4, ip6=ip6)
         self._next_index += 1
         self.pods[name] = pod
         try:

@@ -37,7 +37,8 @@ import ipaddress
 import struct
 
 from ..config import WILDCARD
-from ..errors import ApplyError, MeshbpfError, NotFoundError, UnsupportedError, UsageError
+from ..errors import (AddressInUseError, ApplyError, MeshbpfError, NotFoundError,
+                      UnsupportedError, UsageError)
 
 PROG_INGRESS = "tc_inbound_ingress"
 PROG_SK_LOOKUP = "mb_sk_lookup"
@@ -54,7 +55,8 @@ INBOUND_PORT_CAPTURE = 1
 INBOUND_PORT_BYPASS = 2
 INBOUND_POD_SK_LOOKUP = 4
 POD_KEY = struct.Struct("!16s")         # struct inbound_pod_key { __u32 ip[4]; }
-POD_VAL = struct.Struct("=2sHI")        # { __u16 capture_port (net); __u16 flags; __u32 pad; }
+POD_VAL = struct.Struct("=2sHIQ")       # { __u16 capture_port (net); __u16 flags; __u32 pad;
+                                        #   __u64 owner (netns cookie) }
 PORT_KEY = struct.Struct("=16s2sH")     # { __u32 ip[4]; __u16 port (net); __u16 pad; }
 PORT_VAL = struct.Struct("=I")          # __u32 action
 NETNS_VAL = struct.Struct("=Q")         # inbound_netns[inbound_pod_key] = __u64 netns cookie
@@ -137,13 +139,19 @@ def pod_key(ip):
     return POD_KEY.pack(ip_key(ip))
 
 
-def pod_value(policy, sk_lookup=False):
+def pod_value(policy, sk_lookup=False, owner=0):
     """inbound_pods value; `sk_lookup`: mb_sk_lookup is linked in the pod's netns (tc then
-    leaves SYNs that meet a TIME_WAIT to the kernel's TIME_WAIT path)."""
+    leaves SYNs that meet a TIME_WAIT to the kernel's TIME_WAIT path); `owner`: the netns
+    cookie of the pod the entry belongs to (only its owner removes it)."""
     flags = (INBOUND_POD_WILDCARD if policy.wildcard else 0) | \
         (INBOUND_POD_CAPTURES if policy.wildcard or policy.capture else 0) | \
         (INBOUND_POD_SK_LOOKUP if sk_lookup else 0)
-    return POD_VAL.pack(struct.pack("!H", policy.capture_port), flags, 0)
+    return POD_VAL.pack(struct.pack("!H", policy.capture_port), flags, 0, owner)
+
+
+def pod_owner(raw):
+    """The owner (netns cookie) of an inbound_pods value; 0 if unknown."""
+    return POD_VAL.unpack(raw)[3]
 
 
 def netns_entries(pod_keys, netns_cookie):
@@ -196,7 +204,7 @@ def port_value(action):
 
 
 def decode_pod_value(raw):
-    port, flags, _ = POD_VAL.unpack(raw)
+    port, flags, _, _ = POD_VAL.unpack(raw)
     return {"capture_port": struct.unpack("!H", port)[0],
             "wildcard": bool(flags & INBOUND_POD_WILDCARD),
             "captures": bool(flags & INBOUND_POD_CAPTURES)}
@@ -212,18 +220,18 @@ def _ip_from_key(ip16):
     return ip.ipv4_mapped or ip
 
 
-def policy_entries(policy, addresses, sk_lookup=False):
+def policy_entries(policy, addresses, sk_lookup=False, owner=0):
     """The map entries for a pod with `policy` and IPs `addresses`.
 
     Returns {map name: {key bytes: value bytes}}: one inbound_pods entry per pod IP and
     one inbound_ports entry per (IP, listed port). Link-local and loopback addresses are
-    not pod IPs and are skipped. `sk_lookup`: see pod_value.
+    not pod IPs and are skipped. `sk_lookup`, `owner`: see pod_value.
     """
     pods, ports = {}, {}
     for ip in sorted({ipaddress.ip_address(a) for a in addresses}, key=lambda a: (a.version, a)):
         if ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast:
             continue
-        pods[pod_key(ip)] = pod_value(policy, sk_lookup)
+        pods[pod_key(ip)] = pod_value(policy, sk_lookup, owner)
         for port in policy.capture:
             ports[port_key(ip, port)] = port_value(INBOUND_PORT_CAPTURE)
         for port in policy.bypass:
@@ -568,7 +576,19 @@ def _netns_keys(ops, fd, key_size, cookie):
     return [k for k in ops.map_keys(fd, key_size) if struct.unpack_from("=Q", k)[0] == cookie]
 
 
-def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto"):
+def owners(maps, addresses):
+    """{address: owner netns cookie} of the addresses enrolled in inbound_pods."""
+    fd = _map_fds(maps)[MAP_PODS]
+    ops = _map_ops()
+    out = {}
+    for a in addresses:
+        raw = ops.map_lookup_elem(fd, pod_key(a), POD_VAL.size)
+        if raw is not None:
+            out[str(ipaddress.ip_address(a))] = pod_owner(raw)
+    return out
+
+
+def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto", owner_alive=None):
     """Steer `pod`'s inbound TCP per `config`; returns a JSON-able record for detach/status.
 
     Writes the pod IPs' entries into inbound_pods/inbound_ports (replacing the pod's old
@@ -577,6 +597,10 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto"):
     docstring) it first sets up the TIME_WAIT path; the record's "sk_lookup" says whether
     it did ({"enabled": False, "reason": ...} otherwise). Idempotent. On failure
     everything this call changed is restored and ApplyError is raised.
+
+    Entries carry the pod's netns cookie as owner. An address whose entry another pod owns
+    is refused (UsageError, nothing changed) unless `owner_alive(cookie)` says that pod is
+    gone (its entries are then taken over); without `owner_alive` every owner counts as alive.
     """
     import os
     from .. import system
@@ -590,9 +614,16 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto"):
             chosen = _pick_interfaces(links, config, interfaces)
             hooks = {l["name"]: select_hook(hook, l["kind"]) for l in chosen}
             addrs = _addresses(ipr, {l["index"] for l in chosen})
+    me = pod.netns_cookie
+    taken = [(a, o) for a, o in owners(maps, addrs).items()
+             if o and o != me and (owner_alive is None or owner_alive(o))]
+    if taken:
+        raise AddressInUseError(f"pod {pod.name}: inbound address "
+                         + ", ".join(f"{a} (netns cookie {o})" for a, o in taken)
+                         + " belongs to another pod that is still running; refused, nothing changed")
     skl_fd, skl_owned, skl_why = _sk_lookup_prog(maps, progs)
     sk_lookup = skl_fd is not None
-    entries = policy_entries(policy, addrs, sk_lookup=sk_lookup)
+    entries = policy_entries(policy, addrs, sk_lookup=sk_lookup, owner=me)
     if not entries[MAP_PODS]:
         if skl_owned:
             os.close(skl_fd)
@@ -677,7 +708,7 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto"):
     return {"hook": "tc", "policy": policy.to_dict(),
             "addresses": [str(a) for a in sorted(addrs, key=lambda a: (a.version, a))
                           if pod_key(a) in entries[MAP_PODS]],
-            "interfaces": added, "sk_lookup": skl_rec}
+            "interfaces": added, "sk_lookup": skl_rec, "owner": me}
 
 
 def _restore(ops, fd, key, old):
@@ -750,9 +781,19 @@ def detach_pod(pod, maps=None, record=None):
         # after the filters: until then tc may leave TIME_WAIT SYNs to the kernel, and
         # without sk_lookup that path would reach the app's own listener
         _link_detach(link)
+    owner = (record or {}).get("owner") or skl.get("netns_cookie")
+    if owner is None:
+        try:
+            owner = pod.netns_cookie
+        except (MeshbpfError, OSError, AttributeError):
+            owner = None
     if maps is not None and addrs:
         fds = _map_fds(maps)
         ops = _map_ops()
+        # Only entries this pod owns: its address may belong to another pod by now (a dead
+        # pod's address reused by a live one, which took the entries over).
+        mine = {a for a in addrs if _owned(ops, fds[MAP_PODS], a, owner)}
+        addrs = mine
         keys = {pod_key(a) for a in addrs}
         policy = (record or {}).get("policy")
         if policy and set(addrs) <= {ipaddress.ip_address(a) for a in record.get("addresses", [])}:
@@ -785,6 +826,16 @@ def detach_pod(pod, maps=None, record=None):
             lfd = _fd(maps[MAP_LISTENERS], "map_fd")
             for k in _netns_keys(ops, lfd, LISTENER_KEY.size, cookie):
                 ops.map_delete_elem(lfd, k)
+
+
+def _owned(ops, pods_fd, addr, owner):
+    """Is `addr`'s inbound_pods entry (if any) `owner`'s? Entries without an owner (0, from
+    before owners were recorded) count as anyone's; an unknown `owner` owns only those."""
+    raw = ops.map_lookup_elem(pods_fd, pod_key(addr), POD_VAL.size)
+    if raw is None:
+        return True                      # nothing to take from anyone (ports, marks: ours)
+    cur = pod_owner(raw)
+    return cur == 0 or cur == owner
 
 
 def list_hooks(pod):
@@ -850,7 +901,7 @@ from bcc import BPF
 from pyroute2 import IPRoute
 sys.path.insert(0, sys.argv[1])
 from meshbpf import bpfsys
-from meshbpf.ebpf import inbound
+from meshbpf.ebpf import inbound, structs
 bpf_dir = os.path.join(sys.argv[1], "bpf")
 text = open(os.path.join(bpf_dir, "meshbpf.h")).read() + re.sub(
     r'^\s*#include\s+"meshbpf\.h"\s*$', "", open(os.path.join(bpf_dir, "tc_inbound.c")).read(),
@@ -883,6 +934,51 @@ for name, reuse in (("plain", False), ("reuseport", True)):
         out[name] = False
     c.close()
     srv.close()
+# The path for SO_REUSEPORT listeners that bpf_sk_assign refuses (Linux < 6.5): tc marks
+# the SYN and mb_sk_lookup, linked in this netns, assigns the listener from
+# capture_listeners. Forced (NODE_F_INBOUND_SK_LOOKUP) so it is tried on every kernel.
+try:
+    text2 = text + re.sub(r'^\s*#include\s+"meshbpf\.h"\s*$', "",
+                          open(os.path.join(bpf_dir, "sk_lookup.c")).read(), flags=re.M)
+    b2 = BPF(text=text2.encode(), cflags=["-Wno-comment"])
+    fn2 = b2.load_func(b"tc_inbound_ingress", BPF.SCHED_CLS)
+    skl = b2.load_func(b"mb_sk_lookup", bpfsys.BPF_PROG_TYPE_SK_LOOKUP,
+                       attach_type=bpfsys.BPF_SK_LOOKUP)
+    nsfd = os.open("/proc/self/ns/net", os.O_RDONLY)
+    link = bpfsys.link_create(skl.fd, nsfd, bpfsys.BPF_SK_LOOKUP)
+    with IPRoute() as ipr:
+        inbound._add_filter(ipr, lo, inbound.TC_INGRESS_PARENT, fn2.fd)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little")  # SO_NETNS_COOKIE
+    s.close()
+    bpfsys.map_update_elem(b2[b"node_cfg"].map_fd, (0).to_bytes(4, "little"),
+                           (2).to_bytes(4, "little") + bytes(4))   # NODE_F_INBOUND_SK_LOOKUP
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+    cap = srv.getsockname()[1]
+    key = inbound.pod_key("127.0.0.1")
+    bpfsys.map_update_elem(b2[b"inbound_pods"].map_fd, key, inbound.pod_value(
+        inbound.InboundPolicy(cap, True), sk_lookup=True))
+    bpfsys.map_update_elem(b2[b"inbound_netns"].map_fd, key, cookie.to_bytes(8, "little"))
+    from bcc import libbcc                     # bcc's Python has no SOCKHASH type
+    bpfsys.map_update_elem(libbcc.lib.bpf_table_fd(b2.module, b"capture_listeners"),
+                           inbound.listener_key(cookie, cap, inbound.AF_INET),
+                           inbound.LISTENER_VAL.pack(srv.fileno()))
+    c = socket.socket()
+    c.settimeout(2)
+    try:
+        c.connect(("127.0.0.1", 9))
+        a, _ = srv.accept()
+        # and it went that way, not through bpf_sk_assign (which 6.5+ would also manage)
+        via = sum(b2[b"counters"][structs.COUNTERS.index("inbound_sk_lookup")])
+        out["sk_lookup_reuseport"] = a.getsockname()[1] == 9 and via > 0
+    except OSError:
+        out["sk_lookup_reuseport"] = False
+except Exception as e:  # noqa: BLE001 - no sk_lookup here: reported, not raised
+    out["sk_lookup_reuseport"] = False
+    out["sk_lookup_error"] = str(e).strip().splitlines()[-1][:200] if str(e).strip() else repr(e)
 print(json.dumps(out))
 """
 
@@ -893,7 +989,11 @@ def probe(timeout=60):
     to a listener on another port, once plain and once with SO_REUSEPORT (what Envoy
     uses; bpf_sk_assign accepts those only since Linux 6.5).
 
-    Returns {"ok": bool, "reuseport": bool, "detail": str}.
+    Then the path such listeners take where bpf_sk_assign refuses them (Linux < 6.5): tc
+    leaves the SYN to mb_sk_lookup, linked in that netns, which assigns a SO_REUSEPORT
+    listener ("sk_lookup_reuseport").
+
+    Returns {"ok": bool, "reuseport": bool, "sk_lookup_reuseport": bool, "detail": str}.
     """
     import json
     import os
@@ -904,20 +1004,27 @@ def probe(timeout=60):
         proc = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", _PROBE, repo],
                               capture_output=True, text=True, timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
-        return {"ok": False, "reuseport": False, "detail": f"the probe could not run: {e}"}
+        return {"ok": False, "reuseport": False, "sk_lookup_reuseport": False,
+                "detail": f"the probe could not run: {e}"}
     try:
         res = json.loads(proc.stdout.strip().splitlines()[-1])
     except (ValueError, IndexError):
         err = (proc.stderr or proc.stdout).strip().splitlines()
-        return {"ok": False, "reuseport": False,
+        return {"ok": False, "reuseport": False, "sk_lookup_reuseport": False,
                 "detail": "tc_inbound could not be loaded or attached: "
                           + (err[-1] if err else f"exit {proc.returncode}")}
+    skl = bool(res.get("sk_lookup_reuseport"))
+    skl_detail = ("sk_lookup handed a connection to a SO_REUSEPORT listener" if skl else
+                  "sk_lookup did not hand a connection to a SO_REUSEPORT listener"
+                  + (f" ({res['sk_lookup_error']})" if res.get("sk_lookup_error") else ""))
     if res.get("plain") and res.get("reuseport"):
-        return {"ok": True, "reuseport": True,
-                "detail": "bpf_sk_assign handed connections to plain and SO_REUSEPORT listeners"}
+        return {"ok": True, "reuseport": True, "sk_lookup_reuseport": skl,
+                "detail": "bpf_sk_assign handed connections to plain and SO_REUSEPORT "
+                          "listeners; " + skl_detail}
     if res.get("plain"):
-        return {"ok": True, "reuseport": False,
-                "detail": "bpf_sk_assign cannot use SO_REUSEPORT listeners (Linux < 6.5): "
-                          "the sidecar's inbound listener must not set SO_REUSEPORT"}
-    return {"ok": False, "reuseport": False,
+        return {"ok": True, "reuseport": False, "sk_lookup_reuseport": skl,
+                "detail": "bpf_sk_assign cannot use SO_REUSEPORT listeners (Linux < 6.5); "
+                          + skl_detail + (": tc_inbound hands such connections to it" if skl
+                                          else "")}
+    return {"ok": False, "reuseport": False, "sk_lookup_reuseport": skl,
             "detail": "bpf_sk_assign did not hand a connection to the listener"}

@@ -18,11 +18,32 @@ import types
 from .. import pod as podmod
 from .. import system
 from ..config import InterceptConfig
-from ..errors import ApplyError, MeshbpfError, UsageError
+from ..errors import AddressInUseError, ApplyError, MeshbpfError, UsageError
 from ..interceptor import DEFAULT_PIN_PREFIX, Interceptor
 from ..state import StateStore
 from . import loader, structs
 from .maps import Maps
+
+
+# The per-pod share of the node's connection maps (node_cfg.pod_conn_limit) when the
+# interceptor is not given one; unset or 0: half of MB_MAX_CONNS (bpf/meshbpf.h).
+POD_CONN_LIMIT_ENV = "MESHBPF_POD_CONN_LIMIT"
+
+
+def address_conflicts(addresses, holders, me, alive):
+    """Pure: the addresses of a pod being attached that another LIVE pod holds.
+
+    `holders` maps an address (str) to the netns cookie of the pod whose entries hold it in
+    the node-wide maps (None: an entry no live pod can own, e.g. a half-made attach),
+    `me` is the attaching pod's cookie, `alive(cookie)` says whether that pod still exists.
+    Returns [(address, owner cookie)]; a dead owner's address may be taken over.
+    """
+    out = []
+    for a in addresses:
+        owner = holders.get(str(a))
+        if owner is not None and owner != me and alive(owner):
+            out.append((str(a), owner))
+    return out
 
 
 def _inbound():
@@ -38,9 +59,26 @@ class EbpfInterceptor(Interceptor):
     mode = "ebpf"
 
     def __init__(self, pin_prefix=DEFAULT_PIN_PREFIX, cgroup_root=None, splice=True,
-                 features=None, **options):
+                 features=None, pod_conn_limit=None, inbound_sk_lookup=False, **options):
         super().__init__(pin_prefix=pin_prefix, cgroup_root=cgroup_root, **options)
         self.splice = bool(splice)
+        # node_cfg.pod_conn_limit: how many connections one pod may keep recorded (None or
+        # 0: the header's default, half the node's capacity); see bpf/meshbpf.h "Full maps"
+        if pod_conn_limit is not None and (not isinstance(pod_conn_limit, int) or
+                                           not 0 <= pod_conn_limit < 1 << 32):
+            raise UsageError(f"pod_conn_limit {pod_conn_limit!r} must be a number of "
+                             "connections (0: the default)")
+        if pod_conn_limit is None and os.environ.get(POD_CONN_LIMIT_ENV, "").strip():
+            try:
+                pod_conn_limit = int(os.environ[POD_CONN_LIMIT_ENV])
+            except ValueError:
+                pod_conn_limit = -1
+        if pod_conn_limit is not None and not 0 <= pod_conn_limit < 1 << 32:
+            raise UsageError(f"{POD_CONN_LIMIT_ENV}={os.environ.get(POD_CONN_LIMIT_ENV)!r} "
+                             "must be a number of connections (0: the default)")
+        self.pod_conn_limit = pod_conn_limit or 0
+        # NODE_F_INBOUND_SK_LOOKUP: inbound always through sk_lookup (proves that path here)
+        self.inbound_sk_lookup = bool(inbound_sk_lookup)
         self.features = features
         # As in iptables mode: capture IPv6 when the pod has an IPv6 address even if the
         # config does not say enable_ipv6 (the CLI passes False for an explicit choice).
@@ -101,7 +139,8 @@ class EbpfInterceptor(Interceptor):
                            "degraded": res.get("degraded", [])}, f)
         with Maps(self.pin_prefix) as maps:
             # splicing needs the sk_msg program, loaded only if the node was loaded with it
-            want = structs.node_config(self.splice and "mb_sk_msg" in res["programs"])
+            want = structs.node_config(self.splice and "mb_sk_msg" in res["programs"],
+                                       self.pod_conn_limit, self.inbound_sk_lookup)
             cur = maps["node_cfg"].lookup(structs.U32(0))
             if cur is None or bytes(cur) != bytes(want):
                 maps["node_cfg"].update(structs.U32(0), want)
@@ -142,6 +181,11 @@ class EbpfInterceptor(Interceptor):
         ports = structs.port_rules(config)
         dns = structs.dns_rules(config)
         old_rec = self.store.load(pod.key) or {}
+        if old_rec.get("netns_cookie") not in (None, cookie):
+            # The record's pod is dead and this netns got its inode (the record key): its
+            # entries are stale; remove them (where still its own) before enrolling.
+            self._detach_record(pod.key, old_rec)
+            old_rec = {}
         # ::6 first, so no IPv6 inbound connection is steered to a passthrough that cannot
         # bind it (no init container does this in eBPF mode).
         added_v6 = bool(old_rec.get("added_inbound_v6_address"))
@@ -159,6 +203,7 @@ class EbpfInterceptor(Interceptor):
             raise
         try:
             with Maps(self.pin_prefix) as maps:
+                self._check_addresses(maps, pod, cookie, addresses)
                 index = self._pod_index(maps, cookie)
                 pc.pod_index = index
                 snap = self._snapshot(maps, cookie, index,
@@ -197,6 +242,47 @@ class EbpfInterceptor(Interceptor):
             "warnings": warnings,
         }
         return self.store.save(pod.key, record)
+
+    def _owner_alive(self, cookie):
+        """Is the pod with netns cookie `cookie` still there? Only a pod meshbpf has a
+        record of whose netns still exists with that cookie is; a pod whose netns is gone
+        (deleted without a detach) is not, and its addresses may be taken over."""
+        for rec in self.store.all():
+            if rec.get("netns_cookie") != cookie:
+                continue
+            netns = rec.get("netns")
+            if not netns or not os.path.exists(netns):
+                return False
+            try:
+                return system.netns_cookie(netns) == cookie
+            except (MeshbpfError, OSError):
+                return False
+        return False
+
+    def _check_addresses(self, maps, pod, cookie, addresses):
+        """Refuse (nothing changed) an address another live enrolled pod holds: the
+        node-wide maps keyed by address (local_ips, inbound_pods, ...) have room for one
+        owner, and a second would break the first's interception or be broken by its
+        detach."""
+        by_index = {v.pod_index: k.value for k, v in maps["pods"].items()}
+        holders = {}
+        for a in addresses:
+            v = maps["local_ips"].lookup(structs.ip_key(a))
+            if v is not None:
+                holders[str(a)] = by_index.get(v.value)
+        mod = _inbound()
+        if mod is not None and hasattr(mod, "owners") and maps.exists(mod.MAP_PODS):
+            for a, owner in mod.owners(maps, addresses).items():
+                if holders.get(a) is None and owner:
+                    holders[a] = owner
+        clash = address_conflicts(addresses, holders, cookie, self._owner_alive)
+        if clash:
+            names = {r.get("netns_cookie"): r.get("name") for r in self.store.all()}
+            what = ", ".join(f"{a} (pod {names.get(o) or o})" for a, o in clash)
+            raise AddressInUseError(
+                f"pod {pod.name}: its address {what} is held by another meshed pod that is "
+                "still running; refused, nothing changed",
+                hint="detach the other pod first, or give this pod another address")
 
     @staticmethod
     def _snapshot(maps, cookie, index, addresses):
@@ -261,7 +347,8 @@ class EbpfInterceptor(Interceptor):
             return None
         progs = self._tc_prog_fds()
         try:
-            return mod.attach_pod(pod, config, maps, progs) if progs else None
+            return mod.attach_pod(pod, config, maps, progs,
+                                  owner_alive=self._owner_alive) if progs else None
         finally:
             for fd in progs.values():
                 os.close(fd)
@@ -284,36 +371,49 @@ class EbpfInterceptor(Interceptor):
         for k in [k for k in maps["port_rules"].keys() if k.pod_index in structs.scopes(index)]:
             maps["port_rules"].delete(k)
         for a in addresses:
-            maps["local_ips"].delete(structs.ip_key(a))
+            # only our own: a dead pod's address may have been taken over by a live pod
+            cur = maps["local_ips"].lookup(structs.ip_key(a))
+            if cur is not None and cur.value == index:
+                maps["local_ips"].delete(structs.ip_key(a))
+        if maps.exists("pod_conns"):
+            maps["pod_conns"].delete(structs.U64(cookie))
 
     def detach(self, pod):
         with self._locked():
             self._detach(pod)
 
-    def detach_key(self, key):
+    def detach_key(self, key, netns_cookie=None):
         """Detach a pod known only by its record key (its netns may be gone already):
         remove its map entries and inbound hooks from the record. Returns False if no
-        record exists."""
+        record exists. The key is the netns inode, which a new netns may reuse once the
+        old one is gone: with `netns_cookie` (the dead pod's), a record of another pod
+        under that key is left alone (False)."""
         with self._locked():
             rec = self.store.load(key)
             if rec is None:
                 return False
-            if loader.is_loaded(self.pin_prefix) and rec.get("netns_cookie") is not None:
-                with Maps(self.pin_prefix) as maps:
-                    cur = maps["pods"].lookup(structs.U64(rec["netns_cookie"]))
-                    if cur is None or cur.pod_index == rec.get("pod_index"):
-                        self._remove_entries(maps, rec["netns_cookie"], rec.get("pod_index"),
-                                             rec.get("addresses", []))
-            ghost = types.SimpleNamespace(netns=rec.get("netns") or "", name=rec.get("name"),
-                                          key=key)
-            try:
-                self._detach_inbound(ghost, rec)
-            except (MeshbpfError, OSError):
-                pass
-            if rec.get("added_inbound_v6_address"):
-                podmod.remove_inbound_v6_address(rec.get("netns"))
-            self.store.remove(key)
+            if netns_cookie is not None and rec.get("netns_cookie") != netns_cookie:
+                return False
+            self._detach_record(key, rec)
             return True
+
+    def _detach_record(self, key, rec):
+        """Remove what a record says was enrolled, where it is still the record's own."""
+        if loader.is_loaded(self.pin_prefix) and rec.get("netns_cookie") is not None:
+            with Maps(self.pin_prefix) as maps:
+                cur = maps["pods"].lookup(structs.U64(rec["netns_cookie"]))
+                if cur is None or cur.pod_index == rec.get("pod_index"):
+                    self._remove_entries(maps, rec["netns_cookie"], rec.get("pod_index"),
+                                         rec.get("addresses", []))
+        ghost = types.SimpleNamespace(netns=rec.get("netns") or "", name=rec.get("name"),
+                                      key=key)
+        try:
+            self._detach_inbound(ghost, rec)
+        except (MeshbpfError, OSError):
+            pass
+        if rec.get("added_inbound_v6_address"):
+            podmod.remove_inbound_v6_address(rec.get("netns"))
+        self.store.remove(key)
 
     def _detach(self, pod):
         rec = self.store.load(pod.key)
@@ -369,6 +469,8 @@ class EbpfInterceptor(Interceptor):
             out["counters"] = maps.counters()
             ncfg = maps["node_cfg"].lookup(structs.U32(0))
             out["splice"] = bool(ncfg and ncfg.flags & structs.NODE_F_SPLICE)
+            held = ({k.value: v.value for k, v in maps["pod_conns"].items()}
+                    if maps.exists("pod_conns") else {})
             for key, pc in maps["pods"].items():
                 cookie = key.value
                 rec = records.pop(cookie, {})
@@ -376,8 +478,12 @@ class EbpfInterceptor(Interceptor):
                     "name": rec.get("name"), "netns": rec.get("netns"),
                     "netns_cookie": cookie, "config": rec.get("config"),
                     "addresses": rec.get("addresses"), "map": structs.describe_pod_struct(pc),
+                    "connections": held.get(cookie, 0),      # its use of the per-pod share
                 })
-            out["connections"] = {"orig_dst": len(maps["orig_dst"]), "pairs": len(maps["pairs"])}
+            ncfg_limit = ncfg.pod_conn_limit if ncfg is not None else 0
+            out["connections"] = {"orig_dst": len(maps["orig_dst"]), "pairs": len(maps["pairs"]),
+                                  "capacity": maps["orig_dst"].info.get("max_entries"),
+                                  "pod_limit": ncfg_limit or None}
         for rec in records.values():          # recorded but not in the map: stale
             out["pods"].append(dict(rec, stale=True))
         return out

@@ -72,7 +72,11 @@ CORE_SOURCES = ("connect4.c", "connect6.c", "getpeername4.c", "getpeername6.c",
                 "sendmsg4.c", "sendmsg6.c", "recvmsg4.c", "recvmsg6.c")
 DNS_PROGRAMS = ("mb_sendmsg4", "mb_sendmsg6", "mb_recvmsg4", "mb_recvmsg6")
 MAP_NAMES = ("pods", "cidr_rules", "port_rules", "local_ips", "node_cfg", "orig_dst",
-             "pairs", "sock_hash", "dns_orig", "counters")
+             "pairs", "sock_hash", "dns_orig", "counters", "pod_conns")
+# Overrides the per-node connection capacity (bpf/meshbpf.h MB_MAX_CONNS) at load time, so
+# a test can fill the maps in its own pin prefix. Unset: the header's default.
+MAX_CONNS_ENV = "MESHBPF_MAX_CONNS"
+
 SOCKHASH_MAP = "sock_hash"
 
 
@@ -106,7 +110,27 @@ def cflags(features=None, splice=False):
     flags = []
     if splice:
         flags += splice_defines()
+    if not _has(features, "cgroup_sock_release"):
+        flags.append("-DMB_NO_SOCK_RELEASE")
+    n = max_conns()
+    if n is not None:
+        flags.append(f"-DMB_MAX_CONNS={n}")
     return flags
+
+
+def max_conns(environ=None):
+    """The MB_MAX_CONNS override from MESHBPF_MAX_CONNS, or None (the header's default)."""
+    raw = (os.environ if environ is None else environ).get(MAX_CONNS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if not 2 <= n <= 1 << 24:
+        raise UsageError(f"{MAX_CONNS_ENV}={raw!r} must be a number of connections "
+                         f"from 2 to {1 << 24}")
+    return n
 
 
 def wanted_programs(source_text, features=None, splice=True):

@@ -24,6 +24,7 @@ MAP_TYPES = {
     "sock_hash": (structs.SockKey, structs.U64),
     "dns_orig": (structs.U64, structs.OrigDst),
     "counters": (structs.U32, structs.U64),
+    "pod_conns": (structs.U64, structs.U64),
 }
 PERCPU = {"counters"}
 

@@ -31,6 +31,7 @@ RULE_INCLUDE = 1
 RULE_EXCLUDE = 2
 
 NODE_F_SPLICE = 1 << 0
+NODE_F_INBOUND_SK_LOOKUP = 1 << 1
 ORIG_F_ANSWERED = 1
 
 # enum mb_counter, in order (index = position); COUNTER_MAX slots in the per-CPU array.
@@ -53,6 +54,9 @@ COUNTERS = [
     "dns_redirect",       # COUNTER_DNS_REDIRECT
     "dns_reply",          # COUNTER_DNS_REPLY
     "redirect_self",      # COUNTER_REDIRECT_SELF
+    "conn_refused",       # COUNTER_CONN_REFUSED
+    "pairs_full",         # COUNTER_PAIRS_FULL
+    "inbound_sk_lookup",  # COUNTER_INBOUND_SK_LOOKUP
     "splice_exit",        # COUNTER_SPLICE_EXIT
     "splice_reenter",     # COUNTER_SPLICE_REENTER
     "splice_tcp_bytes",   # COUNTER_SPLICE_TCP_BYTES
@@ -92,7 +96,7 @@ class IpKey(ctypes.Structure):
 
 
 class NodeConfig(ctypes.Structure):
-    _fields_ = [("flags", u32), ("splice_limit", u32)]
+    _fields_ = [("flags", u32), ("splice_limit", u32), ("pod_conn_limit", u32), ("pad", u32)]
 
 
 # Bytes one direction of a spliced pair may queue unread before it leaves the splice for
@@ -100,8 +104,11 @@ class NodeConfig(ctypes.Structure):
 SPLICE_LIMIT = 4 << 20
 
 
-def node_config(splice, splice_limit=SPLICE_LIMIT):
-    return NodeConfig(flags=NODE_F_SPLICE if splice else 0, splice_limit=splice_limit)
+def node_config(splice, pod_conn_limit=0, inbound_sk_lookup=False,
+                splice_limit=SPLICE_LIMIT):
+    flags = ((NODE_F_SPLICE if splice else 0)
+             | (NODE_F_INBOUND_SK_LOOKUP if inbound_sk_lookup else 0))
+    return NodeConfig(flags=flags, splice_limit=splice_limit, pod_conn_limit=pod_conn_limit)
 
 
 class OrigDst(ctypes.Structure):

@@ -91,6 +91,22 @@ def test_a_forced_mode_never_falls_back(fake):
     assert [c[0] for c in FakeInterceptor.calls] == ["ebpf"]
 
 
+def test_an_address_another_pod_holds_never_falls_back(fake, monkeypatch):
+    from meshbpf.errors import AddressInUseError
+
+    def held(self, pod, config):
+        FakeInterceptor.calls.append((self.mode, self.kw))
+        if self.mode == "ebpf":
+            raise AddressInUseError("10.0.0.1 is held by pod a")
+        return {}
+    monkeypatch.setattr(FakeInterceptor, "attach", held)
+    fake()
+    with pytest.raises(AddressInUseError) as e:
+        modes.attach(FakePod(), InterceptConfig(), mode="auto", pin_prefix="/x/p")
+    assert e.value.exit_code == 2
+    assert [c[0] for c in FakeInterceptor.calls] == ["ebpf"]
+
+
 def test_unknown_mode_is_a_usage_error():
     with pytest.raises(UsageError):
         modes.choose_mode("bpf")

@@ -97,7 +97,7 @@ def _c_size(fields):
 def test_python_layouts_match_the_c_header():
     structs, section = _header_structs()
     assert _c_size(structs["inbound_pod_key"]) == inbound.POD_KEY.size == 16
-    assert _c_size(structs["inbound_pod_val"]) == inbound.POD_VAL.size == 8
+    assert _c_size(structs["inbound_pod_val"]) == inbound.POD_VAL.size == 16
     assert _c_size(structs["inbound_port_key"]) == inbound.PORT_KEY.size == 20
     assert [f[1] for f in structs["inbound_pod_val"]][:2] == ["capture_port", "flags"]
     assert [f[1] for f in structs["inbound_port_key"]][:2] == ["ip", "port"]

@@ -74,7 +74,6 @@ def test_each_required_feature_alone_forces_iptables(name):
     ("cgroup_sendmsg4", "DNS capture unavailable"),
     ("cgroup_recvmsg4", "DNS capture unavailable"),
     ("sk_lookup", "sk_lookup"),
-    ("tc_sk_assign_reuseport", "SO_REUSEPORT"),
     ("bpf_link", "bpf_link"),
 ])
 def test_optional_features_only_degrade(name, capability):
@@ -86,6 +85,19 @@ def test_optional_features_only_degrade(name, capability):
     assert capability in reason
     report = P.build_report("6.1.0", results)
     assert report["degraded"] == caps
+
+
+def test_reuseport_listeners_degrade_only_without_sk_lookup():
+    # before 6.5 tc hands SYNs for SO_REUSEPORT listeners to sk_lookup: not a degradation
+    results = with_missing("tc_sk_assign_reuseport")
+    assert P.decide(results)[0] == "ebpf" and P.degraded(results) == []
+    assert P.build_report("6.1.0", results)["inbound_reuseport"] == "sk_lookup"
+    # the fallback is tried for real: where it failed, the capability is lost
+    assert P.degraded(with_missing("tc_sk_assign_reuseport", "sk_lookup_reuseport")) == [
+        P.BY_NAME["tc_sk_assign_reuseport"].capability]
+    both = with_missing("tc_sk_assign_reuseport", "sk_lookup", "sk_lookup_reuseport")
+    assert any("SO_REUSEPORT" in c for c in P.degraded(both))
+    assert P.build_report("5.8.0", both)["inbound_reuseport"] is None
 
 
 def test_degraded_capabilities_are_unique():
@@ -201,10 +213,14 @@ def test_assume_kernel_walks_the_table(version, mode, first):
 
 
 def test_assume_515_keeps_optional_features():
-    # 5.15 has every optional feature but handing connections to SO_REUSEPORT listeners (6.5)
-    assert P.degraded(all_ok(), assume_kernel="5.15") == [
-        P.BY_NAME["tc_sk_assign_reuseport"].capability]
+    # 5.15 lacks bpf_sk_assign for SO_REUSEPORT listeners (6.5), but sk_lookup (5.9) takes
+    # those connections: nothing is lost
+    assert P.degraded(all_ok(), assume_kernel="5.15") == []
+    assert P.inbound_reuseport(all_ok(), assume_kernel="5.15") == "sk_lookup"
     assert P.degraded(all_ok(), assume_kernel="6.5") == []
+    assert P.inbound_reuseport(all_ok(), assume_kernel="6.5") == "sk_assign"
+    assert P.inbound_reuseport(all_ok(), assume_kernel="5.8") is None
+    assert "through sk_lookup" in P.render_text(P.build_report("5.15.0", all_ok(), "5.15"))
     # 5.8 has getpeername and bpf_link, not sk_lookup nor bpf_skc_to_tcp_sock (5.9)
     assert sorted(P.degraded(all_ok(), assume_kernel="5.8")) == sorted([
         P.BY_NAME["sk_lookup"].capability, P.BY_NAME["tc_sk_assign_reuseport"].capability,
@@ -220,7 +236,8 @@ def test_apply_assumption_does_not_change_its_input():
 # --- report and rendering --------------------------------------------------------------
 def test_report_schema():
     report = P.build_report("6.1.0-13-amd64", with_missing("sk_lookup"))
-    assert set(report) == {"kernel", "assumed_kernel", "features", "mode", "reason", "degraded"}
+    assert set(report) == {"kernel", "assumed_kernel", "features", "mode", "reason", "degraded",
+                           "inbound_reuseport"}
     assert report["assumed_kernel"] is None
     assert set(report["features"]) == set(P.BY_NAME)
     for v in report["features"].values():
