@@ -17,9 +17,10 @@ verdicts built here:
 Addresses are written as the sandbox's symbols (a4 = pod a's IPv4, bll6 = pod b's IPv6
 link-local, lo4 = 127.0.0.1, ...), so a verdict reads the same in every run.
 
-KNOWN lists the differences other work is fixing (issue 9): a case they affect is marked
-xfail(strict) with the item, and only a difference in that item's fields counts as the
-expected failure; any other difference fails the case.
+`known_differences` names the differences that remain today (issue 9 items other work is
+fixing, and NEW ones this suite found): a case they explain is marked xfail(strict) with
+the item, and only a difference confined to that item's verdict fields counts as the
+expected failure; any other difference fails the case. docs/differences.md is the table.
 """
 
 import dataclasses
@@ -387,4 +388,53 @@ def known_differences(config, traffic, oracle, addresses):
         out.append(ITEM2)
     if traffic.dst == "lo6" and _ebpf_captures(config, traffic, addresses) and not captured_here:
         out.append(NEW_LOOPBACK6)
+    return out
+
+
+# ---- the Envoy group: real Envoy as Istio's sidecar, a real app behind it ----------------
+
+@dataclasses.dataclass(frozen=True)
+class EnvoyTraffic:
+    src: str            # "c" (unmeshed client) or "e" (the app in the Envoy pod)
+    dst: str            # address symbol
+    uid: int = 0
+
+    @property
+    def id(self):
+        return f"{self.src}-tcp-{self.dst}-{APP_PORT}"
+
+    @property
+    def family(self):
+        return 6 if self.dst.endswith("6") else 4
+
+
+ENVOY_TRAFFIC = [EnvoyTraffic("c", "e4"), EnvoyTraffic("c", "e6"),
+                 EnvoyTraffic("e", "s4", uid=1000), EnvoyTraffic("e", "s6", uid=1000),
+                 EnvoyTraffic("e", "e4", uid=1000), EnvoyTraffic("e", "e6", uid=1000)]
+
+
+def envoy_verdict(raw, listeners, names):
+    """A GET through the Envoy pod: what the client saw, what the app answered (its peer
+    and local address) and which of Envoy's listeners (outbound, inbound) counted it."""
+    rec = raw.get("rec") or {}
+    return {"outcome": raw["outcome"],
+            "app_peer": _endpoint(raw.get("app_peer"), names),
+            "app_local": _endpoint(raw.get("app_local"), names, port=False),
+            "server": rec.get("pod"),
+            "server_peer": _endpoint(rec.get("peer"), names, port=False) if rec else None,
+            "server_local": _endpoint(rec.get("local"), names) if rec else None,
+            "envoy": ",".join(sorted(listeners)) or None}
+
+
+ITEM1 = Known("issue 9 item 1", "eBPF mode does not add ::6 to the pod's lo: Envoy's IPv6 "
+              "inbound passthrough cannot bind it and loops back into 15006", ALL_FIELDS)
+
+
+def envoy_known_differences(traffic, mode_has_v6_bind):
+    """Known items for the Envoy group; `mode_has_v6_bind`: ::6 was on lo in eBPF mode."""
+    out = []
+    if traffic.src == "c" and traffic.family == 6 and not mode_has_v6_bind:
+        out.append(ITEM1)
+    if traffic.src == "e" and traffic.dst.startswith("s"):
+        out.append(ITEM10_SOCKNAME)
     return out

@@ -12,7 +12,8 @@ the same record (no SO_ORIGINAL_DST for UDP).
 
 PROBE_CLIENT reads a JSON list of probes on stdin, runs them in order as the uid/gid it was
 started with, and prints a JSON list of raw results: outcome, getpeername/getsockname of
-the app's socket (recvfrom's source for unconnected UDP) and the listener's record.
+the app's socket (recvfrom's source for unconnected UDP) and the listener's record (with
+"http": the JSON reply of the sandbox's HTTP app, {pod, peer, local}).
 """
 
 PROBE_SERVER = r"""
@@ -168,6 +169,18 @@ def run(p):
             s.connect(sa(host, port))
             out["app_peer"] = addr(s.getpeername())
             out["app_local"] = addr(s.getsockname())
+            if p.get("http"):           # a real app behind a real sidecar: one GET
+                s.sendall(b"GET /diff HTTP/1.0\r\nHost: x\r\n\r\n")
+                data = b""
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+                body = data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in data else b""
+                out["rec"] = json.loads(body) if body else None
+                out["outcome"] = "ok" if body else "empty"
+                return out
             data = b""
             while not data.endswith(b"\n"):
                 chunk = s.recv(65536)
