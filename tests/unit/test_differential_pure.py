@@ -76,3 +76,13 @@ def test_envoy_item1_only_without_the_v6_bind_address():
     c6 = next(x for x in D.ENVOY_TRAFFIC if x.id == "c-tcp-e6-8080")
     assert D.envoy_known_differences(c6, mode_has_v6_bind=False) == [D.ITEM1]
     assert D.envoy_known_differences(c6, mode_has_v6_bind=True) == []
+
+
+def test_dropping_a_fixed_item_from_open_stops_expecting_it(monkeypatch):
+    incl = D.resolve_config("include-v6-all", ADDR)
+    direct = {"outcome": "ok", "seen": "b:8080"}
+    assert D._ebpf_captures(incl, t("a.app-tcp-b4-8080"), ADDR)       # today: ::/0 holds IPv4
+    monkeypatch.setattr(D, "OPEN", D.OPEN - {D.ITEM2})
+    assert not D._ebpf_captures(incl, t("a.app-tcp-b4-8080"), ADDR)   # fixed: families apart
+    assert D._ebpf_captures(incl, t("a.app-tcp-b6-8080"), ADDR)
+    assert D.known_differences(incl, t("a.app-tcp-b4-8080"), direct, ADDR) == []
