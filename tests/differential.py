@@ -15,7 +15,7 @@ verdicts built here:
     up.*       the same for the hop a probe 15001 listener dials (the sidecar's upstream)
 
 Addresses are written as the sandbox's symbols (a4 = pod a's IPv4, bll6 = pod b's IPv6
-link-local, lo4 = 127.0.0.1, ...), so a verdict reads the same in every run.
+link-local, lo4 = 127.0.0.1, lox4 = 127.0.0.2, ...), so a verdict reads the same in every run.
 
 `known_differences` names the differences that remain today (issue 9 items other work is
 fixing, and NEW ones this suite found): a case they explain is marked xfail(strict) with
@@ -81,6 +81,7 @@ def _traffic():
                 out.append(Traffic("a", who, "tcp", dst + fam, port))
             for proto in ("udp", "udpc"):
                 out.append(Traffic("a", who, proto, "b" + fam, DNS_PORT))
+        out.append(Traffic("a", who, "tcp", "lox4", APP_PORT))   # loopback, not 127.0.0.1
     for fam in ("4", "6"):
         for dst, port in (("a", APP_PORT), ("a", OTHER_PORT), ("a", EXCLUDED_INBOUND_PORT),
                           ("a", OUTBOUND), ("all", APP_PORT), ("late", APP_PORT)):
@@ -114,7 +115,12 @@ CONFIGS = {
     "proxy-gid-1000": {"proxy_uid": "1337", "proxy_gid": "1000"},
     "owner-exclude": {"owner_groups_exclude": "1000"},
     "owner-include": {"owner_groups_include": "1000"},
+    "include-loopback": {"outbound_ip_ranges_include": "127.0.0.0/8,10.233.0.0/16"},
+    "include-pods": {"outbound_ip_ranges_include": "10.233.0.0/16,fd00:6d62::/64"},
+    "exclude-link-local": {"outbound_ip_ranges_exclude": "169.254.0.0/16,fe80::/10"},
+    "proxy-uids-two": {"proxy_uid": "1337,1000", "proxy_gid": "1337"},
     "dns-servers": {"redirect_dns": True, "dns_servers_v4": "{b4}", "dns_servers_v6": "{b6}"},
+    "dns-servers-v6": {"redirect_dns": True, "dns_servers_v6": "{b6}"},
     "dns-all": {"redirect_dns": True, "capture_all_dns": True},
     "dns-all-ports-exclude": {"redirect_dns": True, "capture_all_dns": True,
                               "outbound_ports_exclude": str(DNS_PORT)},
@@ -233,8 +239,8 @@ ITEM3 = Known("issue 9 item 3", "DNS on a connected UDP socket (connect + send) 
 ITEM8 = Known("issue 9 item 8", "inbound to a link-local address or one added after attach "
               "reaches the app directly in eBPF mode", ALL_FIELDS)
 ITEM10_PROXY_LOCAL = Known("issue 9 item 10", "the proxy's connects to a local address that is "
-                           "not a pod address (link-local, added after attach) are not sent to "
-                           "the inbound listener in eBPF mode", ALL_FIELDS)
+                           "not a pod address (link-local, added after attach, 127.0.0.2) are "
+                           "not sent to the inbound listener in eBPF mode", ALL_FIELDS)
 ITEM10_DNS = Known("issue 9 item 10", "DNS redirection ignores outbound port excludes and owner "
                    "groups in eBPF mode", ALL_FIELDS)
 ITEM10_SOCKNAME = Known("issue 9 item 10", "a redirected app's getsockname() shows 127.0.0.1/::1, "
@@ -246,12 +252,20 @@ NEW_APP_LOCAL_DEST = Known("NEW", "the app's connects to its own pod's other loc
                            "(link-local, added after attach) are redirected to 15001 in eBPF "
                            "mode; Istio leaves every non-proxy connection over lo alone",
                            ALL_FIELDS)
-NEW_LOOPBACK6 = Known("NEW", "an included IPv6 range containing ::1 (::/0) captures connects "
-                      "to ::1 in eBPF mode; Istio's `-d ::1/128 -j RETURN` comes first",
-                      ALL_FIELDS)
-NEW_GID_SELF = Known("NEW", "a process with a proxy gid but not a proxy uid dialling its own "
-                     "pod address: Istio sends it direct (the uid rule `-o lo ! --uid-owner "
-                     "RETURN` comes first), eBPF mode to the inbound listener", ALL_FIELDS)
+NEW_LOOPBACK = Known("NEW", "an included range that merely contains a loopback address "
+                     "(0.0.0.0/0, ::/0) captures the app's connects to it (127.0.0.2, ::1) in "
+                     "eBPF mode; Istio counts an include as loopback only when its address is "
+                     "one (has_loopback), else `-o lo ! --uid-owner RETURN` and "
+                     "`-d ::1/128 RETURN` leave them alone", ALL_FIELDS)
+NEW_PROXY_SELF = Known("NEW", "a proxy id other than the first proxy uid (a second uid, or "
+                       "a proxy gid only) dialling its own pod address: Istio sends it direct "
+                       "(the first uid's `-o lo -m owner ! --uid-owner <first> -j RETURN` comes "
+                       "first), eBPF mode to the inbound listener", ALL_FIELDS)
+NEW_OWN_POD_INCLUDED = Known("NEW", "with an include range whose address is loopback "
+                             "(127.0.0.0/8), Istio drops `-o lo ! --uid-owner RETURN`: the app's "
+                             "connects to its own pod address go to 15001 when an include covers "
+                             "it; eBPF mode always leaves the pod's own addresses alone",
+                             ALL_FIELDS)
 NEW_INBOUND_OWN_PORTS = Known("NEW", "eBPF mode never captures inbound connections to the "
                               "sidecar's own ports (15001, 15006, 15020, 15021, 15090) unless "
                               "listed; Istio captures every port not in "
@@ -263,10 +277,11 @@ NEW_LINK_LOCAL6 = Known("NEW", "TCP to an IPv6 link-local address: Istio's REDIR
 # must then pass (a strict xfail that passes fails, saying exactly this), and the model of
 # today's eBPF decision below stops reproducing it (item 2).
 OPEN = {ITEM1, ITEM2, ITEM3, ITEM8, ITEM10_PROXY_LOCAL, ITEM10_DNS, ITEM10_SOCKNAME, NEW_LISTENER_PEER,
-        NEW_APP_LOCAL_DEST, NEW_LOOPBACK6, NEW_GID_SELF, NEW_INBOUND_OWN_PORTS, NEW_LINK_LOCAL6}
+        NEW_APP_LOCAL_DEST, NEW_LOOPBACK, NEW_PROXY_SELF, NEW_OWN_POD_INCLUDED, NEW_INBOUND_OWN_PORTS, NEW_LINK_LOCAL6}
 
 OWN_NON_POD = ("all4", "all6", "late4", "late6")   # pod a's local addresses that are not pod IPs
 OWN_POD = ("a4", "a6")
+LOOPBACK = ("lo4", "lo6", "lox4")
 SIDECAR_PORTS = (15001, 15006, 15008, 15020, 15021, 15090)
 
 
@@ -380,9 +395,11 @@ def _known(config, traffic, oracle, addresses):
     uid_proxy, gid_proxy = _identity(config, traffic.who)
     proxy = (uid_proxy or gid_proxy) and traffic.src == "a"
     if traffic.src in ("a", "m") and captured_here and traffic.proto in ("tcp", "udp"):
-        if traffic.proto == "tcp":
+        # (where Istio's own source is loopback, eBPF's 127.0.0.1 is no difference)
+        if traffic.proto == "tcp" and oracle.get("app_local") not in LOOPBACK:
             out.append(ITEM10_SOCKNAME)
-        out.append(NEW_LISTENER_PEER)
+        if oracle.get("lpeer") not in LOOPBACK:
+            out.append(NEW_LISTENER_PEER)
     if traffic.src == "c":
         if traffic.dst in OWN_NON_POD and seen == f"a:{INBOUND}":
             out.append(ITEM8)
@@ -404,14 +421,18 @@ def _known(config, traffic, oracle, addresses):
     if oracle.get("outcome") == "timeout" and traffic.dst in ("bll6", "all6"):
         out.append(NEW_LINK_LOCAL6)
         return out
+    if proxy and traffic.dst in OWN_NON_POD + ("lox4",) and seen == f"a:{INBOUND}":
+        out.append(ITEM10_PROXY_LOCAL)
     if traffic.dst in OWN_NON_POD:
-        if uid_proxy and seen == f"a:{INBOUND}":
-            out.append(ITEM10_PROXY_LOCAL)
         if not proxy and seen == f"a:{APP_PORT}" and _ebpf_captures(config, traffic, addresses):
             out.append(NEW_APP_LOCAL_DEST)
-    if traffic.dst in OWN_POD and gid_proxy and not uid_proxy and seen == f"a:{APP_PORT}" \
-            and str(traffic.port) not in _split(config.get("outbound_ports_exclude")):
-        out.append(NEW_GID_SELF)
+    first_uid = int(_split(config.get("proxy_uid", "1337"))[0])
+    if traffic.dst in OWN_POD and (uid_proxy or gid_proxy) and IDENTITIES[traffic.who][0] != \
+            first_uid and seen == f"a:{APP_PORT}" and \
+            str(traffic.port) not in _split(config.get("outbound_ports_exclude")):
+        out.append(NEW_PROXY_SELF)
+    if traffic.dst in OWN_POD and not proxy and seen == f"a:{OUTBOUND}":
+        out.append(NEW_OWN_POD_INCLUDED)
     if proxy or traffic.dst in OWN_POD + OWN_NON_POD:
         return out
     v6_over_v4 = any(_covers_v4(n) for n in _v6_nets(config.get("outbound_ip_ranges_include"))
@@ -419,8 +440,9 @@ def _known(config, traffic, oracle, addresses):
     if traffic.family == 4 and v6_over_v4 and traffic.dst != "lo4" and \
             captured_here != _ebpf_captures(config, traffic, addresses):
         out.append(ITEM2)
-    if traffic.dst == "lo6" and _ebpf_captures(config, traffic, addresses) and not captured_here:
-        out.append(NEW_LOOPBACK6)
+    if traffic.dst in ("lo6", "lox4") and _ebpf_captures(config, traffic, addresses) \
+            and not captured_here:
+        out.append(NEW_LOOPBACK)
     return out
 
 

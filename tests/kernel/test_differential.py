@@ -53,7 +53,7 @@ class Bed:
         self.sb = sb
         self.pods = {n: sb.add_pod(n) for n in ("a", "b", "c", "m")}
         a, b, c, m = (self.pods[n] for n in "abcm")
-        self.addresses = {"lo4": "127.0.0.1", "lo6": "::1"}
+        self.addresses = {"lo4": "127.0.0.1", "lo6": "::1", "lox4": "127.0.0.2"}
         for n, p in self.pods.items():
             self.addresses[n + "4"], self.addresses[n + "6"] = p.ip4, p.ip6
         for n, (ll4, ll6) in D.LINK_LOCAL.items():
