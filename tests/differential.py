@@ -65,11 +65,6 @@ class Traffic:
     def family(self):
         return 6 if self.dst.endswith("6") else 4
 
-    @property
-    def inbound(self):
-        """Traffic into pod a from another pod."""
-        return self.src != "a"
-
 
 def _traffic():
     out = []
