@@ -106,6 +106,7 @@ CONFIGS = {
     "in-ports-include": {"inbound_ports_include": str(APP_PORT)},
     "in-ports-exclude": {"inbound_ports_exclude": str(APP_PORT)},
     "in-ports-none": {"inbound_ports_include": ""},
+    "inbound-tproxy": {"inbound_interception_mode": "TPROXY"},
     "proxy-ids-1000": {"proxy_uid": "1000", "proxy_gid": "1000"},
     "proxy-gid-1000": {"proxy_uid": "1337", "proxy_gid": "1000"},
     "owner-exclude": {"owner_groups_exclude": "1000"},

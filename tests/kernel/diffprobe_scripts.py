@@ -25,6 +25,7 @@ udp_ports = [int(p) for p in sys.argv[3].split(",")]
 forward = set(int(p) for p in sys.argv[4].split(",") if p)
 uid, gid = int(sys.argv[5]), int(sys.argv[6])
 loopback_udp = set(int(p) for p in sys.argv[7].split(",") if p)
+transparent = set(int(p) for p in sys.argv[8].split(",") if p)
 
 def addr(sa):
     return [sa[0], sa[1]]
@@ -94,6 +95,9 @@ def listen(kind, port):
         s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        if port in transparent:     # Istio's TPROXY mode: the inbound listener is transparent
+            s.setsockopt(socket.SOL_IP, 19, 1)              # IP_TRANSPARENT
+            s.setsockopt(socket.IPPROTO_IPV6, 75, 1)        # IPV6_TRANSPARENT
         s.bind(("::", port))
         s.listen(128)
         socks[s] = ("tcp", port)
@@ -112,8 +116,8 @@ def listen(kind, port):
 
 wanted = [("tcp", p) for p in tcp_ports] + [("udp", p) for p in udp_ports]
 for kind, port in wanted:
-    if port < 1024:
-        listen(kind, port)          # privileged: as root
+    if port < 1024 or (kind, port) in [("tcp", t) for t in transparent]:
+        listen(kind, port)          # privileged (low port, IP_TRANSPARENT): as root
 # then become the proxy, whose connects the rules leave alone. Sockets made from here on
 # belong to it: iptables' owner match (Istio's DNS conntrack zones) looks at the uid that
 # created a socket, not at the process using it.
@@ -121,7 +125,7 @@ os.setgroups([])
 os.setgid(gid)
 os.setuid(uid)
 for kind, port in wanted:
-    if port >= 1024:
+    if port >= 1024 and (kind, port) not in [("tcp", t) for t in transparent]:
         listen(kind, port)
 print("ready", flush=True)
 while True:

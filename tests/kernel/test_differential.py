@@ -72,7 +72,7 @@ class Bed:
             forward = D.FORWARD_PORTS if n == "m" else ()
             proc = p.spawn([_python(), "-c", PROBE_SERVER, n, ",".join(map(str, D.TCP_PORTS)),
                             ",".join(map(str, D.UDP_PORTS)), ",".join(map(str, forward)),
-                            "1337", "1337", str(D.DNS_LISTENER)], label="probe")
+                            "1337", "1337", str(D.DNS_LISTENER), str(D.INBOUND)], label="probe")
             deadline = time.monotonic() + 10
             while "ready" not in proc.output():
                 assert proc.alive(), f"probe server in {n} died: {proc.output()}"
