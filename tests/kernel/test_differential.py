@@ -17,6 +17,8 @@ whose ::6 comes only from meshbpf, with a real app behind it.
 
 Everything (pods, pins, rules, addresses) is removed at the end, also on failure: the
 interceptors' cleanup first, then the sandbox's teardown.
+
+MESHBPF_DIFF_DUMP=<file> writes every verdict of both modes there (JSON), for reading a run.
 """
 
 import concurrent.futures
