@@ -1,13 +1,19 @@
 /* cgroup/connect4: rewrite a meshed pod's outbound TCP connect to 127.0.0.1:<proxy_port>
  * (TCP DNS to a captured server: to <dns_port>; the proxy dialling its own pod's IP: to
- * <inbound_port>, Istio's ISTIO_IN_REDIRECT).
- * The original destination is kept in orig_dst (by socket cookie) for sockops/getpeername. */
+ * <inbound_port>, Istio's ISTIO_IN_REDIRECT). A UDP connect to port 53 that the pod's DNS
+ * capture takes goes to 127.0.0.1:<dns_port> too: glibc's resolver and Go connect() their
+ * UDP socket and then send(), which sendmsg4 never sees.
+ * The original destination is kept in orig_dst (by socket cookie) for sockops/getpeername
+ * (and, for UDP, in dns_orig for recvmsg4). */
 #include "meshbpf.h"
 
 int mb_connect4(struct bpf_sock_addr *ctx)
 {
-    if (ctx->type != MB_SOCK_STREAM)
+    int udp = ctx->type == MB_SOCK_DGRAM;
+    if (ctx->type != MB_SOCK_STREAM && !udp)
         return 1;
+    if (udp && (__u16)ctx->user_port != MB_DNS_PORT_BE)
+        return 1;                /* the only UDP Istio's rules redirect is DNS */
     __u64 nc = bpf_get_netns_cookie(ctx);
     struct pod_config *pc = pods.lookup(&nc);
     if (!pc)
@@ -18,10 +24,12 @@ int mb_connect4(struct bpf_sock_addr *ctx)
     __u32 src[4];
     struct bpf_sock *sk = ctx->sk;
     mb_map4(src, sk ? sk->src_ip4 : 0);
-    int verdict = mb_should_capture(pc, ip, port, src);
+    int verdict = mb_should_capture(pc, nc, ip, port, src, udp);
     if (!verdict)
         return 1;
     mb_remember(ctx, ip, port, MB_AF_INET, verdict);
+    if (udp)
+        mb_remember_dns(ctx, ip, MB_AF_INET);
     ctx->user_ip4 = bpf_htonl(0x7f000001);
     ctx->user_port = (__u32)mb_capture_port(pc, verdict);
     return 1;

@@ -24,6 +24,7 @@ POD_F_OWNER_EXCLUDE = 1 << 3
 POD_F_INBOUND_ALL = 1 << 4
 POD_F_DNS = 1 << 5
 POD_F_DNS_ALL = 1 << 6
+POD_F_LOOPBACK_INCLUDED = 1 << 7
 MB_DNS_SCOPE = 0x80000000
 
 RULE_INCLUDE = 1
@@ -87,6 +88,14 @@ class IpKey(ctypes.Structure):
     _fields_ = [("ip", u8 * 16)]
 
 
+class NetnsAddrKey(ctypes.Structure):
+    _fields_ = [("netns", u64), ("ip", u8 * 16)]
+
+
+class NetnsSrc(ctypes.Structure):
+    _fields_ = [("v4", u8 * 16), ("v6", u8 * 16)]
+
+
 class NodeConfig(ctypes.Structure):
     _fields_ = [("flags", u32), ("pad", u32)]
 
@@ -106,6 +115,8 @@ MIRRORS = {
     "cidr_key": CidrKey,
     "port_key": PortKey,
     "ip_key": IpKey,
+    "netns_addr_key": NetnsAddrKey,
+    "netns_src": NetnsSrc,
     "node_config": NodeConfig,
     "orig_dst": OrigDst,
     "sock_key": SockKey,
@@ -165,6 +176,40 @@ def owner_groups(config):
     return 0, []
 
 
+def loopback_included(config):
+    """Istio's loopback_included: an outbound include range written as a loopback address
+    (the address as given, e.g. 127.0.0.1/8); Istio then omits its `-o lo` RETURN rules."""
+    items = split_list(config.outbound_ip_ranges_include)
+    if items == [WILDCARD]:
+        return False
+    out = False
+    for item in items:
+        try:
+            out = out or ipaddress.ip_interface(item).ip.is_loopback
+        except ValueError:
+            continue            # validate() names it
+    return out
+
+
+def netns_addr_key(netns_cookie, addr):
+    k = NetnsAddrKey(netns=netns_cookie)
+    k.ip[:] = list(ip16(addr))
+    return k
+
+
+def netns_src(addresses):
+    """The pod's source address per family (the first non-link-local, non-loopback one)."""
+    v = NetnsSrc()
+    for a in addresses:
+        a = ipaddress.ip_address(a)
+        if a.is_link_local or a.is_loopback:
+            continue
+        field = v.v4 if a.version == 4 else v.v6
+        if not any(field):
+            field[:] = list(ip16(a))
+    return v
+
+
 def pod_struct(config, pod_index):
     """The pods-map value for `config` (an InterceptConfig)."""
     uids = _ids(config.proxy_uids(), "proxy_uid")
@@ -179,7 +224,12 @@ def pod_struct(config, pod_index):
         flags |= POD_F_INBOUND_ALL
     oflag, ogids = owner_groups(config)
     flags |= oflag
-    if config.redirect_dns:
+    if loopback_included(config):
+        flags |= POD_F_LOOPBACK_INCLUDED
+    # Istio turns redirect_dns off when there is nothing to capture (no server, not all):
+    # its lo rules then take no DNS shape either.
+    if config.redirect_dns and (config.capture_all_dns or config.dns_servers_v4 or
+                                config.dns_servers_v6):
         flags |= POD_F_DNS
         if config.capture_all_dns:
             flags |= POD_F_DNS_ALL
