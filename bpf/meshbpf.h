@@ -354,7 +354,13 @@ static __always_inline int mb_should_capture(struct pod_config *pc, __u64 nc, co
     if (pa && *pa == RULE_EXCLUDE)
         goto bypass;
     int local = mb_is_local(nc, ip);
-    if (local && mb_is_passthrough(src))
+    /* An unbound IPv6 socket dialling a local address gets that address as its source
+     * (RFC 6724 rule 1), so dialling ::6 is "from ::6"; IPv4 takes the route's 127.0.0.1
+     * or pod IP. */
+    int unbound = !(src[0] | src[1] | src[2] | src[3]) ||
+                  (mb_is_mapped(src) && !src[3]);
+    if (local && (mb_is_passthrough(src) ||
+                  (unbound && !mb_is_mapped(ip) && mb_is_passthrough(ip))))
         goto bypass;
     int dns53 = (pc->flags & POD_F_DNS) && port == MB_DNS_PORT_BE;
     int in_redirect = local && !udp && !mb_is_host_loopback(ip) && port != pc->tunnel_port;
