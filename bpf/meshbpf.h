@@ -520,6 +520,18 @@ struct inbound_port_key {
 BPF_HASH(inbound_pods, struct inbound_pod_key, struct inbound_pod_val, MB_MAX_PODS);
 BPF_HASH(inbound_ports, struct inbound_port_key, __u32, 65536);
 
+/* Every address the pod's interface delivers is the pod's, as for Istio's PREROUTING rule
+ * (link-local ones, and addresses added after attach, which inbound_pods does not list).
+ * Each pod's tc filter carries its own classid 4d42:<id>; cls_bpf stores its minor (the
+ * 16-bit qdisc_skb_cb tc_classid) in skb->tc_classid before running the program, and
+ * inbound_ifaces[id] names one of the pod's enrolled IPs, whose inbound_pods/inbound_ports
+ * entries then decide. */
+struct inbound_iface_val {
+    __u32 ip[4];                 /* an inbound_pods key of the pod (its policy)    */
+    __u64 netns;                 /* the pod's netns cookie (owner, for re-attach/detach) */
+};
+BPF_HASH(inbound_ifaces, __u32, struct inbound_iface_val, MB_MAX_PODS);
+
 #define MBI_COUNTER_NO_LISTENER COUNTER_INBOUND_NO_LISTENER
 #define MBI_COUNTER_UNSTEERABLE COUNTER_INBOUND_UNSTEERABLE
 

@@ -123,8 +123,12 @@ DIAL = textwrap.dedent("""
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(fam, socket.SOCK_STREAM)
     s.settimeout(5)
+    addr = (host, port)
+    if "%" in host:                  # a link-local address: the scope id must be given
+        ip, dev = host.split("%")
+        addr = (ip, port, 0, socket.if_nametoindex(dev))
     try:
-        s.connect((host, port))
+        s.connect(addr)
     except OSError as e:
         print(json.dumps({"error": e.errno}))
         sys.exit(0)
@@ -354,4 +358,39 @@ def test_redirected_app_sees_its_pod_address_as_local_address(pods):
     # what the sidecar sees (its accepted socket's peer) is not compared: see the docs
     for r in list(got["iptables"].values()) + list(got["ebpf"].values()):
         r["server"].pop("peer")
+    assert got["ebpf"] == got["iptables"]
+
+
+# ---- 8: every local address is captured inbound -------------------------------------------
+
+def test_inbound_to_new_and_link_local_addresses_as_under_iptables(pods):
+    """Istio's `PREROUTING -p tcp -j ISTIO_INBOUND` takes any destination arriving on the
+    pod's interface: an address added after attach and the IPv6 link-local address land
+    on 15006 like the pod IP, and SO_ORIGINAL_DST answers the address dialled."""
+    sb, c, s = pods
+    ll = _link_local(c)
+    _link_local(s)                                   # the client needs one to dial it
+    extra = [("10.233.250.11", "16"), ("fd00:6d62::beef", "64")]
+    cfg = InterceptConfig()
+
+    def run():
+        for ip, plen in extra:                       # added after attach
+            c.exec(["ip", "addr", "add", f"{ip}/{plen}", "dev", "eth0", "nodad"], check=True)
+        try:
+            return {t: dial(s, t, 8080) for t in [c.ip4, c.ip6, f"{ll}%eth0"] +
+                    [ip for ip, _ in extra]}
+        finally:
+            for ip, plen in extra:
+                c.exec(["ip", "addr", "del", f"{ip}/{plen}", "dev", "eth0"], check=False)
+    got = both_modes(sb, c, cfg, run)
+    for t, r in got["iptables"].items():
+        assert r.get("server", {}).get("l") == 15006, (t, r)
+        assert r["server"]["orig"][0] == t.split("%")[0] and r["server"]["orig"][1] == 8080, (t, r)
+    # the listener's own local address is not compared: REDIRECT rewrites it to the
+    # interface's first address and port 15006, tc's socket assignment keeps the original
+    # (docs/inbound.md)
+    for r in list(got["iptables"].values()) + list(got["ebpf"].values()):
+        r.get("server", {}).pop("local", None)
+        if "peer" in r.get("server", {}):
+            r["server"]["peer"] = r["server"]["peer"][0]     # the client's port varies
     assert got["ebpf"] == got["iptables"]
