@@ -3,8 +3,9 @@
  * Hook: tc clsact INGRESS (direct-action) on each of the pod's interfaces, inside the
  * pod's network namespace. Program: tc_inbound_ingress (BPF_PROG_TYPE_SCHED_CLS).
  *
- * What it does, per TCP packet addressed to a pod IP enrolled in `inbound_pods`, on a
- * port that pod's policy captures (`inbound_ports` entry, else the pod's wildcard flag):
+ * What it does, per TCP packet to any address the interface delivers (an enrolled pod IP
+ * in `inbound_pods`, else one of the interface's pod: mbi_policy_key), on a port that
+ * pod's policy captures (`inbound_ports` entry, else the pod's wildcard flag):
  *
  *   1. If the packet belongs to a connection that already has a socket (established,
  *      SYN_RECV request socket, or TIME_WAIT for a non-SYN) it is left alone: the kernel's
