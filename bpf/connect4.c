@@ -3,8 +3,8 @@
  * <inbound_port>, Istio's ISTIO_IN_REDIRECT). A UDP connect to port 53 that the pod's DNS
  * capture takes goes to 127.0.0.1:<dns_port> too: glibc's resolver and Go connect() their
  * UDP socket and then send(), which sendmsg4 never sees.
- * The original destination is kept in orig_dst (by socket cookie) for sockops/getpeername
- * (and, for UDP, in dns_orig for recvmsg4). */
+ * The original destination is kept in orig_dst (by socket cookie) for sockops/getpeername;
+ * a UDP socket's in dns_orig (LRU) for recvmsg4 and getpeername4. */
 #include "meshbpf.h"
 
 int mb_connect4(struct bpf_sock_addr *ctx)
@@ -12,12 +12,12 @@ int mb_connect4(struct bpf_sock_addr *ctx)
     int udp = ctx->type == MB_SOCK_DGRAM;
     if (ctx->type != MB_SOCK_STREAM && !udp)
         return 1;
-    if (udp && (__u16)ctx->user_port != MB_DNS_PORT_BE)
-        return 1;                /* the only UDP Istio's rules redirect is DNS */
     __u64 nc = bpf_get_netns_cookie(ctx);
     struct pod_config *pc = pods.lookup(&nc);
     if (!pc)
         return 1;
+    if (udp && (__u16)ctx->user_port != MB_DNS_PORT_BE)
+        goto udp_direct;         /* the only UDP Istio's rules redirect is DNS */
     __u32 ip[4];
     mb_map4(ip, ctx->user_ip4);
     __u16 port = (__u16)ctx->user_port;
@@ -26,11 +26,21 @@ int mb_connect4(struct bpf_sock_addr *ctx)
     mb_map4(src, sk ? sk->src_ip4 : 0);
     int verdict = mb_should_capture(pc, nc, ip, port, src, udp);
     if (!verdict)
-        return 1;
-    mb_remember(ctx, ip, port, MB_AF_INET, verdict);
-    if (udp)
-        mb_remember_dns(ctx, ip, MB_AF_INET);
+        goto udp_direct;
+    if (udp) {
+        mb_remember_dns(ctx, ip, MB_AF_INET, ORIG_F_CONNECTED);
+        mb_bind_source(ctx, nc, ip, 0);
+        mb_count(COUNTER_DNS_REDIRECT, 1);
+    } else {
+        mb_remember(ctx, ip, port, MB_AF_INET, verdict);
+    }
     ctx->user_ip4 = bpf_htonl(0x7f000001);
     ctx->user_port = (__u32)mb_capture_port(pc, verdict);
+    return 1;
+udp_direct:
+    if (udp) {                   /* connected elsewhere: forget an earlier DNS redirect */
+        __u64 ck = mb_socket_cookie(ctx);
+        dns_orig.delete(&ck);
+    }
     return 1;
 }

@@ -8,12 +8,12 @@ int mb_connect6(struct bpf_sock_addr *ctx)
     int udp = ctx->type == MB_SOCK_DGRAM;
     if (ctx->type != MB_SOCK_STREAM && !udp)
         return 1;
-    if (udp && (__u16)ctx->user_port != MB_DNS_PORT_BE)
-        return 1;
     __u64 nc = bpf_get_netns_cookie(ctx);
     struct pod_config *pc = pods.lookup(&nc);
     if (!pc)
         return 1;
+    if (udp && (__u16)ctx->user_port != MB_DNS_PORT_BE)
+        goto udp_direct;
     __u32 ip[4];
     mb_ctx_ip6(ctx, ip);
     int v4 = mb_is_mapped(ip);
@@ -30,11 +30,21 @@ int mb_connect6(struct bpf_sock_addr *ctx)
     }
     int verdict = mb_should_capture(pc, nc, ip, port, src, udp);
     if (!verdict)
-        return 1;
-    mb_remember(ctx, ip, port, v4 ? MB_AF_INET : MB_AF_INET6, verdict);
-    if (udp)
-        mb_remember_dns(ctx, ip, v4 ? MB_AF_INET : MB_AF_INET6);
+        goto udp_direct;
+    if (udp) {
+        mb_remember_dns(ctx, ip, v4 ? MB_AF_INET : MB_AF_INET6, ORIG_F_CONNECTED);
+        mb_bind_source(ctx, nc, ip, 1);
+        mb_count(COUNTER_DNS_REDIRECT, 1);
+    } else {
+        mb_remember(ctx, ip, port, v4 ? MB_AF_INET : MB_AF_INET6, verdict);
+    }
     mb_set_ctx_loopback6(ctx, v4);
     ctx->user_port = (__u32)mb_capture_port(pc, verdict);
+    return 1;
+udp_direct:
+    if (udp) {                   /* connected elsewhere: forget an earlier DNS redirect */
+        __u64 ck = mb_socket_cookie(ctx);
+        dns_orig.delete(&ck);
+    }
     return 1;
 }

@@ -7,7 +7,7 @@
 int mb_getsockname4(struct bpf_sock_addr *ctx)
 {
     __u64 ck = mb_socket_cookie(ctx);
-    struct orig_dst *o = orig_dst.lookup(&ck);
+    struct orig_dst *o = mb_dialled(ck);
     if (!o || !mb_is_mapped(o->ip))
         return 1;
     if (ctx->user_ip4 != bpf_htonl(0x7f000001))

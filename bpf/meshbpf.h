@@ -140,6 +140,7 @@ struct orig_dst {
     __u32 flags;                 /* ORIG_F_*                                           */
 };
 #define ORIG_F_ANSWERED 1        /* the sidecar has read it (getsockopt)               */
+#define ORIG_F_CONNECTED 2       /* dns_orig: the UDP socket is connect()ed to it      */
 
 /* A socket's identity: also the SOCKHASH key. */
 struct sock_key {
@@ -442,16 +443,33 @@ static __always_inline void mb_remember(void *ctx, const __u32 *ip, __u16 port, 
              verdict == MB_CAPTURE_INBOUND ? COUNTER_REDIRECT_SELF : COUNTER_REDIRECT_OUT, 1);
 }
 
-/* A connected UDP socket's DNS redirect: recvmsg4/6 give the replies the server's address
- * (on a connected socket conntrack un-NATs them under iptables), by socket cookie. */
-static __always_inline void mb_remember_dns(void *ctx, const __u32 *ip, __u16 family)
+/* A UDP DNS redirect, by socket cookie: recvmsg4/6 give the replies the server's address
+ * (conntrack un-NATs them under iptables). `flags` ORIG_F_CONNECTED for a connect()ed
+ * socket (getpeername/getsockname then answer from it too). UDP keeps no orig_dst entry:
+ * dns_orig is LRU, so kernels without sock_release (before 5.9) do not leak there. */
+static __always_inline void mb_remember_dns(void *ctx, const __u32 *ip, __u16 family,
+                                            __u32 flags)
 {
     struct orig_dst od = {};
     mb_copy_ip(od.ip, ip);
     od.port = MB_DNS_PORT_BE;
     od.family = family;
+    od.flags = flags;
     __u64 ck = mb_socket_cookie(ctx);
     dns_orig.update(&ck, &od);
+}
+
+/* What a redirected socket dialled: orig_dst (TCP), else the DNS server a connect()ed UDP
+ * socket was redirected from. */
+static __always_inline struct orig_dst *mb_dialled(__u64 ck)
+{
+    struct orig_dst *o = orig_dst.lookup(&ck);
+    if (o)
+        return o;
+    o = dns_orig.lookup(&ck);
+    if (o && (o->flags & ORIG_F_CONNECTED))
+        return o;
+    return NULL;
 }
 
 /* The local address a redirected socket would have had under iptables, where REDIRECT
@@ -480,6 +498,33 @@ static __always_inline int mb_redirect_source(__u64 nc, const __u32 *dst, __u32 
         return 0;
     mb_copy_ip(out, s->v6);
     return 1;
+}
+
+/* Bind a UDP socket whose connect() goes to the loopback DNS listener to the source it has
+ * under iptables (mb_redirect_source; REDIRECT leaves it alone): getsockname is right,
+ * the listener's reply (sent to that address) is accepted, and a later connect() of the
+ * same socket to another host works (with 127.0.0.1 as its source it could not). Only an
+ * unbound socket: the kernel refuses (EINVAL) a socket the app bound, which keeps its own. */
+static __always_inline void mb_bind_source(struct bpf_sock_addr *ctx, __u64 nc,
+                                           const __u32 *dst, int v6sock)
+{
+    __u32 src[4];
+    if (!mb_redirect_source(nc, dst, src))
+        return;
+    if (!v6sock) {
+        struct sockaddr_in sa = {};
+        sa.sin_family = MB_AF_INET;
+        sa.sin_addr.s_addr = src[3];
+        bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa));
+        return;
+    }
+    struct sockaddr_in6 sa6 = {};
+    sa6.sin6_family = MB_AF_INET6;
+    sa6.sin6_addr.in6_u.u6_addr32[0] = src[0];
+    sa6.sin6_addr.in6_u.u6_addr32[1] = src[1];
+    sa6.sin6_addr.in6_u.u6_addr32[2] = src[2];
+    sa6.sin6_addr.in6_u.u6_addr32[3] = src[3];
+    bpf_bind(ctx, (struct sockaddr *)&sa6, sizeof(sa6));
 }
 
 /* ---- inbound (tc_inbound.c) -------------------------------------------------------------

@@ -21,7 +21,7 @@ int mb_sendmsg4(struct bpf_sock_addr *ctx)
     mb_map4(src, sk ? sk->src_ip4 : 0);
     if (mb_should_capture(pc, nc, ip, MB_DNS_PORT_BE, src, 1) != MB_CAPTURE_DNS)
         return 1;
-    mb_remember_dns(ctx, ip, MB_AF_INET);
+    mb_remember_dns(ctx, ip, MB_AF_INET, 0);
     ctx->user_ip4 = bpf_htonl(0x7f000001);
     ctx->user_port = (__u32)pc->dns_port;
     mb_count(COUNTER_DNS_REDIRECT, 1);

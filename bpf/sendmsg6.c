@@ -25,7 +25,7 @@ int mb_sendmsg6(struct bpf_sock_addr *ctx)
     }
     if (mb_should_capture(pc, nc, ip, MB_DNS_PORT_BE, src, 1) != MB_CAPTURE_DNS)
         return 1;
-    mb_remember_dns(ctx, ip, v4 ? MB_AF_INET : MB_AF_INET6);
+    mb_remember_dns(ctx, ip, v4 ? MB_AF_INET : MB_AF_INET6, 0);
     mb_set_ctx_loopback6(ctx, v4);
     ctx->user_port = (__u32)pc->dns_port;
     mb_count(COUNTER_DNS_REDIRECT, 1);

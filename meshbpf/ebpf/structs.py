@@ -32,6 +32,7 @@ RULE_EXCLUDE = 2
 
 NODE_F_SPLICE = 1 << 0
 ORIG_F_ANSWERED = 1
+ORIG_F_CONNECTED = 2
 
 # enum mb_counter, in order (index = position); COUNTER_MAX slots in the per-CPU array.
 COUNTERS = [

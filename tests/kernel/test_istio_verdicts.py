@@ -143,8 +143,9 @@ DIAL = textwrap.dedent("""
     print(json.dumps(out))
 """)
 
-# A DNS query for x.test: `connected` (connect()+send(), as glibc and Go do), `unconnected`
-# (sendto) or `tcp`; which server answered, from where, and the socket's names.
+# A DNS query for x.test: `connected` (connect()+send(), as glibc and Go do; then the
+# socket is connected to port 5353), `unconnected` (sendto) or `tcp`; which server
+# answered, from where, and the socket's names.
 QUERY = textwrap.dedent("""
     import json, socket, struct, sys
     mode, host = sys.argv[1], sys.argv[2]
@@ -176,6 +177,9 @@ QUERY = textwrap.dedent("""
     if mode != "unconnected":
         out["peer"] = list(s.getpeername()[:2])
     out["local"] = s.getsockname()[0]
+    if mode == "connected":          # the same socket connected elsewhere: a plain peer
+        s.connect((host, 5353))
+        out["reconnected"] = [list(s.getpeername()[:2]), s.getsockname()[0]]
     print(json.dumps(out))
 """)
 

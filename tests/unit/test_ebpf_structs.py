@@ -88,7 +88,7 @@ def test_flag_constants_match_header():
                  "POD_F_OWNER_EXCLUDE", "POD_F_INBOUND_ALL", "POD_F_DNS", "POD_F_DNS_ALL",
                  "POD_F_LOOPBACK_INCLUDED",
                  "MB_DNS_SCOPE", "RULE_INCLUDE", "RULE_EXCLUDE",
-                 "NODE_F_SPLICE", "ORIG_F_ANSWERED", "MB_MAX_IDS", "MB_MAX_PODS"):
+                 "NODE_F_SPLICE", "ORIG_F_ANSWERED", "ORIG_F_CONNECTED", "MB_MAX_IDS", "MB_MAX_PODS"):
         assert _eval(name, defines) == getattr(structs, name), name
 
 
