@@ -28,11 +28,12 @@
  *   node_cfg      sockops (splice on/off)                      — written by Python
  *   orig_dst      connect4/6 write, getpeername4/6 read, sockops copy + delete,
  *                 sock_release delete
- *   dns_orig      sendmsg4/6 write, recvmsg4/6 read, sock_release delete (by cookie;
- *                 LRU only as a backstop on kernels without sock_release)
+ *   dns_orig      sendmsg4/6 and connect4/6 (connected UDP) write, recvmsg4/6 read,
+ *                 getpeername4/6 and getsockname4/6 read (connected UDP), sock_release
+ *                 delete (by cookie; LRU only as a backstop on kernels without it)
  *   pairs         sockops write/delete, getsockopt read
  *   sock_hash     sockops insert, sk_msg redirect
- *   inbound_pods, inbound_ports   tc_inbound (see the inbound section)
+ *   inbound_pods, inbound_ports, inbound_ifaces   tc_inbound (see the inbound section)
  *   counters      everyone (index enum below)
  */
 #ifndef MESHBPF_H
