@@ -34,6 +34,7 @@ APP_UID = 1000
 PROXY_UID = 1337
 ANSWER_REAL = "192.0.2.53"       # the DNS server's answer
 ANSWER_SIDECAR = "192.0.2.150"   # the sidecar DNS proxy's answer
+ANSWER_LOCAL = "192.0.2.1"       # a DNS server in the meshed pod itself (port 53)
 
 # Listeners: "tcp:PORT" reports {l, orig, peer, local} as JSON; "dns:PORT:IP[:lo]" answers
 # DNS A queries with IP over UDP and TCP.
@@ -149,6 +150,7 @@ DIAL = textwrap.dedent("""
 QUERY = textwrap.dedent("""
     import json, socket, struct, sys
     mode, host = sys.argv[1], sys.argv[2]
+    port = int(sys.argv[3]) if len(sys.argv) > 3 else 53
     fam = socket.AF_INET6 if ":" in host else socket.AF_INET
     q = b"\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00\\x01x\\x04test\\x00\\x00\\x01\\x00\\x01"
     out = {}
@@ -156,26 +158,30 @@ QUERY = textwrap.dedent("""
         if mode == "tcp":
             s = socket.socket(fam, socket.SOCK_STREAM)
             s.settimeout(5)
-            s.connect((host, 53))
-            s.sendall(struct.pack("!H", len(q)) + q)
-            data = s.recv(4096)[2:]
+            s.connect((host, port))
             frm = s.getpeername()
+            s.sendall(struct.pack("!H", len(q)) + q)
+            data = s.recv(4096)
+            data = data if data.startswith(b"{") else data[2:]
         else:
             s = socket.socket(fam, socket.SOCK_DGRAM)
             s.settimeout(5)
             if mode == "connected":
-                s.connect((host, 53))
+                s.connect((host, port))
+                peer = s.getpeername()
                 s.send(q)
             else:
-                s.sendto(q, (host, 53))
+                s.sendto(q, (host, port))
             data, frm = s.recvfrom(4096)
     except OSError as e:
         print(json.dumps({"error": str(e)}))
         sys.exit(0)
-    out["answer"] = socket.inet_ntoa(data[-4:])
+    # a TCP listener of the sidecar (not a DNS server) answers with its JSON report
+    out["answer"] = ("listener %d" % json.loads(data)["l"] if data.startswith(b"{")
+                     else socket.inet_ntoa(data[-4:]))
     out["from"] = list(frm[:2])
     if mode != "unconnected":
-        out["peer"] = list(s.getpeername()[:2])
+        out["peer"] = list((frm if mode == "tcp" else peer)[:2])
     out["local"] = s.getsockname()[0]
     if mode == "connected":          # the same socket connected elsewhere: a plain peer
         s.connect((host, 5353))
@@ -192,6 +198,8 @@ def pods():
                       uid=PROXY_UID, label="listeners")
         for port in (8080, 15001, 15006, 15053):
             c.wait_port(port, listening=True, proc=srv)
+        local = c.spawn([_py(), "-c", SERVE, f"dns:53:{ANSWER_LOCAL}"], label="local-dns")
+        c.wait_port(53, listening=True, proc=local)
         real = s.spawn([_py(), "-c", SERVE, f"tcp:8080,dns:53:{ANSWER_REAL}"], label="server")
         s.wait_port(53, listening=True, proc=real)
         s.wait_port(8080, listening=True, proc=real)
@@ -230,6 +238,12 @@ def dial(pod, host, port, uid=APP_UID):
 def query(pod, mode, host, uid=APP_UID, gid=None):
     return _json(pod.exec([_py(), "-c", QUERY, mode, host], uid=uid, gid=gid, timeout=30),
                  f"{mode} DNS query to {host}")
+
+
+def query_answer(pod, mode, host, uid=APP_UID):
+    """Who answered a DNS query (or the error), for verdict tables."""
+    r = query(pod, mode, host, uid=uid)
+    return r.get("answer", r.get("error"))
 
 
 def both_modes(sb, c, config, run):
@@ -397,4 +411,34 @@ def test_inbound_to_new_and_link_local_addresses_as_under_iptables(pods):
         r.get("server", {}).pop("local", None)
         if "peer" in r.get("server", {}):
             r["server"]["peer"] = r["server"]["peer"][0]     # the client's port varies
+    assert got["ebpf"] == got["iptables"]
+
+
+# ---- 10a/10b: Istio's `-o lo` rules for the app and the proxy, per config -------------------
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"outbound_ip_ranges_include": "127.0.0.0/8,10.0.0.0/8"},
+    {"redirect_dns": True, "dns_servers_v4": ["127.0.0.53"]},
+    {"redirect_dns": True, "dns_servers_v4": ["10.96.0.10"]},
+    {"redirect_dns": True, "capture_all_dns": True, "outbound_ports_exclude": "8080"},
+], ids=["default", "loopback-included", "dns-on-lo", "dns-elsewhere", "dns-all-port-exclude"])
+def test_traffic_over_lo_follows_istio_rules(pods, extra):
+    """The app and the proxy dialling loopback and the pod's own addresses, TCP and DNS
+    (UDP connected/unconnected, TCP), under the configs that change Istio's `-o lo`
+    rules (loopback in an include range, DNS capture, port excludes)."""
+    sb, c, s = pods
+    cfg = InterceptConfig(**extra)
+
+    def run():
+        out = {}
+        for uid in (APP_UID, PROXY_UID):
+            for t in ("127.0.0.2", c.ip4, "127.0.0.1"):
+                r = dial(c, t, 8080, uid=uid)
+                out[("tcp", uid, t)] = r.get("server", {}).get("l", r.get("error"))
+            for t in ("127.0.0.53", c.ip4):
+                for mode in ("connected", "unconnected", "tcp"):
+                    out[(mode, uid, t)] = query_answer(c, mode, t, uid=uid)
+        return out
+    got = both_modes(sb, c, cfg, run)
     assert got["ebpf"] == got["iptables"]
