@@ -4,7 +4,7 @@
 int mb_getpeername6(struct bpf_sock_addr *ctx)
 {
     __u64 ck = mb_socket_cookie(ctx);
-    struct orig_dst *o = orig_dst.lookup(&ck);
+    struct orig_dst *o = mb_dialled(ck);
     if (!o)
         return 1;
     mb_set_ctx_ip6(ctx, o->ip);

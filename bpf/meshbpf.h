@@ -22,16 +22,21 @@
  *   cidr_rules    connect4/6 (outbound CIDR include/exclude)   — written by Python
  *   port_rules    connect4/6 (outbound port include/exclude)   — written by Python
  *   local_ips     sockops (is the peer on this node? => splice) — written by Python
+ *   netns_addrs   connect4/6, sendmsg4/6, getsockname4/6 (is an address one of the socket's
+ *                 netns's own, i.e. reached over `lo`?) — written by Python
+ *   netns_src     getsockname4/6 (the pod address the kernel picks as source) — Python
  *   node_cfg      sockops (splice on/off)                      — written by Python
  *   orig_dst      connect4/6 write, getpeername4/6 read, sockops copy + delete,
  *                 sock_release delete
- *   dns_orig      sendmsg4/6 write, recvmsg4/6 read, sock_release delete (by cookie;
- *                 LRU only on kernels without sock_release, see MB_NO_SOCK_RELEASE)
+ *   dns_orig      sendmsg4/6 and connect4/6 (connected UDP) write, recvmsg4/6 read,
+ *                 getpeername4/6 and getsockname4/6 read (connected UDP), sock_release
+ *                 and connect4/6 (connected elsewhere) delete (by cookie; LRU only on
+ *                 kernels without sock_release, see MB_NO_SOCK_RELEASE)
  *   pairs         sockops write/delete, getsockopt read
  *   pod_conns     connect4/6 + sendmsg4/6 count up, sockops/sock_release count down
  *                 (the per-pod share of orig_dst and dns_orig; see "Full maps")
  *   sock_hash     sockops insert, sk_msg redirect
- *   inbound_pods, inbound_ports   tc_inbound (see the inbound section)
+ *   inbound_pods, inbound_ports, inbound_ifaces   tc_inbound (see the inbound section)
  *   counters      everyone (index enum below)
  */
 #ifndef MESHBPF_H
@@ -82,6 +87,8 @@
 #define POD_F_INBOUND_ALL    (1u << 4)  /* inbound_ports_include == '*' (inbound's)     */
 #define POD_F_DNS            (1u << 5)  /* redirect_dns: port 53 to the sidecar's DNS   */
 #define POD_F_DNS_ALL        (1u << 6)  /* capture_all_dns: any server, not the listed  */
+#define POD_F_LOOPBACK_INCLUDED (1u << 7) /* an include range is a loopback address: Istio
+                                            then writes no `-o lo ! --uid-owner -j RETURN` */
 
 /* cidr_rules scope of a pod's DNS servers (dns_servers_v4/v6): pod_index | MB_DNS_SCOPE */
 #define MB_DNS_SCOPE 0x80000000u
@@ -130,6 +137,21 @@ struct ip_key {
     __u32 ip[4];
 };
 
+/* One address of a pod's netns (any interface, link-local and `lo` included): connections
+ * to it leave through `lo`, Istio's `-o lo`. Keyed by netns cookie because link-local and
+ * secondary addresses repeat across pods. Value: the pod's pod_index. */
+struct netns_addr_key {
+    __u64 netns;
+    __u32 ip[4];                 /* v4-mapped if IPv4, network order */
+};
+
+/* The source address the kernel gives a pod's socket for an off-pod destination (the pod
+ * address of each family; zeros if it has none). */
+struct netns_src {
+    __u32 v4[4];                 /* v4-mapped */
+    __u32 v6[4];
+};
+
 #define NODE_F_SPLICE (1u << 0)
 /* tc_inbound hands every captured SYN to sk_lookup (as it does on its own when
  * bpf_sk_assign refuses a SO_REUSEPORT listener, Linux < 6.5): tests prove that path. */
@@ -150,6 +172,7 @@ struct orig_dst {
     __u32 flags;                 /* ORIG_F_*                                           */
 };
 #define ORIG_F_ANSWERED 1        /* the sidecar has read it (getsockopt)               */
+#define ORIG_F_CONNECTED 2       /* dns_orig: the UDP socket is connect()ed to it      */
 
 /* A socket's identity: also the SOCKHASH key. */
 struct sock_key {
@@ -210,6 +233,8 @@ BPF_HASH(dns_orig, __u64, struct orig_dst, MB_MAX_CONNS);
 #endif
 /* netns cookie -> entries of orig_dst + dns_orig the pod holds (its share, see above) */
 BPF_HASH(pod_conns, __u64, __u64, MB_MAX_PODS);
+BPF_HASH(netns_addrs, struct netns_addr_key, __u32, 65536);
+BPF_HASH(netns_src, __u64, struct netns_src, MB_MAX_PODS);
 BPF_PERCPU_ARRAY(counters, __u64, COUNTER_MAX);
 
 /* ---- splice backpressure (sk_msg.c, sockops.c) --------------------------------------------
@@ -347,6 +372,41 @@ static __always_inline int mb_dns_target(struct pod_config *pc, const __u32 *ip)
     return r && *r == RULE_INCLUDE;
 }
 
+#define MB_CAPTURE_PROXY 1       /* redirect to the outbound listener (proxy_port)     */
+#define MB_CAPTURE_DNS 2         /* redirect to the DNS listener (dns_port)            */
+#define MB_CAPTURE_INBOUND 3     /* redirect to the inbound listener (inbound_port)    */
+
+/* Istio's host loopback `-d 127.0.0.1/32` / `-d ::1/128`; the unspecified address too,
+ * because connect() to it goes to the loopback address. */
+static __always_inline int mb_is_host_loopback(const __u32 *ip)
+{
+    if (mb_is_mapped(ip))
+        return ip[3] == bpf_htonl(0x7f000001) || ip[3] == 0;
+    return ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && (ip[3] == bpf_htonl(1) || ip[3] == 0);
+}
+
+/* The sidecar's inbound passthrough source, 127.0.0.6 / ::6 (Istio's `-o lo -s ... RETURN`) */
+static __always_inline int mb_is_passthrough(const __u32 *src)
+{
+    if (mb_is_mapped(src))
+        return src[3] == bpf_htonl(0x7f000006);
+    return src[0] == 0 && src[1] == 0 && src[2] == 0 && src[3] == bpf_htonl(6);
+}
+
+/* Would a packet to `ip` leave through `lo` of netns `nc` (iptables' `-o lo`)? The kernel
+ * routes every address of the netns there, on any interface. Loopback is known here; the
+ * netns's other addresses come from netns_addrs (attach and re-attach fill it: an address
+ * added in between counts as remote until the next attach). */
+static __always_inline int mb_is_local(__u64 nc, const __u32 *ip)
+{
+    if (mb_is_loopback(ip))
+        return 1;
+    struct netns_addr_key k = {};
+    k.netns = nc;
+    mb_copy_ip(k.ip, ip);
+    return netns_addrs.lookup(&k) != NULL;
+}
+
 static __always_inline int mb_is_proxy(struct pod_config *pc)
 {
     __u64 ug = bpf_get_current_uid_gid();
@@ -354,51 +414,71 @@ static __always_inline int mb_is_proxy(struct pod_config *pc)
     return mb_id_in(uid, pc->uids, pc->n_uids) || mb_id_in(gid, pc->gids, pc->n_gids);
 }
 
-#define MB_CAPTURE_PROXY 1       /* redirect to the outbound listener (proxy_port)     */
-#define MB_CAPTURE_DNS 2         /* redirect to the DNS listener (dns_port)            */
-#define MB_CAPTURE_INBOUND 3     /* redirect to the inbound listener (inbound_port)    */
-
-/* Istio's `-o lo ! -d 127.0.0.1 ! --dport 15008 --uid-owner 1337 -j ISTIO_IN_REDIRECT`:
- * the proxy dialling its own pod's IP goes through its inbound listener, unless the
- * connection comes from the inbound passthrough itself (bound to 127.0.0.6 / ::6). */
-static __always_inline int mb_proxy_to_self(struct pod_config *pc, const __u32 *ip,
-                                            __u16 port, const __u32 *src)
-{
-    if (port == pc->tunnel_port || port == MB_DNS_PORT_BE)
-        return 0;
-    if (mb_is_mapped(src) ? src[3] == bpf_htonl(0x7f000006)
-                          : (src[0] == 0 && src[1] == 0 && src[2] == 0 && src[3] == bpf_htonl(6)))
-        return 0;
-    struct ip_key k = {};
-    mb_copy_ip(k.ip, ip);
-    __u32 *owner = local_ips.lookup(&k);
-    return owner && *owner == pc->pod_index;
-}
-
-/* The outbound decision shared by connect4 and connect6, in Istio's ISTIO_OUTPUT order:
- * outbound_ports_exclude -> proxy uid/gid (its own pod IP: inbound) -> owner groups ->
- * DNS (port 53 to a captured server) -> loopback and excluded ranges ->
- * outbound_ports_include -> included ranges ('*' = all). `ip` is v4-mapped for IPv4,
- * `port` network order, `src` the socket's bound source (v4-mapped, or zeros). Returns 0
+/* The outbound decision shared by connect4/6 (TCP, and UDP DNS on a connect()) and
+ * sendmsg4/6 (UDP DNS), rule for rule in the order of Istio's nat ISTIO_OUTPUT
+ * (meshbpf/iptables/rules.py):
+ *   outbound_ports_exclude (tcp and udp)       -> leave
+ *   -o lo -s 127.0.0.6 (::6)                    -> leave
+ *   per proxy uid, then per proxy gid, U:
+ *     -o lo ! -d 127.0.0.1 -p tcp ! --dport 15008 [! 53 with DNS, uids only] owner U
+ *                                               -> inbound listener
+ *     -o lo [-p tcp ! --dport 53 with DNS] ! owner U   (absent if an include range is a
+ *                                                loopback address)  -> leave
+ *     owner U                                   -> leave
+ *   owner groups include / exclude              -> leave
+ *   ISTIO_OUTPUT_DNS: port 53 to a captured server (tcp and udp) -> DNS listener
+ *   -d 127.0.0.1 (::1), excluded ranges         -> leave
+ *   outbound_ports_include, included ranges     -> outbound listener (tcp only)
+ * `nc` the socket's netns cookie, `ip` v4-mapped for IPv4, `port` network order, `src` the
+ * socket's bound source (v4-mapped, or zeros), `udp` for a datagram socket. Returns 0
  * (leave it), MB_CAPTURE_PROXY, MB_CAPTURE_DNS or MB_CAPTURE_INBOUND. */
-static __always_inline int mb_should_capture(struct pod_config *pc, const __u32 *ip, __u16 port,
-                                             const __u32 *src)
+static __always_inline int mb_should_capture(struct pod_config *pc, __u64 nc, const __u32 *ip,
+                                             __u16 port, const __u32 *src, int udp)
 {
     __u64 ug = bpf_get_current_uid_gid();
-    __u32 gid = (__u32)(ug >> 32);
+    __u32 uid = (__u32)ug, gid = (__u32)(ug >> 32);
     struct port_key pk = {};
     pk.pod_index = pc->pod_index;
     pk.port = port;
     __u32 *pa = port_rules.lookup(&pk);
-    if (pa && *pa == RULE_EXCLUDE) {
-        mb_count(COUNTER_BYPASS_RULE, 1);
-        return 0;
+    if (pa && *pa == RULE_EXCLUDE)
+        goto bypass;
+    int local = mb_is_local(nc, ip);
+    /* An unbound IPv6 socket dialling a local address gets that address as its source
+     * (RFC 6724 rule 1), so dialling ::6 is "from ::6"; IPv4 takes the route's 127.0.0.1
+     * or pod IP. */
+    int unbound = !(src[0] | src[1] | src[2] | src[3]) ||
+                  (mb_is_mapped(src) && !src[3]);
+    if (local && (mb_is_passthrough(src) ||
+                  (unbound && !mb_is_mapped(ip) && mb_is_passthrough(ip))))
+        goto bypass;
+    int dns53 = (pc->flags & POD_F_DNS) && port == MB_DNS_PORT_BE;
+    int in_redirect = local && !udp && !mb_is_host_loopback(ip) && port != pc->tunnel_port;
+    int lo_return = local && !(pc->flags & POD_F_LOOPBACK_INCLUDED) &&
+                    !((pc->flags & POD_F_DNS) && (udp || port == MB_DNS_PORT_BE));
+#pragma unroll
+    for (int i = 0; i < MB_MAX_IDS; i++) {
+        if (i < pc->n_uids) {
+            if (pc->uids[i] == uid) {
+                if (in_redirect && !dns53)
+                    return MB_CAPTURE_INBOUND;
+                goto proxy;
+            }
+            if (lo_return)
+                goto bypass;
+        }
     }
-    if (mb_is_proxy(pc)) {
-        if (mb_proxy_to_self(pc, ip, port, src))
-            return MB_CAPTURE_INBOUND;
-        mb_count(COUNTER_BYPASS_PROXY, 1);
-        return 0;
+#pragma unroll
+    for (int i = 0; i < MB_MAX_IDS; i++) {
+        if (i < pc->n_gids) {
+            if (pc->gids[i] == gid) {
+                if (in_redirect)
+                    return MB_CAPTURE_INBOUND;
+                goto proxy;
+            }
+            if (lo_return)
+                goto bypass;
+        }
     }
     if ((pc->flags & POD_F_OWNER_INCLUDE) && !mb_id_in(gid, pc->owner_gids, pc->n_owner_gids))
         goto bypass;
@@ -406,6 +486,8 @@ static __always_inline int mb_should_capture(struct pod_config *pc, const __u32 
         goto bypass;
     if (port == MB_DNS_PORT_BE && mb_dns_target(pc, ip))
         return MB_CAPTURE_DNS;
+    if (udp || mb_is_host_loopback(ip))
+        goto bypass;
     struct cidr_key ck = {};
     ck.prefixlen = 32 + 128;
     ck.pod_index = mb_cidr_scope(pc->pod_index, ip);
@@ -414,15 +496,15 @@ static __always_inline int mb_should_capture(struct pod_config *pc, const __u32 
     __u32 crule = ca ? *ca : 0;
     if (crule == RULE_EXCLUDE)
         goto bypass;
-    /* loopback is never captured unless a listed (not '*') range explicitly includes it */
-    if (mb_is_loopback(ip) && crule != RULE_INCLUDE)
-        goto bypass;
     if (pa && *pa == RULE_INCLUDE)
         return MB_CAPTURE_PROXY;
     if (crule == RULE_INCLUDE || (pc->flags & POD_F_OUTBOUND_ALL))
         return MB_CAPTURE_PROXY;
 bypass:
     mb_count(COUNTER_BYPASS_RULE, 1);
+    return 0;
+proxy:
+    mb_count(COUNTER_BYPASS_PROXY, 1);
     return 0;
 }
 
@@ -495,23 +577,108 @@ static __always_inline int mb_remember(void *ctx, __u64 nc, const __u32 *ip, __u
     return 0;
 }
 
-/* sendmsg4/6: remember the DNS server a UDP socket asked (charged like a connection, once
- * per socket); -1 if there is no room: the send must be refused, not redirected. */
-static __always_inline int mb_remember_dns(void *ctx, __u64 nc, struct orig_dst *od)
+/* A UDP DNS redirect, by socket cookie: recvmsg4/6 give the replies the server's address
+ * (conntrack un-NATs them under iptables). `flags` ORIG_F_CONNECTED for a connect()ed
+ * socket (getpeername/getsockname then answer from it too). Charged to the pod's share
+ * once per socket; -1 if there is no room: the send or connect must be refused, not
+ * redirected. UDP keeps no orig_dst entry. */
+static __always_inline int mb_remember_dns(void *ctx, __u64 nc, const __u32 *ip, __u16 family,
+                                           __u32 flags)
 {
+    struct orig_dst od = {};
+    mb_copy_ip(od.ip, ip);
+    od.port = MB_DNS_PORT_BE;
+    od.family = family;
+    od.flags = flags;
     __u64 ck = mb_socket_cookie(ctx);
     struct orig_dst *prev = dns_orig.lookup(&ck);
     if (prev) {
-        __builtin_memcpy(prev, od, sizeof(*od));
+        __builtin_memcpy(prev, &od, sizeof(od));
         return 0;
     }
     __u64 *cnt = mb_share(&nc);
-    if (!cnt || dns_orig.insert(&ck, od) != 0) {
+    if (!cnt || dns_orig.insert(&ck, &od) != 0) {
         mb_count(COUNTER_CONN_REFUSED, 1);
         return -1;
     }
     __sync_fetch_and_add(cnt, 1);
     return 0;
+}
+
+/* A UDP socket connected elsewhere: forget its DNS redirect and give back its share. */
+static __always_inline void mb_forget_dns(void *ctx, __u64 nc)
+{
+    __u64 ck = mb_socket_cookie(ctx);
+    if (dns_orig.delete(&ck) == 0)
+        mb_uncharge(&nc);
+}
+
+/* What a redirected socket dialled: orig_dst (TCP), else the DNS server a connect()ed UDP
+ * socket was redirected from. */
+static __always_inline struct orig_dst *mb_dialled(__u64 ck)
+{
+    struct orig_dst *o = orig_dst.lookup(&ck);
+    if (o)
+        return o;
+    o = dns_orig.lookup(&ck);
+    if (o && (o->flags & ORIG_F_CONNECTED))
+        return o;
+    return NULL;
+}
+
+/* The local address a redirected socket would have had under iptables, where REDIRECT
+ * rewrites the destination after the kernel chose the source for the original one: that
+ * destination itself if it is one of the netns's own non-loopback addresses (the kernel
+ * then picks it), else the pod's address of that family (netns_src). 0 if the loopback
+ * address the socket has is already right (a loopback destination) or nothing is known. */
+static __always_inline int mb_redirect_source(__u64 nc, const __u32 *dst, __u32 *out)
+{
+    if (mb_is_loopback(dst))
+        return 0;
+    if (mb_is_local(nc, dst)) {
+        mb_copy_ip(out, dst);
+        return 1;
+    }
+    struct netns_src *s = netns_src.lookup(&nc);
+    if (!s)
+        return 0;
+    if (mb_is_mapped(dst)) {
+        if (!s->v4[3])
+            return 0;
+        mb_copy_ip(out, s->v4);
+        return 1;
+    }
+    if (!(s->v6[0] | s->v6[1] | s->v6[2] | s->v6[3]))
+        return 0;
+    mb_copy_ip(out, s->v6);
+    return 1;
+}
+
+/* Bind a UDP socket whose connect() goes to the loopback DNS listener to the source it has
+ * under iptables (mb_redirect_source; REDIRECT leaves it alone): getsockname is right,
+ * the listener's reply (sent to that address) is accepted, and a later connect() of the
+ * same socket to another host works (with 127.0.0.1 as its source it could not). Only an
+ * unbound socket: the kernel refuses (EINVAL) a socket the app bound, which keeps its own. */
+static __always_inline void mb_bind_source(struct bpf_sock_addr *ctx, __u64 nc,
+                                           const __u32 *dst, int v6sock)
+{
+    __u32 src[4];
+    if (!mb_redirect_source(nc, dst, src))
+        return;
+    if (!v6sock) {
+        struct sockaddr_in sa = {};
+        sa.sin_family = MB_AF_INET;
+        sa.sin_addr.s_addr = src[3];
+        bpf_bind(ctx, (struct sockaddr *)&sa, sizeof(sa));
+        return;
+    }
+    struct sockaddr_in6 sa6 = {};
+    sa6.sin6_family = MB_AF_INET6;
+    sa6.sin6_addr.in6_u.u6_addr32[0] = src[0];
+    sa6.sin6_addr.in6_u.u6_addr32[1] = src[1];
+    sa6.sin6_addr.in6_u.u6_addr32[2] = src[2];
+    sa6.sin6_addr.in6_u.u6_addr32[3] = src[3];
+    bpf_bind(ctx, (struct sockaddr *)&sa6, sizeof(sa6));
 }
 
 /* ---- inbound (tc_inbound.c) -------------------------------------------------------------
@@ -553,6 +720,18 @@ struct inbound_port_key {
 #define INBOUND_PORT_BYPASS 2    /* deliver as addressed  */
 BPF_HASH(inbound_pods, struct inbound_pod_key, struct inbound_pod_val, MB_MAX_PODS);
 BPF_HASH(inbound_ports, struct inbound_port_key, __u32, 65536);
+
+/* Every address the pod's interface delivers is the pod's, as for Istio's PREROUTING rule
+ * (link-local ones, and addresses added after attach, which inbound_pods does not list).
+ * Each pod's tc filter carries its own classid 4d42:<id>; cls_bpf stores its minor (the
+ * 16-bit qdisc_skb_cb tc_classid) in skb->tc_classid before running the program, and
+ * inbound_ifaces[id] names one of the pod's enrolled IPs, whose inbound_pods/inbound_ports
+ * entries then decide. */
+struct inbound_iface_val {
+    __u32 ip[4];                 /* an inbound_pods key of the pod (its policy)    */
+    __u64 netns;                 /* the pod's netns cookie (owner, for re-attach/detach) */
+};
+BPF_HASH(inbound_ifaces, __u32, struct inbound_iface_val, MB_MAX_PODS);
 
 #define MBI_COUNTER_NO_LISTENER COUNTER_INBOUND_NO_LISTENER
 #define MBI_COUNTER_UNSTEERABLE COUNTER_INBOUND_UNSTEERABLE

@@ -8,20 +8,24 @@ int mb_sendmsg6(struct bpf_sock_addr *ctx)
         return 1;
     __u64 nc = bpf_get_netns_cookie(ctx);
     struct pod_config *pc = pods.lookup(&nc);
-    if (!pc || !(pc->flags & POD_F_DNS) || mb_is_proxy(pc))
+    if (!pc || !(pc->flags & POD_F_DNS))
         return 1;
     __u32 ip[4];
     mb_ctx_ip6(ctx, ip);
     int v4 = mb_is_mapped(ip);
     if (!v4 && !(pc->flags & POD_F_IPV6))
         return 1;
-    if (!mb_dns_target(pc, ip))
+    __u32 src[4] = {};
+    struct bpf_sock *sk = ctx->sk;
+    if (sk) {
+        src[0] = sk->src_ip6[0];
+        src[1] = sk->src_ip6[1];
+        src[2] = sk->src_ip6[2];
+        src[3] = sk->src_ip6[3];
+    }
+    if (mb_should_capture(pc, nc, ip, MB_DNS_PORT_BE, src, 1) != MB_CAPTURE_DNS)
         return 1;
-    struct orig_dst od = {};
-    mb_copy_ip(od.ip, ip);
-    od.port = MB_DNS_PORT_BE;
-    od.family = v4 ? MB_AF_INET : MB_AF_INET6;
-    if (mb_remember_dns(ctx, nc, &od))
+    if (mb_remember_dns(ctx, nc, ip, v4 ? MB_AF_INET : MB_AF_INET6, 0))
         return 0;                /* no room to record it: refuse (EPERM), never redirect */
     mb_set_ctx_loopback6(ctx, v4);
     ctx->user_port = (__u32)pc->dns_port;

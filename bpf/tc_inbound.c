@@ -3,8 +3,9 @@
  * Hook: tc clsact INGRESS (direct-action) on each of the pod's interfaces, inside the
  * pod's network namespace. Program: tc_inbound_ingress (BPF_PROG_TYPE_SCHED_CLS).
  *
- * What it does, per TCP packet addressed to a pod IP enrolled in `inbound_pods`, on a
- * port that pod's policy captures (`inbound_ports` entry, else the pod's wildcard flag):
+ * What it does, per TCP packet to any address the interface delivers (an enrolled pod IP
+ * in `inbound_pods`, else one of the interface's pod: mbi_policy_key), on a port that
+ * pod's policy captures (`inbound_ports` entry, else the pod's wildcard flag):
  *
  *   1. If the packet belongs to a connection that already has a socket (established,
  *      SYN_RECV request socket, or TIME_WAIT for a non-SYN) it is left alone: the kernel's
@@ -95,10 +96,31 @@ static __always_inline int mbi_unsteerable(struct inbound_pod_key *pk)
     return TC_ACT_SHOT;
 }
 
+/* The key whose policy decides for destination `pk`: `pk` itself if it is an enrolled pod
+ * IP, else the pod this filter was attached for (the filter's classid, see inbound_ifaces),
+ * so that every address the interface delivers is captured. Returns 1 in the second case. */
+static __always_inline int mbi_policy_key(struct __sk_buff *skb, struct inbound_pod_key *pk,
+                                          struct inbound_pod_key *polk)
+{
+    __builtin_memcpy(polk->ip, pk->ip, sizeof(polk->ip));
+    if (inbound_pods.lookup(pk))
+        return 0;
+    __u32 id = skb->tc_classid & 0xffff;
+    if (!id)
+        return 0;                /* a filter attached without a classid */
+    struct inbound_iface_val *v = inbound_ifaces.lookup(&id);
+    if (!v)
+        return 0;
+    __builtin_memcpy(polk->ip, v->ip, sizeof(polk->ip));
+    return 1;
+}
+
 int tc_inbound_ingress(struct __sk_buff *skb)
 {
     struct bpf_sock_tuple tuple = {};
-    struct inbound_pod_key pk = {};
+    struct inbound_pod_key pk = {};      /* the destination address */
+    struct inbound_pod_key polk = {};    /* whose policy decides (mbi_policy_key) */
+    int via_iface = 0;
     __u32 tuple_len;
     __u32 l4off;
     __be16 capture_port = 0;
@@ -117,8 +139,9 @@ int tc_inbound_ingress(struct __sk_buff *skb)
         tuple_len = sizeof(tuple.ipv4);
         pk.ip[2] = bpf_htonl(0x0000ffff);
         pk.ip[3] = iph.daddr;
+        via_iface = mbi_policy_key(skb, &pk, &polk);
         if (iph.frag_off & bpf_htons(0x3fff))   /* MF or a fragment offset */
-            return mbi_unsteerable(&pk);
+            return mbi_unsteerable(&polk);
     } else if (skb->protocol == bpf_htons(MBI_ETH_P_IPV6)) {
         struct ipv6hdr ip6h;
         if (bpf_skb_load_bytes(skb, MBI_ETH_HLEN, &ip6h, sizeof(ip6h)) < 0)
@@ -129,6 +152,7 @@ int tc_inbound_ingress(struct __sk_buff *skb)
         __builtin_memcpy(pk.ip, &ip6h.daddr, 16);
         if (mb_is_mapped(pk.ip))                 /* never a real IPv6 destination */
             return TC_ACT_OK;
+        via_iface = mbi_policy_key(skb, &pk, &polk);
         l4off = MBI_ETH_HLEN + sizeof(ip6h);
         __u8 nexthdr = ip6h.nexthdr;
         /* Skip extension headers to find TCP. A fragment, or a chain too long to walk,
@@ -140,7 +164,7 @@ int tc_inbound_ingress(struct __sk_buff *skb)
                 break;
             __u8 h[2];
             if (bpf_skb_load_bytes(skb, l4off, h, sizeof(h)) < 0)
-                return mbi_unsteerable(&pk);
+                return mbi_unsteerable(&polk);
             l4off += nexthdr == MBI_NEXTHDR_AUTH ? (h[1] + 2) * 4 : (h[1] + 1) * 8;
             nexthdr = h[0];
         }
@@ -149,12 +173,12 @@ int tc_inbound_ingress(struct __sk_buff *skb)
             if (bpf_skb_load_bytes(skb, l4off, &fh, 1) < 0 || fh == MBI_IPPROTO_TCP ||
                 fh == MBI_NEXTHDR_HOP || fh == MBI_NEXTHDR_ROUTING ||
                 fh == MBI_NEXTHDR_DEST || fh == MBI_NEXTHDR_AUTH)
-                return mbi_unsteerable(&pk);
+                return mbi_unsteerable(&polk);
             return TC_ACT_OK;                    /* a fragmented UDP/ICMPv6/... packet */
         }
         if (nexthdr == MBI_NEXTHDR_HOP || nexthdr == MBI_NEXTHDR_ROUTING ||
             nexthdr == MBI_NEXTHDR_DEST || nexthdr == MBI_NEXTHDR_AUTH)
-            return mbi_unsteerable(&pk);         /* more headers than we walk */
+            return mbi_unsteerable(&polk);         /* more headers than we walk */
         if (nexthdr != MBI_IPPROTO_TCP)
             return TC_ACT_OK;
     } else {
@@ -168,7 +192,9 @@ int tc_inbound_ingress(struct __sk_buff *skb)
         return TC_ACT_OK;
 
     int syn = (tcpflags & (MBI_TCP_SYN | MBI_TCP_ACK)) == MBI_TCP_SYN;
-    int verdict = mbi_policy(&pk, ports[1], &capture_port, &pod_flags);
+    int verdict = mbi_policy(&polk, ports[1], &capture_port, &pod_flags);
+    if (via_iface)      /* sk_lookup keys its policy by the destination: not for this one */
+        pod_flags &= ~INBOUND_POD_SK_LOOKUP;
     if (verdict <= 0) {
         if (verdict < 0 && syn)
             mb_count(COUNTER_INBOUND_BYPASS, 1);

@@ -83,6 +83,15 @@ class Pod:
             out.append(Interface(name=name, index=idx, addresses=addrs.get(idx, [])))
         return out
 
+    def local_addresses(self):
+        """Every address of the pod's netns, on any interface, `lo` and link-local included:
+        the destinations the kernel routes through `lo` (iptables' `-o lo`)."""
+        from pyroute2 import IPRoute
+        with system.in_netns(self.netns):
+            with IPRoute() as ipr:
+                return sorted({ipaddress.ip_address(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"))
+                               for a in ipr.get_addr()}, key=lambda a: (a.version, a))
+
     def addresses(self):
         """The pod's own (non-loopback, non-link-local) IP addresses."""
         return [a.ip for i in self.interfaces() for a in i.addresses

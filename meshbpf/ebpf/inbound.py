@@ -47,6 +47,7 @@ MAP_PORTS = "inbound_ports"
 MAP_NETNS = "inbound_netns"
 MAP_TW = "inbound_tw"
 MAP_LISTENERS = "capture_listeners"
+MAP_IFACES = "inbound_ifaces"
 
 # bpf/meshbpf.h, inbound section
 INBOUND_POD_WILDCARD = 1
@@ -65,6 +66,10 @@ TW_KEY = struct.Struct("=16s16s2s2s")   # struct inbound_tw_key { local_ip, remo
 LISTENER_KEY = struct.Struct("=Q2sHI")  # struct capture_listener_key { __u64 netns;
                                         #   __u16 port (net); __u16 family; __u32 pad; }
 LISTENER_VAL = struct.Struct("=I")      # the socket's fd (on update; the map's value is an int)
+IFACE_KEY = struct.Struct("=I")         # inbound_ifaces key: the minor of the filter's classid
+IFACE_VAL = struct.Struct("=16sQ")      # struct inbound_iface_val { ip[4]; __u64 netns; }
+INBOUND_IFACE_MAJOR = 0x4d420000        # classid major of meshbpf's filters ("MB")
+IFACE_MAX_ID = 0xfff0                   # minors 0xfff2/0xfff3 name clsact's own classes
 AF_INET = 2
 AF_INET6 = 10
 LINK_PREFIX = "sk_lookup-"              # <pin prefix>/links/sk_lookup-<netns inode>
@@ -239,6 +244,33 @@ def policy_entries(policy, addresses, sk_lookup=False, owner=0):
     return {MAP_PODS: pods, MAP_PORTS: ports}
 
 
+def iface_id(current, netns_cookie):
+    """The id of a pod's tc filters (classid 4d42:<id>, the inbound_ifaces key): the one its
+    netns already has (`current`: {id: netns cookie}), else the lowest free one."""
+    for n, cookie in sorted(current.items()):
+        if cookie == netns_cookie:
+            return n
+    for n in range(1, IFACE_MAX_ID + 1):
+        if n not in current:
+            return n
+    raise ApplyError(f"inbound_ifaces is full ({IFACE_MAX_ID} pods)")
+
+
+def iface_value(pod_keys, netns_cookie):
+    """inbound_ifaces value: the pod's first enrolled IP (its policy) and its netns cookie."""
+    return IFACE_VAL.pack(sorted(pod_keys)[0], netns_cookie)
+
+
+def _ifaces(ops, fd):
+    """{id: netns cookie} of inbound_ifaces."""
+    out = {}
+    for k in ops.map_keys(fd, IFACE_KEY.size):
+        v = ops.map_lookup_elem(fd, k, IFACE_VAL.size)
+        if v is not None:
+            out[IFACE_KEY.unpack(k)[0]] = IFACE_VAL.unpack(v)[1]
+    return out
+
+
 def select_hook(hook, link_kind):
     """The hook that steers on an interface of kind `link_kind` ("veth", "macvlan", ...).
 
@@ -366,9 +398,10 @@ def _filters(ipr, index, parent):
     return out
 
 
-def _add_filter(ipr, index, parent, fd):
+def _add_filter(ipr, index, parent, fd, classid=None):
+    extra = {} if classid is None else {"classid": classid}
     ipr.tc("replace-filter", "bpf", index, TC_HANDLE, parent=parent, prio=TC_PRIO,
-           protocol=ETH_P_ALL, fd=fd, name=TC_NAME, direct_action=True)
+           protocol=ETH_P_ALL, fd=fd, name=TC_NAME, direct_action=True, **extra)
 
 
 def _del_filter(ipr, index, parent):
@@ -670,6 +703,18 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto", owner_ali
             old = ops.map_lookup_elem(fds[name], key, PORT_VAL.size)
             ops.map_delete_elem(fds[name], key)
             undo.append(_restore(ops, fds[name], key, old))
+        # 1b. the interface's pod: every address its interfaces deliver follows its policy
+        # (tc_inbound reads the filter's classid), not only the IPs enrolled above.
+        classid = cookie = None
+        if _has_map(maps, MAP_IFACES):
+            ifd = _fd(maps[MAP_IFACES], "map_fd")
+            cookie = pod.netns_cookie
+            n = iface_id(_ifaces(ops, ifd), cookie)
+            classid = INBOUND_IFACE_MAJOR | n
+            key = IFACE_KEY.pack(n)
+            old = ops.map_lookup_elem(ifd, key, IFACE_VAL.size)
+            ops.map_update_elem(ifd, key, iface_value(entries[MAP_PODS], cookie))
+            undo.append(_restore(ops, ifd, key, old))
         # 2. filters.
         with system.in_netns(pod.netns):
             with _ipr(pod) as ipr:
@@ -679,7 +724,7 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto", owner_ali
                         ipr.tc("add", "clsact", l["index"])
                         undo.append(_in_pod(pod, lambda r, i=l["index"]: r.tc("del", "clsact", i)))
                     before = [f for f in _filters(ipr, l["index"], TC_INGRESS_PARENT) if f["ours"]]
-                    _add_filter(ipr, l["index"], TC_INGRESS_PARENT, prog_fd)
+                    _add_filter(ipr, l["index"], TC_INGRESS_PARENT, prog_fd, classid)
                     if not before:
                         undo.append(_in_pod(pod, lambda r, i=l["index"]:
                                             _del_filter(r, i, TC_INGRESS_PARENT)))
@@ -708,7 +753,8 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto", owner_ali
     return {"hook": "tc", "policy": policy.to_dict(),
             "addresses": [str(a) for a in sorted(addrs, key=lambda a: (a.version, a))
                           if pod_key(a) in entries[MAP_PODS]],
-            "interfaces": added, "sk_lookup": skl_rec, "owner": me}
+            "interfaces": added, "sk_lookup": skl_rec, "owner": me,
+            "iface": {"classid": classid, "netns_cookie": cookie} if classid else None}
 
 
 def _restore(ops, fd, key, old):
@@ -814,6 +860,18 @@ def detach_pod(pod, maps=None, record=None):
             tfd = _fd(maps[MAP_TW], "map_fd")
             for k in [k for k in ops.map_keys(tfd, TW_KEY.size) if k[:16] in keys]:
                 ops.map_delete_elem(tfd, k)
+    if maps is not None and _has_map(maps, MAP_IFACES):
+        cookie = ((record or {}).get("iface") or {}).get("netns_cookie") or skl.get("netns_cookie")
+        if cookie is None:
+            try:
+                cookie = pod.netns_cookie
+            except (MeshbpfError, OSError, AttributeError):
+                cookie = None
+        ops = _map_ops()
+        ifd = _fd(maps[MAP_IFACES], "map_fd")
+        for n, owner in _ifaces(ops, ifd).items():
+            if owner == cookie:
+                ops.map_delete_elem(ifd, IFACE_KEY.pack(n))
     if maps is not None and _has_map(maps, MAP_LISTENERS):
         cookie = skl.get("netns_cookie")
         if cookie is None:

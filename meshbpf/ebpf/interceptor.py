@@ -3,14 +3,14 @@
 attach(pod, config) makes sure the node programs are loaded and attached once (adopting
 pins left by an earlier process), then enrols the pod with map updates only: its pods-map
 entry (keyed by netns cookie), its outbound CIDR and port rules, its addresses in
-local_ips (same-node splicing), and the inbound tc hook (meshbpf.ebpf.inbound, when
+local_ips (same-node splicing), every address of its netns in netns_addrs (what is
+reached over `lo`) and its source addresses in netns_src, and the inbound tc hook (meshbpf.ebpf.inbound, when
 present). detach removes exactly those entries; cleanup removes everything, programs and
 pins included. Interception outlives the process: everything lives in pinned maps.
 """
 
 import contextlib
 import fcntl
-import ipaddress
 import json
 import os
 import types
@@ -171,13 +171,15 @@ class EbpfInterceptor(Interceptor):
     def _attach(self, pod, config):
         cookie = pod.netns_cookie
         addresses = list(pod.addresses())
+        local = list(pod.local_addresses())
         if not config.enable_ipv6 and self.ipv6_auto and any(a.version == 6 for a in addresses):
             config = config.replace(enable_ipv6=True)
         idmap = pod.user_namespace() if hasattr(pod, "user_namespace") else None
         # Pure part first: a config eBPF mode cannot express fails before anything changes.
         pc = structs.pod_struct(config, 0, idmap)
-        cidrs = structs.cidr_rules(config, extra_excludes=[
-            ipaddress.ip_network(a) for a in addresses])
+        # The pod's own addresses are not excluded by range: as in Istio, only the app's
+        # connections over `lo` are left alone (mb_should_capture, from netns_addrs).
+        cidrs = structs.cidr_rules(config)
         ports = structs.port_rules(config)
         dns = structs.dns_rules(config)
         old_rec = self.store.load(pod.key) or {}
@@ -209,7 +211,7 @@ class EbpfInterceptor(Interceptor):
                 snap = self._snapshot(maps, cookie, index,
                                       set(old_rec.get("addresses", [])) | {str(a) for a in addresses})
                 try:
-                    self._write(maps, cookie, index, pc, cidrs, ports, addresses, dns)
+                    self._write(maps, cookie, index, pc, cidrs, ports, addresses, dns, local)
                     inbound = self._attach_inbound(pod, config, maps)
                 except (MeshbpfError, OSError, ValueError) as e:
                     self._restore(maps, snap, cookie, index)
@@ -298,6 +300,9 @@ class EbpfInterceptor(Interceptor):
                            for k in maps["port_rules"].keys() if k.pod_index in structs.scopes(index)},
             "local_ips": {bytes(structs.ip_key(a)): raw("local_ips", structs.ip_key(a))
                           for a in addresses},
+            "netns_addrs": {bytes(k): raw("netns_addrs", k)
+                            for k in maps["netns_addrs"].keys() if k.netns == cookie},
+            "netns_src": raw("netns_src", structs.U64(cookie)),
         }
 
     @staticmethod
@@ -318,11 +323,21 @@ class EbpfInterceptor(Interceptor):
                 maps["local_ips"].delete(k)
             else:
                 maps["local_ips"].update(k, v)
+        for k in [bytes(k) for k in maps["netns_addrs"].keys() if k.netns == cookie]:
+            if k not in snap["netns_addrs"]:
+                maps["netns_addrs"].delete(k)
+        for k, v in snap["netns_addrs"].items():
+            maps["netns_addrs"].update(k, v)
+        if snap["netns_src"] is None:
+            maps["netns_src"].delete(structs.U64(cookie))
+        else:
+            maps["netns_src"].update(structs.U64(cookie), snap["netns_src"])
 
     @staticmethod
-    def _write(maps, cookie, index, pc, cidrs, ports, addresses, dns=()):
+    def _write(maps, cookie, index, pc, cidrs, ports, addresses, dns=(), local=None):
         """Write the pod's entries; the pods entry last, so connect never sees half a pod.
-        Rules the pod no longer has (a re-attach with another config) are removed."""
+        Rules the pod no longer has (a re-attach with another config) are removed, and so
+        are addresses its netns no longer has (a re-attach refreshes them)."""
         want_cidr, want_ports = {}, {}
         for net, rule in cidrs:
             want_cidr[bytes(structs.cidr_key(index, net))] = rule
@@ -335,6 +350,14 @@ class EbpfInterceptor(Interceptor):
                 maps[name].update(k, structs.U32(rule))
         for a in addresses:
             maps["local_ips"].update(structs.ip_key(a), structs.U32(index))
+        local = addresses if local is None else local
+        want_local = {bytes(structs.netns_addr_key(cookie, a)) for a in local}
+        for k in want_local:
+            maps["netns_addrs"].update(k, structs.U32(index))
+        for k in [bytes(k) for k in maps["netns_addrs"].keys() if k.netns == cookie]:
+            if k not in want_local:
+                maps["netns_addrs"].delete(k)
+        maps["netns_src"].update(structs.U64(cookie), structs.netns_src(addresses))
         maps["pods"].update(structs.U64(cookie), pc)
         for name, want in (("cidr_rules", want_cidr), ("port_rules", want_ports)):
             for k in [bytes(k) for k in maps[name].keys() if k.pod_index in structs.scopes(index)]:
@@ -377,6 +400,9 @@ class EbpfInterceptor(Interceptor):
                 maps["local_ips"].delete(structs.ip_key(a))
         if maps.exists("pod_conns"):
             maps["pod_conns"].delete(structs.U64(cookie))
+        for k in [k for k in maps["netns_addrs"].keys() if k.netns == cookie]:
+            maps["netns_addrs"].delete(k)
+        maps["netns_src"].delete(structs.U64(cookie))
 
     def detach(self, pod):
         with self._locked():

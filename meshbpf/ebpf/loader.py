@@ -47,6 +47,11 @@ PROGRAMS = (
              B.BPF_CGROUP_INET4_GETPEERNAME, "cgroup", feature="cgroup_getpeername4"),
     ProgSpec("mb_getpeername6", "getpeername6.c", B.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
              B.BPF_CGROUP_INET6_GETPEERNAME, "cgroup", feature="cgroup_getpeername6"),
+    # getsockname came with getpeername (Linux 5.8, one commit): the same probe says both
+    ProgSpec("mb_getsockname4", "getsockname4.c", B.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+             B.BPF_CGROUP_INET4_GETSOCKNAME, "cgroup", feature="cgroup_getpeername4"),
+    ProgSpec("mb_getsockname6", "getsockname6.c", B.BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+             B.BPF_CGROUP_INET6_GETSOCKNAME, "cgroup", feature="cgroup_getpeername6"),
     ProgSpec("mb_getsockopt", "getsockopt.c", B.BPF_PROG_TYPE_CGROUP_SOCKOPT,
              B.BPF_CGROUP_GETSOCKOPT, "cgroup"),
     ProgSpec("mb_sockops", "sockops.c", B.BPF_PROG_TYPE_SOCK_OPS,
@@ -68,11 +73,13 @@ PROGRAMS = (
              feature="sk_lookup"),
 )
 CORE_SOURCES = ("connect4.c", "connect6.c", "getpeername4.c", "getpeername6.c",
+                "getsockname4.c", "getsockname6.c",
                 "getsockopt.c", "sockops.c", "sock_release.c", "sk_msg.c",
                 "sendmsg4.c", "sendmsg6.c", "recvmsg4.c", "recvmsg6.c")
 DNS_PROGRAMS = ("mb_sendmsg4", "mb_sendmsg6", "mb_recvmsg4", "mb_recvmsg6")
 MAP_NAMES = ("pods", "cidr_rules", "port_rules", "local_ips", "node_cfg", "orig_dst",
-             "pairs", "sock_hash", "dns_orig", "counters", "pod_conns")
+             "pairs", "sock_hash", "dns_orig", "counters", "pod_conns", "netns_addrs",
+             "netns_src")
 # Overrides the per-node connection capacity (bpf/meshbpf.h MB_MAX_CONNS) at load time, so
 # a test can fill the maps in its own pin prefix. Unset: the header's default.
 MAX_CONNS_ENV = "MESHBPF_MAX_CONNS"
@@ -173,7 +180,7 @@ def render_source(features=None, bpf_dir=BPF_DIR, splice=False):
     have_peer = _has(features, "cgroup_getpeername4") and _has(features, "cgroup_getpeername6")
     have_dns = _has(features, "cgroup_sendmsg4") and _has(features, "cgroup_recvmsg4")
     for name in source_files(bpf_dir):
-        if name.startswith("getpeername") and not have_peer:
+        if name.startswith(("getpeername", "getsockname")) and not have_peer:
             continue
         if name.startswith(("sendmsg", "recvmsg")) and not have_dns:
             continue
@@ -458,6 +465,8 @@ _ATTACH_NAMES = {
     B.BPF_CGROUP_INET4_CONNECT: "cgroup/connect4", B.BPF_CGROUP_INET6_CONNECT: "cgroup/connect6",
     B.BPF_CGROUP_INET4_GETPEERNAME: "cgroup/getpeername4",
     B.BPF_CGROUP_INET6_GETPEERNAME: "cgroup/getpeername6",
+    B.BPF_CGROUP_INET4_GETSOCKNAME: "cgroup/getsockname4",
+    B.BPF_CGROUP_INET6_GETSOCKNAME: "cgroup/getsockname6",
     B.BPF_CGROUP_GETSOCKOPT: "cgroup/getsockopt", B.BPF_CGROUP_SOCK_OPS: "sockops",
     B.BPF_CGROUP_INET_SOCK_RELEASE: "cgroup/sock_release",
     B.BPF_CGROUP_UDP4_SENDMSG: "cgroup/sendmsg4", B.BPF_CGROUP_UDP6_SENDMSG: "cgroup/sendmsg6",

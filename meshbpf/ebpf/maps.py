@@ -23,6 +23,8 @@ MAP_TYPES = {
     "pairs": (structs.SockKey, structs.OrigDst),
     "sock_hash": (structs.SockKey, structs.U64),
     "dns_orig": (structs.U64, structs.OrigDst),
+    "netns_addrs": (structs.NetnsAddrKey, structs.U32),
+    "netns_src": (structs.U64, structs.NetnsSrc),
     "counters": (structs.U32, structs.U64),
     "pod_conns": (structs.U64, structs.U64),
 }

@@ -24,6 +24,7 @@ POD_F_OWNER_EXCLUDE = 1 << 3
 POD_F_INBOUND_ALL = 1 << 4
 POD_F_DNS = 1 << 5
 POD_F_DNS_ALL = 1 << 6
+POD_F_LOOPBACK_INCLUDED = 1 << 7
 MB_DNS_SCOPE = 0x80000000
 MB_IPV6_SCOPE = 0x40000000      # IPv6 ranges apart from IPv4 ones (see meshbpf.h)
 
@@ -33,6 +34,7 @@ RULE_EXCLUDE = 2
 NODE_F_SPLICE = 1 << 0
 NODE_F_INBOUND_SK_LOOKUP = 1 << 1
 ORIG_F_ANSWERED = 1
+ORIG_F_CONNECTED = 2
 
 # enum mb_counter, in order (index = position); COUNTER_MAX slots in the per-CPU array.
 COUNTERS = [
@@ -95,6 +97,14 @@ class IpKey(ctypes.Structure):
     _fields_ = [("ip", u8 * 16)]
 
 
+class NetnsAddrKey(ctypes.Structure):
+    _fields_ = [("netns", u64), ("ip", u8 * 16)]
+
+
+class NetnsSrc(ctypes.Structure):
+    _fields_ = [("v4", u8 * 16), ("v6", u8 * 16)]
+
+
 class NodeConfig(ctypes.Structure):
     _fields_ = [("flags", u32), ("splice_limit", u32), ("pod_conn_limit", u32), ("pad", u32)]
 
@@ -130,6 +140,8 @@ MIRRORS = {
     "cidr_key": CidrKey,
     "port_key": PortKey,
     "ip_key": IpKey,
+    "netns_addr_key": NetnsAddrKey,
+    "netns_src": NetnsSrc,
     "node_config": NodeConfig,
     "orig_dst": OrigDst,
     "splice_dir": SpliceDir,
@@ -190,6 +202,40 @@ def owner_groups(config):
     return 0, []
 
 
+def loopback_included(config):
+    """Istio's loopback_included: an outbound include range written as a loopback address
+    (the address as given, e.g. 127.0.0.1/8); Istio then omits its `-o lo` RETURN rules."""
+    items = split_list(config.outbound_ip_ranges_include)
+    if items == [WILDCARD]:
+        return False
+    out = False
+    for item in items:
+        try:
+            out = out or ipaddress.ip_interface(item).ip.is_loopback
+        except ValueError:
+            continue            # validate() names it
+    return out
+
+
+def netns_addr_key(netns_cookie, addr):
+    k = NetnsAddrKey(netns=netns_cookie)
+    k.ip[:] = list(ip16(addr))
+    return k
+
+
+def netns_src(addresses):
+    """The pod's source address per family (the first non-link-local, non-loopback one)."""
+    v = NetnsSrc()
+    for a in addresses:
+        a = ipaddress.ip_address(a)
+        if a.is_link_local or a.is_loopback:
+            continue
+        field = v.v4 if a.version == 4 else v.v6
+        if not any(field):
+            field[:] = list(ip16(a))
+    return v
+
+
 def pod_struct(config, pod_index, idmap=None):
     """The pods-map value for `config` (an InterceptConfig). `idmap` (meshbpf.userns.IdMap):
     the pod's user namespace; its proxy uid/gid and owner groups are stored as the host ids
@@ -208,7 +254,12 @@ def pod_struct(config, pod_index, idmap=None):
     flags |= oflag
     if idmap is not None:
         uids, gids, ogids = idmap.host_uids(uids), idmap.host_gids(gids), idmap.host_gids(ogids)
-    if config.redirect_dns:
+    if loopback_included(config):
+        flags |= POD_F_LOOPBACK_INCLUDED
+    # Istio turns redirect_dns off when there is nothing to capture (no server, not all):
+    # its lo rules then take no DNS shape either.
+    if config.redirect_dns and (config.capture_all_dns or config.dns_servers_v4 or
+                                config.dns_servers_v6):
         flags |= POD_F_DNS
         if config.capture_all_dns:
             flags |= POD_F_DNS_ALL

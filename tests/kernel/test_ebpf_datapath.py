@@ -472,7 +472,9 @@ def test_many_pods_with_colliding_loopback_tuples(node, icpt):
         for p, port, proc in zip(pods, ports, procs):
             assert proc.wait(timeout=30) == 0, proc.output()
             out = json.loads(proc.output().strip().splitlines()[-1])
-            assert out["local"] == ["127.0.0.1", 41000]
+            # the socket is 127.0.0.1:41000; getsockname shows the pod address, as under
+            # iptables (cgroup/getsockname4)
+            assert out["local"] == [p.ip4, 41000]
             assert out["peer"] == [b.ip4, port]
             assert out["reply"]["local"][1] == port            # B got it on that port
             assert out["reply"]["peer"][0].replace("::ffff:", "") == p.ip4

@@ -55,7 +55,8 @@ def test_known_rules_follow_the_oracle_not_the_ebpf_result():
     assert D.ITEM3 not in D.known_differences(cfg, t("a.app-udpc-b4-53"), {"seen": "b:53"}, ADDR)
 
 
-def test_item2_only_where_an_ipv6_range_covers_ipv4():
+def test_item2_only_where_an_ipv6_range_covers_ipv4(monkeypatch):
+    monkeypatch.setattr(D, "OPEN", D.OPEN | {D.ITEM2})    # the model while item 2 was open
     direct = {"outcome": "ok", "seen": "b:8080"}
     captured = {"outcome": "ok", "seen": "a:15001"}
     excl = D.resolve_config("exclude-v6-all", ADDR)
@@ -72,13 +73,15 @@ def test_item2_only_where_an_ipv6_range_covers_ipv4():
     assert D._ebpf_captures(D.resolve_config("default", ADDR), t("a.app-tcp-all4-8080"), ADDR)
 
 
-def test_envoy_item1_only_without_the_v6_bind_address():
+def test_envoy_item1_only_without_the_v6_bind_address(monkeypatch):
+    monkeypatch.setattr(D, "OPEN", D.OPEN | {D.ITEM1})    # the model while item 1 was open
     c6 = next(x for x in D.ENVOY_TRAFFIC if x.id == "c-tcp-e6-8080")
     assert D.envoy_known_differences(c6, mode_has_v6_bind=False) == [D.ITEM1]
     assert D.envoy_known_differences(c6, mode_has_v6_bind=True) == []
 
 
 def test_dropping_a_fixed_item_from_open_stops_expecting_it(monkeypatch):
+    monkeypatch.setattr(D, "OPEN", D.OPEN | {D.ITEM2})
     incl = D.resolve_config("include-v6-all", ADDR)
     direct = {"outcome": "ok", "seen": "b:8080"}
     assert D._ebpf_captures(incl, t("a.app-tcp-b4-8080"), ADDR)       # today: ::/0 holds IPv4

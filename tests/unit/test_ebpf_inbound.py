@@ -13,7 +13,7 @@ import pytest
 
 from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import inbound
-from meshbpf.errors import UnsupportedError, UsageError
+from meshbpf.errors import ApplyError, UnsupportedError, UsageError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ALWAYS = {15001, 15006, 15008, 15020, 15021, 15090}
@@ -99,6 +99,8 @@ def test_python_layouts_match_the_c_header():
     assert _c_size(structs["inbound_pod_key"]) == inbound.POD_KEY.size == 16
     assert _c_size(structs["inbound_pod_val"]) == inbound.POD_VAL.size == 16
     assert _c_size(structs["inbound_port_key"]) == inbound.PORT_KEY.size == 20
+    assert _c_size(structs["inbound_iface_val"]) == inbound.IFACE_VAL.size == 24
+    assert re.search(r"BPF_HASH\(inbound_ifaces, __u32, struct inbound_iface_val,", section)
     assert [f[1] for f in structs["inbound_pod_val"]][:2] == ["capture_port", "flags"]
     assert [f[1] for f in structs["inbound_port_key"]][:2] == ["ip", "port"]
     assert re.search(r"BPF_HASH\(inbound_ports, struct inbound_port_key, __u32,", section)
@@ -191,3 +193,17 @@ def test_fd_arguments_accept_ints_and_objects():
         inbound._map_fds({"inbound_pods": 3})
     with pytest.raises(UsageError, match="tc_inbound_ingress"):
         inbound._prog_fd({})
+
+
+def test_interface_ids_are_reused_per_netns_and_never_shared():
+    """A pod's filters carry classid 4d42:<id>; a re-attach keeps its id, another pod gets
+    the lowest free one (minors 0xfff2/0xfff3 are clsact's own)."""
+    assert inbound.iface_id({}, 5) == 1
+    assert inbound.iface_id({1: 5, 2: 6}, 6) == 2
+    assert inbound.iface_id({1: 5, 3: 6}, 7) == 2
+    assert inbound.IFACE_MAX_ID < 0xfff2
+    with pytest.raises(ApplyError):
+        inbound.iface_id({n: n for n in range(1, inbound.IFACE_MAX_ID + 1)}, 0)
+    keys = {inbound.pod_key("fd00::11"), inbound.pod_key("10.233.0.11")}
+    ip16, cookie = inbound.IFACE_VAL.unpack(inbound.iface_value(keys, 9))
+    assert ip16 == inbound.ip_key("10.233.0.11") and cookie == 9

@@ -86,8 +86,9 @@ def test_flag_constants_match_header():
     defines = _defines(_header())
     for name in ("POD_F_OUTBOUND_ALL", "POD_F_IPV6", "POD_F_OWNER_INCLUDE",
                  "POD_F_OWNER_EXCLUDE", "POD_F_INBOUND_ALL", "POD_F_DNS", "POD_F_DNS_ALL",
-                 "MB_DNS_SCOPE", "MB_IPV6_SCOPE", "RULE_INCLUDE", "RULE_EXCLUDE",
-                 "NODE_F_SPLICE", "ORIG_F_ANSWERED", "MB_MAX_IDS", "MB_MAX_PODS"):
+                 "POD_F_LOOPBACK_INCLUDED", "MB_DNS_SCOPE", "MB_IPV6_SCOPE", "RULE_INCLUDE",
+                 "RULE_EXCLUDE", "NODE_F_SPLICE", "ORIG_F_ANSWERED", "ORIG_F_CONNECTED",
+                 "MB_MAX_IDS", "MB_MAX_PODS"):
         assert _eval(name, defines) == getattr(structs, name), name
 
 
@@ -336,3 +337,49 @@ def test_dns_programs_follow_the_features():
     text = loader.render_source({"cgroup_sendmsg4": False})
     assert "mb_sendmsg4" not in text and "mb_recvmsg4" not in text
     assert "mb_sendmsg4" in loader.render_source()
+
+
+def test_dns_flag_only_when_istio_would_redirect_dns():
+    """Istio turns redirect_dns off without a server or capture_all_dns; its lo rules then
+    take the plain shape, so eBPF mode must not see DNS either."""
+    assert not structs.pod_struct(InterceptConfig(redirect_dns=True), 1).flags & structs.POD_F_DNS
+    for extra in ({"capture_all_dns": True}, {"dns_servers_v6": ["fd00::a"]}):
+        cfg = InterceptConfig(redirect_dns=True, **extra)
+        assert structs.pod_struct(cfg, 1).flags & structs.POD_F_DNS
+
+
+@pytest.mark.parametrize("include,expected", [
+    ("*", False), ("", False), ("10.0.0.0/8", False), ("127.0.0.1/8", True),
+    ("10.0.0.0/8,::1/128", True), ("127.0.0.0/8", True),
+])
+def test_loopback_included_follows_istio(include, expected):
+    """Istio's loopback_included: an include range whose address (as written) is loopback."""
+    cfg = InterceptConfig(outbound_ip_ranges_include=include)
+    assert structs.loopback_included(cfg) is expected
+    flag = structs.pod_struct(cfg, 1).flags & structs.POD_F_LOOPBACK_INCLUDED
+    assert bool(flag) is expected
+
+
+def test_own_addresses_are_not_excluded_by_range():
+    """The app dialling its own addresses is left alone by the `-o lo` rule
+    (mb_should_capture), not by an exclude range: Istio writes none."""
+    assert structs.cidr_rules(InterceptConfig()) == [
+        (ipaddress.ip_network("127.0.0.1/32"), structs.RULE_EXCLUDE)]
+
+
+def test_netns_addr_keys_and_source_addresses():
+    k = structs.netns_addr_key(77, "fe80::1")
+    assert k.netns == 77 and bytes(k.ip) == ipaddress.ip_address("fe80::1").packed
+    src = structs.netns_src(["fe80::1", "127.0.0.1", "10.233.0.11", "fd00::11", "10.233.0.99"])
+    assert bytes(src.v4) == structs.ip16("10.233.0.11")
+    assert bytes(src.v6) == structs.ip16("fd00::11")
+    empty = structs.netns_src(["fe80::1"])
+    assert not any(empty.v4) and not any(empty.v6)
+
+
+def test_getsockname_programs_follow_getpeername():
+    names = {p.name: p for p in loader.PROGRAMS}
+    assert names["mb_getsockname4"].feature == names["mb_getpeername4"].feature
+    text = loader.render_source({"cgroup_getpeername4": False})
+    assert "mb_getsockname4" not in text and "mb_getsockname6" not in text
+    assert "int mb_getsockname6(" in loader.render_source()
