@@ -272,8 +272,7 @@ NEW_LINK_LOCAL6 = Known("NEW", "TCP to an IPv6 link-local address: Istio's REDIR
 # The differences that remain today. When a fix merges, remove its item here: its cases
 # must then pass (a strict xfail that passes fails, saying exactly this), and the model of
 # today's eBPF decision below stops reproducing it (item 2).
-OPEN = {NEW_LISTENER_PEER,
-        NEW_APP_LOCAL_DEST, NEW_LOOPBACK, NEW_PROXY_SELF, NEW_OWN_POD_INCLUDED, NEW_INBOUND_OWN_PORTS, NEW_LINK_LOCAL6}
+OPEN = {NEW_LISTENER_PEER, NEW_OWN_POD_INCLUDED, NEW_INBOUND_OWN_PORTS, NEW_LINK_LOCAL6}
 
 OWN_NON_POD = ("all4", "all6", "late4", "late6")   # pod a's local addresses that are not pod IPs
 OWN_POD = ("a4", "a6")
