@@ -960,7 +960,7 @@ from pyroute2 import IPRoute
 sys.path.insert(0, sys.argv[1])
 from meshbpf import bpfsys
 from meshbpf.ebpf import inbound, structs
-bpf_dir = os.path.join(sys.argv[1], "bpf")
+bpf_dir = os.path.join(sys.argv[1], "meshbpf", "bpf")
 text = open(os.path.join(bpf_dir, "meshbpf.h")).read() + re.sub(
     r'^\s*#include\s+"meshbpf\.h"\s*$', "", open(os.path.join(bpf_dir, "tc_inbound.c")).read(),
     flags=re.M)

@@ -20,8 +20,8 @@ from ..errors import ApplyError, MeshbpfError, UnsupportedError, UsageError
 from . import btf, structs
 from .maps import Maps
 
-BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), "bpf")
+# The C sources ship inside the package (package data), so an installed meshbpf finds them.
+BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
 HEADER = "meshbpf.h"
 
 

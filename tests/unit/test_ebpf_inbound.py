@@ -12,10 +12,9 @@ import struct
 import pytest
 
 from meshbpf.config import InterceptConfig
-from meshbpf.ebpf import inbound
+from meshbpf.ebpf import inbound, loader
 from meshbpf.errors import ApplyError, UnsupportedError, UsageError
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ALWAYS = {15001, 15006, 15008, 15020, 15021, 15090}
 
 
@@ -69,7 +68,7 @@ def test_custom_capture_and_tunnel_ports_follow_the_config():
 
 def _header_structs():
     """{struct name: [(c type, field, array len)]} of the inbound section of meshbpf.h."""
-    with open(os.path.join(REPO, "bpf", "meshbpf.h")) as f:
+    with open(os.path.join(loader.BPF_DIR, "meshbpf.h")) as f:
         text = f.read()
     section = text[text.index("/* ---- inbound (tc_inbound.c)"):]
     out = {}

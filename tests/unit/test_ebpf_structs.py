@@ -13,8 +13,7 @@ from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import loader, structs
 from meshbpf.errors import UsageError
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-HEADER = os.path.join(REPO, "bpf", "meshbpf.h")
+HEADER = os.path.join(loader.BPF_DIR, "meshbpf.h")
 SIZES = {"__u8": 1, "__u16": 2, "__u32": 4, "__u64": 8, "__be16": 2, "__be32": 4}
 
 

@@ -10,8 +10,9 @@ mb_pass() clears an optlen above a page.
 import os
 import re
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SOURCE = os.path.join(REPO, "bpf", "getsockopt.c")
+from meshbpf.ebpf import loader
+
+SOURCE = os.path.join(loader.BPF_DIR, "getsockopt.c")
 
 
 def _code():

@@ -14,7 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _section():
-    with open(os.path.join(REPO, "bpf", "meshbpf.h")) as f:
+    with open(os.path.join(loader.BPF_DIR, "meshbpf.h")) as f:
         text = f.read()
     return text[text.index("/* ---- inbound (tc_inbound.c)"):]
 
