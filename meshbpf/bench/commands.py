@@ -104,6 +104,12 @@ quick_opt = click.option("--quick", is_flag=True,
                          help="Short run (< 60 s) that still covers every mode / N=20,000.")
 
 
+bulk_modes_opt = click.option(
+    "--modes", default="iptables,ebpf", show_default=True,
+    callback=lambda ctx, param, v: _parse_list(v, ("iptables", "ebpf", "ebpf-nosplice"), "--modes"),
+    help="Comma list of iptables, ebpf, ebpf-nosplice.")
+
+
 def rounds_opt(default_help):
     return click.option("--rounds", type=click.IntRange(1, 100), help=default_help)
 
@@ -129,12 +135,10 @@ def bench():
               help="Transfers per mode (interleaved across modes).")
 @click.option("--seconds", type=click.IntRange(10, 600), default=10, show_default=True,
               help="Length of each transfer (at least 10 s: shorter ones hide queueing).")
-@click.option("--modes", default="iptables,ebpf", show_default=True,
-              help="Comma list of iptables, ebpf, ebpf-nosplice.")
+@bulk_modes_opt
 def throughput_cmd(output, out_dir, runs, seconds, modes):
     """Bulk throughput per mode with the node's peak TCP memory, and the targets."""
     from . import throughput
-    modes = _parse_list(modes, ("iptables", "ebpf", "ebpf-nosplice"), "--modes")
     _check_root()
     with system.bpffs_for_run():
         result = throughput.run_throughput(modes=modes, runs=runs, seconds=seconds,
@@ -149,12 +153,10 @@ def throughput_cmd(output, out_dir, runs, seconds, modes):
               help="How long each mode runs.")
 @click.option("--flows", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Parallel bulk streams (beside one request/response load).")
-@click.option("--modes", default="iptables,ebpf", show_default=True,
-              help="Comma list of iptables, ebpf, ebpf-nosplice.")
+@bulk_modes_opt
 def soak_cmd(output, out_dir, seconds, flows, modes):
     """Many bulk and request/response flows at once: errors and peak TCP memory per mode."""
     from . import throughput
-    modes = _parse_list(modes, ("iptables", "ebpf", "ebpf-nosplice"), "--modes")
     _check_root()
     with system.bpffs_for_run():
         result = throughput.run_soak(modes=modes, seconds=seconds, flows=flows,

@@ -245,18 +245,20 @@ SINK = textwrap.dedent("""
         c.sendall(f"{n} {h.hexdigest()}".encode())
         c.close()
 """)
-# A: send N pseudo-random bytes in odd-sized writes, then compare B's answer.
+# A: send N pseudo-random bytes in odd-sized writes (up to argv[4] bytes, default 64 KB),
+# half-close, then compare B's answer (length and sha256: catches loss and reordering).
 SOURCE = textwrap.dedent("""
     import hashlib, random, socket, sys
     host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    most = int(sys.argv[4]) if len(sys.argv) > 4 else 65000
     rnd = random.Random(7)
     block = rnd.randbytes(1 << 20)
     s = socket.create_connection((host, port), timeout=60)
     h, sent, i = hashlib.sha256(), 0, 0
     while sent < total:
-        size = min(total - sent, 1000 + (i * 7919) % 65000)
-        off = (i * 104729) % (len(block) - size)
-        chunk = block[off:off + size]
+        size = min(total - sent, 1000 + (i * 7919) % most)
+        off = (i * 104729) % (len(block) - min(size, 65536))
+        chunk = (block[off:] + block)[:size]
         s.sendall(chunk)
         h.update(chunk)
         sent += size

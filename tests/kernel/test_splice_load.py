@@ -19,6 +19,8 @@ from meshbpf.ebpf.maps import Maps
 from meshbpf.iptables.interceptor import IptablesInterceptor
 from meshbpf.sandbox import Sandbox, _python
 
+from .test_ebpf_datapath import SOURCE
+
 pytestmark = pytest.mark.kernel
 
 IPERF_PORT = 5201
@@ -82,33 +84,6 @@ PAUSER = textwrap.dedent("""
         c.close()
 """)
 
-# A: send N pseudo-random bytes in odd-sized writes, half-close, check B's answer.
-SOURCE = textwrap.dedent("""
-    import hashlib, random, socket, sys
-    host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    block = random.Random(7).randbytes(1 << 20)
-    s = socket.create_connection((host, port), timeout=60)
-    h, sent, i = hashlib.sha256(), 0, 0
-    while sent < total:
-        size = min(total - sent, 1000 + (i * 7919) % 200000)
-        off = (i * 104729) % (len(block) - min(size, 65536))
-        chunk = (block[off:] + block)[:size]
-        s.sendall(chunk)
-        h.update(chunk)
-        sent += size
-        i += 1
-    s.shutdown(socket.SHUT_WR)
-    reply = b""
-    while True:
-        d = s.recv(4096)
-        if not d:
-            break
-        reply += d
-    n, digest = reply.decode().split()
-    assert int(n) == total, (n, total)
-    assert digest == h.hexdigest(), "payload lost or reordered"
-    print("ok", n)
-""")
 
 
 # B: echo every byte back as it comes (request/response of any size).
@@ -257,7 +232,8 @@ def test_a_reader_that_stops_and_resumes_gets_every_byte_in_order(node, mode):
     a, b = node["a"], node["b"]
     total = 64 << 20
     with Mode(node, mode) as m:
-        r = a.exec([_python(), "-c", SOURCE, b.ip4, str(PAUSE_PORT), str(total)], timeout=120)
+        r = a.exec([_python(), "-c", SOURCE, b.ip4, str(PAUSE_PORT), str(total), str(200000)],
+                   timeout=120)
         assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
         if mode == "ebpf":
             with Maps(node["sb"].pin_prefix) as maps:
