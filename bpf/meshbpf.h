@@ -24,7 +24,7 @@
  *   local_ips     sockops (is the peer on this node? => splice) — written by Python
  *   netns_addrs   connect4/6, sendmsg4/6, getsockname4/6 (is an address one of the socket's
  *                 netns's own, i.e. reached over `lo`?) — written by Python
- *   netns_src     getsockname4/6 (the pod address the kernel picks as source) — Python
+ *   netns_src     connect4/6, getsockname4/6 (the address the kernel picks as source) — Python
  *   node_cfg      sockops (splice on/off)                      — written by Python
  *   orig_dst      connect4/6 write, getpeername4/6 read, sockops copy + delete,
  *                 sock_release delete
@@ -146,10 +146,12 @@ struct netns_addr_key {
 };
 
 /* The source address the kernel gives a pod's socket for an off-pod destination (the pod
- * address of each family; zeros if it has none). */
+ * address of each family; zeros if it has none), and for an IPv4 link-local one (169.254/16:
+ * the pod's own link-local address, whose connected route the kernel takes; zeros if none). */
 struct netns_src {
     __u32 v4[4];                 /* v4-mapped */
     __u32 v6[4];
+    __u32 ll4[4];                /* v4-mapped */
 };
 
 #define NODE_F_SPLICE (1u << 0)
@@ -642,6 +644,13 @@ static __always_inline int mb_redirect_source(__u64 nc, const __u32 *dst, __u32 
     struct netns_src *s = netns_src.lookup(&nc);
     if (!s)
         return 0;
+    /* 169.254/16: the kernel sources it from the pod's own link-local address, if it has
+     * one. (IPv6 link-local is left to the pod address: binding fe80:: ties the socket to
+     * one interface, which the redirect to ::1 cannot leave through.) */
+    if (mb_is_mapped(dst) && (bpf_ntohl(dst[3]) >> 16) == 0xa9fe && s->ll4[3]) {
+        mb_copy_ip(out, s->ll4);
+        return 1;
+    }
     if (mb_is_mapped(dst)) {
         if (!s->v4[3])
             return 0;
@@ -654,11 +663,16 @@ static __always_inline int mb_redirect_source(__u64 nc, const __u32 *dst, __u32 
     return 1;
 }
 
-/* Bind a UDP socket whose connect() goes to the loopback DNS listener to the source it has
- * under iptables (mb_redirect_source; REDIRECT leaves it alone): getsockname is right,
- * the listener's reply (sent to that address) is accepted, and a later connect() of the
- * same socket to another host works (with 127.0.0.1 as its source it could not). Only an
- * unbound socket: the kernel refuses (EINVAL) a socket the app bound, which keeps its own. */
+/* Bind a socket whose connect() is redirected to a loopback listener to the source it has
+ * under iptables (mb_redirect_source; REDIRECT rewrites only the destination, after the
+ * kernel chose the source for the original one). TCP: the sidecar's accepted socket sees
+ * the app at that address (Envoy's downstream remote address), and the app's getsockname
+ * is right. UDP DNS: the listener's reply (sent to that address) is accepted, and a later
+ * connect() of the same socket to another host works (with 127.0.0.1 as its source it
+ * could not). Keys stay symmetric: one end is still loopback, so both carry the netns.
+ * Port 0 lets connect() pick the port for the unique 4-tuple (IP_BIND_ADDRESS_NO_PORT).
+ * Only an unbound socket: the kernel refuses (EINVAL) a socket the app bound, which keeps
+ * its own. */
 static __always_inline void mb_bind_source(struct bpf_sock_addr *ctx, __u64 nc,
                                            const __u32 *dst, int v6sock)
 {

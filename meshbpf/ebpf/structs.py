@@ -102,7 +102,7 @@ class NetnsAddrKey(ctypes.Structure):
 
 
 class NetnsSrc(ctypes.Structure):
-    _fields_ = [("v4", u8 * 16), ("v6", u8 * 16)]
+    _fields_ = [("v4", u8 * 16), ("v6", u8 * 16), ("ll4", u8 * 16)]
 
 
 class NodeConfig(ctypes.Structure):
@@ -223,8 +223,10 @@ def netns_addr_key(netns_cookie, addr):
     return k
 
 
-def netns_src(addresses):
-    """The pod's source address per family (the first non-link-local, non-loopback one)."""
+def netns_src(addresses, local=()):
+    """The pod's source address per family (the first non-link-local, non-loopback one of
+    `addresses`), and the first IPv4 link-local address of `addresses` + `local` (all of
+    the netns's addresses): the kernel's source for a 169.254/16 destination."""
     v = NetnsSrc()
     for a in addresses:
         a = ipaddress.ip_address(a)
@@ -233,6 +235,10 @@ def netns_src(addresses):
         field = v.v4 if a.version == 4 else v.v6
         if not any(field):
             field[:] = list(ip16(a))
+    for a in list(addresses) + list(local):
+        a = ipaddress.ip_address(a)
+        if a.version == 4 and a.is_link_local and not any(v.ll4):
+            v.ll4[:] = list(ip16(a))
     return v
 
 

@@ -45,7 +45,7 @@ def test_known_rules_follow_the_oracle_not_the_ebpf_result(monkeypatch):
     # the rules of every item, including those fixed since (their model stays testable)
     monkeypatch.setattr(D, "OPEN", D.OPEN | {D.ITEM1, D.ITEM2, D.ITEM3, D.ITEM8,
                                              D.ITEM10_PROXY_LOCAL, D.ITEM10_DNS,
-                                             D.ITEM10_SOCKNAME})
+                                             D.ITEM10_SOCKNAME, D.NEW_LISTENER_PEER})
     cfg = D.resolve_config("default", ADDR)
     captured = {"outcome": "ok", "seen": "a:15001", "app_local": "a4"}
     got = D.known_differences(cfg, t("a.app-tcp-b4-8080"), captured, ADDR)
@@ -93,3 +93,29 @@ def test_dropping_a_fixed_item_from_open_stops_expecting_it(monkeypatch):
     assert not D._ebpf_captures(incl, t("a.app-tcp-b4-8080"), ADDR)   # fixed: families apart
     assert D._ebpf_captures(incl, t("a.app-tcp-b6-8080"), ADDR)
     assert D.known_differences(incl, t("a.app-tcp-b4-8080"), direct, ADDR) == []
+
+
+def test_addresses_added_after_attach():
+    cfg = D.resolve_config("default", ADDR)
+    # Istio's source for b6 was the later address: only app_local/lpeer may differ
+    late_src = {"outcome": "ok", "seen": "a:15001", "app_local": "late6", "lpeer": "late6"}
+    got = D.known_differences(cfg, t("a.app-tcp-b6-8080"), late_src, ADDR)
+    assert got == [D.NEW_LATE_SOURCE]
+    assert D.NEW_LATE_SOURCE.covers("lpeer") and not D.NEW_LATE_SOURCE.covers("seen")
+    # the pod's own source (or the late address dialled itself): nothing known
+    own = dict(late_src, app_local="a6", lpeer="a6")
+    assert D.known_differences(cfg, t("a.app-tcp-b6-8080"), own, ADDR) == []
+    # the listener peer is no longer a known difference (fixed: the socket is bound)
+    assert D.NEW_LISTENER_PEER not in D.OPEN
+    # the proxy dialling the later address: Istio's inbound listener, eBPF direct
+    inbound = {"outcome": "ok", "seen": "a:15006", "app_local": "late4", "lpeer": "late4"}
+    assert D.known_differences(cfg, t("a.proxy-tcp-late4-8080"), inbound, ADDR) == [
+        D.NEW_PROXY_LATE]
+    assert D.known_differences(D.resolve_config("proxy-gid-1000", ADDR),
+                               t("a.gid1337-tcp-late6-8080"), dict(inbound, seen="a:15006"),
+                               ADDR) == []      # gid 1337 is no proxy id there
+    assert D.known_differences(cfg, t("a.gid1337-tcp-late6-8080"), inbound, ADDR) == [
+        D.NEW_PROXY_LATE]
+    # the app dialling it directly (Istio's -o lo RETURN): nothing known
+    assert D.known_differences(cfg, t("a.app-tcp-late4-8080"),
+                               {"outcome": "ok", "seen": "a:8080"}, ADDR) == []

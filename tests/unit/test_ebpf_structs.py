@@ -373,8 +373,15 @@ def test_netns_addr_keys_and_source_addresses():
     src = structs.netns_src(["fe80::1", "127.0.0.1", "10.233.0.11", "fd00::11", "10.233.0.99"])
     assert bytes(src.v4) == structs.ip16("10.233.0.11")
     assert bytes(src.v6) == structs.ip16("fd00::11")
+    assert not any(src.ll4)
     empty = structs.netns_src(["fe80::1"])
-    assert not any(empty.v4) and not any(empty.v6)
+    assert not any(empty.v4) and not any(empty.v6) and not any(empty.ll4)
+    # the kernel sources a 169.254/16 destination from the pod's own link-local address,
+    # which only the netns's full address list (pod.local_addresses()) has
+    ll = structs.netns_src(["10.233.0.11"], ["127.0.0.1", "169.254.20.1", "fe80::a1",
+                                             "10.233.0.11"])
+    assert bytes(ll.v4) == structs.ip16("10.233.0.11")
+    assert bytes(ll.ll4) == structs.ip16("169.254.20.1")
 
 
 def test_getsockname_programs_follow_getpeername():
