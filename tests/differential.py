@@ -283,7 +283,7 @@ NEW_PROXY_LATE = Known("NEW", "the proxy dialling an address added to its pod af
 # The differences that remain today. When a fix merges, remove its item here: its cases
 # must then pass (a strict xfail that passes fails, saying exactly this), and the model of
 # today's eBPF decision below stops reproducing it (item 2).
-OPEN = {NEW_OWN_POD_INCLUDED, NEW_INBOUND_OWN_PORTS, NEW_LINK_LOCAL6, NEW_LATE_SOURCE,
+OPEN = {NEW_OWN_POD_INCLUDED, NEW_LINK_LOCAL6, NEW_LATE_SOURCE,
         NEW_PROXY_LATE}
 
 OWN_NON_POD = ("all4", "all6", "late4", "late6")   # pod a's local addresses that are not pod IPs
