@@ -275,16 +275,17 @@ NEW_LATE_SOURCE = Known("NEW", "the kernel's source selection picked an address 
                         "Istio's REDIRECT keeps that source; eBPF mode binds the redirected "
                         "socket to the address recorded at attach (a cgroup hook has no route "
                         "lookup)", ("app_local", "lpeer"))
-NEW_PROXY_LATE = Known("NEW", "the proxy dialling an address added to its pod after attach: "
-                       "Istio sends it to the inbound listener (it leaves through lo); eBPF "
-                       "mode dials it direct (its own addresses are recorded at attach; a "
-                       "cgroup hook has no locality test)", ALL_FIELDS)
+NEW_LATE_LOCAL = Known("NEW", "a connect to an address added to the pod after attach: it "
+                       "leaves through lo, so Istio sends the proxy to the inbound listener and "
+                       "leaves the app alone (`-o lo ! --uid-owner RETURN`); eBPF mode treats "
+                       "it as remote (the pod's own addresses are recorded at attach; a cgroup "
+                       "hook has no locality test): the proxy direct, the app to 15001",
+                       ALL_FIELDS)
 
 # The differences that remain today. When a fix merges, remove its item here: its cases
 # must then pass (a strict xfail that passes fails, saying exactly this), and the model of
 # today's eBPF decision below stops reproducing it (item 2).
-OPEN = {NEW_OWN_POD_INCLUDED, NEW_LINK_LOCAL6, NEW_LATE_SOURCE,
-        NEW_PROXY_LATE}
+OPEN = {NEW_LINK_LOCAL6, NEW_LATE_SOURCE, NEW_LATE_LOCAL}
 
 OWN_NON_POD = ("all4", "all6", "late4", "late6")   # pod a's local addresses that are not pod IPs
 OWN_POD = ("a4", "a6")
@@ -407,9 +408,9 @@ def _known(config, traffic, oracle, addresses):
             out.append(ITEM10_SOCKNAME)
         if oracle.get("lpeer") not in LOOPBACK:
             out.append(NEW_LISTENER_PEER)
-        if traffic.dst not in LATE_SYMBOLS and (oracle.get("app_local") in LATE_SYMBOLS or
-                                                oracle.get("lpeer") in LATE_SYMBOLS):
-            out.append(NEW_LATE_SOURCE)
+    if traffic.src == "a" and captured_here and traffic.dst not in LATE_SYMBOLS and (
+            oracle.get("app_local") in LATE_SYMBOLS or oracle.get("lpeer") in LATE_SYMBOLS):
+        out.append(NEW_LATE_SOURCE)
     if traffic.src == "c":
         if traffic.dst in OWN_NON_POD and seen == f"a:{INBOUND}":
             out.append(ITEM8)
@@ -433,8 +434,10 @@ def _known(config, traffic, oracle, addresses):
         return out
     if proxy and traffic.dst in OWN_NON_POD + ("lox4",) and seen == f"a:{INBOUND}":
         out.append(ITEM10_PROXY_LOCAL)
-    if proxy and traffic.dst in LATE_SYMBOLS and seen == f"a:{INBOUND}":
-        out.append(NEW_PROXY_LATE)
+    if traffic.dst in LATE_SYMBOLS and (
+            (proxy and seen == f"a:{INBOUND}") or
+            (not proxy and seen == f"a:{APP_PORT}" and _ebpf_captures(config, traffic, addresses))):
+        out.append(NEW_LATE_LOCAL)
     if traffic.dst in OWN_NON_POD:
         if not proxy and seen == f"a:{APP_PORT}" and _ebpf_captures(config, traffic, addresses):
             out.append(NEW_APP_LOCAL_DEST)

@@ -110,12 +110,22 @@ def test_addresses_added_after_attach():
     # the proxy dialling the later address: Istio's inbound listener, eBPF direct
     inbound = {"outcome": "ok", "seen": "a:15006", "app_local": "late4", "lpeer": "late4"}
     assert D.known_differences(cfg, t("a.proxy-tcp-late4-8080"), inbound, ADDR) == [
-        D.NEW_PROXY_LATE]
+        D.NEW_LATE_LOCAL]
     assert D.known_differences(D.resolve_config("proxy-gid-1000", ADDR),
                                t("a.gid1337-tcp-late6-8080"), dict(inbound, seen="a:15006"),
                                ADDR) == []      # gid 1337 is no proxy id there
     assert D.known_differences(cfg, t("a.gid1337-tcp-late6-8080"), inbound, ADDR) == [
-        D.NEW_PROXY_LATE]
-    # the app dialling it directly (Istio's -o lo RETURN): nothing known
-    assert D.known_differences(cfg, t("a.app-tcp-late4-8080"),
-                               {"outcome": "ok", "seen": "a:8080"}, ADDR) == []
+        D.NEW_LATE_LOCAL]
+    # the app dialling it: Istio direct (-o lo RETURN), eBPF's model captures it
+    direct = {"outcome": "ok", "seen": "a:8080", "app_local": "a4", "lpeer": "a4"}
+    assert D.known_differences(cfg, t("a.app-tcp-late4-8080"), direct, ADDR) == [
+        D.NEW_LATE_LOCAL]
+    # ... unless no eBPF rule would capture it either (include-none): nothing known
+    assert D.known_differences(D.resolve_config("include-none", ADDR),
+                               t("a.app-tcp-late4-8080"), direct, ADDR) == []
+    # a connected UDP query whose Istio source was the later address
+    dns = D.resolve_config("dns-servers", ADDR)
+    got = D.known_differences(dns, t("a.app-udpc-b6-53"),
+                              {"outcome": "ok", "seen": "a:15053", "app_local": "late6",
+                               "lpeer": "late6"}, ADDR)
+    assert got == [D.NEW_LATE_SOURCE]
