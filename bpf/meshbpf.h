@@ -89,6 +89,7 @@
 #define POD_F_DNS_ALL        (1u << 6)  /* capture_all_dns: any server, not the listed  */
 #define POD_F_LOOPBACK_INCLUDED (1u << 7) /* an include range is a loopback address: Istio
                                             then writes no `-o lo ! --uid-owner -j RETURN` */
+#define POD_F_TPROXY         (1u << 8)  /* inbound_interception_mode TPROXY             */
 
 /* cidr_rules scope of a pod's DNS servers (dns_servers_v4/v6): pod_index | MB_DNS_SCOPE */
 #define MB_DNS_SCOPE 0x80000000u
@@ -434,6 +435,9 @@ static __always_inline int mb_is_proxy(struct pod_config *pc)
  * `nc` the socket's netns cookie, `ip` v4-mapped for IPv4, `port` network order, `src` the
  * socket's bound source (v4-mapped, or zeros), `udp` for a datagram socket. Returns 0
  * (leave it), MB_CAPTURE_PROXY, MB_CAPTURE_DNS or MB_CAPTURE_INBOUND. */
+static __always_inline int mb_tproxy_inbound(struct pod_config *pc, __u64 nc, const __u32 *ip,
+                                             __u16 port, __u32 uid, __u32 gid);
+
 static __always_inline int mb_should_capture(struct pod_config *pc, __u64 nc, const __u32 *ip,
                                              __u16 port, const __u32 *src, int udp)
 {
@@ -458,6 +462,11 @@ static __always_inline int mb_should_capture(struct pod_config *pc, __u64 nc, co
     int in_redirect = local && !udp && !mb_is_host_loopback(ip) && port != pc->tunnel_port;
     int lo_return = local && !(pc->flags & POD_F_LOOPBACK_INCLUDED) &&
                     !((pc->flags & POD_F_DNS) && (udp || port == MB_DNS_PORT_BE));
+    /* TPROXY inbound: Istio's mangle OUTPUT marks every TCP connect of a proxy uid or gid
+     * over lo (but to 127.0.0.1 / ::1), and PREROUTING's ISTIO_INBOUND hands it to the
+     * inbound listener when its port is captured, whatever the nat rules below decided. */
+    if ((pc->flags & POD_F_TPROXY) && in_redirect && mb_tproxy_inbound(pc, nc, ip, port, uid, gid))
+        return MB_CAPTURE_INBOUND;
 #pragma unroll
     for (int i = 0; i < MB_MAX_IDS; i++) {
         if (i < pc->n_uids) {
@@ -820,4 +829,25 @@ static __always_inline int mbi_policy(struct inbound_pod_key *pk, __be16 dport,
 }
 
 /* ---- end of inbound section ---- */
+
+/* mb_should_capture's TPROXY case: a proxy id's connect over lo whose port the pod's
+ * inbound policy captures (the policy is the same for every pod IP: look it up under the
+ * pod address of the destination's family). */
+static __always_inline int mb_tproxy_inbound(struct pod_config *pc, __u64 nc, const __u32 *ip,
+                                             __u16 port, __u32 uid, __u32 gid)
+{
+    if (!mb_id_in(uid, pc->uids, pc->n_uids) && !mb_id_in(gid, pc->gids, pc->n_gids))
+        return 0;
+    struct netns_src *s = netns_src.lookup(&nc);
+    if (!s)
+        return 0;
+    struct inbound_pod_key pk = {};
+    if (mb_is_mapped(ip))
+        mb_copy_ip(pk.ip, s->v4);
+    else
+        mb_copy_ip(pk.ip, s->v6);
+    __be16 capture_port;
+    __u16 pod_flags;
+    return mbi_policy(&pk, port, &capture_port, &pod_flags) > 0;
+}
 #endif /* MESHBPF_H */

@@ -282,10 +282,16 @@ NEW_LATE_LOCAL = Known("NEW", "a connect to an address added to the pod after at
                        "hook has no locality test): the proxy direct, the app to 15001",
                        ALL_FIELDS)
 
+NEW_LINK_LOCAL6_PEER = Known("NEW", "a proxy id's connect to its pod's own IPv6 link-local "
+                             "address that reaches the inbound listener (TPROXY keeps the "
+                             "destination): the listener sees it at ::1 in eBPF mode; binding "
+                             "fe80:: needs its interface and would tie the socket to it, which "
+                             "the redirect to ::1 cannot leave through", ("lpeer",))
+
 # The differences that remain today. When a fix merges, remove its item here: its cases
 # must then pass (a strict xfail that passes fails, saying exactly this), and the model of
 # today's eBPF decision below stops reproducing it (item 2).
-OPEN = {NEW_LINK_LOCAL6, NEW_LATE_SOURCE, NEW_LATE_LOCAL}
+OPEN = {NEW_LINK_LOCAL6, NEW_LATE_SOURCE, NEW_LATE_LOCAL, NEW_LINK_LOCAL6_PEER}
 
 OWN_NON_POD = ("all4", "all6", "late4", "late6")   # pod a's local addresses that are not pod IPs
 OWN_POD = ("a4", "a6")
@@ -432,6 +438,8 @@ def _known(config, traffic, oracle, addresses):
     if oracle.get("outcome") == "timeout" and traffic.dst in ("bll6", "all6"):
         out.append(NEW_LINK_LOCAL6)
         return out
+    if proxy and traffic.dst == "all6" and seen == f"a:{INBOUND}":
+        out.append(NEW_LINK_LOCAL6_PEER)
     if proxy and traffic.dst in OWN_NON_POD + ("lox4",) and seen == f"a:{INBOUND}":
         out.append(ITEM10_PROXY_LOCAL)
     if traffic.dst in LATE_SYMBOLS and (

@@ -25,6 +25,7 @@ POD_F_INBOUND_ALL = 1 << 4
 POD_F_DNS = 1 << 5
 POD_F_DNS_ALL = 1 << 6
 POD_F_LOOPBACK_INCLUDED = 1 << 7
+POD_F_TPROXY = 1 << 8
 MB_DNS_SCOPE = 0x80000000
 MB_IPV6_SCOPE = 0x40000000      # IPv6 ranges apart from IPv4 ones (see meshbpf.h)
 
@@ -262,6 +263,8 @@ def pod_struct(config, pod_index, idmap=None):
         uids, gids, ogids = idmap.host_uids(uids), idmap.host_gids(gids), idmap.host_gids(ogids)
     if loopback_included(config):
         flags |= POD_F_LOOPBACK_INCLUDED
+    if config.inbound_interception_mode == "TPROXY":
+        flags |= POD_F_TPROXY
     # Istio turns redirect_dns off when there is nothing to capture (no server, not all):
     # its lo rules then take no DNS shape either.
     if config.redirect_dns and (config.capture_all_dns or config.dns_servers_v4 or

@@ -129,3 +129,17 @@ def test_addresses_added_after_attach():
                               {"outcome": "ok", "seen": "a:15053", "app_local": "late6",
                                "lpeer": "late6"}, ADDR)
     assert got == [D.NEW_LATE_SOURCE]
+
+
+def test_proxy_to_own_ipv6_link_local_peer():
+    tp = D.resolve_config("inbound-tproxy", ADDR)
+    inbound = {"outcome": "ok", "seen": "a:15006", "app_local": "all6", "lpeer": "all6"}
+    assert D.known_differences(tp, t("a.gid1337-tcp-all6-8080"), inbound, ADDR) == [
+        D.NEW_LINK_LOCAL6_PEER]
+    assert D.NEW_LINK_LOCAL6_PEER.covers("lpeer") and not D.NEW_LINK_LOCAL6_PEER.covers("seen")
+    # IPv4 link-local: bound like any own address, nothing known
+    assert D.known_differences(tp, t("a.gid1337-tcp-all4-8080"), dict(inbound, lpeer="all4"),
+                               ADDR) == []
+    # REDIRECT mode: Istio times out (its own failure), another rule
+    assert D.known_differences(D.resolve_config("default", ADDR), t("a.proxy-tcp-all6-8080"),
+                               {"outcome": "timeout", "seen": None}, ADDR) == [D.NEW_LINK_LOCAL6]

@@ -86,7 +86,7 @@ def test_flag_constants_match_header():
     defines = _defines(_header())
     for name in ("POD_F_OUTBOUND_ALL", "POD_F_IPV6", "POD_F_OWNER_INCLUDE",
                  "POD_F_OWNER_EXCLUDE", "POD_F_INBOUND_ALL", "POD_F_DNS", "POD_F_DNS_ALL",
-                 "POD_F_LOOPBACK_INCLUDED", "MB_DNS_SCOPE", "MB_IPV6_SCOPE", "RULE_INCLUDE",
+                 "POD_F_LOOPBACK_INCLUDED", "POD_F_TPROXY", "MB_DNS_SCOPE", "MB_IPV6_SCOPE", "RULE_INCLUDE",
                  "RULE_EXCLUDE", "NODE_F_SPLICE", "ORIG_F_ANSWERED", "ORIG_F_CONNECTED",
                  "MB_MAX_IDS", "MB_MAX_PODS"):
         assert _eval(name, defines) == getattr(structs, name), name
@@ -358,6 +358,13 @@ def test_loopback_included_follows_istio(include, expected):
     assert structs.loopback_included(cfg) is expected
     flag = structs.pod_struct(cfg, 1).flags & structs.POD_F_LOOPBACK_INCLUDED
     assert bool(flag) is expected
+
+
+def test_tproxy_mode_is_a_pod_flag():
+    """TPROXY inbound changes the proxy's connects over lo (Istio's mangle OUTPUT mark)."""
+    tp = structs.pod_struct(InterceptConfig(inbound_interception_mode="TPROXY"), 1)
+    assert tp.flags & structs.POD_F_TPROXY
+    assert not structs.pod_struct(InterceptConfig(), 1).flags & structs.POD_F_TPROXY
 
 
 def test_own_addresses_are_not_excluded_by_range():
