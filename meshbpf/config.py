@@ -153,9 +153,11 @@ class InterceptConfig:
                 parse_cidrs(self.outbound_ip_ranges_exclude, "outbound_ip_ranges_exclude"))
 
     def inbound_excluded_always(self):
-        """Ports never captured inbound: the tunnel port and the sidecar's own listeners."""
-        return sorted({self.inbound_tunnel_port, self.proxy_port, self.inbound_capture_port,
-                       15020, 15021, 15090})
+        """Ports never captured inbound: the tunnel port only, as Istio's first ISTIO_INBOUND
+        rule (`--dport 15008 -j RETURN`). The sidecar's other ports (15001, 15006, 15020,
+        15021, 15090) are captured like any other unless inbound_ports_exclude lists them
+        (Istio's injector lists 15020, 15021, 15090: the default does too)."""
+        return [self.inbound_tunnel_port]
 
 
 def split_list(value):

@@ -269,10 +269,29 @@ NEW_INBOUND_OWN_PORTS = Known("NEW", "eBPF mode never captures inbound connectio
 NEW_LINK_LOCAL6 = Known("NEW", "TCP to an IPv6 link-local address: Istio's REDIRECT (to ::1) "
                         "never connects (timeout); eBPF mode connects", ALL_FIELDS)
 
+LATE_SYMBOLS = ("late4", "late6")
+NEW_LATE_SOURCE = Known("NEW", "the kernel's source selection picked an address added to the pod "
+                        "after attach (the IPv6 one, on the pod's prefix, wins RFC 6724's tie): "
+                        "Istio's REDIRECT keeps that source; eBPF mode binds the redirected "
+                        "socket to the address recorded at attach (a cgroup hook has no route "
+                        "lookup)", ("app_local", "lpeer"))
+NEW_LATE_LOCAL = Known("NEW", "a connect to an address added to the pod after attach: it "
+                       "leaves through lo, so Istio sends the proxy to the inbound listener and "
+                       "leaves the app alone (`-o lo ! --uid-owner RETURN`); eBPF mode treats "
+                       "it as remote (the pod's own addresses are recorded at attach; a cgroup "
+                       "hook has no locality test): the proxy direct, the app to 15001",
+                       ALL_FIELDS)
+
+NEW_LINK_LOCAL6_PEER = Known("NEW", "a proxy id's connect to its pod's own IPv6 link-local "
+                             "address that reaches the inbound listener (TPROXY keeps the "
+                             "destination): the listener sees it at ::1 in eBPF mode; binding "
+                             "fe80:: needs its interface and would tie the socket to it, which "
+                             "the redirect to ::1 cannot leave through", ("lpeer",))
+
 # The differences that remain today. When a fix merges, remove its item here: its cases
 # must then pass (a strict xfail that passes fails, saying exactly this), and the model of
 # today's eBPF decision below stops reproducing it (item 2).
-OPEN = {NEW_LISTENER_PEER, NEW_OWN_POD_INCLUDED, NEW_INBOUND_OWN_PORTS, NEW_LINK_LOCAL6}
+OPEN = {NEW_LINK_LOCAL6, NEW_LATE_SOURCE, NEW_LATE_LOCAL, NEW_LINK_LOCAL6_PEER}
 
 OWN_NON_POD = ("all4", "all6", "late4", "late6")   # pod a's local addresses that are not pod IPs
 OWN_POD = ("a4", "a6")
@@ -395,6 +414,9 @@ def _known(config, traffic, oracle, addresses):
             out.append(ITEM10_SOCKNAME)
         if oracle.get("lpeer") not in LOOPBACK:
             out.append(NEW_LISTENER_PEER)
+    if traffic.src == "a" and captured_here and traffic.dst not in LATE_SYMBOLS and (
+            oracle.get("app_local") in LATE_SYMBOLS or oracle.get("lpeer") in LATE_SYMBOLS):
+        out.append(NEW_LATE_SOURCE)
     if traffic.src == "c":
         if traffic.dst in OWN_NON_POD and seen == f"a:{INBOUND}":
             out.append(ITEM8)
@@ -416,8 +438,14 @@ def _known(config, traffic, oracle, addresses):
     if oracle.get("outcome") == "timeout" and traffic.dst in ("bll6", "all6"):
         out.append(NEW_LINK_LOCAL6)
         return out
+    if proxy and traffic.dst == "all6" and seen == f"a:{INBOUND}":
+        out.append(NEW_LINK_LOCAL6_PEER)
     if proxy and traffic.dst in OWN_NON_POD + ("lox4",) and seen == f"a:{INBOUND}":
         out.append(ITEM10_PROXY_LOCAL)
+    if traffic.dst in LATE_SYMBOLS and (
+            (proxy and seen == f"a:{INBOUND}") or
+            (not proxy and seen == f"a:{APP_PORT}" and _ebpf_captures(config, traffic, addresses))):
+        out.append(NEW_LATE_LOCAL)
     if traffic.dst in OWN_NON_POD:
         if not proxy and seen == f"a:{APP_PORT}" and _ebpf_captures(config, traffic, addresses):
             out.append(NEW_APP_LOCAL_DEST)

@@ -1,7 +1,9 @@
 /* cgroup/getsockname4: an app whose connect was redirected to 127.0.0.1 sees the local
  * address it has under iptables, where REDIRECT rewrites the destination only after the
  * kernel chose the source for the original one: its pod address (or, for one of its own
- * addresses, that address). The port is the socket's own in both modes. */
+ * addresses, that address). The port is the socket's own in both modes. connect4 binds an
+ * unbound socket to that address already; this is for one the app bound to a port on the
+ * wildcard address (connect then picks 127.0.0.1, a bpf_bind is refused), and UDP DNS. */
 #include "meshbpf.h"
 
 int mb_getsockname4(struct bpf_sock_addr *ctx)

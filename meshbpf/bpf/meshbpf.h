@@ -24,7 +24,7 @@
  *   local_ips     sockops (is the peer on this node? => splice) — written by Python
  *   netns_addrs   connect4/6, sendmsg4/6, getsockname4/6 (is an address one of the socket's
  *                 netns's own, i.e. reached over `lo`?) — written by Python
- *   netns_src     getsockname4/6 (the pod address the kernel picks as source) — Python
+ *   netns_src     connect4/6, getsockname4/6 (the address the kernel picks as source) — Python
  *   node_cfg      sockops (splice on/off)                      — written by Python
  *   orig_dst      connect4/6 write, getpeername4/6 read, sockops copy + delete,
  *                 sock_release delete
@@ -89,6 +89,7 @@
 #define POD_F_DNS_ALL        (1u << 6)  /* capture_all_dns: any server, not the listed  */
 #define POD_F_LOOPBACK_INCLUDED (1u << 7) /* an include range is a loopback address: Istio
                                             then writes no `-o lo ! --uid-owner -j RETURN` */
+#define POD_F_TPROXY         (1u << 8)  /* inbound_interception_mode TPROXY             */
 
 /* cidr_rules scope of a pod's DNS servers (dns_servers_v4/v6): pod_index | MB_DNS_SCOPE */
 #define MB_DNS_SCOPE 0x80000000u
@@ -146,10 +147,12 @@ struct netns_addr_key {
 };
 
 /* The source address the kernel gives a pod's socket for an off-pod destination (the pod
- * address of each family; zeros if it has none). */
+ * address of each family; zeros if it has none), and for an IPv4 link-local one (169.254/16:
+ * the pod's own link-local address, whose connected route the kernel takes; zeros if none). */
 struct netns_src {
     __u32 v4[4];                 /* v4-mapped */
     __u32 v6[4];
+    __u32 ll4[4];                /* v4-mapped */
 };
 
 #define NODE_F_SPLICE (1u << 0)
@@ -432,6 +435,9 @@ static __always_inline int mb_is_proxy(struct pod_config *pc)
  * `nc` the socket's netns cookie, `ip` v4-mapped for IPv4, `port` network order, `src` the
  * socket's bound source (v4-mapped, or zeros), `udp` for a datagram socket. Returns 0
  * (leave it), MB_CAPTURE_PROXY, MB_CAPTURE_DNS or MB_CAPTURE_INBOUND. */
+static __always_inline int mb_tproxy_inbound(struct pod_config *pc, __u64 nc, const __u32 *ip,
+                                             __u16 port, __u32 uid, __u32 gid);
+
 static __always_inline int mb_should_capture(struct pod_config *pc, __u64 nc, const __u32 *ip,
                                              __u16 port, const __u32 *src, int udp)
 {
@@ -456,6 +462,11 @@ static __always_inline int mb_should_capture(struct pod_config *pc, __u64 nc, co
     int in_redirect = local && !udp && !mb_is_host_loopback(ip) && port != pc->tunnel_port;
     int lo_return = local && !(pc->flags & POD_F_LOOPBACK_INCLUDED) &&
                     !((pc->flags & POD_F_DNS) && (udp || port == MB_DNS_PORT_BE));
+    /* TPROXY inbound: Istio's mangle OUTPUT marks every TCP connect of a proxy uid or gid
+     * over lo (but to 127.0.0.1 / ::1), and PREROUTING's ISTIO_INBOUND hands it to the
+     * inbound listener when its port is captured, whatever the nat rules below decided. */
+    if ((pc->flags & POD_F_TPROXY) && in_redirect && mb_tproxy_inbound(pc, nc, ip, port, uid, gid))
+        return MB_CAPTURE_INBOUND;
 #pragma unroll
     for (int i = 0; i < MB_MAX_IDS; i++) {
         if (i < pc->n_uids) {
@@ -642,6 +653,13 @@ static __always_inline int mb_redirect_source(__u64 nc, const __u32 *dst, __u32 
     struct netns_src *s = netns_src.lookup(&nc);
     if (!s)
         return 0;
+    /* 169.254/16: the kernel sources it from the pod's own link-local address, if it has
+     * one. (IPv6 link-local is left to the pod address: binding fe80:: ties the socket to
+     * one interface, which the redirect to ::1 cannot leave through.) */
+    if (mb_is_mapped(dst) && (bpf_ntohl(dst[3]) >> 16) == 0xa9fe && s->ll4[3]) {
+        mb_copy_ip(out, s->ll4);
+        return 1;
+    }
     if (mb_is_mapped(dst)) {
         if (!s->v4[3])
             return 0;
@@ -654,11 +672,16 @@ static __always_inline int mb_redirect_source(__u64 nc, const __u32 *dst, __u32 
     return 1;
 }
 
-/* Bind a UDP socket whose connect() goes to the loopback DNS listener to the source it has
- * under iptables (mb_redirect_source; REDIRECT leaves it alone): getsockname is right,
- * the listener's reply (sent to that address) is accepted, and a later connect() of the
- * same socket to another host works (with 127.0.0.1 as its source it could not). Only an
- * unbound socket: the kernel refuses (EINVAL) a socket the app bound, which keeps its own. */
+/* Bind a socket whose connect() is redirected to a loopback listener to the source it has
+ * under iptables (mb_redirect_source; REDIRECT rewrites only the destination, after the
+ * kernel chose the source for the original one). TCP: the sidecar's accepted socket sees
+ * the app at that address (Envoy's downstream remote address), and the app's getsockname
+ * is right. UDP DNS: the listener's reply (sent to that address) is accepted, and a later
+ * connect() of the same socket to another host works (with 127.0.0.1 as its source it
+ * could not). Keys stay symmetric: one end is still loopback, so both carry the netns.
+ * Port 0 lets connect() pick the port for the unique 4-tuple (IP_BIND_ADDRESS_NO_PORT).
+ * Only an unbound socket: the kernel refuses (EINVAL) a socket the app bound, which keeps
+ * its own. */
 static __always_inline void mb_bind_source(struct bpf_sock_addr *ctx, __u64 nc,
                                            const __u32 *dst, int v6sock)
 {
@@ -806,4 +829,25 @@ static __always_inline int mbi_policy(struct inbound_pod_key *pk, __be16 dport,
 }
 
 /* ---- end of inbound section ---- */
+
+/* mb_should_capture's TPROXY case: a proxy id's connect over lo whose port the pod's
+ * inbound policy captures (the policy is the same for every pod IP: look it up under the
+ * pod address of the destination's family). */
+static __always_inline int mb_tproxy_inbound(struct pod_config *pc, __u64 nc, const __u32 *ip,
+                                             __u16 port, __u32 uid, __u32 gid)
+{
+    if (!mb_id_in(uid, pc->uids, pc->n_uids) && !mb_id_in(gid, pc->gids, pc->n_gids))
+        return 0;
+    struct netns_src *s = netns_src.lookup(&nc);
+    if (!s)
+        return 0;
+    struct inbound_pod_key pk = {};
+    if (mb_is_mapped(ip))
+        mb_copy_ip(pk.ip, s->v4);
+    else
+        mb_copy_ip(pk.ip, s->v6);
+    __be16 capture_port;
+    __u16 pod_flags;
+    return mbi_policy(&pk, port, &capture_port, &pod_flags) > 0;
+}
 #endif /* MESHBPF_H */

@@ -9,9 +9,9 @@ int mb_recvmsg6(struct bpf_sock_addr *ctx)
         return 1;
     __u32 src[4];
     mb_ctx_ip6(ctx, src);
-    if (!mb_is_loopback(src))
-        return 1;
     __u64 nc = bpf_get_netns_cookie(ctx);
+    if (!mb_is_local(nc, src))   /* loopback or a pod address: see recvmsg4 */
+        return 1;
     struct pod_config *pc = pods.lookup(&nc);
     if (!pc || (__u16)ctx->user_port != pc->dns_port)
         return 1;

@@ -23,6 +23,12 @@ int mb_sendmsg4(struct bpf_sock_addr *ctx)
         return 1;
     if (mb_remember_dns(ctx, nc, ip, MB_AF_INET, 0))
         return 0;                /* no room to record it: refuse (EPERM), never redirect */
+    /* An unbound socket's query leaves from the source it has under iptables (the pod
+     * address), so the DNS listener sees the app where Istio's does; the reply to it is
+     * accepted (unbound socket), and recvmsg4 shows the server as its source. */
+    __u32 from[4];
+    if (!src[3] && mb_redirect_source(nc, ip, from))
+        ctx->msg_src_ip4 = from[3];
     ctx->user_ip4 = bpf_htonl(0x7f000001);
     ctx->user_port = (__u32)pc->dns_port;
     mb_count(COUNTER_DNS_REDIRECT, 1);

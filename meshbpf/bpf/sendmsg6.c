@@ -27,6 +27,14 @@ int mb_sendmsg6(struct bpf_sock_addr *ctx)
         return 1;
     if (mb_remember_dns(ctx, nc, ip, v4 ? MB_AF_INET : MB_AF_INET6, 0))
         return 0;                /* no room to record it: refuse (EPERM), never redirect */
+    /* As sendmsg4: an unbound socket's query leaves from its iptables source. */
+    __u32 from[4];
+    if (!v4 && !(src[0] | src[1] | src[2] | src[3]) && mb_redirect_source(nc, ip, from)) {
+        ctx->msg_src_ip6[0] = from[0];
+        ctx->msg_src_ip6[1] = from[1];
+        ctx->msg_src_ip6[2] = from[2];
+        ctx->msg_src_ip6[3] = from[3];
+    }
     mb_set_ctx_loopback6(ctx, v4);
     ctx->user_port = (__u32)pc->dns_port;
     mb_count(COUNTER_DNS_REDIRECT, 1);

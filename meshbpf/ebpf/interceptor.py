@@ -357,7 +357,7 @@ class EbpfInterceptor(Interceptor):
         for k in [bytes(k) for k in maps["netns_addrs"].keys() if k.netns == cookie]:
             if k not in want_local:
                 maps["netns_addrs"].delete(k)
-        maps["netns_src"].update(structs.U64(cookie), structs.netns_src(addresses))
+        maps["netns_src"].update(structs.U64(cookie), structs.netns_src(addresses, local))
         maps["pods"].update(structs.U64(cookie), pc)
         for name, want in (("cidr_rules", want_cidr), ("port_rules", want_ports)):
             for k in [bytes(k) for k in maps[name].keys() if k.pod_index in structs.scopes(index)]:

@@ -25,6 +25,7 @@ POD_F_INBOUND_ALL = 1 << 4
 POD_F_DNS = 1 << 5
 POD_F_DNS_ALL = 1 << 6
 POD_F_LOOPBACK_INCLUDED = 1 << 7
+POD_F_TPROXY = 1 << 8
 MB_DNS_SCOPE = 0x80000000
 MB_IPV6_SCOPE = 0x40000000      # IPv6 ranges apart from IPv4 ones (see meshbpf.h)
 
@@ -102,7 +103,7 @@ class NetnsAddrKey(ctypes.Structure):
 
 
 class NetnsSrc(ctypes.Structure):
-    _fields_ = [("v4", u8 * 16), ("v6", u8 * 16)]
+    _fields_ = [("v4", u8 * 16), ("v6", u8 * 16), ("ll4", u8 * 16)]
 
 
 class NodeConfig(ctypes.Structure):
@@ -223,8 +224,10 @@ def netns_addr_key(netns_cookie, addr):
     return k
 
 
-def netns_src(addresses):
-    """The pod's source address per family (the first non-link-local, non-loopback one)."""
+def netns_src(addresses, local=()):
+    """The pod's source address per family (the first non-link-local, non-loopback one of
+    `addresses`), and the first IPv4 link-local address of `addresses` + `local` (all of
+    the netns's addresses): the kernel's source for a 169.254/16 destination."""
     v = NetnsSrc()
     for a in addresses:
         a = ipaddress.ip_address(a)
@@ -233,6 +236,10 @@ def netns_src(addresses):
         field = v.v4 if a.version == 4 else v.v6
         if not any(field):
             field[:] = list(ip16(a))
+    for a in list(addresses) + list(local):
+        a = ipaddress.ip_address(a)
+        if a.version == 4 and a.is_link_local and not any(v.ll4):
+            v.ll4[:] = list(ip16(a))
     return v
 
 
@@ -256,6 +263,8 @@ def pod_struct(config, pod_index, idmap=None):
         uids, gids, ogids = idmap.host_uids(uids), idmap.host_gids(gids), idmap.host_gids(ogids)
     if loopback_included(config):
         flags |= POD_F_LOOPBACK_INCLUDED
+    if config.inbound_interception_mode == "TPROXY":
+        flags |= POD_F_TPROXY
     # Istio turns redirect_dns off when there is nothing to capture (no server, not all):
     # its lo rules then take no DNS shape either.
     if config.redirect_dns and (config.capture_all_dns or config.dns_servers_v4 or

@@ -45,7 +45,7 @@ def test_known_rules_follow_the_oracle_not_the_ebpf_result(monkeypatch):
     # the rules of every item, including those fixed since (their model stays testable)
     monkeypatch.setattr(D, "OPEN", D.OPEN | {D.ITEM1, D.ITEM2, D.ITEM3, D.ITEM8,
                                              D.ITEM10_PROXY_LOCAL, D.ITEM10_DNS,
-                                             D.ITEM10_SOCKNAME})
+                                             D.ITEM10_SOCKNAME, D.NEW_LISTENER_PEER})
     cfg = D.resolve_config("default", ADDR)
     captured = {"outcome": "ok", "seen": "a:15001", "app_local": "a4"}
     got = D.known_differences(cfg, t("a.app-tcp-b4-8080"), captured, ADDR)
@@ -93,3 +93,53 @@ def test_dropping_a_fixed_item_from_open_stops_expecting_it(monkeypatch):
     assert not D._ebpf_captures(incl, t("a.app-tcp-b4-8080"), ADDR)   # fixed: families apart
     assert D._ebpf_captures(incl, t("a.app-tcp-b6-8080"), ADDR)
     assert D.known_differences(incl, t("a.app-tcp-b4-8080"), direct, ADDR) == []
+
+
+def test_addresses_added_after_attach():
+    cfg = D.resolve_config("default", ADDR)
+    # Istio's source for b6 was the later address: only app_local/lpeer may differ
+    late_src = {"outcome": "ok", "seen": "a:15001", "app_local": "late6", "lpeer": "late6"}
+    got = D.known_differences(cfg, t("a.app-tcp-b6-8080"), late_src, ADDR)
+    assert got == [D.NEW_LATE_SOURCE]
+    assert D.NEW_LATE_SOURCE.covers("lpeer") and not D.NEW_LATE_SOURCE.covers("seen")
+    # the pod's own source (or the late address dialled itself): nothing known
+    own = dict(late_src, app_local="a6", lpeer="a6")
+    assert D.known_differences(cfg, t("a.app-tcp-b6-8080"), own, ADDR) == []
+    # the listener peer is no longer a known difference (fixed: the socket is bound)
+    assert D.NEW_LISTENER_PEER not in D.OPEN
+    # the proxy dialling the later address: Istio's inbound listener, eBPF direct
+    inbound = {"outcome": "ok", "seen": "a:15006", "app_local": "late4", "lpeer": "late4"}
+    assert D.known_differences(cfg, t("a.proxy-tcp-late4-8080"), inbound, ADDR) == [
+        D.NEW_LATE_LOCAL]
+    assert D.known_differences(D.resolve_config("proxy-gid-1000", ADDR),
+                               t("a.gid1337-tcp-late6-8080"), dict(inbound, seen="a:15006"),
+                               ADDR) == []      # gid 1337 is no proxy id there
+    assert D.known_differences(cfg, t("a.gid1337-tcp-late6-8080"), inbound, ADDR) == [
+        D.NEW_LATE_LOCAL]
+    # the app dialling it: Istio direct (-o lo RETURN), eBPF's model captures it
+    direct = {"outcome": "ok", "seen": "a:8080", "app_local": "a4", "lpeer": "a4"}
+    assert D.known_differences(cfg, t("a.app-tcp-late4-8080"), direct, ADDR) == [
+        D.NEW_LATE_LOCAL]
+    # ... unless no eBPF rule would capture it either (include-none): nothing known
+    assert D.known_differences(D.resolve_config("include-none", ADDR),
+                               t("a.app-tcp-late4-8080"), direct, ADDR) == []
+    # a connected UDP query whose Istio source was the later address
+    dns = D.resolve_config("dns-servers", ADDR)
+    got = D.known_differences(dns, t("a.app-udpc-b6-53"),
+                              {"outcome": "ok", "seen": "a:15053", "app_local": "late6",
+                               "lpeer": "late6"}, ADDR)
+    assert got == [D.NEW_LATE_SOURCE]
+
+
+def test_proxy_to_own_ipv6_link_local_peer():
+    tp = D.resolve_config("inbound-tproxy", ADDR)
+    inbound = {"outcome": "ok", "seen": "a:15006", "app_local": "all6", "lpeer": "all6"}
+    assert D.known_differences(tp, t("a.gid1337-tcp-all6-8080"), inbound, ADDR) == [
+        D.NEW_LINK_LOCAL6_PEER]
+    assert D.NEW_LINK_LOCAL6_PEER.covers("lpeer") and not D.NEW_LINK_LOCAL6_PEER.covers("seen")
+    # IPv4 link-local: bound like any own address, nothing known
+    assert D.known_differences(tp, t("a.gid1337-tcp-all4-8080"), dict(inbound, lpeer="all4"),
+                               ADDR) == []
+    # REDIRECT mode: Istio times out (its own failure), another rule
+    assert D.known_differences(D.resolve_config("default", ADDR), t("a.proxy-tcp-all6-8080"),
+                               {"outcome": "timeout", "seen": None}, ADDR) == [D.NEW_LINK_LOCAL6]

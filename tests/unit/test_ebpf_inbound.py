@@ -15,7 +15,8 @@ from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import inbound, loader
 from meshbpf.errors import ApplyError, UnsupportedError, UsageError
 
-ALWAYS = {15001, 15006, 15008, 15020, 15021, 15090}
+ALWAYS = {15008}                            # Istio's `--dport 15008 -j RETURN`
+DEFAULT_EXCLUDE = {15020, 15021, 15090}     # Istio's injector's inbound_ports_exclude
 
 
 def cfg(**kw):
@@ -27,10 +28,12 @@ def cfg(**kw):
 def test_default_config_captures_everything_but_the_sidecars_ports():
     p = inbound.inbound_policy(InterceptConfig())
     assert p.wildcard and p.capture == () and p.capture_port == 15006
-    assert set(p.bypass) == ALWAYS
+    assert set(p.bypass) == ALWAYS | DEFAULT_EXCLUDE
     assert inbound.steers(p, 8080) and inbound.steers(p, 1)
-    for port in ALWAYS:
+    for port in ALWAYS | DEFAULT_EXCLUDE:
         assert not inbound.steers(p, port)
+    # the sidecar's own listeners are captured like any port, as in Istio's ISTIO_INBOUND
+    assert inbound.steers(p, 15001) and inbound.steers(p, 15006)
 
 
 def test_wildcard_with_user_excludes():
@@ -42,12 +45,12 @@ def test_wildcard_with_user_excludes():
 
 def test_port_list_captures_only_listed_ports_and_ignores_excludes_like_istio():
     # Istio's generator only honours inbound_ports_exclude with '*'.
-    p = inbound.inbound_policy(cfg(inbound_ports_include="8080,9090,15021",
+    p = inbound.inbound_policy(cfg(inbound_ports_include="8080,9090,15021,15008",
                                    inbound_ports_exclude="9090"))
     assert not p.wildcard and p.bypass == ()
-    assert p.capture == (8080, 9090)          # 15021 is the sidecar's: never captured
-    assert inbound.steers(p, 8080) and inbound.steers(p, 9090)
-    assert not inbound.steers(p, 15021) and not inbound.steers(p, 80)
+    assert p.capture == (8080, 9090, 15021)   # listed: captured, as Istio; 15008 never
+    assert inbound.steers(p, 8080) and inbound.steers(p, 9090) and inbound.steers(p, 15021)
+    assert not inbound.steers(p, 15008) and not inbound.steers(p, 80)
 
 
 def test_empty_include_captures_nothing():
@@ -60,8 +63,8 @@ def test_custom_capture_and_tunnel_ports_follow_the_config():
     p = inbound.inbound_policy(cfg(inbound_capture_port=16006, inbound_tunnel_port=16008,
                                    proxy_port=16001))
     assert p.capture_port == 16006
-    assert {16001, 16006, 16008, 15020, 15021, 15090} <= set(p.bypass)
-    assert inbound.steers(p, 15006) and inbound.steers(p, 15008)
+    assert set(p.bypass) == {16008} | DEFAULT_EXCLUDE
+    assert inbound.steers(p, 15006) and inbound.steers(p, 15008) and inbound.steers(p, 16001)
 
 
 # ---- packing ----------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_flag_constants_match_header():
     defines = _defines(_header())
     for name in ("POD_F_OUTBOUND_ALL", "POD_F_IPV6", "POD_F_OWNER_INCLUDE",
                  "POD_F_OWNER_EXCLUDE", "POD_F_INBOUND_ALL", "POD_F_DNS", "POD_F_DNS_ALL",
-                 "POD_F_LOOPBACK_INCLUDED", "MB_DNS_SCOPE", "MB_IPV6_SCOPE", "RULE_INCLUDE",
+                 "POD_F_LOOPBACK_INCLUDED", "POD_F_TPROXY", "MB_DNS_SCOPE", "MB_IPV6_SCOPE", "RULE_INCLUDE",
                  "RULE_EXCLUDE", "NODE_F_SPLICE", "ORIG_F_ANSWERED", "ORIG_F_CONNECTED",
                  "MB_MAX_IDS", "MB_MAX_PODS"):
         assert _eval(name, defines) == getattr(structs, name), name
@@ -359,6 +359,13 @@ def test_loopback_included_follows_istio(include, expected):
     assert bool(flag) is expected
 
 
+def test_tproxy_mode_is_a_pod_flag():
+    """TPROXY inbound changes the proxy's connects over lo (Istio's mangle OUTPUT mark)."""
+    tp = structs.pod_struct(InterceptConfig(inbound_interception_mode="TPROXY"), 1)
+    assert tp.flags & structs.POD_F_TPROXY
+    assert not structs.pod_struct(InterceptConfig(), 1).flags & structs.POD_F_TPROXY
+
+
 def test_own_addresses_are_not_excluded_by_range():
     """The app dialling its own addresses is left alone by the `-o lo` rule
     (mb_should_capture), not by an exclude range: Istio writes none."""
@@ -372,8 +379,15 @@ def test_netns_addr_keys_and_source_addresses():
     src = structs.netns_src(["fe80::1", "127.0.0.1", "10.233.0.11", "fd00::11", "10.233.0.99"])
     assert bytes(src.v4) == structs.ip16("10.233.0.11")
     assert bytes(src.v6) == structs.ip16("fd00::11")
+    assert not any(src.ll4)
     empty = structs.netns_src(["fe80::1"])
-    assert not any(empty.v4) and not any(empty.v6)
+    assert not any(empty.v4) and not any(empty.v6) and not any(empty.ll4)
+    # the kernel sources a 169.254/16 destination from the pod's own link-local address,
+    # which only the netns's full address list (pod.local_addresses()) has
+    ll = structs.netns_src(["10.233.0.11"], ["127.0.0.1", "169.254.20.1", "fe80::a1",
+                                             "10.233.0.11"])
+    assert bytes(ll.v4) == structs.ip16("10.233.0.11")
+    assert bytes(ll.ll4) == structs.ip16("169.254.20.1")
 
 
 def test_getsockname_programs_follow_getpeername():
