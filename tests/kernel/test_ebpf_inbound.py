@@ -15,6 +15,7 @@ import pytest
 
 from meshbpf import system
 from meshbpf.config import InterceptConfig
+from meshbpf.ebpf import loader
 from meshbpf.errors import ApplyError, NotFoundError, UnsupportedError
 from meshbpf.sandbox import Sandbox
 
@@ -26,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _counter_indexes():
     """Counter indexes from bpf/meshbpf.h: the enum, and the MBI_COUNTER_* aliases."""
     import re
-    with open(os.path.join(REPO, "bpf", "meshbpf.h")) as f:
+    with open(os.path.join(loader.BPF_DIR, "meshbpf.h")) as f:
         text = f.read()
     idx = {m.group(1): int(m.group(2)) for m in re.finditer(r"\b(COUNTER_\w+) = (\d+)", text)}
     for m in re.finditer(r"#define (MBI_COUNTER_\w+) (COUNTER_\w+)", text):
@@ -93,9 +94,9 @@ def _bare(ip):
 def tc_object():
     """bpf/meshbpf.h + bpf/tc_inbound.c compiled by bcc: (BPF, maps, progs)."""
     from bcc import BPF
-    with open(os.path.join(REPO, "bpf", "meshbpf.h")) as f:
+    with open(os.path.join(loader.BPF_DIR, "meshbpf.h")) as f:
         header = f.read()
-    with open(os.path.join(REPO, "bpf", "tc_inbound.c")) as f:
+    with open(os.path.join(loader.BPF_DIR, "tc_inbound.c")) as f:
         prog = f.read().replace('#include "meshbpf.h"', "")
     b = BPF(text=(header + prog).encode(), cflags=["-Wno-comment"])
     fn = b.load_func(b"tc_inbound_ingress", BPF.SCHED_CLS)
