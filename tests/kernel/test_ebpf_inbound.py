@@ -21,7 +21,6 @@ from meshbpf.sandbox import Sandbox
 
 pytestmark = pytest.mark.kernel
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _counter_indexes():

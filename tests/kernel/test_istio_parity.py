@@ -8,7 +8,6 @@ configured as Istio's (meshbpf.sidecar), run as uid 1337.
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 

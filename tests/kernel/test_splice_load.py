@@ -231,7 +231,7 @@ def test_a_reader_that_never_reads_stops_its_writer(node):
 def test_a_reader_that_stops_and_resumes_gets_every_byte_in_order(node, mode):
     a, b = node["a"], node["b"]
     total = 64 << 20
-    with Mode(node, mode) as m:
+    with Mode(node, mode):
         r = a.exec([_python(), "-c", SOURCE, b.ip4, str(PAUSE_PORT), str(total), str(200000)],
                    timeout=120)
         assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
