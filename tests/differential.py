@@ -291,7 +291,7 @@ NEW_LINK_LOCAL6_PEER = Known("NEW", "a proxy id's connect to its pod's own IPv6 
 # The differences that remain today. When a fix merges, remove its item here: its cases
 # must then pass (a strict xfail that passes fails, saying exactly this), and the model of
 # today's eBPF decision below stops reproducing it (item 2).
-OPEN = {NEW_LINK_LOCAL6, NEW_LATE_SOURCE, NEW_LATE_LOCAL, NEW_LINK_LOCAL6_PEER}
+OPEN = {NEW_LISTENER_PEER, NEW_LINK_LOCAL6, NEW_LATE_SOURCE, NEW_LATE_LOCAL, NEW_LINK_LOCAL6_PEER}
 
 OWN_NON_POD = ("all4", "all6", "late4", "late6")   # pod a's local addresses that are not pod IPs
 OWN_POD = ("a4", "a6")
@@ -412,7 +412,7 @@ def _known(config, traffic, oracle, addresses):
         # (where Istio's own source is loopback, eBPF's 127.0.0.1 is no difference)
         if traffic.proto == "tcp" and oracle.get("app_local") not in LOOPBACK:
             out.append(ITEM10_SOCKNAME)
-        if oracle.get("lpeer") not in LOOPBACK:
+        if traffic.proto == "tcp" and oracle.get("lpeer") not in LOOPBACK:
             out.append(NEW_LISTENER_PEER)
     if traffic.src == "a" and captured_here and traffic.dst not in LATE_SYMBOLS and (
             oracle.get("app_local") in LATE_SYMBOLS or oracle.get("lpeer") in LATE_SYMBOLS):

@@ -3,8 +3,10 @@
  * <inbound_port>, Istio's ISTIO_IN_REDIRECT). A UDP connect to port 53 that the pod's DNS
  * capture takes goes to 127.0.0.1:<dns_port> too: glibc's resolver and Go connect() their
  * UDP socket and then send(), which sendmsg4 never sees.
- * A redirected TCP socket is first bound to the source it has under iptables (the pod
- * address; see mb_bind_source), so the sidecar sees the app where Istio's sidecar does.
+ * A redirected TCP socket keeps its loopback source: binding it first to the source it has
+ * under iptables (mb_bind_source, as connected UDP is) would show the sidecar the app's pod
+ * address as Istio does, but cut new connections per second to a quarter here
+ * (docs/differences.md); getsockname4 gives the app its iptables source.
  * The original destination is kept in orig_dst (by socket cookie) for sockops/getpeername;
  * a UDP socket's in dns_orig for recvmsg4 and getpeername4. A connect that cannot be
  * recorded fails with EPERM (meshbpf.h, "Full maps"). */
@@ -37,8 +39,6 @@ int mb_connect4(struct bpf_sock_addr *ctx)
         mb_count(COUNTER_DNS_REDIRECT, 1);
     } else if (mb_remember(ctx, nc, ip, port, MB_AF_INET, verdict)) {
         return 0;                /* no room to record it: refuse (EPERM), never redirect */
-    } else {
-        mb_bind_source(ctx, nc, ip, 0);   /* the source it has under iptables */
     }
     ctx->user_ip4 = bpf_htonl(0x7f000001);
     ctx->user_port = (__u32)mb_capture_port(pc, verdict);

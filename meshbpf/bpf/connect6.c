@@ -38,8 +38,6 @@ int mb_connect6(struct bpf_sock_addr *ctx)
         mb_count(COUNTER_DNS_REDIRECT, 1);
     } else if (mb_remember(ctx, nc, ip, port, v4 ? MB_AF_INET : MB_AF_INET6, verdict)) {
         return 0;                /* no room to record it: refuse (EPERM), never redirect */
-    } else {
-        mb_bind_source(ctx, nc, ip, 1);   /* the source it has under iptables */
     }
     mb_set_ctx_loopback6(ctx, v4);
     ctx->user_port = (__u32)mb_capture_port(pc, verdict);

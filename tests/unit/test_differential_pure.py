@@ -95,7 +95,9 @@ def test_dropping_a_fixed_item_from_open_stops_expecting_it(monkeypatch):
     assert D.known_differences(incl, t("a.app-tcp-b4-8080"), direct, ADDR) == []
 
 
-def test_addresses_added_after_attach():
+def test_addresses_added_after_attach(monkeypatch):
+    # one rule at a time: the TCP listener-peer rule would also name these cases
+    monkeypatch.setattr(D, "OPEN", D.OPEN - {D.NEW_LISTENER_PEER})
     cfg = D.resolve_config("default", ADDR)
     # Istio's source for b6 was the later address: only app_local/lpeer may differ
     late_src = {"outcome": "ok", "seen": "a:15001", "app_local": "late6", "lpeer": "late6"}
@@ -105,8 +107,6 @@ def test_addresses_added_after_attach():
     # the pod's own source (or the late address dialled itself): nothing known
     own = dict(late_src, app_local="a6", lpeer="a6")
     assert D.known_differences(cfg, t("a.app-tcp-b6-8080"), own, ADDR) == []
-    # the listener peer is no longer a known difference (fixed: the socket is bound)
-    assert D.NEW_LISTENER_PEER not in D.OPEN
     # the proxy dialling the later address: Istio's inbound listener, eBPF direct
     inbound = {"outcome": "ok", "seen": "a:15006", "app_local": "late4", "lpeer": "late4"}
     assert D.known_differences(cfg, t("a.proxy-tcp-late4-8080"), inbound, ADDR) == [
@@ -131,7 +131,8 @@ def test_addresses_added_after_attach():
     assert got == [D.NEW_LATE_SOURCE]
 
 
-def test_proxy_to_own_ipv6_link_local_peer():
+def test_proxy_to_own_ipv6_link_local_peer(monkeypatch):
+    monkeypatch.setattr(D, "OPEN", D.OPEN - {D.NEW_LISTENER_PEER})
     tp = D.resolve_config("inbound-tproxy", ADDR)
     inbound = {"outcome": "ok", "seen": "a:15006", "app_local": "all6", "lpeer": "all6"}
     assert D.known_differences(tp, t("a.gid1337-tcp-all6-8080"), inbound, ADDR) == [
@@ -143,3 +144,12 @@ def test_proxy_to_own_ipv6_link_local_peer():
     # REDIRECT mode: Istio times out (its own failure), another rule
     assert D.known_differences(D.resolve_config("default", ADDR), t("a.proxy-tcp-all6-8080"),
                                {"outcome": "timeout", "seen": None}, ADDR) == [D.NEW_LINK_LOCAL6]
+
+
+def test_the_listener_peer_is_known_for_tcp_only():
+    """TCP sockets keep their loopback source (binding them costs new connections); UDP DNS
+    sockets are bound, so their listener sees the pod address as under Istio."""
+    assert D.NEW_LISTENER_PEER in D.OPEN
+    cfg = D.resolve_config("default", ADDR)
+    oracle = {"outcome": "ok", "seen": "a:15001", "app_local": "a4", "lpeer": "a4"}
+    assert D.NEW_LISTENER_PEER in D.known_differences(cfg, t("a.app-tcp-b4-8080"), oracle, ADDR)
