@@ -24,7 +24,7 @@ def run(cmd, **kw):
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("wheel")
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+    run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
          "-w", str(tmp / "dist"), REPO])
     wheel = next((tmp / "dist").glob("meshbpf-*.whl"))
     # bcc comes from Debian's python3-bpfcc: the venv sees the system site packages
