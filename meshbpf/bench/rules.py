@@ -459,8 +459,8 @@ class _EbpfExclusions:
         self.sb, self.maps, self.client, self.progress = sb, maps, client, progress
         self.icpt, self.impl, self.note, self.attached = None, "lpm-lookup", None, None
         try:
-            from ..interceptor import get_interceptor
-            self.icpt = get_interceptor("ebpf", pin_prefix=sb.pin_prefix,
+            from ..service import NodeService
+            self.icpt = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix,
                                         cgroup_root=sb.cgroup_root, splice=True)
             self.impl = "ebpf-interceptor"
         except Exception as e:  # noqa: BLE001 - no bcc, no module: use the stand-in
