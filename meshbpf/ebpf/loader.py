@@ -519,7 +519,7 @@ def unload(pin_prefix, cgroup_root=None):
             try:
                 lfd = bpfsys.obj_get(path)
                 try:
-                    _link_detach(lfd)
+                    bpfsys.link_detach(lfd)
                 finally:
                     os.close(lfd)
             except OSError as e:
@@ -565,18 +565,6 @@ def unload(pin_prefix, cgroup_root=None):
     _remove_pins(pin_prefix)
     if errors:
         raise ApplyError("some meshbpf programs could not be detached: " + "; ".join(errors))
-
-
-def _link_detach(lfd):
-    import ctypes
-
-    class _LinkDetachAttr(ctypes.Structure):
-        _fields_ = [("link_fd", ctypes.c_uint32)]
-    try:
-        bpfsys.bpf(34, _LinkDetachAttr(link_fd=lfd), "detaching a bpf_link")  # BPF_LINK_DETACH
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOLINK, errno.EOPNOTSUPP):
-            raise
 
 
 def _unlink(path):
