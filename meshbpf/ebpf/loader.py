@@ -159,7 +159,8 @@ def _strip_include(text):
 
 
 def source_files(bpf_dir=BPF_DIR):
-    """bpf/*.c that exist, core ones first (the inbound helper's tc_inbound.c if present)."""
+    """bpf/*.c that exist: the core programs in CORE_SOURCES' order (so that every build
+    compiles them identically), then the others (tc_inbound.c, sk_lookup.c) by name."""
     present = sorted(os.path.basename(p) for p in glob.glob(os.path.join(bpf_dir, "*.c")))
     core = [f for f in CORE_SOURCES if f in present]
     return core + [f for f in present if f not in core]
