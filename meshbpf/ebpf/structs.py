@@ -1,10 +1,11 @@
-"""The ONE Python mirror of bpf/meshbpf.h (core part), plus pure packing functions.
+"""The one Python mirror of bpf/meshbpf.h, plus pure packing functions.
 
-ctypes structures with the C layout of the header's structs, the counter index enum, the
-flag constants, and pure functions that turn an InterceptConfig into map entries (pod
-struct, CIDR LPM keys, port keys). No side effects: nothing here touches the kernel, so
-tests/unit/test_ebpf_structs.py checks it without root (and parses the header to make
-sure this mirror and the C agree).
+ctypes structures with the C layout of the header's structs (the core maps and the
+inbound ones), the counter index enum, the flag constants, and pure functions that turn
+an InterceptConfig or an inbound policy's fields into map keys and values (pod struct,
+CIDR LPM keys, port keys, inbound_pods/inbound_ports/capture_listeners entries). No side
+effects: nothing here touches the kernel, so tests/unit/test_ebpf_structs.py checks it
+without root (and parses the header to make sure this mirror and the C agree).
 """
 
 import ctypes

@@ -1,4 +1,4 @@
-"""Node-wide map safety (issue 9, items 4, 5 and 7), in throwaway sandbox pods:
+"""Node-wide map safety, in throwaway sandbox pods:
 
 - address-keyed maps (local_ips, inbound_pods, inbound_ports, inbound_netns) are owned: a
   stale detach of a dead pod whose address a live pod reuses leaves the live pod's entries,

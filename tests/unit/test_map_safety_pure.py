@@ -1,4 +1,4 @@
-"""Pure parts of node-wide map safety (issue 9, items 4 and 5): who holds an address,
+"""Pure parts of node-wide map safety: who holds an address,
 inbound entry owners, the map-size override and the counters/flags mirrored from C."""
 
 import re

@@ -19,7 +19,6 @@ meshbpf/ebpf/loader.py does.
 import ctypes
 import ipaddress
 import os
-import sys
 
 from ... import bpfsys, system
 from ...errors import AddressInUseError, ApplyError, MeshbpfError, NotFoundError, UsageError
@@ -105,7 +104,7 @@ def _ifaces(ops, fd):
     for k in ops.map_keys(fd, _IFACE_KEY_SIZE):
         v = ops.map_lookup_elem(fd, k, _IFACE_VAL_SIZE)
         if v is not None:
-            out[int.from_bytes(k, sys.byteorder)] = \
+            out[structs.from_bytes(structs.U32, k).value] = \
                 structs.from_bytes(structs.InboundIfaceVal, v).netns
     return out
 
@@ -134,10 +133,9 @@ def _owned(ops, pods_fd, addr, owner):
 def owners(maps, addresses):
     """{address: owner netns cookie} of the addresses enrolled in inbound_pods."""
     fd = _map_fds(maps)[MAP_PODS]
-    ops = bpfsys
     out = {}
     for a in addresses:
-        raw = ops.map_lookup_elem(fd, structs.inbound_pod_key(a), _POD_VAL_SIZE)
+        raw = bpfsys.map_lookup_elem(fd, structs.inbound_pod_key(a), _POD_VAL_SIZE)
         if raw is not None:
             out[str(ipaddress.ip_address(a))] = pod_owner(raw)
     return out
@@ -199,7 +197,8 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto", owner_ali
                 old = ops.map_lookup_elem(nfd, key, _NETNS_VAL_SIZE)
                 ops.map_update_elem(nfd, key, value)
                 undo.append(_restore(ops, nfd, key, old))
-            adopted, new_keys, err = listeners.adopt_listeners(pod, cookie, policy.capture_port, lfd)
+            adopted, new_keys, err = listeners.adopt_listeners(pod, cookie,
+                                                               policy.capture_port, lfd)
             for key in new_keys:
                 undo.append(lambda k=key: ops.map_delete_elem(lfd, k))
             skl_rec = {"enabled": True, "link": path, "netns_cookie": cookie,
@@ -241,12 +240,14 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto", owner_ali
                     had_clsact = tc.has_clsact(ipr, l["index"])
                     if not had_clsact:
                         ipr.tc("add", "clsact", l["index"])
-                        undo.append(tc.in_pod(pod, lambda r, i=l["index"]: r.tc("del", "clsact", i)))
-                    before = [f for f in tc.filters(ipr, l["index"], tc.TC_INGRESS_PARENT) if f["ours"]]
+                        undo.append(tc.in_pod(pod, lambda r, i=l["index"]:
+                                              r.tc("del", "clsact", i)))
+                    before = [f for f in tc.filters(ipr, l["index"], tc.TC_INGRESS_PARENT)
+                              if f["ours"]]
                     tc.add_filter(ipr, l["index"], tc.TC_INGRESS_PARENT, prog_fd, classid)
                     if not before:
                         undo.append(tc.in_pod(pod, lambda r, i=l["index"]:
-                                            tc.del_filter(r, i, tc.TC_INGRESS_PARENT)))
+                                              tc.del_filter(r, i, tc.TC_INGRESS_PARENT)))
                     # True: this call created the qdisc; False: it was someone else's;
                     # None: a re-attach (ours already there) cannot tell, so detach
                     # removes it only if no filter at all is left on it.
