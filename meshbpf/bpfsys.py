@@ -387,6 +387,24 @@ def link_detach(link_fd):
             raise
 
 
+def unpin_link(path):
+    """Detach the bpf_link pinned at `path`, then remove the pin (also when detaching fails;
+    the error is raised after). Detached, not only unpinned: a process still holding the
+    link's fd would otherwise keep the program attached. No pin there: nothing to do."""
+    try:
+        lfd = obj_get(path)
+        try:
+            link_detach(lfd)
+        finally:
+            os.close(lfd)
+    except BpfError as e:
+        if e.errno != _errno.ENOENT:
+            raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 def prog_get_fd_by_id(prog_id):
     """Open a loaded program by its id; returns an fd."""
     return bpf(BPF_PROG_GET_FD_BY_ID, _GetIdAttr(id=prog_id), f"opening program id {prog_id}")

@@ -518,14 +518,9 @@ def unload(pin_prefix, cgroup_root=None):
         for name in os.listdir(dirs["links"]):
             path = os.path.join(dirs["links"], name)
             try:
-                lfd = bpfsys.obj_get(path)
-                try:
-                    bpfsys.link_detach(lfd)
-                finally:
-                    os.close(lfd)
+                bpfsys.unpin_link(path)
             except OSError as e:
                 errors.append(f"{path}: {e}")
-            _unlink(path)
     # 2. prog_attach'ed programs on the cgroup and on the sockhash
     cgfd = None
     if cgroup_root and os.path.isdir(cgroup_root):

@@ -191,7 +191,7 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto", owner_ali
             cookie = pod.netns_cookie
             path = sklookup.link_path(_pin_prefix(maps), pod.key)
             if sklookup.link(pod, skl_fd, path):
-                undo.append(lambda p=path: sklookup.unlink(p))
+                undo.append(lambda p=path: bpfsys.unpin_link(p))
             nfd, lfd = _fd(maps[MAP_NETNS], "map_fd"), _fd(maps[MAP_LISTENERS], "map_fd")
             for key, value in netns_entries(entries[MAP_PODS], cookie).items():
                 old = ops.map_lookup_elem(nfd, key, _NETNS_VAL_SIZE)
@@ -330,7 +330,7 @@ def detach_pod(pod, maps=None, record=None):
     if link:
         # after the filters: until then tc may leave TIME_WAIT SYNs to the kernel, and
         # without sk_lookup that path would reach the app's own listener
-        sklookup.unlink(link)
+        bpfsys.unpin_link(link)
     owner = (record or {}).get("owner") or skl.get("netns_cookie")
     if owner is None:
         try:

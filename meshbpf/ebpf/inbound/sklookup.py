@@ -5,7 +5,8 @@ request socket would duplicate the TIME_WAIT and be dropped until it expires); t
 kernel's TIME_WAIT handling asks the netns's sk_lookup programs instead, so each enrolled
 pod gets mb_sk_lookup linked in its netns. The link is pinned at
 `<pin prefix>/links/sk_lookup-<netns inode>` so that it outlives the process that made it
-and a later detach (or `meshbpf cleanup`) finds it by name.
+and a later detach (or `meshbpf cleanup`) finds it by name; `bpfsys.unpin_link` removes
+it.
 """
 
 import os
@@ -36,22 +37,3 @@ def link(pod, prog_fd, path):
     finally:
         os.close(lfd)
     return True
-
-
-def unlink(path):
-    """Detach and unpin the link pinned at `path` (gone already: nothing to do). Detached
-    explicitly, not only unpinned: a process that still holds the link's fd would otherwise
-    keep mb_sk_lookup running in the pod."""
-    try:
-        lfd = bpfsys.obj_get(path)
-    except OSError:
-        lfd = None
-    if lfd is not None:
-        try:
-            bpfsys.link_detach(lfd)
-        finally:
-            os.close(lfd)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
