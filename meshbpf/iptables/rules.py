@@ -15,6 +15,7 @@ import dataclasses
 import ipaddress
 import re
 
+from .. import istio
 from ..config import WILDCARD, split_list
 from ..errors import UsageError
 
@@ -31,10 +32,10 @@ CHAIN_PREFIX = "ISTIO_"
 
 BUILTIN_CHAINS = ("INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING")
 TABLES = ("filter", "mangle", "nat", "raw")
-OUTBOUND_MARK = "1338"
-DNS_AGENT_PORT = "15053"
-PASSTHROUGH_V4 = "127.0.0.6/32"
-PASSTHROUGH_V6 = "::6/128"
+OUTBOUND_MARK = str(istio.OUTBOUND_MARK)
+DNS_AGENT_PORT = str(istio.DNS_PORT)
+PASSTHROUGH_V4 = f"{istio.INBOUND_PASSTHROUGH_V4}/32"
+PASSTHROUGH_V6 = f"{istio.INBOUND_PASSTHROUGH_V6}/128"
 LOOPBACK_V6 = "::1/128"
 FAMILIES = (4, 6)
 

@@ -1,4 +1,4 @@
-"""Inbound steering (bpf/tc_inbound.c + meshbpf/ebpf/inbound.py) in throwaway sandbox pods.
+"""Inbound steering (bpf/tc_inbound.c + meshbpf/ebpf/inbound/) in throwaway sandbox pods.
 
 The tc program is compiled on its own here (bpf/meshbpf.h + bpf/tc_inbound.c, as the core
 loader concatenates them) and attached with meshbpf.ebpf.inbound, so these tests check the
@@ -549,8 +549,8 @@ def test_cleanup_leaves_no_filter_qdisc_or_pin(meshed, sb):
 
 
 def test_probe_tries_plain_and_reuseport_listeners():
-    from meshbpf.ebpf import inbound
-    res = inbound.probe()
+    from meshbpf.probe import inbound as inbound_probe
+    res = inbound_probe.run()
     assert res["ok"], res["detail"]
     # bpf_sk_assign accepts SO_REUSEPORT listeners since Linux 6.5 (older kernels may
     # have it backported, so only the newer side is certain).

@@ -1,4 +1,4 @@
-"""Node-wide map safety (issue 9, items 4, 5 and 7), in throwaway sandbox pods:
+"""Node-wide map safety, in throwaway sandbox pods:
 
 - address-keyed maps (local_ips, inbound_pods, inbound_ports, inbound_netns) are owned: a
   stale detach of a dead pod whose address a live pod reuses leaves the live pod's entries,
@@ -20,6 +20,8 @@ import pytest
 
 from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import inbound, structs
+from meshbpf.ebpf.inbound import policy
+from meshbpf.probe import inbound as inbound_probe
 from meshbpf.service import NodeService
 from meshbpf.ebpf.maps import Maps
 from meshbpf.errors import UsageError
@@ -112,7 +114,7 @@ def _entries(sb):
     """Every entry of the maps keyed by address (raw bytes), for before/after checks."""
     out = {}
     with Maps(sb.pin_prefix) as m:
-        for name in ("pods", "local_ips", inbound.MAP_PODS, inbound.MAP_PORTS, inbound.MAP_NETNS):
+        for name in ("pods", "local_ips", policy.MAP_PODS, policy.MAP_PORTS, policy.MAP_NETNS):
             out[name] = {bytes(k): bytes(m[name].lookup_raw(k)) for k in m[name].keys()}
     return out
 
@@ -454,5 +456,5 @@ def test_only_the_owner_of_an_address_splices_pod_address_connections():
 
 def test_probe_tries_the_sk_lookup_path_for_reuseport_listeners():
     # what `meshbpf probe` reports as inbound_reuseport on kernels before 6.5 (5.9+ here)
-    res = inbound.probe()
+    res = inbound_probe.run()
     assert res["ok"] and res["sk_lookup_reuseport"], res["detail"]
