@@ -65,11 +65,6 @@ class Pod:
         return cls(netns=path, cgroup=cgroup, name=name, id=pod_id)
 
     @property
-    def key(self):
-        """The netns inode: names the pod's pinned sk_lookup link while the netns lives."""
-        return system.netns_inode(self.netns)
-
-    @property
     def pod_id(self):
         """The id its record is kept under: the caller's, else one made of the netns cookie
         (never reused within a boot, unlike the netns inode) and the cgroup."""

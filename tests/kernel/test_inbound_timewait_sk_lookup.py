@@ -148,8 +148,8 @@ def test_cleanup_removes_the_sk_lookup_link_and_entries(pods):
     s.start_envoy(access_log=False)
     rec = icp.attach(s.pod, InterceptConfig())
     link = rec["inbound"]["sk_lookup"]["link"]
-    netns_ino = str(s.pod.key)
-    assert os.path.basename(link) == f"sk_lookup-{netns_ino}"
+    netns_ino = str(os.stat(s.netns).st_ino)
+    assert os.path.basename(link) == f"sk_lookup-{s.pod.netns_cookie}"
 
     def netns_links():
         out = system.run(["bpftool", "-j", "link", "show"]).stdout

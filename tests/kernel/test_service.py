@@ -62,7 +62,9 @@ def test_enroll_and_detach_cost_is_the_same_with_1_and_250_pods():
             # and the maps hold exactly the 250 pods' entries
             counts = _entry_counts(sb.pin_prefix)
             assert counts["pods"] == 250 and counts["netns_src"] == 250
-            assert counts["cidr_rules"] == 250 * 2 and counts["port_rules"] == 250
+            cidrs, dns, ports = structs.pod_rules(cfg)
+            assert counts["cidr_rules"] == 250 * (len(cidrs) + len(dns))
+            assert counts["port_rules"] == 250 * len(ports) == 250
         finally:
             svc.cleanup()
 

@@ -14,7 +14,7 @@ The feature probe that tries this steering for real is meshbpf.probe.inbound.
 """
 
 from .attach import attach_pod, detach_pod, owners
-from .policy import MAP_PODS
+from .policy import IFACE_MAX_ID, MAP_PODS
 from .tc import list_hooks
 
-__all__ = ["attach_pod", "detach_pod", "owners", "list_hooks", "MAP_PODS"]
+__all__ = ["attach_pod", "detach_pod", "owners", "list_hooks", "IFACE_MAX_ID", "MAP_PODS"]

@@ -16,6 +16,7 @@ program name to a program fd or a bcc function. Nothing here loads or pins progr
 meshbpf/ebpf/loader.py does.
 """
 
+import contextlib
 import ctypes
 import ipaddress
 import os
@@ -24,7 +25,7 @@ from ... import bpfsys, system
 from ...errors import AddressInUseError, ApplyError, MeshbpfError, NotFoundError, UsageError
 from .. import structs
 from . import listeners, sklookup, tc
-from .policy import (INBOUND_IFACE_MAJOR, MAP_IFACES, MAP_LISTENERS, MAP_NETNS, MAP_PODS,
+from .policy import (IFACE_MAX_ID, INBOUND_IFACE_MAJOR, MAP_IFACES, MAP_LISTENERS, MAP_NETNS, MAP_PODS,
                      MAP_PORTS, MAP_TW, PROG_INGRESS, PROG_SK_LOOKUP, iface_id, iface_value,
                      inbound_policy, netns_entries, pod_owner, policy_entries)
 
@@ -141,7 +142,31 @@ def owners(maps, addresses):
     return out
 
 
-def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto", owner_alive=None):
+def _recorded_port_keys(record):
+    """The inbound_ports keys a pod's inbound record says it wrote."""
+    policy = (record or {}).get("policy") or {}
+    ports = list(policy.get("capture", ())) + list(policy.get("bypass", ()))
+    return {structs.inbound_port_key(a, p) for a in (record or {}).get("addresses", ())
+            for p in ports}
+
+
+def _recorded_listener_keys(record, cookie):
+    """The capture_listeners keys of the pod's capture port (one per family: sockops adds
+    later listeners under the same keys)."""
+    port = ((record or {}).get("policy") or {}).get("capture_port")
+    if port is None or cookie is None:
+        return None
+    return [structs.capture_listener_key(cookie, port, f)
+            for f in (structs.MB_AF_INET, structs.MB_AF_INET6)]
+
+
+def _recorded_iface_id(record):
+    classid = ((record or {}).get("iface") or {}).get("classid")
+    return classid & 0xffff if classid else None
+
+
+def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto", owner_alive=None,
+               previous=None, iface_ids=None, phase=None):
     """Steer `pod`'s inbound TCP per `config`; returns a JSON-able record for detach/status.
 
     Writes the pod IPs' entries into inbound_pods/inbound_ports (replacing the pod's old
@@ -154,12 +179,19 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto", owner_ali
     Entries carry the pod's netns cookie as owner. An address whose entry another pod owns
     is refused (UsageError, nothing changed) unless `owner_alive(cookie)` says that pod is
     gone (its entries are then taken over); without `owner_alive` every owner counts as alive.
+
+    `previous` is the pod's earlier inbound record (a re-attach): what it lists and this
+    config drops is removed, by key. `iface_ids` allocates a filter id (a callable giving
+    an int, or None when none is free). With both, nothing here walks a map: the cost
+    does not grow with the number of pods on the node. `phase(name)` (a context manager)
+    times the steps: "tc", "sk_lookup", "maps".
     """
+    phase = phase or _untimed
     policy = inbound_policy(config)
     fds = _map_fds(maps)
     prog_fd = _prog_fd(progs)
     ops = bpfsys
-    with system.in_netns(pod.netns):
+    with phase("tc"), system.in_netns(pod.netns):
         with tc.netlink() as ipr:
             chosen = tc.pick_interfaces(tc.links(ipr), config, interfaces)
             hooks = {l["name"]: tc.select_hook(hook, l["kind"]) for l in chosen}
@@ -188,53 +220,69 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto", owner_ali
         # cookie and the existing capture listener, all before tc is told to rely on it
         # (INBOUND_POD_SK_LOOKUP in the inbound_pods entries written in 1).
         if sk_lookup:
-            cookie = pod.netns_cookie
-            path = sklookup.link_path(_pin_prefix(maps), pod.key)
-            if sklookup.link(pod, skl_fd, path):
-                undo.append(lambda p=path: bpfsys.unpin_link(p))
-            nfd, lfd = _fd(maps[MAP_NETNS], "map_fd"), _fd(maps[MAP_LISTENERS], "map_fd")
-            for key, value in netns_entries(entries[MAP_PODS], cookie).items():
-                old = ops.map_lookup_elem(nfd, key, _NETNS_VAL_SIZE)
-                ops.map_update_elem(nfd, key, value)
-                undo.append(_restore(ops, nfd, key, old))
-            adopted, new_keys, err = listeners.adopt_listeners(pod, cookie,
-                                                               policy.capture_port, lfd)
-            for key in new_keys:
-                undo.append(lambda k=key: ops.map_delete_elem(lfd, k))
-            skl_rec = {"enabled": True, "link": path, "netns_cookie": cookie,
-                       "listeners": adopted}
-            if err:
-                skl_rec["adopt_error"] = err
-        # 1. map entries: remember the previous values of every key touched.
-        # Port entries an earlier attach wrote for these IPs and this config drops. Only a
-        # re-attach (an IP already enrolled) pays for scanning inbound_ports.
-        enrolled = [k for k in entries[MAP_PODS]
-                    if ops.map_lookup_elem(fds[MAP_PODS], k, _POD_VAL_SIZE) is not None]
-        stale = [(MAP_PORTS, k) for k in _pod_port_keys(ops, fds[MAP_PORTS], enrolled)
-                 if k not in entries[MAP_PORTS]] if enrolled else []
-        for name, table in entries.items():
-            for key, value in table.items():
-                old = ops.map_lookup_elem(fds[name], key, len(value))
-                ops.map_update_elem(fds[name], key, value)
+            with phase("sk_lookup"):
+                cookie = pod.netns_cookie
+                path = sklookup.link_path(_pin_prefix(maps), cookie)
+                if sklookup.link(pod, skl_fd, path):
+                    undo.append(lambda p=path: bpfsys.unpin_link(p))
+                nfd, lfd = _fd(maps[MAP_NETNS], "map_fd"), _fd(maps[MAP_LISTENERS], "map_fd")
+                for key, value in netns_entries(entries[MAP_PODS], cookie).items():
+                    old = ops.map_lookup_elem(nfd, key, _NETNS_VAL_SIZE)
+                    ops.map_update_elem(nfd, key, value)
+                    undo.append(_restore(ops, nfd, key, old))
+                adopted, new_keys, err = listeners.adopt_listeners(pod, cookie,
+                                                                   policy.capture_port, lfd)
+                for key in new_keys:
+                    undo.append(lambda k=key: ops.map_delete_elem(lfd, k))
+                skl_rec = {"enabled": True, "link": path, "netns_cookie": cookie,
+                           "listeners": adopted}
+                if err:
+                    skl_rec["adopt_error"] = err
+            old_listeners = _recorded_listener_keys(previous, cookie)
+            if old_listeners and previous["policy"]["capture_port"] != policy.capture_port:
+                for key in old_listeners:           # the capture port moved
+                    ops.map_delete_elem(lfd, key)
+        with phase("maps"):
+            # 1. map entries: remember the previous values of every key touched.
+            # Port entries an earlier attach wrote for these IPs and this config drops: from
+            # the previous record; without one (a lost record), by scanning inbound_ports.
+            if previous is not None:
+                stale = [(MAP_PORTS, k) for k in _recorded_port_keys(previous)
+                         if k not in entries[MAP_PORTS]]
+            else:
+                enrolled = [k for k in entries[MAP_PODS]
+                            if ops.map_lookup_elem(fds[MAP_PODS], k, _POD_VAL_SIZE) is not None]
+                stale = [(MAP_PORTS, k) for k in _pod_port_keys(ops, fds[MAP_PORTS], enrolled)
+                         if k not in entries[MAP_PORTS]] if enrolled else []
+            for name, table in entries.items():
+                for key, value in table.items():
+                    old = ops.map_lookup_elem(fds[name], key, len(value))
+                    ops.map_update_elem(fds[name], key, value)
+                    undo.append(_restore(ops, fds[name], key, old))
+            for name, key in stale:
+                old = ops.map_lookup_elem(fds[name], key, _PORT_VAL_SIZE)
+                ops.map_delete_elem(fds[name], key)
                 undo.append(_restore(ops, fds[name], key, old))
-        for name, key in stale:
-            old = ops.map_lookup_elem(fds[name], key, _PORT_VAL_SIZE)
-            ops.map_delete_elem(fds[name], key)
-            undo.append(_restore(ops, fds[name], key, old))
-        # 1b. the interface's pod: every address its interfaces deliver follows its policy
-        # (tc_inbound reads the filter's classid), not only the IPs enrolled above.
-        classid = cookie = None
-        if _has_map(maps, MAP_IFACES):
-            ifd = _fd(maps[MAP_IFACES], "map_fd")
-            cookie = pod.netns_cookie
-            n = iface_id(_ifaces(ops, ifd), cookie)
-            classid = INBOUND_IFACE_MAJOR | n
-            key = structs.u32_bytes(n)
-            old = ops.map_lookup_elem(ifd, key, _IFACE_VAL_SIZE)
-            ops.map_update_elem(ifd, key, iface_value(entries[MAP_PODS], cookie))
-            undo.append(_restore(ops, ifd, key, old))
+            # 1b. the interface's pod: every address its interfaces deliver follows its policy
+            # (tc_inbound reads the filter's classid), not only the IPs enrolled above.
+            classid = cookie = None
+            if _has_map(maps, MAP_IFACES):
+                ifd = _fd(maps[MAP_IFACES], "map_fd")
+                cookie = pod.netns_cookie
+                n = _recorded_iface_id(previous)
+                if n is None and iface_ids is not None:
+                    n = iface_ids()
+                    if n is None:
+                        raise ApplyError(f"inbound_ifaces is full ({IFACE_MAX_ID} pods)")
+                if n is None:
+                    n = iface_id(_ifaces(ops, ifd), cookie)
+                classid = INBOUND_IFACE_MAJOR | n
+                key = structs.u32_bytes(n)
+                old = ops.map_lookup_elem(ifd, key, _IFACE_VAL_SIZE)
+                ops.map_update_elem(ifd, key, iface_value(entries[MAP_PODS], cookie))
+                undo.append(_restore(ops, ifd, key, old))
         # 2. filters.
-        with system.in_netns(pod.netns):
+        with phase("tc"), system.in_netns(pod.netns):
             with tc.netlink() as ipr:
                 for l in chosen:
                     had_clsact = tc.has_clsact(ipr, l["index"])
@@ -277,6 +325,11 @@ def attach_pod(pod, config, maps, progs, interfaces=None, hook="auto", owner_ali
             "iface": {"classid": classid, "netns_cookie": cookie} if classid else None}
 
 
+@contextlib.contextmanager
+def _untimed(name):
+    yield
+
+
 def _restore(ops, fd, key, old):
     def fn():
         if old is None:
@@ -295,7 +348,7 @@ def detach_pod(pod, maps=None, record=None):
     only if no filter is left on it, never where it was someone else's; and, when
     `maps` is given, the inbound map entries of the record's and the pod's current IPs;
     and the TIME_WAIT path: the pod's sk_lookup link (pin from the record, else derived
-    from the pin prefix of `maps` and the pod's netns inode), its inbound_netns, inbound_tw
+    from the pin prefix of `maps` and the pod's netns cookie), its inbound_netns, inbound_tw
     and capture_listeners entries. A pod whose netns is gone only has its map entries and
     link pin removed. Idempotent.
     """
@@ -303,7 +356,7 @@ def detach_pod(pod, maps=None, record=None):
     link = skl.get("link")
     if not link and _pin_prefix(maps) is not None:
         try:
-            link = sklookup.link_path(_pin_prefix(maps), pod.key)
+            link = sklookup.link_path(_pin_prefix(maps), pod.netns_cookie)
         except (MeshbpfError, OSError, AttributeError):
             link = None
     addrs = set()
@@ -345,11 +398,10 @@ def detach_pod(pod, maps=None, record=None):
         mine = {a for a in addrs if _owned(ops, fds[MAP_PODS], a, owner)}
         addrs = mine
         keys = {structs.inbound_pod_key(a) for a in addrs}
-        policy = (record or {}).get("policy")
-        if policy and set(addrs) <= {ipaddress.ip_address(a) for a in record.get("addresses", [])}:
-            # The record says which port entries exist: no scan of inbound_ports.
-            ports = [structs.inbound_port_key(a, p) for a in addrs
-                     for p in list(policy.get("capture", [])) + list(policy.get("bypass", []))]
+        if (record or {}).get("policy"):
+            # The record's policy says which ports have entries: no scan of inbound_ports
+            # (for an address it does not list, deleting absent keys is harmless).
+            ports = _recorded_port_keys(dict(record, addresses=sorted(addrs, key=str)))
         else:
             ports = _pod_port_keys(ops, fds[MAP_PORTS], keys)
         for k in ports:
@@ -360,7 +412,8 @@ def detach_pod(pod, maps=None, record=None):
             nfd = _fd(maps[MAP_NETNS], "map_fd")
             for k in keys:
                 ops.map_delete_elem(nfd, k)
-        if _has_map(maps, MAP_TW):           # marks not consumed (normally none)
+        if _has_map(maps, MAP_TW):
+            # Marks not consumed: normally none, so this walk of an empty map is one call.
             tfd = _fd(maps[MAP_TW], "map_fd")
             for k in [k for k in ops.map_keys(tfd, _TW_KEY_SIZE) if k[:16] in keys]:
                 ops.map_delete_elem(tfd, k)
@@ -373,9 +426,15 @@ def detach_pod(pod, maps=None, record=None):
                 cookie = None
         ops = bpfsys
         ifd = _fd(maps[MAP_IFACES], "map_fd")
-        for n, owner in _ifaces(ops, ifd).items():
-            if owner == cookie:
+        n = _recorded_iface_id(record)
+        if n is not None:
+            raw = ops.map_lookup_elem(ifd, structs.u32_bytes(n), _IFACE_VAL_SIZE)
+            if raw is not None and structs.from_bytes(structs.InboundIfaceVal, raw).netns == cookie:
                 ops.map_delete_elem(ifd, structs.u32_bytes(n))
+        else:                                # a lost record: find the pod's ids
+            for n, owner in _ifaces(ops, ifd).items():
+                if owner == cookie:
+                    ops.map_delete_elem(ifd, structs.u32_bytes(n))
     if maps is not None and _has_map(maps, MAP_LISTENERS):
         cookie = skl.get("netns_cookie")
         if cookie is None:
@@ -386,6 +445,6 @@ def detach_pod(pod, maps=None, record=None):
         if cookie is not None:
             ops = bpfsys
             lfd = _fd(maps[MAP_LISTENERS], "map_fd")
-            for k in _listener_keys(ops, lfd, cookie):
+            for k in _recorded_listener_keys(record, cookie) or _listener_keys(ops, lfd, cookie):
                 ops.map_delete_elem(lfd, k)
 

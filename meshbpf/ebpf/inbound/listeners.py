@@ -8,6 +8,7 @@ the process holding them) and duplicated with pidfd_getfd (Linux 5.6) into the m
 """
 
 import ctypes
+import errno
 import ipaddress
 import os
 
@@ -113,7 +114,6 @@ def adopt_listeners(pod, netns_cookie, port, listeners_fd):
         listeners = find_listeners(pod, port)
     except OSError as e:
         return [], [], f"listing listeners: {e}"
-    existing = set(bpfsys.map_keys(listeners_fd, ctypes.sizeof(structs.CaptureListenerKey)))
     for l in listeners:
         key = structs.capture_listener_key(netns_cookie, port, l["family"])
         try:
@@ -123,12 +123,22 @@ def adopt_listeners(pod, netns_cookie, port, listeners_fd):
         try:
             if os.fstat(fd).st_ino != l["inode"]:
                 continue                     # the process reused the fd meanwhile
-            bpfsys.map_update_elem(listeners_fd, key, structs.u32_bytes(fd))
+            # NOEXIST first: a sockhash cannot be read from user space (lookup gives ENOSPC
+            # for a 4-byte value), so whether the key was there shows only this way
+            try:
+                bpfsys.map_update_elem(listeners_fd, key, structs.u32_bytes(fd),
+                                       bpfsys.BPF_NOEXIST)
+                existed = False
+            except bpfsys.BpfError as e:
+                if e.errno != errno.EEXIST:
+                    raise
+                existed = True
+                bpfsys.map_update_elem(listeners_fd, key, structs.u32_bytes(fd))
         except OSError as e:
             return adopted, added, f"adding listener {l['address']}:{port}: {e}"
         finally:
             os.close(fd)
-        if key not in existing:
+        if not existed:
             added.append(key)
         adopted.append({k: l[k] for k in ("family", "address", "inode", "pid")})
     return adopted, added, None

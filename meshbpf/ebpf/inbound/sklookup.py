@@ -4,8 +4,9 @@ A SYN that meets a TIME_WAIT of the same 4-tuple cannot be assigned by tc (the l
 request socket would duplicate the TIME_WAIT and be dropped until it expires); the
 kernel's TIME_WAIT handling asks the netns's sk_lookup programs instead, so each enrolled
 pod gets mb_sk_lookup linked in its netns. The link is pinned at
-`<pin prefix>/links/sk_lookup-<netns inode>` so that it outlives the process that made it
-and a later detach (or `meshbpf cleanup`) finds it by name; `bpfsys.unpin_link` removes
+`<pin prefix>/links/sk_lookup-<netns cookie>` so that it outlives the process that made
+it and a later detach (or `meshbpf cleanup`) finds it by name (a cookie, unlike a netns
+inode, is never reused by a later netns); `bpfsys.unpin_link` removes
 it.
 """
 
@@ -13,12 +14,12 @@ import os
 
 from ... import bpfsys
 
-LINK_PREFIX = "sk_lookup-"              # <pin prefix>/links/sk_lookup-<netns inode>
+LINK_PREFIX = "sk_lookup-"              # <pin prefix>/links/sk_lookup-<netns cookie>
 
 
-def link_path(pin_prefix, netns_inode):
+def link_path(pin_prefix, netns_cookie):
     """Where the pod's sk_lookup link is pinned."""
-    return os.path.join(pin_prefix, "links", f"{LINK_PREFIX}{netns_inode}")
+    return os.path.join(pin_prefix, "links", f"{LINK_PREFIX}{netns_cookie}")
 
 
 def link(pod, prog_fd, path):
