@@ -12,7 +12,7 @@ import ctypes
 import ipaddress
 import socket
 
-from ..config import WILDCARD, parse_ids, split_list
+from ..config import WILDCARD, parse_ids
 from ..errors import UsageError
 from ..istio import DNS_PORT
 
@@ -239,30 +239,19 @@ def _ids(values, field):
 
 def owner_groups(config):
     """(flag, gids) for Istio's owner_groups_include / owner_groups_exclude."""
-    inc = split_list(config.owner_groups_include)
-    exc = split_list(config.owner_groups_exclude)
-    if exc:
-        return POD_F_OWNER_EXCLUDE, _ids(parse_ids(config.owner_groups_exclude,
-                                                   "owner_groups_exclude_gid"), "owner_groups_exclude")
-    if inc and inc != [WILDCARD]:
-        return POD_F_OWNER_INCLUDE, _ids(parse_ids(config.owner_groups_include,
-                                                   "owner_groups_include_gid"), "owner_groups_include")
-    return 0, []
+    r = config.resolved()
+    if not r.owner_groups:
+        return 0, []
+    field = "owner_groups_exclude" if r.owner_groups_except else "owner_groups_include"
+    flag = POD_F_OWNER_EXCLUDE if r.owner_groups_except else POD_F_OWNER_INCLUDE
+    return flag, _ids(parse_ids(list(r.owner_groups), f"{field}_gid"), field)
 
 
 def loopback_included(config):
     """Istio's loopback_included: an outbound include range written as a loopback address
     (the address as given, e.g. 127.0.0.1/8); Istio then omits its `-o lo` RETURN rules."""
-    items = split_list(config.outbound_ip_ranges_include)
-    if items == [WILDCARD]:
-        return False
-    out = False
-    for item in items:
-        try:
-            out = out or ipaddress.ip_interface(item).ip.is_loopback
-        except ValueError:
-            continue            # validate() names it
-    return out
+    inc = config.resolved().outbound_include
+    return not inc.wildcard and any(i.ip.is_loopback for i in inc.given)
 
 
 def netns_addr_key(netns_cookie, addr):
@@ -393,10 +382,9 @@ def dns_rules(config):
     (scope pod_index | MB_DNS_SCOPE); empty unless redirect_dns without capture_all_dns."""
     if not config.redirect_dns or config.capture_all_dns:
         return []
-    out = []
-    for s in list(config.dns_servers_v4) + list(config.dns_servers_v6):
-        out.append((ipaddress.ip_network(s), RULE_INCLUDE))
-    return sorted(set(out), key=lambda kv: (kv[0].version, kv[0]))
+    r = config.resolved()
+    out = {(ipaddress.ip_network(ip), RULE_INCLUDE) for ip in r.dns_v4 + r.dns_v6}
+    return sorted(out, key=lambda kv: (kv[0].version, kv[0]))
 
 
 def scopes(pod_index):
