@@ -106,7 +106,7 @@ def demo(no_bench, out):
 def _demo(no_bench, out):
     from . import probe
     from .interceptor import get_interceptor
-    from .sandbox import Sandbox
+    from .testbed import Sandbox
 
     _step("1/4 What this kernel can do")
     result = probe.probe()

@@ -15,7 +15,7 @@ import pytest
 from meshbpf.bench import rules
 from meshbpf.config import InterceptConfig
 from meshbpf.interceptor import get_interceptor
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox
 
 pytestmark = pytest.mark.kernel
 

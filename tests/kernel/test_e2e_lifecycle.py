@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox
 
 from .test_e2e import APP, OUT_CX, attach, cli, delta, iptables_rules, pod_args, request
 

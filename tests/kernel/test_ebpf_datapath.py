@@ -22,7 +22,7 @@ from meshbpf.ebpf import loader
 from meshbpf.ebpf.interceptor import EbpfInterceptor
 from meshbpf.ebpf.maps import Maps
 from meshbpf.errors import UsageError
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox
 
 pytestmark = pytest.mark.kernel
 

@@ -17,7 +17,7 @@ from meshbpf import system
 from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import loader
 from meshbpf.errors import ApplyError, NotFoundError, UnsupportedError
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox
 
 pytestmark = pytest.mark.kernel
 

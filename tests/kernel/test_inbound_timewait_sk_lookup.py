@@ -19,7 +19,7 @@ from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import inbound
 from meshbpf.ebpf.interceptor import EbpfInterceptor
 from meshbpf.ebpf.maps import Maps
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox
 
 pytestmark = pytest.mark.kernel
 

@@ -24,7 +24,7 @@ import pytest
 from meshbpf.config import InterceptConfig
 from meshbpf.ebpf.interceptor import EbpfInterceptor
 from meshbpf.iptables.interceptor import IptablesInterceptor
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox
 
 from .test_ebpf_datapath import _py
 

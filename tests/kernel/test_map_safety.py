@@ -23,7 +23,7 @@ from meshbpf.ebpf import inbound, structs
 from meshbpf.ebpf.interceptor import EbpfInterceptor
 from meshbpf.ebpf.maps import Maps
 from meshbpf.errors import UsageError
-from meshbpf.sandbox import Sandbox, _python
+from meshbpf.testbed import Sandbox, pod_python
 
 pytestmark = pytest.mark.kernel
 
@@ -94,7 +94,7 @@ time.sleep(hold)
 
 
 def _serve(pod, port, *extra):
-    p = pod.spawn([_python(), "-c", SERVER, str(port), *extra], label=f"srv{port}")
+    p = pod.spawn([pod_python(), "-c", SERVER, str(port), *extra], label=f"srv{port}")
     pod.wait_port(port, listening=True, proc=p)
     return p
 
@@ -104,7 +104,7 @@ def _run(cmd):
 
 
 def _connect(client, host, port):
-    r = client.exec([_python(), "-c", CLIENT, host, str(port)], timeout=30, check=True)
+    r = client.exec([pod_python(), "-c", CLIENT, host, str(port)], timeout=30, check=True)
     return json.loads(r.stdout)
 
 
@@ -203,7 +203,7 @@ except OSError as e:
 
 
 def _hold(pod, host, n, hold=60):
-    p = pod.spawn([_python(), "-c", HOLDER, host, "8080", str(n), str(hold)], label="hold")
+    p = pod.spawn([pod_python(), "-c", HOLDER, host, "8080", str(n), str(hold)], label="hold")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         lines = [l for l in p.output().splitlines() if l.startswith("[")]
@@ -232,7 +232,7 @@ def test_full_maps_refuse_connects_count_them_and_never_answer_wrong(monkeypatch
             procs.append(pa)
             assert out_a == [want] * 8 + ["EPERM"] * 4, out_a
             # a captured DNS query needs a record too: refused as well, not redirected
-            r = a.exec([_python(), "-c", DNS_SEND, s.ip4], timeout=30)
+            r = a.exec([pod_python(), "-c", DNS_SEND, s.ip4], timeout=30)
             assert r.stdout.strip() == "EPERM", (r.stdout, r.stderr)
             # another pod is not starved: C gets its whole share, answered right
             pc, out_c = _hold(c, s.ip4, 8)
@@ -331,7 +331,7 @@ def test_envoy_reuseport_inbound_listener_through_sk_lookup():
         pb.start_http_server(8080)
         # Envoy's inbound listener uses SO_REUSEPORT (its default), which bpf_sk_assign
         # refuses before Linux 6.5
-        r = pb.exec([_python(), "-c", JOIN_REUSEPORT], uid=1337)
+        r = pb.exec([pod_python(), "-c", JOIN_REUSEPORT], uid=1337)
         assert r.returncode == 0, r.stderr
         icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
                               inbound_sk_lookup=True)
@@ -392,7 +392,7 @@ def test_full_pairs_never_answer_the_sidecars_own_address(monkeypatch):
                               pod_conn_limit=2)
         try:
             icp.attach(a.pod, InterceptConfig())
-            r = a.exec([_python(), "-c", LINGER, s.ip4, "8080", "4"], timeout=60)
+            r = a.exec([pod_python(), "-c", LINGER, s.ip4, "8080", "4"], timeout=60)
             assert r.returncode == 0, r.stderr
             out = json.loads(r.stdout)
             assert icp.status()["counters"]["pairs_full"] == 1
@@ -423,7 +423,7 @@ def test_only_the_owner_of_an_address_splices_pod_address_connections():
         s, x = sb.add_pod("s"), sb.add_pod("x")
         _serve(s, 15006)                          # S is meshed: its inbound sidecar
         go = os.path.join(x.tmpdir, "go")
-        proc = x.spawn([_python(), "-c", PROXY_CLIENT, s.ip4, "8080", go], uid=1337,
+        proc = x.spawn([pod_python(), "-c", PROXY_CLIENT, s.ip4, "8080", go], uid=1337,
                        label="proxy-client")
         icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
         try:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from meshbpf import bpfsys as B
 from meshbpf import probe as P
 from meshbpf import system
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox
 
 pytestmark = pytest.mark.kernel
 

@@ -17,7 +17,7 @@ from meshbpf.config import InterceptConfig
 from meshbpf.ebpf.interceptor import EbpfInterceptor
 from meshbpf.ebpf.maps import Maps
 from meshbpf.iptables.interceptor import IptablesInterceptor
-from meshbpf.sandbox import Sandbox, _python
+from meshbpf.testbed import Sandbox, pod_python
 
 from .test_ebpf_datapath import SOURCE
 
@@ -137,7 +137,7 @@ def node():
         for port, script, args in ((STALL_PORT, STALL, []),
                                    (PAUSE_PORT, PAUSER, [str(8 << 20), "3"]),
                                    (ECHO_PORT, ECHO, [])):
-            p = b.spawn([_python(), "-c", script, str(port), *args], label=f"srv-{port}")
+            p = b.spawn([pod_python(), "-c", script, str(port), *args], label=f"srv-{port}")
             b.wait_port(port, listening=True, proc=p)
         yield dict(sb=sb, a=a, b=b, env_a=env_a, env_b=env_b)
 
@@ -196,7 +196,7 @@ def flood(node, mode, secs=5):
     with Mode(node, mode):
         settle()
         with tcpmem.PeakSampler() as s:
-            r = a.exec([_python(), "-c", FLOOD, b.ip4, str(STALL_PORT), str(secs)],
+            r = a.exec([pod_python(), "-c", FLOOD, b.ip4, str(STALL_PORT), str(secs)],
                        timeout=secs + 30)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout), s.rise
@@ -232,7 +232,7 @@ def test_a_reader_that_stops_and_resumes_gets_every_byte_in_order(node, mode):
     a, b = node["a"], node["b"]
     total = 64 << 20
     with Mode(node, mode):
-        r = a.exec([_python(), "-c", SOURCE, b.ip4, str(PAUSE_PORT), str(total), str(200000)],
+        r = a.exec([pod_python(), "-c", SOURCE, b.ip4, str(PAUSE_PORT), str(total), str(200000)],
                    timeout=120)
         assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
         if mode == "ebpf":
@@ -247,7 +247,7 @@ def test_a_reader_that_stops_and_resumes_gets_every_byte_in_order(node, mode):
 def test_request_response_past_the_budget_stays_intact_and_returns_to_the_splice(node, mode):
     a, b = node["a"], node["b"]
     with Mode(node, mode):
-        r = a.exec([_python(), "-c", PINGPONG, b.ip4, str(ECHO_PORT), str(24 << 20)],
+        r = a.exec([pod_python(), "-c", PINGPONG, b.ip4, str(ECHO_PORT), str(24 << 20)],
                    timeout=120)
         assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
         if mode == "ebpf":
@@ -270,7 +270,7 @@ def test_a_kernel_without_splice_backpressure_does_not_splice(node):
         st = ic.status()
         assert st["splice"] is False and "mb_sk_msg" in st["degraded"], st
         assert not any(p["program"] == "mb_sk_msg" for p in st["programs"])
-        r = a.exec([_python(), "-c", SOURCE, b.ip4, str(PAUSE_PORT), str(1 << 20)], timeout=60)
+        r = a.exec([pod_python(), "-c", SOURCE, b.ip4, str(PAUSE_PORT), str(1 << 20)], timeout=60)
         assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
         assert ic.status()["counters"]["sockhash_add"] == 0
     finally:
