@@ -366,17 +366,8 @@ def _kill_cgroup_tree(root, timeout=5):
                 f.write("1")
         except OSError:
             pass
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = [p for d in _cgroup_dirs_bottom_up(root) for p in _procs_in_cgroup(d)]
-        if not pids:
-            return
-        for p in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
-        if time.monotonic() > deadline:
-            raise MeshbpfError(f"processes {pids} in {root} survived SIGKILL")
-        time.sleep(0.02)
+    _kill_until_gone(lambda: [p for d in _cgroup_dirs_bottom_up(root) for p in _procs_in_cgroup(d)],
+                     f"in {root}", timeout)
 
 
 def _rmdir_cgroup_tree(root, timeout=5):
@@ -408,22 +399,25 @@ def _kill_netns_procs(netns_paths, timeout=5):
     idents = {i for i in (_netns_ident(p) for p in netns_paths) if i}
     if not idents:
         return
-    deadline = time.monotonic() + timeout
     me = os.getpid()
+    _kill_until_gone(lambda: [int(ent) for ent in os.listdir("/proc")
+                              if ent.isdigit() and int(ent) != me
+                              and _netns_ident(f"/proc/{ent}/ns/net") in idents],
+                     "in the sandbox namespaces", timeout)
+
+
+def _kill_until_gone(find, where, timeout):
+    """SIGKILL the pids `find()` lists until it lists none; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
     while True:
-        victims = []
-        for ent in os.listdir("/proc"):
-            if not ent.isdigit() or int(ent) == me:
-                continue
-            if _netns_ident(f"/proc/{ent}/ns/net") in idents:
-                victims.append(int(ent))
-        if not victims:
+        pids = find()
+        if not pids:
             return
-        for p in victims:
+        for p in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
         if time.monotonic() > deadline:
-            raise MeshbpfError(f"processes {victims} in the sandbox namespaces survived SIGKILL")
+            raise MeshbpfError(f"processes {pids} {where} survived SIGKILL")
         time.sleep(0.02)
 
 

@@ -17,7 +17,7 @@ from meshbpf.ebpf.interceptor import EbpfInterceptor
 from meshbpf.ebpf.maps import Maps
 from meshbpf.iptables.interceptor import IptablesInterceptor
 from meshbpf.pod import Pod
-from meshbpf.testbed import Sandbox, pod_python
+from meshbpf.testbed import Sandbox, pod_python, traffic
 
 pytestmark = pytest.mark.kernel
 
@@ -26,29 +26,11 @@ OUT_CX = "tcp.outbound.downstream_cx_total"
 IN_CX = "tcp.inbound.downstream_cx_total"
 IN_UP = "cluster.InboundPassthroughCluster.upstream_cx_total"
 
-CLIENT = textwrap.dedent(r"""
-    import json, socket, sys
-    host, port = sys.argv[1], int(sys.argv[2])
-    s = socket.create_connection((host, port), timeout=10)
-    s.sendall(b"GET /p HTTP/1.0\r\nHost: t\r\n\r\n")
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    print(json.dumps(json.loads(data.split(b"\r\n\r\n", 1)[1])))
-""")
-
-
 def request(pod, host, port=APP, userns=False, check=True):
     """One connection from `pod`'s app (uid 0); the server's JSON reply (with check=False,
     {"error": ...} when it failed, so the caller can show what its sidecar counted)."""
-    r = pod.exec([pod_python(), "-c", CLIENT, host, str(port)], timeout=40, userns=userns)
-    if not check and r.returncode != 0:
-        return {"error": r.stderr[-1500:]}
-    assert r.returncode == 0, f"{pod.name} -> {host}:{port} failed: {r.stderr[-1500:]}"
-    return json.loads(r.stdout)
+    out = traffic.http_get(pod, host, port, path="/p", userns=userns, allow_error=not check)
+    return out if "error" in out else out["reply"]
 
 
 def delta(sidecar, names, fn):

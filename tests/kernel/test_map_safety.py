@@ -23,41 +23,11 @@ from meshbpf.ebpf import inbound, structs
 from meshbpf.ebpf.interceptor import EbpfInterceptor
 from meshbpf.ebpf.maps import Maps
 from meshbpf.errors import UsageError
-from meshbpf.testbed import Sandbox, pod_python
+from meshbpf.testbed import Sandbox, pod_python, traffic
 
 pytestmark = pytest.mark.kernel
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# Tells each client which listener answered and what both ends look like; "reuseport" puts
-# the listener in a SO_REUSEPORT group (as Envoy does by default).
-SERVER = r"""
-import json, socket, sys
-port = int(sys.argv[1])
-s = socket.socket(socket.AF_INET6)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-if sys.argv[2:] == ["reuseport"]:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.bind(("::", port))
-s.listen(1024)
-while True:
-    c, peer = s.accept()
-    local = c.getsockname()
-    c.sendall((json.dumps({"server": port, "local": [local[0], local[1]],
-                           "peer": [peer[0], peer[1]]}) + "\n").encode())
-    c.close()
-"""
-
-CLIENT = r"""
-import json, socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-try:
-    s = socket.create_connection((host, port), timeout=4)
-    print(json.dumps({"reply": json.loads(s.makefile().readline())}))
-except OSError as e:
-    print(json.dumps({"error": type(e).__name__}))
-"""
 
 # The sidecar's outbound listener (127.0.0.1:15001) and the app in one process: `n` connects
 # to host:port (each redirected to 15001), each accepted end asks SO_ORIGINAL_DST. Prints
@@ -94,9 +64,7 @@ time.sleep(hold)
 
 
 def _serve(pod, port, *extra):
-    p = pod.spawn([pod_python(), "-c", SERVER, str(port), *extra], label=f"srv{port}")
-    pod.wait_port(port, listening=True, proc=p)
-    return p
+    return traffic.start_whoami(pod, port, reuseport=extra == ("reuseport",))
 
 
 def _run(cmd):
@@ -104,8 +72,9 @@ def _run(cmd):
 
 
 def _connect(client, host, port):
-    r = client.exec([pod_python(), "-c", CLIENT, host, str(port)], timeout=30, check=True)
-    return json.loads(r.stdout)
+    """{"reply": what the listener said} or {"error": exception name}."""
+    out = traffic.connect(client, host, port, timeout=4, allow_error=True)
+    return {"error": out["error"]} if "error" in out else {"reply": out["reply"]}
 
 
 def _entries(sb):

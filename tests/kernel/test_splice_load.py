@@ -18,8 +18,7 @@ from meshbpf.ebpf.interceptor import EbpfInterceptor
 from meshbpf.ebpf.maps import Maps
 from meshbpf.iptables.interceptor import IptablesInterceptor
 from meshbpf.testbed import Sandbox, pod_python
-
-from .test_ebpf_datapath import SOURCE
+from meshbpf.testbed.traffic import BULK_SINK, BULK_SOURCE
 
 pytestmark = pytest.mark.kernel
 
@@ -60,31 +59,6 @@ FLOOD = textwrap.dedent("""
             break
     print(json.dumps({"sent": sent, "error": err}))
 """)
-
-# B: read `first` bytes, stop reading for `pause` seconds, then read to EOF; answer with the
-# length and sha256 of everything (a stop-and-resume reader: catches loss and reordering).
-PAUSER = textwrap.dedent("""
-    import hashlib, socket, sys, time
-    srv = socket.create_server(("0.0.0.0", int(sys.argv[1])), backlog=16)
-    first, pause = int(sys.argv[2]), float(sys.argv[3])
-    print("listening", flush=True)
-    while True:
-        c, _ = srv.accept()
-        h, n, paused = hashlib.sha256(), 0, False
-        while True:
-            if not paused and n >= first:
-                time.sleep(pause)
-                paused = True
-            d = c.recv(1 << 16)
-            if not d:
-                break
-            h.update(d)
-            n += len(d)
-        c.sendall(f"{n} {h.hexdigest()}".encode())
-        c.close()
-""")
-
-
 
 # B: echo every byte back as it comes (request/response of any size).
 ECHO = textwrap.dedent("""
@@ -135,7 +109,7 @@ def node():
         iperf = b.spawn(["iperf3", "-s", "-p", str(IPERF_PORT)], label="iperf3-server")
         b.wait_port(IPERF_PORT, listening=True, proc=iperf)
         for port, script, args in ((STALL_PORT, STALL, []),
-                                   (PAUSE_PORT, PAUSER, [str(8 << 20), "3"]),
+                                   (PAUSE_PORT, BULK_SINK, [str(8 << 20), "3"]),
                                    (ECHO_PORT, ECHO, [])):
             p = b.spawn([pod_python(), "-c", script, str(port), *args], label=f"srv-{port}")
             b.wait_port(port, listening=True, proc=p)
@@ -232,8 +206,8 @@ def test_a_reader_that_stops_and_resumes_gets_every_byte_in_order(node, mode):
     a, b = node["a"], node["b"]
     total = 64 << 20
     with Mode(node, mode):
-        r = a.exec([pod_python(), "-c", SOURCE, b.ip4, str(PAUSE_PORT), str(total), str(200000)],
-                   timeout=120)
+        r = a.exec([pod_python(), "-c", BULK_SOURCE, b.ip4, str(PAUSE_PORT), str(total),
+                    str(200000)], timeout=120)
         assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
         if mode == "ebpf":
             with Maps(node["sb"].pin_prefix) as maps:
@@ -270,7 +244,8 @@ def test_a_kernel_without_splice_backpressure_does_not_splice(node):
         st = ic.status()
         assert st["splice"] is False and "mb_sk_msg" in st["degraded"], st
         assert not any(p["program"] == "mb_sk_msg" for p in st["programs"])
-        r = a.exec([pod_python(), "-c", SOURCE, b.ip4, str(PAUSE_PORT), str(1 << 20)], timeout=60)
+        r = a.exec([pod_python(), "-c", BULK_SOURCE, b.ip4, str(PAUSE_PORT), str(1 << 20)],
+                   timeout=60)
         assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
         assert ic.status()["counters"]["sockhash_add"] == 0
     finally:
