@@ -14,13 +14,10 @@ import dataclasses
 import ipaddress
 import json
 
+from . import istio
 from .errors import UsageError
 
 WILDCARD = "*"
-# Ports Istio's injector keeps out of inbound capture; the sidecar's own.
-DEFAULT_INBOUND_PORTS_EXCLUDE = "15020,15021,15090"
-DNS_CAPTURE_PORT = 15053
-INBOUND_PASSTHROUGH_SOURCE = "127.0.0.6"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,18 +77,18 @@ class ResolvedConfig:
 class InterceptConfig:
     """One pod's interception settings. Defaults are those Istio's sidecar injector uses."""
 
-    proxy_port: int = 15001
-    inbound_capture_port: int = 15006
-    inbound_tunnel_port: int = 15008
-    proxy_uid: str = "1337"
-    proxy_gid: str = "1337"
-    inbound_tproxy_mark: int = 1337
+    proxy_port: int = istio.OUTBOUND_PORT
+    inbound_capture_port: int = istio.INBOUND_PORT
+    inbound_tunnel_port: int = istio.TUNNEL_PORT
+    proxy_uid: str = str(istio.PROXY_UID)
+    proxy_gid: str = str(istio.PROXY_GID)
+    inbound_tproxy_mark: int = istio.TPROXY_MARK
     inbound_tproxy_route_table: int = 133
     owner_groups_include: str = WILDCARD
     owner_groups_exclude: str = ""
     host_ipv4_loopback_cidr: str = "127.0.0.1/32"
     inbound_ports_include: str = WILDCARD
-    inbound_ports_exclude: str = DEFAULT_INBOUND_PORTS_EXCLUDE
+    inbound_ports_exclude: str = ",".join(map(str, istio.INBOUND_PORTS_EXCLUDE))
     outbound_ip_ranges_include: str = WILDCARD
     outbound_ip_ranges_exclude: str = ""
     outbound_ports_include: str = ""

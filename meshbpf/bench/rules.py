@@ -587,7 +587,7 @@ def run_rules(ns=DEFAULT_NS, backends=BACKENDS, quick=False, reps=None, dataplan
     ebpf_reps = 50 if quick else 300
     rounds = rounds or (1 if quick else 3)
     dataplane_seconds = dataplane_seconds or (0.7 if quick else 2.0)
-    from ..sandbox import Sandbox
+    from ..testbed import Sandbox
     t_start = time.monotonic()
     samples, errors, notes = [], [f"{b}: not installed" for b in missing], []
     dp_samples = []

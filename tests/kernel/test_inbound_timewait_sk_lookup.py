@@ -20,7 +20,7 @@ from meshbpf.ebpf import structs
 from meshbpf.ebpf.inbound import policy
 from meshbpf.service import NodeService
 from meshbpf.ebpf.maps import Maps
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox, traffic
 
 pytestmark = pytest.mark.kernel
 
@@ -29,33 +29,10 @@ APP_PORT = 9000
 # The app: answers "y" to any request, then closes first.
 APP = CONN_SERVER
 
-# From a fixed local port: send, read the reply, wait for the server to close first (so the
-# TIME_WAIT stays on the server), then close. Prints "ok" or what went wrong.
-CLIENT = r"""
-import socket, sys, time
-host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-v6 = ":" in host
-s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::" if v6 else "0.0.0.0", port))
-s.settimeout(timeout)
-t = time.monotonic()
-try:
-    s.connect((host, 9000))
-    s.sendall(b"x")
-    reply = s.recv(1)
-    eof = s.recv(1) == b""
-    print("ok" if reply == b"y" and eof else f"bad reply {reply!r} eof={eof}")
-except OSError as e:
-    print(f"failed after {time.monotonic() - t:.1f}s: {e!r}")
-finally:
-    s.close()
-"""
-
-
 def _client(c, host, port, timeout=4):
-    r = c.exec([sys.executable, "-c", CLIENT, host, str(port), str(timeout)], timeout=60)
-    return (r.stdout + r.stderr).strip()
+    """From fixed local port `port`: "x" to the app, its "y" back, the server closes first
+    (so the TIME_WAIT stays on the server). "ok" or what went wrong."""
+    return traffic.exchange(c, host, APP_PORT, "x", "y", bind_port=port, timeout=timeout)
 
 
 def _server_time_wait(s, port):

@@ -16,7 +16,7 @@ from meshbpf import bpfsys as B
 from meshbpf import probe as P
 from meshbpf.probe import features, prober
 from meshbpf import system
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox
 
 pytestmark = pytest.mark.kernel
 

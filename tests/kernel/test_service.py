@@ -15,7 +15,7 @@ from meshbpf import bpfsys
 from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import structs
 from meshbpf.ebpf.maps import Maps
-from meshbpf.sandbox import Sandbox, _python
+from meshbpf.testbed import Sandbox, pod_python
 from meshbpf.service import NodeService
 
 pytestmark = pytest.mark.kernel
@@ -151,7 +151,7 @@ def test_reconfiguring_a_live_pod_never_lets_a_connection_bypass_or_fail():
             before = env.stats().get("tcp.outbound.downstream_cx_total", 0)
             result = {}
             t = threading.Thread(target=lambda: result.update(r=a.exec(
-                [_python(), "-c", LOOP, b.ip4, "8080", "8"], uid=1000, timeout=60)))
+                [pod_python(), "-c", LOOP, b.ip4, "8080", "8"], uid=1000, timeout=60)))
             t.start()
             n = 0
             while t.is_alive():
