@@ -23,7 +23,7 @@ IN_CX = "tcp.inbound.downstream_cx_total"
 def cli(sb, *args, check=True):
     """Run `meshbpf ARGS` as a user would, against this sandbox's pins and cgroup."""
     cmd = [sys.executable, "-m", "meshbpf", *args]
-    if args[0] in ("attach", "detach", "status", "cleanup"):
+    if args[0] in ("attach", "update", "detach", "status", "cleanup"):
         cmd += ["--pin-prefix", sb.pin_prefix, "--cgroup-root", sb.cgroup_root]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     if check and r.returncode != 0:
@@ -228,3 +228,31 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(mesh):
     st = json.loads(cli(sb, "status", "-o", "json").stdout)
     assert c.netns_name not in [p["name"] for p in st["pods"]]
     assert iptables_rules(c) == before_rules
+
+
+def test_a_pod_id_names_the_pod_for_update_and_for_detach_after_its_netns_is_gone(mesh):
+    sb, mode = mesh["sb"], mesh["mode"]
+    d = sb.add_pod("d")
+    try:
+        rec = json.loads(attach(sb, d, mode, "--id", "uid-d", "--output", "json").stdout)
+        assert rec["id"] == "uid-d" and rec["mode"] == mode
+        pods = {p["id"]: p for p in json.loads(cli(sb, "status", "-o", "json").stdout)["pods"]}
+        assert pods["uid-d"]["state"] == "attached" and pods["uid-d"]["name"] == d.netns_name
+        rec = json.loads(cli(sb, "update", "--id", "uid-d", "-x", "10.250.0.0/16",
+                             "--output", "json").stdout)
+        assert rec["config"]["outbound_ip_ranges_exclude"] == "10.250.0.0/16"
+        assert rec["mode"] == mode
+        r = cli(sb, "update", "--id", "uid-nope", check=False)
+        assert r.returncode == 3 and "no attached pod" in r.stderr
+        # the same netns under another id is refused, nothing changed
+        r = cli(sb, "attach", *pod_args(d), "--mode", mode, "--id", "uid-other", check=False)
+        assert r.returncode == 2 and "already attached as pod id uid-d" in r.stderr
+        ids = [p["id"] for p in json.loads(cli(sb, "status", "-o", "json").stdout)["pods"]]
+        assert "uid-other" not in ids and "uid-d" in ids
+    finally:
+        sb.remove_pod("d")
+    out = cli(sb, "detach", "--id", "uid-d")
+    assert "detached" in out.stdout and "not attached" not in out.stdout
+    st = json.loads(cli(sb, "status", "-o", "json").stdout)
+    assert "uid-d" not in [p["id"] for p in st["pods"]]
+    assert "was not attached" in cli(sb, "detach", "--id", "uid-d").stdout
