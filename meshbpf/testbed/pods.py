@@ -16,7 +16,7 @@ import time
 from .. import system
 from ..errors import MeshbpfError, NotFoundError, UsageError
 from . import sidecar, traffic
-from .procs import Proc, _pod_env, _popen_in_pod
+from .procs import Proc, pod_env, popen_in_pod
 
 USERNS_BASE = 100000      # pod n's user namespace maps 0..65535 inside to this + (n-1)*65536
 USERNS_SIZE = 65536
@@ -117,7 +117,7 @@ class SandboxPod:
             return None
         if self._userns_holder is None or not self._userns_holder.alive():
             self._check_exists()
-            popen = _popen_in_pod(self, ["sleep", "infinity"], 0, 0, userns="new",
+            popen = popen_in_pod(self, ["sleep", "infinity"], 0, 0, userns="new",
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
             holder = Proc(popen, os.devnull, self, ["sleep", "infinity"])
@@ -145,8 +145,8 @@ class SandboxPod:
         ns = self._userns_path(userns)
         logf = open(log_path, "wb")
         try:
-            popen = _popen_in_pod(self, cmd, uid, gid, userns=ns, stdin=subprocess.DEVNULL,
-                                  stdout=logf, stderr=subprocess.STDOUT, env=_pod_env(env),
+            popen = popen_in_pod(self, cmd, uid, gid, userns=ns, stdin=subprocess.DEVNULL,
+                                  stdout=logf, stderr=subprocess.STDOUT, env=pod_env(env),
                                   cwd=cwd or self.tmpdir)
         finally:
             logf.close()
@@ -161,10 +161,10 @@ class SandboxPod:
             raise UsageError("exec needs a command")
         self._check_exists()
         gid = uid if gid is None else gid
-        proc = _popen_in_pod(self, cmd, uid, gid, userns=self._userns_path(userns),
+        proc = popen_in_pod(self, cmd, uid, gid, userns=self._userns_path(userns),
                              stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=_pod_env(env), cwd=self.tmpdir)
+                             env=pod_env(env), cwd=self.tmpdir)
         try:
             out, err = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -56,7 +56,7 @@ def _enter_pod(netns_path, cgroup, uid, gid, userns=None):
 _PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy"}
 
 
-def _pod_env(env):
+def pod_env(env):
     """The environment of a pod process: given one as is, else ours minus proxy settings
     (traffic in a sandbox goes to pod addresses, never through a proxy of the machine)."""
     if env is not None:
@@ -64,7 +64,7 @@ def _pod_env(env):
     return {k: v for k, v in os.environ.items() if k.lower() not in _PROXY_VARS}
 
 
-def _popen_in_pod(pod, cmd, uid, gid, userns=None, **kw):
+def popen_in_pod(pod, cmd, uid, gid, userns=None, **kw):
     try:
         return subprocess.Popen([str(c) for c in cmd], start_new_session=True,
                                 preexec_fn=_enter_pod(pod.netns, pod.cgroup, uid, gid, userns),

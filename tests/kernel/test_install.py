@@ -16,7 +16,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def run(cmd, **kw):
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+    # Without our PYTHONPATH: with the checkout on it, pip takes the checkout's egg-info for
+    # an installed meshbpf (and installs nothing), and the command would run its code.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kw)
     assert r.returncode == 0, f"{' '.join(map(str, cmd))} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r
 
