@@ -16,7 +16,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def run(cmd, **kw):
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **kw)
+    # Without the caller's PYTHONPATH: a checkout on it (with the meshbpf.egg-info that
+    # `pip wheel` leaves there) makes pip skip installing the wheel as "already installed"
+    # and would let the installed command import the checkout instead of itself.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, **kw)
     assert r.returncode == 0, f"{' '.join(map(str, cmd))} -> {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r
 
