@@ -394,12 +394,13 @@ def _bench_dataplane(sb, svcs, ns, backends, seconds, rounds, progress):
         for _ in range(rounds):
             for backend in backends:
                 rec = samples.setdefault((backend, n), {"backend": backend, "n": n,
-                                                        "conn_per_s": [], "impl": "service"})
+                                                        "conn_per_s": []})
                 svc = svcs.get(backend)
                 if svc is None:
                     continue
                 try:
-                    svc.attach(client.pod, cfg, pod_id=CLIENT_ID)
+                    # impl: the mode the service says it enrolled the client in
+                    rec["impl"] = f"service:{svc.attach(client.pod, cfg, pod_id=CLIENT_ID)['mode']}"
                     try:
                         rate, err = measure_conn_rate(client, server.ip4, CONN_PORT, seconds)
                     finally:

@@ -109,6 +109,9 @@ def test_rules_quick_json(tmp_path):
     dp = {(r["backend"], r["n"]) for r in res["dataplane"] if r["conn_per_s"] and r["conn_per_s"] > 0}
     for backend in backends:
         assert (backend, 20000) in dp
+    for r in res["dataplane"]:
+        if r["backend"] != "none":          # the client was enrolled by the service, in that mode
+            assert r["impl"] == "service:" + r["backend"].split("-")[0], r
     for name in ("rules.json", "rules.md", "rules.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert _netns() - before_ns == set()
