@@ -221,8 +221,13 @@ class _BackendBench:
         try:
             for i, n in enumerate(ns):
                 self._at_n(n, first=(i == 0))
-        finally:
-            self._detach_all()
+        except BaseException:
+            try:                           # leave nothing enrolled, but keep the first error
+                self._detach_all()
+            except MeshbpfError:
+                pass
+            raise
+        self._detach_all()
 
     def _at_n(self, n, first):
         b, P = self.backend, len(self.pods)
