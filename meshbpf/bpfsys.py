@@ -18,6 +18,7 @@ Conventions:
   (or pass a list) to `prog_load`.
 """
 
+import collections
 import contextlib
 import ctypes
 import errno as _errno
@@ -149,8 +150,14 @@ def syscall_nr():
         raise UnsupportedError(f"meshbpf does not know the bpf(2) syscall number on {machine}")
 
 
+# bpf(2) calls this process made, by command number: what the O(1) enrollment tests and
+# `bench rules` count (bcc's own calls, made when loading, are not seen here).
+SYSCALLS = collections.Counter()
+
+
 def bpf(cmd, attr, what="bpf()"):
     """Issue bpf(cmd, &attr, sizeof(attr)); returns the syscall's result or raises BpfError."""
+    SYSCALLS[cmd] += 1
     ret = _libc.syscall(ctypes.c_long(syscall_nr()), ctypes.c_int(cmd), ctypes.byref(attr),
                         ctypes.c_uint(ctypes.sizeof(attr)))
     if ret < 0:

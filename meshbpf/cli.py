@@ -10,7 +10,6 @@ import click
 from . import __version__
 from .cliopts import config_options
 from .clickutil import MeshGroup, emit, output_option
-from .errors import MeshbpfError
 
 
 @click.group(cls=MeshGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -47,10 +46,12 @@ def pod_options(f):
     f = click.option("--netns", "netns", help="The pod's network namespace: a path or a name under /run/netns.")(f)
     f = click.option("--cgroup", type=click.Path(), help="The pod's cgroup v2 directory (with --netns).")(f)
     f = click.option("--name", help="Name to show for the pod in status.")(f)
+    f = click.option("--id", "pod_id", help="The pod's stable id (e.g. its Kubernetes UID); "
+                     "default: made from its netns cookie and cgroup.")(f)
     return f
 
 
-def resolve_pod(pid, netns, cgroup, name):
+def resolve_pod(pid, netns, cgroup, name, pod_id=None):
     from .errors import UsageError
     from .pod import Pod
     if (pid is None) == (netns is None):
@@ -58,14 +59,19 @@ def resolve_pod(pid, netns, cgroup, name):
     if pid is not None:
         if cgroup:
             raise UsageError("--cgroup goes with --netns; with --pid the process's cgroup is used")
-        return Pod.from_pid(pid, name=name)
-    return Pod.from_netns(netns, cgroup=cgroup, name=name)
+        return Pod.from_pid(pid, name=name, pod_id=pod_id)
+    return Pod.from_netns(netns, cgroup=cgroup, name=name, pod_id=pod_id)
 
 
 def _print_record(rec):
     fb = f"  (fallback: {rec['fallback']})" if rec.get("fallback") else ""
-    click.echo(f"{rec.get('name', '?')}: attached in {rec['mode']} mode{fb}")
+    click.echo(f"{rec.get('name', '?')} (id {rec.get('id')}): attached in {rec['mode']} mode{fb}")
     click.echo(f"  why: {rec.get('reason', '')}")
+
+
+def _service(pin_prefix, cgroup_root, mode="auto", **options):
+    from .service import NodeService
+    return NodeService(pin_prefix=pin_prefix, cgroup_root=cgroup_root, mode=mode, **options)
 
 
 # ---- commands ------------------------------------------------------------------------------
@@ -86,64 +92,67 @@ def _print_record(rec):
 @config_options
 @click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True,
               help="Output format (no -o here: -o is istio-iptables' outbound-ports-exclude).")
-def attach(pid, netns, cgroup, name, pin_prefix, cgroup_root, mode, assume_kernel, splice,
-           iptables_binary, reconcile, output, **cfg):
-    """Intercept a pod's traffic into its sidecar.
+def attach(pid, netns, cgroup, name, pod_id, pin_prefix, cgroup_root, mode, assume_kernel,
+           splice, iptables_binary, reconcile, output, **cfg):
+    """Intercept a pod's traffic into its sidecar. Attaching an attached pod again applies
+    the new config in one step (no moment with both rule sets, or neither).
 
     \b
     Examples:
       meshbpf attach --pid 4242
-      meshbpf attach --netns /run/netns/pod-a --cgroup /sys/fs/cgroup/kubepods/pod-a
+      meshbpf attach --netns /run/netns/pod-a --cgroup /sys/fs/cgroup/kubepods/pod-a --id 7f3c-uid
       meshbpf attach --pid 4242 --mode iptables -x 10.96.0.0/12 -d 15020,15021
     """
-    from . import modes
     from .cliopts import config_from_options
     config, rest = config_from_options(cfg)
-    pod = resolve_pod(pid, netns, cgroup, name)
-    rec = modes.attach(pod, config, mode=mode, assume_kernel=assume_kernel,
-                       pin_prefix=pin_prefix, cgroup_root=cgroup_root, splice=splice,
-                       iptables_binary=iptables_binary, reconcile=reconcile,
-                       ipv6_auto=rest.get("ipv6_auto", True))
-    emit(rec, output, _print_record)
+    pod = resolve_pod(pid, netns, cgroup, name, pod_id)
+    svc = _service(pin_prefix, cgroup_root, mode, assume_kernel=assume_kernel, splice=splice,
+                   iptables_binary=iptables_binary, reconcile=reconcile,
+                   ipv6_auto=rest.get("ipv6_auto", True))
+    emit(svc.attach(pod, config), output, _print_record)
+
+
+@main.command()
+@click.option("--id", "pod_id", required=True, help="The attached pod's id (see `status`).")
+@node_options
+@config_options
+@click.option("--output", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              help="Output format.")
+def update(pod_id, pin_prefix, cgroup_root, output, **cfg):
+    """Re-configure an attached pod: the new rules replace the old in one step.
+
+    \b
+    Example:
+      meshbpf update --id 7f3c-uid -x 10.96.0.0/12
+    """
+    from .cliopts import config_from_options
+    config, rest = config_from_options(cfg)
+    svc = _service(pin_prefix, cgroup_root, ipv6_auto=rest.get("ipv6_auto", True))
+    emit(svc.update(pod_id, config), output, _print_record)
 
 
 @main.command()
 @pod_options
 @node_options
 @output_option
-def detach(pid, netns, cgroup, name, pin_prefix, cgroup_root, output):
-    """Stop intercepting a pod; removes exactly what attach added.
+def detach(pid, netns, cgroup, name, pod_id, pin_prefix, cgroup_root, output):
+    """Stop intercepting a pod; removes exactly what attach added. A pod whose network
+    namespace is gone is detached by its id.
 
     \b
-    Example:
+    Examples:
       meshbpf detach --pid 4242
+      meshbpf detach --id 7f3c-uid
     """
-    from . import modes
-    pod = resolve_pod(pid, netns, cgroup, name)
-    was = modes.detach(pod, pin_prefix=pin_prefix, cgroup_root=cgroup_root)
-    res = {"name": pod.name, "was_attached": was is not None, "mode": was}
-    emit(res, output, lambda r: click.echo(
-        f"{r['name']}: detached ({r['mode']} mode)" if r["was_attached"]
-        else f"{r['name']}: was not attached; nothing to do"))
-
-
-def _node_status(pin_prefix, cgroup_root):
-    """Attached pods (from the records) and what each backend reports."""
-    import os
-    from .interceptor import get_interceptor
-    from .state import StateStore
-    out = {"pin_prefix": pin_prefix, "pods": StateStore(pin_prefix).all()}
-    if os.path.isdir(pin_prefix):
-        try:
-            out["ebpf"] = get_interceptor("ebpf", pin_prefix=pin_prefix,
-                                          cgroup_root=cgroup_root).status()
-        except (MeshbpfError, ImportError) as e:
-            out["ebpf"] = {"loaded": True, "error": str(e)}
+    svc = _service(pin_prefix, cgroup_root)
+    if pod_id and pid is None and netns is None:
+        res = svc.detach(pod_id)
     else:
-        out["ebpf"] = {"loaded": False}
-    if any(p.get("mode") == "iptables" for p in out["pods"]):
-        out["iptables"] = get_interceptor("iptables", pin_prefix=pin_prefix).status()
-    return out
+        res = svc.detach(resolve_pod(pid, netns, cgroup, name, pod_id))
+    res.pop("result", None)
+    emit(res, output, lambda r: click.echo(
+        f"{r['name'] or r['id']}: detached ({r['mode']} mode)" if r["was_attached"]
+        else f"{r['name'] or r['id']}: was not attached; nothing to do"))
 
 
 def _print_status(st):
@@ -151,7 +160,8 @@ def _print_status(st):
     click.echo(f"pods attached: {len(pods)}")
     for p in pods:
         cfg = p.get("config", {})
-        click.echo(f"  {p.get('name')}  mode={p.get('mode')}  netns={p.get('netns')}  "
+        click.echo(f"  {p.get('name')}  id={p.get('id')}  mode={p.get('mode')}  "
+                   f"state={p.get('state', '?')}  "
                    f"proxy={cfg.get('proxy_port')}/{cfg.get('inbound_capture_port')} "
                    f"uid={cfg.get('proxy_uid')}" + (f"  fallback: {p['fallback']}" if p.get("fallback") else ""))
     eb = st.get("ebpf", {})
@@ -182,7 +192,7 @@ def status(pin_prefix, cgroup_root, output):
       meshbpf status
       meshbpf status -o json | jq .ebpf.counters
     """
-    emit(_node_status(pin_prefix, cgroup_root), output, _print_status)
+    emit(_service(pin_prefix, cgroup_root).status(), output, _print_status)
 
 
 @main.command()
@@ -195,20 +205,7 @@ def cleanup(pin_prefix, cgroup_root, output):
     Example:
       meshbpf cleanup
     """
-    import os
-    from .interceptor import get_interceptor
-    from .state import StateStore
-    store = StateStore(pin_prefix)
-    done = {"iptables_pods": 0, "ebpf": False}
-    for rec in store.all():
-        if rec.get("mode") == "iptables":
-            done["iptables_pods"] += 1
-    get_interceptor("iptables", pin_prefix=pin_prefix).cleanup()
-    if os.path.isdir(pin_prefix) or any(r.get("mode") == "ebpf" for r in store.all()):
-        get_interceptor("ebpf", pin_prefix=pin_prefix, cgroup_root=cgroup_root).cleanup()
-        done["ebpf"] = True
-    store.destroy()
-    emit(done, output, lambda d: click.echo(
+    emit(_service(pin_prefix, cgroup_root).cleanup(), output, lambda d: click.echo(
         f"removed iptables rules from {d['iptables_pods']} pod(s); "
         + ("removed eBPF programs, hooks and pins" if d["ebpf"] else "no eBPF state found")))
 

@@ -52,12 +52,12 @@ IN_STATS = ["tcp.inbound.downstream_cx_total", "cluster.InboundPassthroughCluste
 
 def show_request(mode, client, server, outsider, env_c, env_s):
     """One request client -> server and one outsider -> server, with the evidence."""
-    from . import modes
+    from .service import NodeService
     sb = client.sandbox
-    kw = dict(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+    svc = NodeService(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root, mode=mode)
     cfg = InterceptConfig()
     for p in (client, server):
-        rec = modes.attach(p.pod, cfg, mode=mode, **kw)
+        rec = svc.attach(p.pod, cfg)
         click.echo(f"  attached {p.name} in {rec['mode']} mode")
     try:
         b_c, b_s = env_c.stats(), env_s.stats()
@@ -83,7 +83,7 @@ def show_request(mode, client, server, outsider, env_c, env_s):
         click.echo(f"  outsider (not meshed) -> server: answered, app saw {seen}")
     finally:
         for p in (client, server):
-            modes.detach(p.pod, **kw)
+            svc.detach(p.pod)
         click.echo("  detached client and server")
 
 
@@ -105,8 +105,8 @@ def demo(no_bench, out):
 
 def _demo(no_bench, out):
     from . import probe
-    from .interceptor import get_interceptor
     from .sandbox import Sandbox
+    from .service import NodeService
 
     _step("1/4 What this kernel can do")
     result = probe.probe()
@@ -126,9 +126,7 @@ def _demo(no_bench, out):
         for i, mode in enumerate(mode_list):
             _step(f"3/4 ({i + 1}/{len(mode_list)}) A request through the sidecars, {mode} mode")
             show_request(mode, client, server, outsider, env_c, env_s)
-        for mode in mode_list:
-            kw = {"cgroup_root": sb.cgroup_root} if mode == "ebpf" else {}
-            get_interceptor(mode, pin_prefix=sb.pin_prefix, **kw).cleanup()
+        NodeService(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root).cleanup()
     click.echo("  sandbox removed")
 
     if no_bench:

@@ -1,20 +1,20 @@
-"""The one interface both data paths implement: attach a pod, detach it, report status.
+"""The contract both data paths implement. Backends change the kernel; they keep no records.
 
 eBPF (`meshbpf.ebpf.interceptor.EbpfInterceptor`) and iptables
-(`meshbpf.iptables.interceptor.IptablesInterceptor`) are its implementations; the CLI,
-the agent and the benchmark only ever talk to this interface. `get_interceptor` imports
-the eBPF backend lazily so iptables mode works without bcc.
+(`meshbpf.iptables.interceptor.IptablesInterceptor`) implement it; `meshbpf.backends`
+picks one by name and `meshbpf.service.NodeService` is the only caller: it holds the
+node lock, loads and saves the pod's record and hands it in. Every method is idempotent,
+and a failing `attach` leaves the pod as it was.
 """
 
 import abc
 import os
 
 DEFAULT_PIN_PREFIX = os.environ.get("MESHBPF_PIN_PREFIX", "/sys/fs/bpf/meshbpf")
-MODES = ("ebpf", "iptables")
 
 
 class Interceptor(abc.ABC):
-    """Moves pods' traffic into their sidecars. Every method is idempotent."""
+    """Moves pods' traffic into their sidecars."""
 
     mode = None
 
@@ -24,32 +24,23 @@ class Interceptor(abc.ABC):
         self.options = options
 
     @abc.abstractmethod
-    def attach(self, pod, config):
-        """Intercept `pod` (a meshbpf.pod.Pod) per `config`; returns the pod's record (dict).
+    def attach(self, pod, config, previous=None, ctx=None):
+        """Intercept `pod` (a meshbpf.pod.Pod) per `config` (an InterceptConfig).
 
-        Re-attaching with the same config changes nothing; a failure leaves the pod
-        as it was (raises a MeshbpfError).
+        `previous` is the pod's record when it is already attached (a re-attach or an
+        update: replace its rules without a window); `ctx` is the service's AttachContext
+        (owner lookups, index allocation, phase timings). Returns the new record body.
         """
 
     @abc.abstractmethod
-    def detach(self, pod):
-        """Stop intercepting `pod`, removing exactly what attach added."""
+    def detach(self, record, pod=None, ctx=None):
+        """Remove exactly what `record` says was installed; `pod` is None when the pod's
+        netns is gone."""
 
     @abc.abstractmethod
-    def status(self):
-        """A JSON-able dict: mode, pods and their configs, and backend details."""
+    def status(self, records):
+        """{"mode", "pods": {pod id: live facts}, ...node-wide facts} for `records`."""
 
     @abc.abstractmethod
-    def cleanup(self):
-        """Remove everything this instance (pin prefix) ever installed, on every pod."""
-
-
-def get_interceptor(mode, **kwargs):
-    """The interceptor for `mode` ("ebpf" or "iptables")."""
-    if mode == "ebpf":
-        from .ebpf.interceptor import EbpfInterceptor
-        return EbpfInterceptor(**kwargs)
-    if mode == "iptables":
-        from .iptables.interceptor import IptablesInterceptor
-        return IptablesInterceptor(**kwargs)
-    raise ValueError(f"unknown mode {mode!r}")
+    def cleanup(self, records):
+        """Remove everything this pin prefix ever installed in this mode; returns a dict."""

@@ -7,9 +7,11 @@ the kernel objects both interceptors work on, with a clear error when one is mis
 import dataclasses
 import ipaddress
 import os
+import zlib
 
 from . import system
 from .errors import MeshbpfError, NotFoundError, UsageError
+from .state import valid_pod_id
 from .userns import IdMap
 
 # Istio's inbound passthrough binds its IPv6 upstream connections to ::6, which istio-init
@@ -30,6 +32,7 @@ class Pod:
     cgroup: str = None         # absolute cgroup v2 directory, when known
     name: str = None           # how status shows it
     pid: int = None            # a process of the pod, when the pod was named by one
+    id: str = None             # stable id its caller gives (Kubernetes UID, name); see pod_id
 
     def __post_init__(self):
         if not os.path.exists(self.netns):
@@ -39,32 +42,51 @@ class Pod:
             if not os.path.isfile(os.path.join(self.cgroup, "cgroup.procs")):
                 raise NotFoundError(f"{self.cgroup} is not a cgroup v2 directory")
             self.cgroup = os.path.realpath(self.cgroup)
+        if self.id is not None and not valid_pod_id(self.id):
+            raise UsageError(f"pod id {self.id!r} is not usable: letters, digits and ._:@- "
+                             "only, starting with a letter or digit, at most 253 characters")
         if not self.name:
             self.name = _netns_name(self.netns)
+        self._cookie = None
 
     @classmethod
-    def from_pid(cls, pid, name=None):
+    def from_pid(cls, pid, name=None, pod_id=None):
         """The pod process `pid` runs in: its netns and cgroup."""
         if not os.path.exists(f"/proc/{pid}"):
             raise NotFoundError(f"no process with pid {pid}")
         return cls(netns=system.netns_path_of_pid(pid), cgroup=system.cgroup_of_pid(pid),
-                   name=name or f"pid-{pid}", pid=int(pid))
+                   name=name or f"pid-{pid}", pid=int(pid), id=pod_id)
 
     @classmethod
-    def from_netns(cls, path, cgroup=None, name=None):
+    def from_netns(cls, path, cgroup=None, name=None, pod_id=None):
         """A pod named by its netns path (or a name under /run/netns)."""
         if "/" not in path:
             path = os.path.join("/run/netns", path)
-        return cls(netns=path, cgroup=cgroup, name=name)
+        return cls(netns=path, cgroup=cgroup, name=name, id=pod_id)
 
     @property
     def key(self):
-        """Stable identity while the netns lives: its inode number."""
+        """The netns inode: names the pod's pinned sk_lookup link while the netns lives."""
         return system.netns_inode(self.netns)
 
     @property
+    def pod_id(self):
+        """The id its record is kept under: the caller's, else one made of the netns cookie
+        (never reused within a boot, unlike the netns inode) and the cgroup."""
+        if self.id is not None:
+            return self.id
+        try:
+            ident = self.netns_cookie
+        except MeshbpfError:      # no SO_NETNS_COOKIE (before 5.14): the inode, while it lives
+            ident = f"i{system.netns_inode(self.netns)}"
+        return generated_pod_id(ident, self.cgroup)
+
+    @property
     def netns_cookie(self):
-        return system.netns_cookie(self.netns)
+        """The kernel's key for the pod (bpf_get_netns_cookie), read once."""
+        if self._cookie is None:
+            self._cookie = system.netns_cookie(self.netns)
+        return self._cookie
 
     def interfaces(self):
         """Non-loopback interfaces in the pod's netns with their addresses."""
@@ -130,6 +152,11 @@ class Pod:
 
     def describe(self):
         return {"name": self.name, "netns": self.netns, "cgroup": self.cgroup}
+
+
+def generated_pod_id(netns_cookie, cgroup):
+    """Pure: the id of a pod named only by its netns (and cgroup)."""
+    return f"netns-{netns_cookie}-{zlib.crc32((cgroup or '').encode()):08x}"
 
 
 def _userns_inode(pid):

@@ -176,11 +176,11 @@ class _Bench:
 
     # -- interception --------------------------------------------------------------------
     def _interceptor(self, mode):
-        from ..interceptor import get_interceptor
+        from ..service import NodeService
         kw = dict(pin_prefix=self.sb.pin_prefix, cgroup_root=self.sb.cgroup_root)
         if mode == "iptables":
-            return get_interceptor("iptables", **kw)
-        return get_interceptor("ebpf", splice=(mode == "ebpf"), **kw)
+            return NodeService(mode="iptables", **kw)
+        return NodeService(mode="ebpf", splice=(mode == "ebpf"), **kw)
 
     def enter(self, mode):
         if mode in ("direct", "explicit"):

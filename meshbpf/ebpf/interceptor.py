@@ -1,16 +1,17 @@
 """EbpfInterceptor: the eBPF implementation of meshbpf.interceptor.Interceptor.
 
-attach(pod, config) makes sure the node programs are loaded and attached once (adopting
-pins left by an earlier process), then enrols the pod with map updates only: its pods-map
-entry (keyed by netns cookie), its outbound CIDR and port rules, its addresses in
-local_ips (same-node splicing), every address of its netns in netns_addrs (what is
-reached over `lo`) and its source addresses in netns_src, and the inbound tc hook (meshbpf.ebpf.inbound, when
-present). detach removes exactly those entries; cleanup removes everything, programs and
-pins included. Interception outlives the process: everything lives in pinned maps.
+attach makes sure the node programs are loaded and attached once (adopting pins left by
+an earlier process), then enrols the pod with map updates only: its pods-map entry (keyed
+by netns cookie), its outbound CIDR and port rules, its addresses in local_ips
+(same-node splicing), every address of its netns in netns_addrs (what is reached over
+`lo`), its source addresses in netns_src, and the inbound hooks (meshbpf.ebpf.inbound).
+The record lists every key written, so attach, update and detach touch those keys and
+nothing else: their cost does not grow with the number of pods on the node. cleanup
+removes everything, programs and pins included. Interception outlives the process:
+everything lives in pinned maps.
 """
 
 import contextlib
-import fcntl
 import json
 import os
 import types
@@ -84,23 +85,11 @@ class EbpfInterceptor(Interceptor):
         # config does not say enable_ipv6 (the CLI passes False for an explicit choice).
         ipv6_auto = options.get("ipv6_auto", True)
         self.ipv6_auto = True if ipv6_auto is None else bool(ipv6_auto)
-        self.store = StateStore(pin_prefix)
         # where the node programs were attached (so status/cleanup find them later)
-        self.node_file = os.path.join(os.path.dirname(self.store.dir), "node.json")
+        self.node_file = os.path.join(StateStore(pin_prefix).instance_dir, "node.json")
+        self._node = None          # _ensure_node's answer, once per process
 
     # -- helpers -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _locked(self):
-        """One attach/detach/cleanup at a time per instance (CLI and agent may race)."""
-        d = os.path.dirname(self.store.dir)
-        os.makedirs(d, exist_ok=True)
-        with open(os.path.join(d, "lock"), "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
     def _node_record(self):
         try:
             with open(self.node_file) as f:
@@ -131,6 +120,10 @@ class EbpfInterceptor(Interceptor):
                                  hint="attach with a cgroup_root that contains it")
 
     def _ensure_node(self):
+        """Load or adopt the node programs and set node_cfg: once per process while the
+        pins stay (a deleted pin is noticed and repaired)."""
+        if self._node is not None and loader.is_loaded(self.pin_prefix):
+            return dict(self._node, adopted=True)
         res = loader.ensure_loaded(self.pin_prefix, self.root, self.features, self.splice)
         if not res["adopted"]:
             os.makedirs(os.path.dirname(self.node_file), exist_ok=True)
@@ -144,95 +137,68 @@ class EbpfInterceptor(Interceptor):
             cur = maps["node_cfg"].lookup(structs.U32(0))
             if cur is None or bytes(cur) != bytes(want):
                 maps["node_cfg"].update(structs.U32(0), want)
+        self._node = res
         return res
 
-    @staticmethod
-    def _pod_index(maps, cookie):
-        existing = maps["pods"].lookup(structs.U64(cookie))
-        if existing is not None:
-            return existing.pod_index
-        used = {v.pod_index for _, v in maps["pods"].items()}
-        i = 1
-        while i in used:
-            i += 1
-        if i >= structs.MB_MAX_PODS:
-            raise ApplyError(f"this node already has {structs.MB_MAX_PODS} meshed pods")
-        return i
-
     # -- Interceptor ---------------------------------------------------------------------
-    def attach(self, pod, config):
-        if not isinstance(config, InterceptConfig):
-            raise UsageError("attach needs an InterceptConfig")
-        config.validate()
-        self._check_pod_cgroup(pod)
-        with self._locked():
-            return self._attach(pod, config)
+    def attach(self, pod, config, previous=None, ctx=None):
+        """Enrol `pod`: map writes only, touching exactly the keys its record lists.
 
-    def _attach(self, pod, config):
+        A changed rule set is written under a fresh pod index and switched to by the one
+        update of the pod's `pods` entry: no connect ever sees old and new rules mixed."""
+        ctx = ctx or _LocalContext(self.pin_prefix)
+        self._check_pod_cgroup(pod)
         cookie = pod.netns_cookie
-        addresses = list(pod.addresses())
-        local = list(pod.local_addresses())
+        with ctx.phase("addresses"):
+            addresses = list(pod.addresses())
+            local = list(pod.local_addresses())
         if not config.enable_ipv6 and self.ipv6_auto and any(a.version == 6 for a in addresses):
             config = config.replace(enable_ipv6=True)
         idmap = pod.user_namespace() if hasattr(pod, "user_namespace") else None
         # Pure part first: a config eBPF mode cannot express fails before anything changes.
         pc = structs.pod_struct(config, 0, idmap)
-        # The pod's own addresses are not excluded by range: as in Istio, only the app's
-        # connections over `lo` are left alone (mb_should_capture, from netns_addrs).
-        cidrs = structs.cidr_rules(config)
-        ports = structs.port_rules(config)
-        dns = structs.dns_rules(config)
-        old_rec = self.store.load(pod.key) or {}
-        if old_rec.get("netns_cookie") not in (None, cookie):
-            # The record's pod is dead and this netns got its inode (the record key): its
-            # entries are stale; remove them (where still its own) before enrolling.
-            self._detach_record(pod.key, old_rec)
-            old_rec = {}
+        rules = structs.pod_rules(config)
+        prev = previous or {}
+        added_v6 = bool(prev.get("added_inbound_v6_address"))
+        added_v6_now, warnings = False, []
         # ::6 first, so no IPv6 inbound connection is steered to a passthrough that cannot
         # bind it (no init container does this in eBPF mode).
-        added_v6 = bool(old_rec.get("added_inbound_v6_address"))
-        added_v6_now, warnings = False, []
         if config.enable_ipv6:
             try:
                 added_v6_now = podmod.ensure_inbound_v6_address(pod.netns)
             except MeshbpfError as e:
                 warnings.append(f"could not add ::6/128 to lo (IPv6 inbound passthrough): {e}")
+        node = None
         try:
-            node = self._ensure_node()
-        except BaseException:
-            if added_v6_now:
-                podmod.remove_inbound_v6_address(pod.netns)
-            raise
-        try:
+            with ctx.phase("node"):
+                node = self._ensure_node()
             with Maps(self.pin_prefix) as maps:
-                self._check_addresses(maps, pod, cookie, addresses)
-                index = self._pod_index(maps, cookie)
-                pc.pod_index = index
-                snap = self._snapshot(maps, cookie, index,
-                                      set(old_rec.get("addresses", [])) | {str(a) for a in addresses})
+                with ctx.phase("maps"):
+                    self._check_addresses(maps, pod, cookie, addresses, ctx)
+                    index, want, saved = self._write(maps, ctx, cookie, pc, rules,
+                                                     addresses, local, prev)
                 try:
-                    self._write(maps, cookie, index, pc, cidrs, ports, addresses, dns, local)
-                    inbound = self._attach_inbound(pod, config, maps)
+                    inbound = self._attach_inbound(pod, config, maps, ctx)
                 except (MeshbpfError, OSError, ValueError) as e:
-                    self._restore(maps, snap, cookie, index)
+                    self._restore(maps, want, saved, index, prev.get("pod_index"), ctx)
                     if isinstance(e, MeshbpfError):
                         raise
                     raise ApplyError(f"enrolling pod {pod.name} failed, rolled back: {e}")
+                with ctx.phase("maps"):
+                    self._drop_stale(maps, ctx, _unhex(prev.get("keys")), want,
+                                     prev.get("pod_index"), index)
         except BaseException:
             if added_v6_now:
                 podmod.remove_inbound_v6_address(pod.netns)
-            if not node["adopted"]:
-                with Maps(self.pin_prefix) as maps:
-                    empty = len(maps["pods"]) == 0
-                if empty:            # this call loaded the node for nothing: undo that too
-                    self._cleanup_node()
+            if node is not None and not node["adopted"] and not ctx.store.ids():
+                self.cleanup([])        # this call loaded the node for nothing: undo that too
             raise
         if added_v6 and not config.enable_ipv6:     # re-attached without IPv6 capture
             podmod.remove_inbound_v6_address(pod.netns)
             added_v6 = False
-        record = {
-            "name": pod.name, "netns": pod.netns, "cgroup": pod.cgroup, "mode": self.mode,
+        return {
             "netns_cookie": cookie, "pod_index": index,
+            "keys": {name: sorted(k.hex() for k in entries) for name, entries in want.items()},
             "addresses": [str(a) for a in addresses], "config": config.to_dict(),
             "splice": self.splice, "programs": node["programs"],
             "degraded": node.get("degraded") or self._node_record().get("degraded", []),
@@ -243,135 +209,105 @@ class EbpfInterceptor(Interceptor):
             "userns": idmap.to_dict() if idmap is not None else None,
             "warnings": warnings,
         }
-        return self.store.save(pod.key, record)
 
-    def _owner_alive(self, cookie):
-        """Is the pod with netns cookie `cookie` still there? Only a pod meshbpf has a
-        record of whose netns still exists with that cookie is; a pod whose netns is gone
-        (deleted without a detach) is not, and its addresses may be taken over."""
-        for rec in self.store.all():
-            if rec.get("netns_cookie") != cookie:
-                continue
-            netns = rec.get("netns")
-            if not netns or not os.path.exists(netns):
-                return False
-            try:
-                return system.netns_cookie(netns) == cookie
-            except (MeshbpfError, OSError):
-                return False
-        return False
-
-    def _check_addresses(self, maps, pod, cookie, addresses):
+    def _check_addresses(self, maps, pod, cookie, addresses, ctx):
         """Refuse (nothing changed) an address another live enrolled pod holds: the
         node-wide maps keyed by address (local_ips, inbound_pods, ...) have room for one
         owner, and a second would break the first's interception or be broken by its
-        detach."""
-        by_index = {v.pod_index: k.value for k, v in maps["pods"].items()}
+        detach. One lookup per address, whatever the number of pods."""
         holders = {}
         for a in addresses:
             v = maps["local_ips"].lookup(structs.ip_key(a))
             if v is not None:
-                holders[str(a)] = by_index.get(v.value)
+                owner_id = ctx.indexes.owner(v.value)
+                owner = (ctx.store.load(owner_id) or {}) if owner_id else {}
+                holders[str(a)] = owner.get("netns_cookie")
         mod = _inbound()
         if mod is not None and hasattr(mod, "owners") and maps.exists(mod.MAP_PODS):
             for a, owner in mod.owners(maps, addresses).items():
                 if holders.get(a) is None and owner:
                     holders[a] = owner
-        clash = address_conflicts(addresses, holders, cookie, self._owner_alive)
+        clash = address_conflicts(addresses, holders, cookie, ctx.owner_alive)
         if clash:
-            names = {r.get("netns_cookie"): r.get("name") for r in self.store.all()}
-            what = ", ".join(f"{a} (pod {names.get(o) or o})" for a, o in clash)
+            what = ", ".join(f"{a} (pod {ctx.name_of_cookie(o)})" for a, o in clash)
             raise AddressInUseError(
                 f"pod {pod.name}: its address {what} is held by another meshed pod that is "
                 "still running; refused, nothing changed",
                 hint="detach the other pod first, or give this pod another address")
 
-    @staticmethod
-    def _snapshot(maps, cookie, index, addresses):
-        """The pod's current entries (raw bytes), to restore on a failed (re-)attach."""
-        def raw(name, key):
-            v = maps[name].lookup_raw(key)
-            return bytes(v) if v is not None else None
-        return {
-            "pods": raw("pods", structs.U64(cookie)),
-            "cidr_rules": {bytes(k): raw("cidr_rules", k)
-                           for k in maps["cidr_rules"].keys() if k.pod_index in structs.scopes(index)},
-            "port_rules": {bytes(k): raw("port_rules", k)
-                           for k in maps["port_rules"].keys() if k.pod_index in structs.scopes(index)},
-            "local_ips": {bytes(structs.ip_key(a)): raw("local_ips", structs.ip_key(a))
-                          for a in addresses},
-            "netns_addrs": {bytes(k): raw("netns_addrs", k)
-                            for k in maps["netns_addrs"].keys() if k.netns == cookie},
-            "netns_src": raw("netns_src", structs.U64(cookie)),
-        }
-
-    @staticmethod
-    def _restore(maps, snap, cookie, index):
-        if snap["pods"] is None:
-            maps["pods"].delete(structs.U64(cookie))
-        else:
-            maps["pods"].update(structs.U64(cookie), snap["pods"])
-        for name in ("cidr_rules", "port_rules"):
-            for k in [bytes(k) for k in maps[name].keys() if k.pod_index in structs.scopes(index)]:
-                if k not in snap[name]:
-                    maps[name].delete(k)
-            for k, v in snap[name].items():
-                if v is not None:
+    def _write(self, maps, ctx, cookie, pc, rules, addresses, local, prev):
+        """Write the pod's entries, the `pods` entry last; returns (index, written entries,
+        the values they replaced). A changed rule set goes under a fresh index. On failure
+        the maps are as they were."""
+        old_index = prev.get("pod_index")
+        index = old_index
+        if index is None or rules != structs.pod_rules(InterceptConfig.from_dict(prev["config"])):
+            index = ctx.indexes.allocate(ctx.pod_id, limit=structs.MB_MAX_PODS)
+            if index is None:
+                raise ApplyError(f"this node already has {structs.MB_MAX_PODS} meshed pods")
+        pc.pod_index = index
+        want = structs.pod_entries(cookie, index, pc, rules, addresses, local)
+        saved = {name: {k: maps[name].lookup_raw(k) for k in want[name]}
+                 for name in structs.SHARED_ENTRY_MAPS}
+        try:
+            for name in structs.ENTRY_MAPS:
+                if name in structs.RULE_MAPS and index == old_index:
+                    continue            # the same rules, already there under this index
+                for k, v in want[name].items():
                     maps[name].update(k, v)
-        for k, v in snap["local_ips"].items():
-            if v is None:
-                maps["local_ips"].delete(k)
-            else:
-                maps["local_ips"].update(k, v)
-        for k in [bytes(k) for k in maps["netns_addrs"].keys() if k.netns == cookie]:
-            if k not in snap["netns_addrs"]:
-                maps["netns_addrs"].delete(k)
-        for k, v in snap["netns_addrs"].items():
-            maps["netns_addrs"].update(k, v)
-        if snap["netns_src"] is None:
-            maps["netns_src"].delete(structs.U64(cookie))
-        else:
-            maps["netns_src"].update(structs.U64(cookie), snap["netns_src"])
+        except (OSError, ValueError) as e:
+            self._restore(maps, want, saved, index, old_index, ctx)
+            raise ApplyError(f"enrolling the pod failed, rolled back: {e}")
+        return index, want, saved
 
     @staticmethod
-    def _write(maps, cookie, index, pc, cidrs, ports, addresses, dns=(), local=None):
-        """Write the pod's entries; the pods entry last, so connect never sees half a pod.
-        Rules the pod no longer has (a re-attach with another config) are removed, and so
-        are addresses its netns no longer has (a re-attach refreshes them)."""
-        want_cidr, want_ports = {}, {}
-        for net, rule in cidrs:
-            want_cidr[bytes(structs.cidr_key(index, net))] = rule
-        for net, rule in dns:
-            want_cidr[bytes(structs.cidr_key(index | structs.MB_DNS_SCOPE, net))] = rule
-        for port, rule in ports:
-            want_ports[bytes(structs.port_key(index, port))] = rule
-        for name, want in (("cidr_rules", want_cidr), ("port_rules", want_ports)):
-            for k, rule in want.items():
-                maps[name].update(k, structs.U32(rule))
-        for a in addresses:
-            maps["local_ips"].update(structs.ip_key(a), structs.U32(index))
-        local = addresses if local is None else local
-        want_local = {bytes(structs.netns_addr_key(cookie, a)) for a in local}
-        for k in want_local:
-            maps["netns_addrs"].update(k, structs.U32(index))
-        for k in [bytes(k) for k in maps["netns_addrs"].keys() if k.netns == cookie]:
-            if k not in want_local:
-                maps["netns_addrs"].delete(k)
-        maps["netns_src"].update(structs.U64(cookie), structs.netns_src(addresses, local))
-        maps["pods"].update(structs.U64(cookie), pc)
-        for name, want in (("cidr_rules", want_cidr), ("port_rules", want_ports)):
-            for k in [bytes(k) for k in maps[name].keys() if k.pod_index in structs.scopes(index)]:
-                if k not in want:
-                    maps[name].delete(k)
+    def _restore(maps, want, saved, index, old_index, ctx):
+        for name in reversed(structs.ENTRY_MAPS):
+            for k in want[name]:
+                old = saved.get(name, {}).get(k)
+                if old is None:
+                    if name in saved or index != old_index:
+                        maps[name].delete(k)
+                else:
+                    maps[name].update(k, old)
+        if index != old_index:
+            ctx.indexes.release(index)
 
-    def _attach_inbound(self, pod, config, maps):
+    @staticmethod
+    def _drop_stale(maps, ctx, old_keys, want, old_index, index):
+        """Delete what the pod had and no longer has: its old rule index, lost addresses."""
+        for name, keys in old_keys.items():
+            for k in keys - set(want.get(name, {})):
+                if name == "local_ips":
+                    cur = maps[name].lookup(k)
+                    if cur is None or cur.value != old_index:
+                        continue     # a dead pod's address another pod took over
+                maps[name].delete(k)
+        if old_index is not None and old_index != index:
+            ctx.indexes.release(old_index)
+
+    @staticmethod
+    def _remove_keys(maps, cookie, index, keys):
+        """Delete a pod's listed keys, `pods` first (the pod stops being meshed)."""
+        for name in reversed(structs.ENTRY_MAPS):
+            for k in keys.get(name, ()):
+                if name == "local_ips":
+                    cur = maps[name].lookup(k)
+                    if cur is None or cur.value != index:
+                        continue
+                maps[name].delete(k)
+        if maps.exists("pod_conns"):
+            maps["pod_conns"].delete(structs.U64(cookie))
+
+    def _attach_inbound(self, pod, config, maps, ctx):
         mod = _inbound()
         if mod is None or not hasattr(mod, "attach_pod"):
             return None
         progs = self._tc_prog_fds()
         try:
-            return mod.attach_pod(pod, config, maps, progs,
-                                  owner_alive=self._owner_alive) if progs else None
+            with ctx.phase("inbound"):
+                return mod.attach_pod(pod, config, maps, progs,
+                                      owner_alive=ctx.owner_alive) if progs else None
         finally:
             for fd in progs.values():
                 os.close(fd)
@@ -384,90 +320,58 @@ class EbpfInterceptor(Interceptor):
                 out[name] = loader.prog_fd(self.pin_prefix, name)
         return out
 
-    @staticmethod
-    def _remove_entries(maps, cookie, index, addresses):
-        maps["pods"].delete(structs.U64(cookie))           # first: the pod stops being meshed
-        if index is None:
-            index = -1
-        for k in [k for k in maps["cidr_rules"].keys() if k.pod_index in structs.scopes(index)]:
-            maps["cidr_rules"].delete(k)
-        for k in [k for k in maps["port_rules"].keys() if k.pod_index in structs.scopes(index)]:
-            maps["port_rules"].delete(k)
-        for a in addresses:
-            # only our own: a dead pod's address may have been taken over by a live pod
-            cur = maps["local_ips"].lookup(structs.ip_key(a))
-            if cur is not None and cur.value == index:
-                maps["local_ips"].delete(structs.ip_key(a))
-        if maps.exists("pod_conns"):
-            maps["pod_conns"].delete(structs.U64(cookie))
-        for k in [k for k in maps["netns_addrs"].keys() if k.netns == cookie]:
-            maps["netns_addrs"].delete(k)
-        maps["netns_src"].delete(structs.U64(cookie))
-
-    def detach(self, pod):
-        with self._locked():
-            self._detach(pod)
-
-    def detach_key(self, key, netns_cookie=None):
-        """Detach a pod known only by its record key (its netns may be gone already):
-        remove its map entries and inbound hooks from the record. Returns False if no
-        record exists. The key is the netns inode, which a new netns may reuse once the
-        old one is gone: with `netns_cookie` (the dead pod's), a record of another pod
-        under that key is left alone (False)."""
-        with self._locked():
-            rec = self.store.load(key)
-            if rec is None:
-                return False
-            if netns_cookie is not None and rec.get("netns_cookie") != netns_cookie:
-                return False
-            self._detach_record(key, rec)
-            return True
-
-    def _detach_record(self, key, rec):
-        """Remove what a record says was enrolled, where it is still the record's own."""
-        if loader.is_loaded(self.pin_prefix) and rec.get("netns_cookie") is not None:
+    def detach(self, record, pod=None, ctx=None):
+        """Remove what `record` lists, where it is still the pod's own; with no record
+        (a pod meshbpf has no record of), whatever is keyed by its netns cookie."""
+        ctx = ctx or _LocalContext(self.pin_prefix)
+        if record is None:
+            self._detach_unrecorded(pod)
+            return
+        if loader.is_loaded(self.pin_prefix) and record.get("netns_cookie") is not None:
             with Maps(self.pin_prefix) as maps:
-                cur = maps["pods"].lookup(structs.U64(rec["netns_cookie"]))
-                if cur is None or cur.pod_index == rec.get("pod_index"):
-                    self._remove_entries(maps, rec["netns_cookie"], rec.get("pod_index"),
-                                         rec.get("addresses", []))
-        ghost = types.SimpleNamespace(netns=rec.get("netns") or "", name=rec.get("name"),
-                                      key=key)
+                self._remove_keys(maps, record["netns_cookie"], record.get("pod_index"),
+                                  _unhex(record.get("keys")))
+        if record.get("pod_index") is not None:
+            ctx.indexes.release(record["pod_index"])
+        target = pod or types.SimpleNamespace(netns=record.get("netns") or "",
+                                              name=record.get("name"),
+                                              key=record.get("netns_inode"))
         try:
-            self._detach_inbound(ghost, rec)
+            self._detach_inbound(target, record)
         except (MeshbpfError, OSError):
-            pass
-        if rec.get("added_inbound_v6_address"):
-            podmod.remove_inbound_v6_address(rec.get("netns"))
-        self.store.remove(key)
+            if pod is not None:
+                raise
+        if record.get("added_inbound_v6_address"):
+            podmod.remove_inbound_v6_address(record.get("netns"))
 
-    def _detach(self, pod):
-        rec = self.store.load(pod.key)
+    def _detach_unrecorded(self, pod):
+        """The repair path for entries no record lists: walks the rule maps for the
+        pod's index (the one place that does)."""
         if not loader.is_loaded(self.pin_prefix):
-            if (rec or {}).get("added_inbound_v6_address"):
-                podmod.remove_inbound_v6_address(pod.netns)
-            self.store.remove(pod.key)
             return
         try:
             cookie = pod.netns_cookie
         except MeshbpfError:
-            cookie = rec.get("netns_cookie") if rec else None
+            return
         with Maps(self.pin_prefix) as maps:
-            if cookie is not None:
-                cur = maps["pods"].lookup(structs.U64(cookie))
-                index = cur.pod_index if cur is not None else (rec or {}).get("pod_index")
-                addrs = (rec or {}).get("addresses")
-                if addrs is None:
-                    try:
-                        addrs = [str(a) for a in pod.addresses()]
-                    except MeshbpfError:
-                        addrs = []
-                if index is not None:
-                    self._remove_entries(maps, cookie, index, addrs)
-        self._detach_inbound(pod, rec)
-        if (rec or {}).get("added_inbound_v6_address"):
-            podmod.remove_inbound_v6_address(pod.netns)
-        self.store.remove(pod.key)
+            cur = maps["pods"].lookup(structs.U64(cookie))
+            if cur is None:
+                return
+            index = cur.pod_index
+            maps["pods"].delete(structs.U64(cookie))
+            for name in ("cidr_rules", "port_rules"):
+                for k in [k for k in maps[name].keys() if k.pod_index in structs.scopes(index)]:
+                    maps[name].delete(k)
+            for k in [k for k in maps["netns_addrs"].keys() if k.netns == cookie]:
+                maps["netns_addrs"].delete(k)
+            for a in pod.addresses():
+                v = maps["local_ips"].lookup(structs.ip_key(a))
+                if v is not None and v.value == index:
+                    maps["local_ips"].delete(structs.ip_key(a))
+            maps["netns_src"].delete(structs.U64(cookie))
+            if maps.exists("pod_conns"):
+                maps["pod_conns"].delete(structs.U64(cookie))
+        self._detach_inbound(pod, None)
 
     def _detach_inbound(self, pod, rec=None):
         mod = _inbound()
@@ -480,58 +384,43 @@ class EbpfInterceptor(Interceptor):
         else:
             mod.detach_pod(pod, record=record)
 
-    def status(self):
+    def status(self, records):
+        """Node-wide facts and, per recorded pod, its live entry: lookups by key, no walks."""
         out = {"mode": self.mode, "pin_prefix": self.pin_prefix, "cgroup_root": self.root,
                "degraded": self._node_record().get("degraded", []),
                "splice": self.splice, "loaded": loader.is_loaded(self.pin_prefix),
-               "pins": loader.pinned(self.pin_prefix), "pods": [], "programs": [],
+               "pins": loader.pinned(self.pin_prefix), "pods": {}, "programs": [],
                "counters": {}}
-        records = {r.get("netns_cookie"): r for r in self.store.all()}
         if not out["loaded"]:
-            out["pods"] = list(records.values())
             return out
         out["programs"] = loader.attachments(self.pin_prefix, self.root)
         with Maps(self.pin_prefix) as maps:
             out["counters"] = maps.counters()
             ncfg = maps["node_cfg"].lookup(structs.U32(0))
             out["splice"] = bool(ncfg and ncfg.flags & structs.NODE_F_SPLICE)
-            held = ({k.value: v.value for k, v in maps["pod_conns"].items()}
-                    if maps.exists("pod_conns") else {})
-            for key, pc in maps["pods"].items():
-                cookie = key.value
-                rec = records.pop(cookie, {})
-                out["pods"].append({
-                    "name": rec.get("name"), "netns": rec.get("netns"),
-                    "netns_cookie": cookie, "config": rec.get("config"),
-                    "addresses": rec.get("addresses"), "map": structs.describe_pod_struct(pc),
-                    "connections": held.get(cookie, 0),      # its use of the per-pod share
-                })
-            ncfg_limit = ncfg.pod_conn_limit if ncfg is not None else 0
-            out["connections"] = {"orig_dst": len(maps["orig_dst"]), "pairs": len(maps["pairs"]),
+            held = 0
+            for rec in records:
+                cookie = rec.get("netns_cookie")
+                pc = maps["pods"].lookup(structs.U64(cookie)) if cookie is not None else None
+                conns = maps["pod_conns"].lookup(structs.U64(cookie)) \
+                    if cookie is not None and maps.exists("pod_conns") else None
+                n = conns.value if conns is not None else 0
+                held += n
+                out["pods"][rec["id"]] = (
+                    {"map": structs.describe_pod_struct(pc), "connections": n, "state": "attached"}
+                    if pc is not None else {"stale": True, "state": "stale"})
+            out["connections"] = {"held": held,
                                   "capacity": maps["orig_dst"].info.get("max_entries"),
-                                  "pod_limit": ncfg_limit or None}
-        for rec in records.values():          # recorded but not in the map: stale
-            out["pods"].append(dict(rec, stale=True))
+                                  "pod_limit": (ncfg.pod_conn_limit if ncfg is not None else 0) or None}
         return out
 
-    def cleanup(self):
-        with self._locked():
-            self._cleanup()
-        for d in (os.path.join(os.path.dirname(self.store.dir), "lock"),):
-            with contextlib.suppress(OSError):
-                os.unlink(d)
-        with contextlib.suppress(OSError):
-            os.rmdir(os.path.dirname(self.store.dir))
+    def adopt(self):
+        """Take over the pinned node programs (load them if none are pinned)."""
+        return self._ensure_node()
 
-    def _cleanup_node(self):
-        if os.path.isdir(self.pin_prefix):
-            loader.unload(self.pin_prefix, self.root)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.node_file)
-
-    def _cleanup(self):
+    def cleanup(self, records):
         errors = []
-        for rec in self.store.all():
+        for rec in records:
             netns = rec.get("netns")
             if netns and os.path.exists(netns):
                 try:
@@ -543,10 +432,23 @@ class EbpfInterceptor(Interceptor):
                     podmod.remove_inbound_v6_address(netns)
         if os.path.isdir(self.pin_prefix):
             loader.unload(self.pin_prefix, self.root)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.node_file)
-        except FileNotFoundError:
-            pass
-        self.store.destroy()
+        self._node = None
         if errors:
             raise ApplyError("cleanup finished with errors: " + "; ".join(errors))
+        return {"mode": self.mode, "cleaned": True}
+
+
+def _unhex(keys):
+    """A record's {map: [hex key]} as {map: {key bytes}}."""
+    return {name: {bytes.fromhex(k) for k in ks} for name, ks in (keys or {}).items()}
+
+
+class _LocalContext:
+    """The service's OpContext for a backend used on its own (tests of the backend)."""
+
+    def __new__(cls, pin_prefix):
+        from ..service import OpContext
+        from ..state import StateStore
+        return OpContext(StateStore(pin_prefix), None)

@@ -403,3 +403,40 @@ def describe_pod_struct(pc):
         "owner_gids": list(pc.owner_gids[:pc.n_owner_gids]),
         "dns_port": ntohs(pc.dns_port), "tunnel_port": ntohs(pc.tunnel_port),
     }
+
+
+# ---- a pod's entries, as the eBPF backend writes and records them ----------------------
+
+# The maps a pod's enrollment writes, in write order: rules (scoped by pod index, unread
+# until the `pods` entry points at the index) first, the `pods` entry last.
+ENTRY_MAPS = ("cidr_rules", "port_rules", "local_ips", "netns_addrs", "netns_src", "pods")
+RULE_MAPS = ("cidr_rules", "port_rules")
+# Keys not scoped by the pod index: an update overwrites them in place, so their old
+# values are kept to roll back.
+SHARED_ENTRY_MAPS = ("local_ips", "netns_addrs", "netns_src", "pods")
+
+
+def pod_rules(config):
+    """The rules a config gives, whatever the pod index: (CIDR, DNS, port) rules. Two
+    configs with equal rules need no new rule generation."""
+    return tuple(cidr_rules(config)), tuple(dns_rules(config)), tuple(port_rules(config))
+
+
+def pod_entries(netns_cookie, pod_index, pc, rules, addresses, local):
+    """{map name: {key bytes: value bytes}}: every entry a pod with `rules` (pod_rules),
+    pods value `pc`, own `addresses` and netns addresses `local` has under `pod_index`."""
+    cidrs, dns, ports = rules
+    out = {name: {} for name in ENTRY_MAPS}
+    for net, rule in cidrs:
+        out["cidr_rules"][bytes(cidr_key(pod_index, net))] = u32_bytes(rule)
+    for net, rule in dns:
+        out["cidr_rules"][bytes(cidr_key(pod_index | MB_DNS_SCOPE, net))] = u32_bytes(rule)
+    for port, rule in ports:
+        out["port_rules"][bytes(port_key(pod_index, port))] = u32_bytes(rule)
+    for a in addresses:
+        out["local_ips"][bytes(ip_key(a))] = u32_bytes(pod_index)
+    for a in local:
+        out["netns_addrs"][bytes(netns_addr_key(netns_cookie, a))] = u32_bytes(pod_index)
+    out["netns_src"][u64_bytes(netns_cookie)] = bytes(netns_src(addresses, local))
+    out["pods"][u64_bytes(netns_cookie)] = bytes(pc)
+    return out

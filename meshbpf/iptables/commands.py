@@ -78,9 +78,10 @@ def render(family, **kwargs):
     click.echo(rules.render(cfg, int(family)), nl=False)
 
 
-def _interceptor(pin_prefix, iptables_binary, **options):
-    from .interceptor import IptablesInterceptor
-    return IptablesInterceptor(pin_prefix=pin_prefix, iptables_binary=iptables_binary, **options)
+def _service(pin_prefix, iptables_binary, **options):
+    from ..service import NodeService
+    return NodeService(pin_prefix=pin_prefix, mode="iptables", iptables_binary=iptables_binary,
+                       **options)
 
 
 @iptables.command()
@@ -96,7 +97,7 @@ def apply(netns, pid, iptables_binary, output, pin_prefix, reconcile, **kwargs):
     """
     cfg, rest = config_from_options(kwargs)
     pod = _pod(netns, pid)
-    rec = _interceptor(pin_prefix, iptables_binary, reconcile=reconcile,
+    rec = _service(pin_prefix, iptables_binary, reconcile=reconcile,
                        ipv6_auto=rest["ipv6_auto"]).attach(pod, cfg)
     out = {k: rec[k] for k in ("name", "netns", "families", "backend", "actions", "config", "warnings")}
     text = "\n".join([f"IPv{f}: {a} ({rec['backends'][f]})" for f, a in rec["actions"].items()]
@@ -114,9 +115,8 @@ def verify(netns, pid, iptables_binary, output, pin_prefix, **kwargs):
     attached with.
     """
     from ..config import InterceptConfig
-    from ..state import StateStore
     pod = _pod(netns, pid)
-    rec = StateStore(pin_prefix).load(pod.key)
+    rec = _service(pin_prefix, iptables_binary).record_of(pod)
     explicit = any(v is not None for k, v in kwargs.items())
     if rec and not explicit:
         cfg = InterceptConfig.from_dict(rec["config"])
@@ -152,8 +152,9 @@ def cleanup(netns, pid, iptables_binary, output, pin_prefix, **kwargs):
     """
     cfg, _ = config_from_options(kwargs)
     pod = _pod(netns, pid)
-    res = _interceptor(pin_prefix, iptables_binary, cleanup_config=cfg).detach(pod)
-    out = {"pod": pod.describe(), "families": {str(f): r for f, r in res["families"].items()}}
+    res = _service(pin_prefix, iptables_binary, cleanup_config=cfg).detach(pod)
+    fams = res.get("result") or {}
+    out = {"pod": pod.describe(), "families": {str(f): r for f, r in fams.items()}}
     text = "\n".join(f"IPv{f}: {'removed' if r['removed'] else 'nothing to remove'} ({r['backend']})"
-                     for f, r in res["families"].items())
+                     for f, r in fams.items())
     _emit(out, output, text)

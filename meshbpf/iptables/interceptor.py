@@ -4,10 +4,10 @@ Works on any kernel with iptables (nft or legacy) and never imports bcc. One att
 one `iptables-restore --noflush` per address family in the pod's netns (see apply.py),
 plus what Istio's ConfigureRoutes adds: ::6/128 on lo with IPv6, and in TPROXY mode the
 fwmark rule and local route table (each removed on detach if meshbpf added it);
-a record per pod in the StateStore remembers the config, families and backend so that
-`detach`, `status` and `cleanup` work from any later process.
+the record it returns (saved by meshbpf.service) remembers the config, families and
+backend so that `detach`, `status` and `cleanup` work from any later process.
 
-Options (keyword arguments, e.g. from `get_interceptor("iptables", **options)`):
+Options (keyword arguments, from meshbpf.backends.backend("iptables", **options)):
   iptables_binary  "nft" or "legacy" to force a variant (default: detect as Istio does)
   reconcile        replace differing meshbpf rules instead of refusing (default False)
   ipv6_auto        IPv6 rules when the pod has an IPv6 address even if the config does
@@ -21,7 +21,6 @@ from . import apply as ops
 from ..config import InterceptConfig
 from ..errors import MeshbpfError, NotFoundError
 from ..interceptor import DEFAULT_PIN_PREFIX, Interceptor
-from ..state import StateStore
 
 
 class IptablesInterceptor(Interceptor):
@@ -29,7 +28,6 @@ class IptablesInterceptor(Interceptor):
 
     def __init__(self, pin_prefix=DEFAULT_PIN_PREFIX, cgroup_root=None, **options):
         super().__init__(pin_prefix=pin_prefix, cgroup_root=cgroup_root, **options)
-        self.store = StateStore(pin_prefix)
         self.force = options.get("iptables_binary") or None
         self.reconcile = bool(options.get("reconcile", False))
         ipv6_auto = options.get("ipv6_auto", True)
@@ -47,17 +45,12 @@ class IptablesInterceptor(Interceptor):
     def _families(cfg):
         return (4, 6) if cfg.enable_ipv6 else (4,)
 
-    def _records(self):
-        """This instance's iptables-mode pod records (the store is shared with eBPF mode)."""
-        return [r for r in self.store.all() if r.get("mode", self.mode) == self.mode]
-
     # ---- Interceptor --------------------------------------------------------------
 
-    def attach(self, pod, config):
+    def attach(self, pod, config, previous=None, ctx=None):
         cfg = self._effective_config(pod, config)
         families = self._families(cfg)
-        key = pod.key
-        old = self.store.load(key)
+        old = previous
         # A pod we attached with another config is an update we own: replace atomically.
         reconcile = self.reconcile or bool(old and old.get("config") != cfg.to_dict())
         recorded = (old or {}).get("builtin")
@@ -92,11 +85,7 @@ class IptablesInterceptor(Interceptor):
         created = dict((old or {}).get("created_tables") or {})
         for fam, tables in result["created_tables"].items():
             created[fam] = sorted(set(created.get(fam, [])) | set(tables))
-        record = {
-            "name": pod.name,
-            "netns": pod.netns,
-            "cgroup": pod.cgroup,
-            "mode": self.mode,
+        return {
             "config": cfg.to_dict(),
             "families": list(families),
             "backend": backends["4"],
@@ -108,44 +97,46 @@ class IptablesInterceptor(Interceptor):
             "warnings": warnings,
             "actions": {str(f): r["action"] for f, r in result["families"].items()},
         }
-        return self.store.save(key, record)
 
-    def detach(self, pod):
-        key = pod.key
-        rec = self.store.load(key)
-        cfg = InterceptConfig.from_dict(rec["config"]) if rec else self.cleanup_config
-        force = self.force or (rec or {}).get("backend")
-        res = ops.cleanup(pod.netns, cfg, families=(4, 6), force=force, group_file=self.group_file,
-                          recorded=(rec or {}).get("builtin"),
-                          created_tables=(rec or {}).get("created_tables"))
-        if (rec or {}).get("added_inbound_v6_address"):
-            ops.remove_inbound_v6_address(pod.netns)
-        ops.remove_routes(pod.netns, (rec or {}).get("added_routes"))
-        self.store.remove(key)
-        return {"name": pod.name, "netns": pod.netns, "was_attached": rec is not None,
-                "families": res}
+    def detach(self, record, pod=None, ctx=None):
+        """Remove the rules `record` lists; with no record, the rules Istio's config
+        (`cleanup_config`, or the default) would have put in `pod`'s netns."""
+        rec = record or {}
+        netns = pod.netns if pod is not None else rec.get("netns")
+        cfg = InterceptConfig.from_dict(rec["config"]) if record else self.cleanup_config
+        try:
+            res = ops.cleanup(netns, cfg, families=(4, 6), force=self.force or rec.get("backend"),
+                              group_file=self.group_file, recorded=rec.get("builtin"),
+                              created_tables=rec.get("created_tables"))
+        except NotFoundError:
+            if pod is not None:
+                raise
+            return {}            # the pod's netns is gone, and its rules with it
+        if rec.get("added_inbound_v6_address"):
+            ops.remove_inbound_v6_address(netns)
+        ops.remove_routes(netns, rec.get("added_routes"))
+        return res
 
-    def status(self):
-        pods = []
-        for rec in self._records():
-            rec = dict(rec)
-            rec.pop("builtin", None)
-            rec.pop("created_tables", None)
+    def status(self, records):
+        pods = {}
+        for rec in records:
+            live = {}
             try:
                 cfg = InterceptConfig.from_dict(rec["config"])
                 res = ops.verify(rec["netns"], cfg, families=rec.get("families", [4]),
                                  force=rec.get("backend"), group_file=self.group_file)
-                rec["in_sync"] = all(r["in_sync"] for r in res.values())
-                rec["drift"] = [f"IPv{f}: {d}" for f, r in res.items() for d in r["drift"]]
+                live["in_sync"] = all(r["in_sync"] for r in res.values())
+                live["drift"] = [f"IPv{f}: {d}" for f, r in res.items() for d in r["drift"]]
             except (MeshbpfError, OSError) as e:
-                rec["in_sync"] = None
-                rec["drift"] = [f"cannot verify: {e}"]
-            pods.append(rec)
+                live["in_sync"] = None
+                live["drift"] = [f"cannot verify: {e}"]
+            live["state"] = "attached" if live["in_sync"] else "drifted"
+            pods[rec["id"]] = live
         return {"mode": self.mode, "pods": pods}
 
-    def cleanup(self):
+    def cleanup(self, records):
         errors = []
-        for rec in self._records():
+        for rec in records:
             try:
                 cfg = InterceptConfig.from_dict(rec["config"])
                 ops.cleanup(rec["netns"], cfg, families=(4, 6), force=self.force or rec.get("backend"),
@@ -158,10 +149,6 @@ class IptablesInterceptor(Interceptor):
                 pass  # the pod's netns is gone, and its rules with it
             except MeshbpfError as e:
                 errors.append(f"{rec.get('name')}: {e}")
-                continue
-            self.store.remove(rec["key"])
         if errors:
             raise MeshbpfError("cleanup left rules behind: " + "; ".join(errors))
-        if not self.store.all():
-            self.store.destroy()       # other modes' records (eBPF) are left to their owner
         return {"mode": self.mode, "cleaned": True}

@@ -14,7 +14,7 @@ import pytest
 
 from meshbpf.bench import rules
 from meshbpf.config import InterceptConfig
-from meshbpf.interceptor import get_interceptor
+from meshbpf.service import NodeService
 from meshbpf.sandbox import Sandbox
 
 pytestmark = pytest.mark.kernel
@@ -49,7 +49,7 @@ def test_reused_client_port_after_server_time_wait(mode):
         c, s = sb.add_pod("c"), sb.add_pod("s")
         rules.start_conn_server(s)
         env = s.start_envoy(access_log=False)
-        icpt = get_interceptor(mode, pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+        icpt = NodeService(mode=mode, pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
         icpt.attach(s.pod, InterceptConfig())
         try:
             first = c.exec([sys.executable, "-c", CLIENT, s.ip4, str(CLIENT_PORT)], timeout=30)

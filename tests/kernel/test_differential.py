@@ -30,8 +30,7 @@ import pytest
 
 from meshbpf import system
 from meshbpf.config import InterceptConfig
-from meshbpf.ebpf.interceptor import EbpfInterceptor
-from meshbpf.iptables.interceptor import IptablesInterceptor
+from meshbpf.service import NodeService
 from meshbpf.sandbox import Sandbox, _python
 
 from tests import differential as D
@@ -107,8 +106,8 @@ class Bed:
                 assert time.monotonic() < deadline, f"probe server in {n} not ready"
                 time.sleep(0.02)
         self.icpt = {
-            "ebpf": EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root),
-            "iptables": IptablesInterceptor(pin_prefix=sb.pin_prefix),
+            "ebpf": NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root),
+            "iptables": NodeService(mode="iptables", pin_prefix=sb.pin_prefix),
         }
         self.cache = {}
         self.timings = {}
@@ -259,8 +258,8 @@ def envoy_bed():
             addresses[n + "4"], addresses[n + "6"] = p.ip4, p.ip6
         names = {v: k for k, v in addresses.items()}
         names.update({"127.0.0.6": "inbound-passthrough4", "::6": "inbound-passthrough6"})
-        icpt = {"ebpf": EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root),
-                "iptables": IptablesInterceptor(pin_prefix=sb.pin_prefix)}
+        icpt = {"ebpf": NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root),
+                "iptables": NodeService(mode="iptables", pin_prefix=sb.pin_prefix)}
         out = {"v6_bind": {}}
         try:
             for mode in MODES:

@@ -19,7 +19,7 @@ import pytest
 from meshbpf import bpfsys, system
 from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import loader
-from meshbpf.ebpf.interceptor import EbpfInterceptor
+from meshbpf.service import NodeService
 from meshbpf.ebpf.maps import Maps
 from meshbpf.errors import UsageError
 from meshbpf.sandbox import Sandbox
@@ -135,7 +135,7 @@ def icpt(node):
 
     def make(**kw):
         kw.setdefault("cgroup_root", sb.cgroup_root)
-        ic = EbpfInterceptor(pin_prefix=sb.pin_prefix, **kw)
+        ic = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, **kw)
         made.append(ic)
         return ic
     yield make
@@ -282,7 +282,7 @@ BULK = 3 * 1024 * 1024
 
 def _bulk(sb, a, b, splice):
     """BULK bytes app -> Envoy -> B, verified; returns (A's TcpOutSegs delta, counters, status)."""
-    ic = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root, splice=splice)
+    ic = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root, splice=splice)
     try:
         ic.attach(a.pod, InterceptConfig())
         segs0, lo0 = tcp_out_segs(a), lo_tx_packets(a)
@@ -301,12 +301,12 @@ def test_splice_skips_tcp_for_app_to_sidecar_bytes(node):
     before = outbound_cx(env)
     segs_on, c_on, st = _bulk(sb, a, b, splice=True)
     assert outbound_cx(env) == before + 1
-    assert st["splice"] is True
-    assert any(p["program"] == "mb_sk_msg" for p in st["programs"])
+    assert st["ebpf"]["splice"] is True
+    assert any(p["program"] == "mb_sk_msg" for p in st["ebpf"]["programs"])
     assert c_on["splice_msgs"] > 0 and c_on["splice_bytes"] >= BULK
     segs_off, c_off, st = _bulk(sb, a, b, splice=False)
-    assert st["splice"] is False
-    assert not any(p["program"] == "mb_sk_msg" for p in st["programs"])
+    assert st["ebpf"]["splice"] is False
+    assert not any(p["program"] == "mb_sk_msg" for p in st["ebpf"]["programs"])
     assert c_off["splice_msgs"] == 0 and c_off["sockhash_add"] == 0
     # app<->Envoy segments on A's loopback are gone with splicing (handshakes remain);
     # Envoy->B segments on eth0 remain, so A's TcpOutSegs falls by about the loopback share
@@ -360,7 +360,7 @@ def test_app_before_and_after_the_sidecar_listens(node, icpt):
 
 def test_attach_twice_adopt_detach_cleanup(node):
     sb, a, b, env = node
-    ic = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+    ic = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
     ids = []
     try:
         rec1 = ic.attach(a.pod, InterceptConfig())
@@ -371,9 +371,9 @@ def test_attach_twice_adopt_detach_cleanup(node):
         assert all(len(v) == 1 for v in attached1.values()), attached1
         ids = sorted(rec1["programs"].values())
         # another process adopts the pins: same programs, no second attachment
-        code = (f"import json; from meshbpf.ebpf.interceptor import EbpfInterceptor as E; "
+        code = (f"import json; from meshbpf.service import NodeService as S; "
                 f"from meshbpf.config import InterceptConfig as C; from meshbpf.pod import Pod; "
-                f"e = E(pin_prefix={sb.pin_prefix!r}, cgroup_root={sb.cgroup_root!r}); "
+                f"e = S(mode='ebpf', pin_prefix={sb.pin_prefix!r}, cgroup_root={sb.cgroup_root!r}); "
                 f"r = e.attach(Pod(netns={a.netns!r}, cgroup={a.cgroup!r}), C()); "
                 f"print(json.dumps(sorted(r['programs'].values())))")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -387,10 +387,10 @@ def test_attach_twice_adopt_detach_cleanup(node):
         assert outbound_cx(env) == before + 1
         st = ic.status()
         assert [p["name"] for p in st["pods"]] == [a.pod.name]
-        assert {p["program"] for p in st["programs"] if p.get("attached")} >= {
+        assert {p["program"] for p in st["ebpf"]["programs"] if p.get("attached")} >= {
             "mb_connect4", "mb_connect6", "mb_getsockopt", "mb_sockops", "mb_sk_msg",
             "mb_getpeername4", "mb_getpeername6", "mb_sock_release"}
-        assert st["degraded"] == []         # this kernel has every optional hook
+        assert st["ebpf"]["degraded"] == []         # this kernel has every optional hook
         # detach: direct traffic again
         ic.detach(a.pod)
         out = client(a, b.ip4)
@@ -439,19 +439,20 @@ def test_bad_input_changes_nothing(node, icpt):
         assert len(m["pods"]) == 1 and len(m["port_rules"]) == 1
 
 
-def test_detach_key_after_the_pod_is_gone(node, icpt):
+def test_detach_by_id_after_the_pod_is_gone(node, icpt):
     sb, _, _, _ = node
     p = sb.add_pod("gone")
     ic = icpt()
-    rec = ic.attach(p.pod, InterceptConfig(outbound_ports_exclude="22"))
-    key = p.pod.key
+    rec = ic.attach(p.pod, InterceptConfig(outbound_ports_exclude="22"), pod_id="uid-gone")
+    assert rec["id"] == "uid-gone"
     sb.remove_pod("gone")
-    assert ic.detach_key(key) is True
+    assert ic.detach("uid-gone")["was_attached"] is True
     with Maps(sb.pin_prefix) as m:
         assert len(m["pods"]) == 0 and len(m["port_rules"]) == 0
         assert len(m["cidr_rules"]) == 0 and len(m["local_ips"]) == 0
+        assert len(m["netns_addrs"]) == 0 and len(m["netns_src"]) == 0
     assert ic.status()["pods"] == [] and rec["pod_index"] >= 1
-    assert ic.detach_key(key) is False
+    assert ic.detach("uid-gone")["was_attached"] is False
 
 
 def test_many_pods_with_colliding_loopback_tuples(node, icpt):

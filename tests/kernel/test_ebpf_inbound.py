@@ -468,9 +468,9 @@ def test_iperf3_1g_through_haproxy_sidecar(sb, obj):
 @pytest.fixture
 def meshed(sb):
     """Pod B meshed by EbpfInterceptor (Envoy sidecar + app on 8080), plain pod C."""
-    from meshbpf.ebpf.interceptor import EbpfInterceptor
+    from meshbpf.service import NodeService
     pb, pc = sb.add_pod("b"), sb.add_pod("c")
-    icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+    icp = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
     try:
         env = pb.start_envoy()
         pb.start_http_server(8080)

@@ -17,7 +17,7 @@ from meshbpf import system
 from meshbpf.bench.rules import CONN_SERVER
 from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import inbound
-from meshbpf.ebpf.interceptor import EbpfInterceptor
+from meshbpf.service import NodeService
 from meshbpf.ebpf.maps import Maps
 from meshbpf.sandbox import Sandbox
 
@@ -86,7 +86,7 @@ def pods():
         c, s = sb.add_pod("c"), sb.add_pod("s")
         app = s.spawn([sys.executable, "-c", APP, str(APP_PORT)], label="app")
         s.wait_port(APP_PORT, listening=True, proc=app)
-        icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+        icp = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
         try:
             yield sb, icp, c, s
         finally:

@@ -19,7 +19,7 @@ from meshbpf.iptables import rules as rules_mod
 from meshbpf.iptables import savefile
 from meshbpf.iptables.backend import Backend
 from meshbpf.iptables.commands import iptables as iptables_cli
-from meshbpf.iptables.interceptor import IptablesInterceptor
+from meshbpf.service import NodeService
 from meshbpf.pod import Pod
 from meshbpf.state import StateStore
 
@@ -380,7 +380,7 @@ def test_interceptor_moves_traffic_through_envoy_and_detaches_cleanly():
         b.start_http_server(8080)
         env_a, env_b = a.start_envoy(), b.start_envoy()
         before = {p.name: (_save(p.netns, "nft", 4), _save(p.netns, "nft", 6)) for p in (a, b)}
-        icp = IptablesInterceptor(pin_prefix=sb.pin_prefix)
+        icp = NodeService(mode="iptables", pin_prefix=sb.pin_prefix)
         for p in (a, b):
             rec = icp.attach(p.pod, InterceptConfig())
             assert rec["families"] == [4, 6]                  # the pod has IPv6: auto
@@ -410,7 +410,7 @@ def test_interceptor_moves_traffic_through_envoy_and_detaches_cleanly():
         assert drifted[a.pod.name]["in_sync"] is False and drifted[a.pod.name]["drift"]
         with pytest.raises(MeshbpfError, match="--reconcile"):
             icp.attach(a.pod, InterceptConfig())
-        IptablesInterceptor(pin_prefix=sb.pin_prefix, reconcile=True).attach(a.pod, InterceptConfig())
+        NodeService(mode="iptables", pin_prefix=sb.pin_prefix, reconcile=True).attach(a.pod, InterceptConfig())
         assert all(p["in_sync"] for p in icp.status()["pods"])
 
         # a new config for an attached pod is an update, applied atomically
@@ -445,11 +445,11 @@ def test_interceptor_no_ipv6_and_cleanup_all(netns, pin_prefix):
     assert pod.has_ipv6
     lo6 = ["ip", "-n", os.path.basename(ns), "-6", "-o", "addr", "show", "dev", "lo"]
     subprocess.run(["ip", "-n", os.path.basename(ns), "link", "set", "lo", "up"], check=True)
-    rec = IptablesInterceptor(pin_prefix=pin_prefix, ipv6_auto=False).attach(pod, InterceptConfig())
+    rec = NodeService(mode="iptables", pin_prefix=pin_prefix, ipv6_auto=False).attach(pod, InterceptConfig())
     assert rec["families"] == [4]
     assert "ISTIO" not in _save(ns, "nft", 6)
     assert "::6/128" not in subprocess.run(lo6, capture_output=True, text=True).stdout
-    icp = IptablesInterceptor(pin_prefix=pin_prefix)
+    icp = NodeService(mode="iptables", pin_prefix=pin_prefix)
     rec = icp.attach(pod, InterceptConfig())
     assert rec["families"] == [4, 6] and rec["added_inbound_v6_address"] is True
     assert "ISTIO_OUTPUT" in _save(ns, "nft", 6)
@@ -472,7 +472,7 @@ def test_tproxy_attach_sets_up_and_removes_policy_routing(netns, pin_prefix):
 
     rules_before, routes_before = ip("-4", "rule", "show"), ip("-4", "route", "show", "table", "all")
     pod = Pod.from_netns(ns)
-    icp = IptablesInterceptor(pin_prefix=pin_prefix, ipv6_auto=False)
+    icp = NodeService(mode="iptables", pin_prefix=pin_prefix, ipv6_auto=False)
     rec = icp.attach(pod, InterceptConfig(inbound_interception_mode="TPROXY", inbound_tproxy_mark=1337,
                                           inbound_tproxy_route_table=133))
     assert len(rec["added_routes"]) == 2

@@ -13,9 +13,8 @@ import textwrap
 import pytest
 
 from meshbpf.config import InterceptConfig
-from meshbpf.ebpf.interceptor import EbpfInterceptor
+from meshbpf.service import NodeService
 from meshbpf.ebpf.maps import Maps
-from meshbpf.iptables.interceptor import IptablesInterceptor
 from meshbpf.pod import Pod
 from meshbpf.sandbox import Sandbox, _python
 
@@ -69,13 +68,13 @@ def lo_has_v6_passthrough(pod):
 
 def interceptor(sb, mode):
     if mode == "ebpf":
-        return EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
-    return IptablesInterceptor(pin_prefix=sb.pin_prefix)
+        return NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+    return NodeService(mode="iptables", pin_prefix=sb.pin_prefix)
 
 
 def cleanup(sb, ic):
     ic.cleanup()
-    if isinstance(ic, EbpfInterceptor):
+    if ic.mode == "ebpf":
         assert not os.path.exists(sb.pin_prefix)
 
 
@@ -190,7 +189,7 @@ def test_proxy_in_a_pod_user_namespace_is_not_redirected_to_itself(bed):
         with open(f"/proc/{env.pid}/status") as f:
             uid_line = next(l for l in f if l.startswith("Uid:"))
         assert int(uid_line.split()[1]) == host_proxy
-        ic = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+        ic = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
         try:
             rec = ic.attach(u.pod, InterceptConfig())     # named by netns: found by scan
             with Maps(sb.pin_prefix) as m:
@@ -257,7 +256,7 @@ def test_large_getsockopt_below_the_hook_gets_the_kernels_answer(bed):
         assert len(rules0) == 300
         assert sockopt0["tcp_info"][:2] == [0, 0] and sockopt0["tcp_info"][2] > 100, sockopt0
         assert sockopt0["rcvbuf"] == [0, 0, 4]
-        ic = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+        ic = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
         try:
             ic.attach(a.pod, InterceptConfig())       # programs on the test cgroup root
             rules1, sockopt1 = look()                 # c's processes run below it

@@ -22,8 +22,7 @@ import textwrap
 import pytest
 
 from meshbpf.config import InterceptConfig
-from meshbpf.ebpf.interceptor import EbpfInterceptor
-from meshbpf.iptables.interceptor import IptablesInterceptor
+from meshbpf.service import NodeService
 from meshbpf.sandbox import Sandbox
 
 from .test_ebpf_datapath import _py
@@ -208,8 +207,8 @@ def pods():
 
 def _interceptor(sb, mode):
     if mode == "ebpf":
-        return EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
-    return IptablesInterceptor(pin_prefix=sb.pin_prefix)
+        return NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+    return NodeService(mode="iptables", pin_prefix=sb.pin_prefix)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ import pytest
 
 from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import inbound, structs
-from meshbpf.ebpf.interceptor import EbpfInterceptor
+from meshbpf.service import NodeService
 from meshbpf.ebpf.maps import Maps
 from meshbpf.errors import UsageError
 from meshbpf.sandbox import Sandbox, _python
@@ -121,16 +121,15 @@ def _entries(sb):
 
 @pytest.mark.parametrize("b_made", ["before", "after"])
 def test_stale_detach_after_address_reuse_leaves_the_live_pods_inbound(b_made):
-    """B gets A's addresses. Made before A dies, B's netns has another inode (the record
-    key); made after, it may get A's inode, and A's late detach must still spare B."""
+    """B gets A's addresses. Made after A dies, B's netns may get A's inode; A's record is
+    keyed by its pod id, so A's late detach (by id) must still spare B."""
     with Sandbox(name="reuse") as sb:
         c, a = sb.add_pod("c"), sb.add_pod("a")
-        icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+        icp = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
         try:
             if b_made == "before":
                 b = sb.add_pod("b", ip4=a.ip4, ip6=a.ip6)
-            icp.attach(a.pod, InterceptConfig())
-            a_key, a_cookie = a.pod.key, a.pod.netns_cookie
+            a_id = icp.attach(a.pod, InterceptConfig())["id"]
             sb.remove_pod("a")                    # dies without a detach
             if b_made == "after":
                 b = sb.add_pod("b", ip4=a.ip4, ip6=a.ip6)
@@ -138,8 +137,11 @@ def test_stale_detach_after_address_reuse_leaves_the_live_pods_inbound(b_made):
             _serve(b, 15006)
             icp.attach(b.pod, InterceptConfig())  # A is gone: its addresses are taken over
             b_cookie = b.pod.netns_cookie
-            # A's stale record goes (or, if B took its key, is B's and stays) ...
-            assert icp.detach_key(a_key, netns_cookie=a_cookie) is (b.pod.key != a_key)
+            b_id = icp.store.id_of_cookie(b_cookie)
+            assert b_id is not None and b_id != a_id
+            # A's stale record goes by its id ...
+            assert icp.detach(a_id)["was_attached"] is True
+            assert icp.store.load(b_id) is not None
             # ... and B's inbound still goes through its sidecar (not to the app)
             for host in (b.ip4, b.ip6):
                 out = _connect(c, host, 8080)
@@ -164,7 +166,7 @@ def test_an_address_a_live_pod_holds_is_refused_and_nothing_changes():
         b = sb.add_pod("b", ip4=a.ip4)
         _serve(a, 15006)
         _serve(b, 15006)
-        icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+        icp = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
         try:
             icp.attach(a.pod, InterceptConfig())
             before = _entries(sb)
@@ -222,7 +224,7 @@ def test_full_maps_refuse_connects_count_them_and_never_answer_wrong(monkeypatch
         s = sb.add_pod("s")
         a, c, d = sb.add_pod("a"), sb.add_pod("c"), sb.add_pod("d")
         want = f"{s.ip4}:8080"
-        icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+        icp = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
         procs = []
         try:
             for p in (a, c, d):
@@ -243,7 +245,10 @@ def test_full_maps_refuse_connects_count_them_and_never_answer_wrong(monkeypatch
             assert out_d == ["EPERM", "EPERM"], out_d
             st = icp.status()
             assert st["counters"]["conn_refused"] == 7
-            assert st["connections"]["orig_dst"] == 16 and st["connections"]["capacity"] == 16
+            conns = st["ebpf"]["connections"]
+            assert conns["held"] == 16 and conns["capacity"] == 16
+            with Maps(sb.pin_prefix) as m:
+                assert len(m["orig_dst"]) == 16
             assert sorted(p["connections"] for p in st["pods"]) == [0, 8, 8]
             # closing gives every share back: no entry and no count leaks
             for p in procs:
@@ -283,7 +288,7 @@ def test_inbound_through_sk_lookup_reaches_a_reuseport_listener():
         _serve(s, 9000)
         _serve(s, 15006, "reuseport")
         _serve(s, 15006, "reuseport")             # a reuseport group of two, as Envoy's workers
-        icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
+        icp = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
                               inbound_sk_lookup=True)
         try:
             rec = icp.attach(s.pod, InterceptConfig())
@@ -302,7 +307,7 @@ def test_inbound_sk_lookup_path_never_reaches_the_app_without_the_sidecar():
     with Sandbox(name="skl0") as sb:
         c, s = sb.add_pod("c"), sb.add_pod("s")
         _serve(s, 9000)
-        icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
+        icp = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
                               inbound_sk_lookup=True)
         try:
             icp.attach(s.pod, InterceptConfig())
@@ -333,7 +338,7 @@ def test_envoy_reuseport_inbound_listener_through_sk_lookup():
         # refuses before Linux 6.5
         r = pb.exec([_python(), "-c", JOIN_REUSEPORT], uid=1337)
         assert r.returncode == 0, r.stderr
-        icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
+        icp = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
                               inbound_sk_lookup=True)
         try:
             icp.attach(pb.pod, InterceptConfig())
@@ -388,7 +393,7 @@ def test_full_pairs_never_answer_the_sidecars_own_address(monkeypatch):
     monkeypatch.setenv("MESHBPF_MAX_CONNS", "2")          # pairs: 4 entries
     with Sandbox(name="pairs") as sb:
         s, a = sb.add_pod("s"), sb.add_pod("a")
-        icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
+        icp = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
                               pod_conn_limit=2)
         try:
             icp.attach(a.pod, InterceptConfig())
@@ -425,7 +430,7 @@ def test_only_the_owner_of_an_address_splices_pod_address_connections():
         go = os.path.join(x.tmpdir, "go")
         proc = x.spawn([_python(), "-c", PROXY_CLIENT, s.ip4, "8080", go], uid=1337,
                        label="proxy-client")
-        icp = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
+        icp = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
         try:
             icp.attach(s.pod, InterceptConfig())
             icp.attach(x.pod, InterceptConfig())

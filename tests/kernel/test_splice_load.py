@@ -14,9 +14,8 @@ import pytest
 
 from meshbpf.bench import tcpmem
 from meshbpf.config import InterceptConfig
-from meshbpf.ebpf.interceptor import EbpfInterceptor
+from meshbpf.service import NodeService
 from meshbpf.ebpf.maps import Maps
-from meshbpf.iptables.interceptor import IptablesInterceptor
 from meshbpf.sandbox import Sandbox, _python
 
 from .test_ebpf_datapath import SOURCE
@@ -147,7 +146,7 @@ class Mode:
 
     def __init__(self, node, mode):
         sb = node["sb"]
-        cls = EbpfInterceptor if mode == "ebpf" else IptablesInterceptor
+        cls = NodeService
         self.mode, self.node = mode, node
         self.ic = cls(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
 
@@ -263,7 +262,7 @@ def test_a_kernel_without_splice_backpressure_does_not_splice(node):
     """Where the probe finds no way to read tcp_sock (before 5.9, no BTF), eBPF mode runs
     without the splice and says so, rather than splicing without backpressure."""
     sb, a, b = node["sb"], node["a"], node["b"]
-    ic = EbpfInterceptor(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
+    ic = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
                          features={"splice_backpressure": False})
     try:
         ic.attach(a.pod, InterceptConfig())

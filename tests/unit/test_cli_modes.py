@@ -3,7 +3,7 @@
 import pytest
 from click.testing import CliRunner
 
-from meshbpf import modes
+from meshbpf import backends, service
 from meshbpf.cli import main
 from meshbpf.config import InterceptConfig
 from meshbpf.errors import ApplyError, UsageError
@@ -40,15 +40,15 @@ class FakeInterceptor:
     def __init__(self, mode, fail=False, **kw):
         self.mode, self.fail, self.kw = mode, fail, kw
 
-    def attach(self, pod, config):
+    def attach(self, pod, config, previous=None, ctx=None):
         FakeInterceptor.calls.append((self.mode, self.kw))
         if self.fail:
             raise ApplyError("cannot load programs")
-        return {"name": pod.name, "mode": self.mode, "config": config.to_dict()}
+        return {"config": config.to_dict()}
 
 
 class FakePod:
-    name, key = "p", 42
+    name, id, netns, cgroup, netns_cookie, pod_id = "p", None, "/run/netns/p", None, 42, "p-42"
 
 
 @pytest.fixture
@@ -58,8 +58,14 @@ def fake(monkeypatch, tmp_path):
     FakeInterceptor.calls = []
 
     def install(ebpf_fails=False, probe_mode="ebpf"):
-        monkeypatch.setattr(modes, "get_interceptor",
-                            lambda m, **kw: FakeInterceptor(m, fail=(m == "ebpf" and ebpf_fails), **kw))
+        real = backends.OPTIONS
+
+        def fake_backend(m, **kw):
+            keep = real[m] + ("pin_prefix", "cgroup_root")
+            return FakeInterceptor(m, fail=(m == "ebpf" and ebpf_fails),
+                                   **{k: v for k, v in kw.items() if k in keep})
+        monkeypatch.setattr(backends, "backend", fake_backend)
+        monkeypatch.setattr(service, "_PROBES", {})
         import meshbpf.probe as probe
         monkeypatch.setattr(probe, "probe", lambda assume_kernel=None: {
             "mode": probe_mode, "reason": f"probe says {probe_mode}"})
@@ -68,15 +74,15 @@ def fake(monkeypatch, tmp_path):
 
 def test_auto_follows_the_probe(fake):
     fake(probe_mode="iptables")
-    rec = modes.attach(FakePod(), InterceptConfig(), mode="auto", pin_prefix="/x/p")
+    rec = service.NodeService(mode="auto", pin_prefix="/x/p").attach(FakePod(), InterceptConfig())
     assert rec["mode"] == "iptables" and rec["reason"] == "probe says iptables"
     assert rec["fallback"] is None
 
 
 def test_auto_falls_back_to_iptables_when_ebpf_fails_at_run_time(fake):
     fake(ebpf_fails=True)
-    rec = modes.attach(FakePod(), InterceptConfig(), mode="auto", pin_prefix="/x/p",
-                       splice=True, iptables_binary=None)
+    rec = service.NodeService(mode="auto", pin_prefix="/x/p", splice=True,
+                              iptables_binary=None).attach(FakePod(), InterceptConfig())
     assert [c[0] for c in FakeInterceptor.calls] == ["ebpf", "iptables"]
     assert rec["mode"] == "iptables"
     assert "cannot load programs" in rec["fallback"] and "fell back to iptables" in rec["fallback"]
@@ -87,14 +93,14 @@ def test_auto_falls_back_to_iptables_when_ebpf_fails_at_run_time(fake):
 def test_a_forced_mode_never_falls_back(fake):
     fake(ebpf_fails=True)
     with pytest.raises(ApplyError):
-        modes.attach(FakePod(), InterceptConfig(), mode="ebpf", pin_prefix="/x/p")
+        service.NodeService(mode="ebpf", pin_prefix="/x/p").attach(FakePod(), InterceptConfig())
     assert [c[0] for c in FakeInterceptor.calls] == ["ebpf"]
 
 
 def test_an_address_another_pod_holds_never_falls_back(fake, monkeypatch):
     from meshbpf.errors import AddressInUseError
 
-    def held(self, pod, config):
+    def held(self, pod, config, previous=None, ctx=None):
         FakeInterceptor.calls.append((self.mode, self.kw))
         if self.mode == "ebpf":
             raise AddressInUseError("10.0.0.1 is held by pod a")
@@ -102,11 +108,37 @@ def test_an_address_another_pod_holds_never_falls_back(fake, monkeypatch):
     monkeypatch.setattr(FakeInterceptor, "attach", held)
     fake()
     with pytest.raises(AddressInUseError) as e:
-        modes.attach(FakePod(), InterceptConfig(), mode="auto", pin_prefix="/x/p")
+        service.NodeService(mode="auto", pin_prefix="/x/p").attach(FakePod(), InterceptConfig())
     assert e.value.exit_code == 2
     assert [c[0] for c in FakeInterceptor.calls] == ["ebpf"]
 
 
 def test_unknown_mode_is_a_usage_error():
     with pytest.raises(UsageError):
-        modes.choose_mode("bpf")
+        service.NodeService(mode="bpf")
+
+
+def test_the_probe_runs_once_per_node_and_boot(fake, monkeypatch):
+    fake(probe_mode="iptables")
+    import meshbpf.probe as probe
+    runs = []
+    monkeypatch.setattr(probe, "probe", lambda assume_kernel=None: runs.append(1) or {
+        "mode": "iptables", "reason": "probe says iptables"})
+    for _ in range(3):
+        service.NodeService(pin_prefix="/x/p").attach(FakePod(), InterceptConfig())
+    assert runs == [1]
+    monkeypatch.setattr(service, "_PROBES", {})        # a new process: the node's cache
+    service.NodeService(pin_prefix="/x/p").attach(FakePod(), InterceptConfig())
+    assert runs == [1]
+
+
+def test_records_are_keyed_by_pod_id_and_saved_once(fake):
+    fake(probe_mode="iptables")
+    svc = service.NodeService(pin_prefix="/x/p")
+    rec = svc.attach(FakePod(), InterceptConfig(), pod_id="uid-1")
+    assert rec["id"] == "uid-1" and svc.store.load("uid-1")["mode"] == "iptables"
+    assert svc.store.id_of_cookie(42) == "uid-1"
+    with pytest.raises(UsageError):         # the same netns under another id
+        svc.attach(FakePod(), InterceptConfig(), pod_id="uid-2")
+    with pytest.raises(UsageError):
+        svc.attach(FakePod(), InterceptConfig(), pod_id="../etc")

@@ -248,8 +248,8 @@ def test_render_bad_cidr_from_a_real_process_has_no_traceback():
 def test_iptables_mode_imports_without_bcc():
     code = ("import sys; sys.modules['bcc'] = None\n"
             "import meshbpf.iptables.interceptor, meshbpf.iptables.commands\n"
-            "from meshbpf.interceptor import get_interceptor\n"
-            "print(get_interceptor('iptables', pin_prefix='/tmp/x').mode)")
+            "from meshbpf.backends import backend\n"
+            "print(backend('iptables', pin_prefix='/tmp/x').mode)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "iptables"
