@@ -121,7 +121,7 @@ def throughput_markdown(result, charts=()):
 
 ENROLL_TARGET_S = 5e-3          # eBPF enroll, median per pod, through the service
 FLAT_LIMIT = 1.5                # "flat": median at the most pods within 1.5x of at 1 pod
-ENROLL_PHASES = ("node", "maps", "tc", "sk_lookup", "iptables", "records")
+ENROLL_PHASES = ("node", "addresses", "maps", "tc", "sk_lookup", "inbound", "iptables", "records")
 
 
 def _slowest_phase(r):
@@ -205,7 +205,7 @@ def _fmt_s(sec):
     """Seconds in a readable unit."""
     if sec is None:
         return "-"
-    if sec < 1e-3:
+    if round(sec * 1e6, 1) < 1000:
         return f"{sec * 1e6:.1f}us"
     if sec < 1:
         return f"{sec * 1e3:.2f}ms"
@@ -369,8 +369,17 @@ def _phase_rows(result):
         ph = r["phases"]
         rows.append([r["backend"], f"{r['n']:,}", _fmt_s(r["seconds"]),
                      _fmt_s(ph.get("total"))] + [_fmt_s(ph.get(k)) for k in keys]
-                    + [_fmt(r.get("bpf_syscalls"), ".0f")])
-    return ["backend", "N", "wall", "service total"] + keys + ["bpf syscalls"], rows
+                    + [_fmt_s(_unphased(ph)), _fmt(r.get("bpf_syscalls"), ".0f")])
+    return (["backend", "N", "wall", "service total"] + keys + ["other", "bpf syscalls"],
+            rows)
+
+
+def _unphased(ph):
+    """The service's total less its named phases (medians, so an estimate; never < 0):
+    the backend work no phase names, e.g. iptables-restore."""
+    if ph.get("total") is None:
+        return None
+    return max(0.0, ph["total"] - sum(v or 0 for k, v in ph.items() if k != "total"))
 
 
 def _by_pods_rows(result):
@@ -460,8 +469,10 @@ def rules_markdown(result, charts=()):
     h, r = _phase_rows(result)
     if r:
         out += ["## Where an enroll's time goes", "",
-                ("The service's own phase timings of `attach` (median): node programs, map "
-                 "writes, tc hook, sk_lookup, iptables, records; `wall` is the whole call."),
+                ("The service's own phase timings of `attach` (median): node programs, "
+                 "address checks, map writes, inbound hook (tc / sk_lookup), records; "
+                 "`other`: the service's total less its named phases (in iptables mode the "
+                 "`iptables-restore` runs); `wall` is the whole call as the caller sees it."),
                 "", _md_table(h, r), ""]
     h, r = _by_pods_rows(result)
     if r:

@@ -305,9 +305,13 @@ def test_rules_text_and_markdown():
     assert row.split()[2:] == ["2.50ms", "80.00ms", "21.00ms", "0.03x", "0.12x"]
     ph = lines.index("enroll-pod split into the service's phases (median)")
     assert lines[ph + 1].split() == ["backend", "N", "wall", "service", "total", "node", "maps",
-                                     "tc", "sk_lookup", "iptables", "records", "bpf", "syscalls"]
+                                     "tc", "sk_lookup", "iptables", "records", "other", "bpf",
+                                     "syscalls"]
     assert any(l.startswith("ebpf") and "2.00ms" in l and l.split()[-1] == "40"
                for l in lines[ph + 2:])
+    # iptables: the restore is in no named phase: total 22 ms - 20 - 1 = 1 ms "other"
+    nft = next(l for l in lines[ph + 2:] if l.startswith("iptables-nft"))
+    assert nft.split()[-2:] == ["1.00ms", "-"]
     bp = next(i for i, l in enumerate(lines) if l.startswith("enroll / detach against pods"))
     assert lines[bp + 3].split()[0] == "1" and lines[bp + 5].split()[0] == "250"
     assert "4.22ms (1.03x)" in lines[bp + 5] and "22.50ms (1.12x)" in lines[bp + 5]
