@@ -136,7 +136,7 @@ def rules_targets(results, by_pods=()):
     """The issue's goals for the real path, each met / missed / not measured:
     - eBPF enroll-pod at most 5 ms (median) at every N measured;
     - eBPF enroll flat in the number of pods enrolled: median at the most pods within
-      1.5x of the median with 1 pod enrolled;
+      1.5x of the median with 1 pod enrolled, and as many bpf(2) calls;
     - eBPF add-entry / remove-entry flat in N (log-log slope under 0.15)."""
     out = []
     name = f"eBPF enroll-pod at most {ENROLL_TARGET_S * 1e3:g} ms per pod (median, real path)"
@@ -166,6 +166,7 @@ def rules_targets(results, by_pods=()):
             detail += (f"; bpf syscalls per enroll {lo['bpf_syscalls']:.0f} at {lo['pods']}, "
                        f"{hi['bpf_syscalls']:.0f} at {hi['pods']}")
         out.append(_target(name, r <= FLAT_LIMIT, detail))
+    out.append(_syscall_target(pts))
     for op in ("add-entry", "remove-entry"):
         pts = sorted((r["n"], r["seconds"]) for r in results
                      if r["backend"] == "ebpf" and r["op"] == op and r.get("seconds"))
@@ -179,6 +180,19 @@ def rules_targets(results, by_pods=()):
                                f"log-log slope {slope:+.3f} over N={pts[0][0]}..{pts[-1][0]} "
                                f"({_fmt_s(lo)}..{_fmt_s(hi)})"))
     return out
+
+
+def _syscall_target(pts):
+    """O(1) in the syscalls it issues: enrolling the same pod costs as many bpf(2) calls
+    with the most pods enrolled as with the fewest."""
+    pts = [p for p in pts if p.get("bpf_syscalls") is not None]
+    if len(pts) < 2:
+        return _target("eBPF enroll issues as many bpf syscalls with the most pods enrolled "
+                       "as with the fewest", None, "needs bpf syscall counts at two pod counts")
+    lo, hi = pts[0], pts[-1]
+    return _target(f"eBPF enroll issues as many bpf syscalls with {hi['pods']} pods enrolled "
+                   f"as with {lo['pods']}", hi["bpf_syscalls"] <= lo["bpf_syscalls"],
+                   ", ".join(f"{p['pods']}: {p['bpf_syscalls']:.0f}" for p in pts))
 
 
 def rules_ratios(results):

@@ -221,6 +221,8 @@ def test_aggregate_rules_ratio_to_ebpf_and_targets():
     assert enroll["met"] is True and "slowest phase maps 2.20ms" in enroll["detail"]
     flat = t["eBPF enroll flat from 1 to 250 pods enrolled (median at 250 within 1.5x of at 1)"]
     assert flat["met"] is True and "bpf syscalls per enroll 40 at 1, 40 at 250" in flat["detail"]
+    sc = t["eBPF enroll issues as many bpf syscalls with 250 pods enrolled as with 1"]
+    assert sc["met"] is True and sc["detail"] == "1: 40, 10: 40, 250: 40"
     assert t["eBPF add-entry flat in N"]["met"] is True
     assert t["eBPF remove-entry flat in N"]["met"] is None
     dp = {r["backend"]: r for r in res["dataplane"]}
@@ -246,17 +248,19 @@ def test_rules_targets_missed():
         {"backend": "ebpf", "op": "enroll-pod", "n": 20000, "seconds": [0.020],
          "timings": [{"maps": 0.002, "tc": 0.015, "total": 0.019}]}])
     by_pods = stats.aggregate_by_pods([
-        {"backend": "ebpf", "op": "enroll-pod", "pods": k, "seconds": [0.004 * k ** 0.5]}
-        for k in (1, 10, 50)])
+        {"backend": "ebpf", "op": "enroll-pod", "pods": k, "seconds": [0.004 * k ** 0.5],
+         "syscalls": [80 + 2 * k]} for k in (1, 10, 50)])
     t = {x["name"]: x for x in report.rules_targets(results, by_pods)}
     e = t["eBPF enroll-pod at most 5 ms per pod (median, real path)"]
     assert e["met"] is False
     assert "worst N=20,000, slowest phase tc 15.00ms" in e["detail"]
     f = t["eBPF enroll flat from 1 to 50 pods enrolled (median at 50 within 1.5x of at 1)"]
     assert f["met"] is False and f"{50 ** 0.5:.2f}x" in f["detail"]
+    sc = t["eBPF enroll issues as many bpf syscalls with 50 pods enrolled as with 1"]
+    assert sc["met"] is False and sc["detail"] == "1: 82, 10: 100, 50: 180"
     # nothing measured: not measured, never met
     t0 = report.rules_targets([], [])
-    assert [x["met"] for x in t0] == [None, None, None, None]
+    assert [x["met"] for x in t0] == [None, None, None, None, None]
 
 
 def test_rules_ratios_ebpf_over_iptables():
