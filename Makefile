@@ -18,5 +18,5 @@ demo: setup
 	$(VENV)/bin/meshbpf demo
 
 clean:
-	-$(PY) -c 'from meshbpf.sandbox import Sandbox; Sandbox.cleanup_stale()' 2>/dev/null
+	-$(PY) -c 'from meshbpf.testbed import Sandbox; Sandbox.cleanup_stale()' 2>/dev/null
 	rm -rf $(VENV) build *.egg-info bench-out

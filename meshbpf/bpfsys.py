@@ -44,6 +44,7 @@ BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_LINK_CREATE = 28
+BPF_LINK_DETACH = 34
 
 # --- program types (enum bpf_prog_type) ------------------------------------------------
 BPF_PROG_TYPE_SOCKET_FILTER = 1
@@ -221,6 +222,10 @@ class _LinkCreateAttr(ctypes.Structure):
                 ("attach_type", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
+class _LinkDetachAttr(ctypes.Structure):
+    _fields_ = [("link_fd", ctypes.c_uint32)]
+
+
 class _ProgInfo(ctypes.Structure):
     """The head of struct bpf_prog_info (the kernel fills only what fits)."""
     _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
@@ -376,6 +381,35 @@ def link_create(prog_fd, target_fd, attach_type, flags=0):
     attr = _LinkCreateAttr(prog_fd=prog_fd, target_fd=target_fd, attach_type=attach_type,
                            flags=flags)
     return bpf(BPF_LINK_CREATE, attr, f"creating a bpf_link (attach type {attach_type})")
+
+
+def link_detach(link_fd):
+    """Detach a bpf_link's program now (kernel >= 5.9), even while pins or other fds still
+    hold the link; the fd stays the caller's to close. A link already detached, or of a kind
+    the kernel cannot detach (which then goes with its last reference), is not an error."""
+    try:
+        bpf(BPF_LINK_DETACH, _LinkDetachAttr(link_fd=link_fd), "detaching a bpf_link")
+    except BpfError as e:
+        if e.errno not in (_errno.EINVAL, _errno.ENOLINK, _errno.EOPNOTSUPP, _errno.ENOENT):
+            raise
+
+
+def unpin_link(path):
+    """Detach the bpf_link pinned at `path`, then remove the pin (also when detaching fails;
+    the error is raised after). Detached, not only unpinned: a process still holding the
+    link's fd would otherwise keep the program attached. No pin there: nothing to do."""
+    try:
+        lfd = obj_get(path)
+        try:
+            link_detach(lfd)
+        finally:
+            os.close(lfd)
+    except BpfError as e:
+        if e.errno != _errno.ENOENT:
+            raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def prog_get_fd_by_id(prog_id):

@@ -105,8 +105,8 @@ def demo(no_bench, out):
 
 def _demo(no_bench, out):
     from . import probe
-    from .sandbox import Sandbox
     from .service import NodeService
+    from .testbed import Sandbox
 
     _step("1/4 What this kernel can do")
     result = probe.probe()

@@ -9,14 +9,14 @@ import ipaddress
 import os
 import zlib
 
-from . import system
+from . import istio, system
 from .errors import MeshbpfError, NotFoundError, UsageError
 from .state import valid_pod_id
 from .userns import IdMap
 
 # Istio's inbound passthrough binds its IPv6 upstream connections to ::6, which istio-init
 # (ConfigureRoutes) adds to the pod's lo; both modes add it when the pod captures IPv6.
-INBOUND_V6_ADDRESS = "::6/128"
+INBOUND_V6_ADDRESS = f"{istio.INBOUND_PASSTHROUGH_V6}/128"
 
 
 @dataclasses.dataclass
@@ -63,11 +63,6 @@ class Pod:
         if "/" not in path:
             path = os.path.join("/run/netns", path)
         return cls(netns=path, cgroup=cgroup, name=name, id=pod_id)
-
-    @property
-    def key(self):
-        """The netns inode: names the pod's pinned sk_lookup link while the netns lives."""
-        return system.netns_inode(self.netns)
 
     @property
     def pod_id(self):
@@ -213,7 +208,7 @@ def ensure_inbound_v6_address(netns):
     """
     guard_netns(netns)
     have = system.run(["ip", "-6", "-o", "addr", "show", "dev", "lo"], netns=netns).stdout
-    if " ::6/128 " in have:
+    if f" {INBOUND_V6_ADDRESS} " in have:
         return False
     system.run(["ip", "-6", "addr", "add", INBOUND_V6_ADDRESS, "dev", "lo", "nodad"], netns=netns)
     return True

@@ -46,6 +46,7 @@ class OpContext:
         self.store, self.pod_id = store, pod_id
         self.timings = {}
         self.indexes = IndexAllocator(store)
+        self.iface_ids = IndexAllocator(store, name="ifaces")
 
     @contextlib.contextmanager
     def phase(self, name):

@@ -108,7 +108,7 @@ class StateStore:
         """Remove every record and the instance directory (the lock file stays to its owner)."""
         for pod_id in self.ids():
             self.remove(pod_id)
-        for name in ("probe.json", "indexes.json"):
+        for name in ("probe.json", "indexes.json", "ifaces.json"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.instance_dir, name))
         for d in (self.dir, self.cookie_dir):
@@ -161,11 +161,12 @@ class StateStore:
 
 
 class IndexAllocator:
-    """eBPF pod indexes (the scope of a pod's rule keys) of one instance: which index
-    belongs to which pod id, and the free list. Callers hold StateStore.locked()."""
+    """Small integer ids of one instance, each owned by a pod id, with a free list: eBPF
+    pod indexes (the scope of a pod's rule keys, "indexes") and inbound filter ids
+    ("ifaces"). Callers hold StateStore.locked()."""
 
-    def __init__(self, store, lowest=1, limit=None):
-        self.path = os.path.join(store.instance_dir, "indexes.json")
+    def __init__(self, store, lowest=1, limit=None, name="indexes"):
+        self.path = os.path.join(store.instance_dir, f"{name}.json")
         self.lowest, self.limit = lowest, limit
 
     def __repr__(self):

@@ -22,7 +22,7 @@ import time
 
 import psutil
 
-from .. import sidecar as sidecar_cfg
+from ..testbed import sidecar as sidecar_cfg
 from ..config import InterceptConfig
 from ..errors import MeshbpfError, UnsupportedError
 from . import parse, stats
@@ -58,7 +58,7 @@ def _static_listener(name, port, cluster):
 
 
 def bench_bootstrap(role, server_ip, node_id="sidecar~bench"):
-    """Istio's sidecar bootstrap (meshbpf.sidecar) plus explicit-mode static listeners.
+    """Istio's sidecar bootstrap (meshbpf.testbed.sidecar) plus explicit-mode static listeners.
 
     role "client": 0.0.0.0:EXPLICIT_CLIENT_PORT[x] -> server_ip:EXPLICIT_SERVER_PORT[x];
     role "server": 0.0.0.0:EXPLICIT_SERVER_PORT[x] -> 127.0.0.1:APP_PORTS[x].
@@ -313,7 +313,7 @@ def run_latency(modes=None, sizes=None, rounds=None, quick=False, duration=None,
     durations = {"sockperf": max(1, int(round(duration + 0.49))),
                  "iperf": max(1, int(round(duration - 0.49))),
                  "conn": max(0.5, duration * 0.6)}
-    from ..sandbox import Sandbox
+    from ..testbed import Sandbox
     t0 = time.monotonic()
     samples = []
     with Sandbox(name="benchlat") as sb:

@@ -451,7 +451,7 @@ def run_rules(ns=DEFAULT_NS, backends=BACKENDS, quick=False, pods=None, reps=Non
     sync_reps = 1
     rounds = rounds or (1 if quick else 3)
     dataplane_seconds = dataplane_seconds or (0.7 if quick else 2.0)
-    from ..sandbox import Sandbox
+    from ..testbed import Sandbox
     t_start = time.monotonic()
     samples = _Samples()
     errors, notes = [f"{b}: not installed" for b in missing], []

@@ -55,7 +55,7 @@ def run_throughput(modes=None, runs=3, seconds=MIN_SECONDS, progress=None):
     modes = list(modes or MODES)
     t0 = time.monotonic()
     samples = {m: [] for m in modes}
-    from ..sandbox import Sandbox
+    from ..testbed import Sandbox
     with Sandbox(name="benchtput") as sb:
         progress(f"throughput: sandbox {sb.id}: starting pods, servers and sidecars")
         bench = _Bench(sb, [64], {"sockperf": 1, "iperf": seconds, "conn": 1}, progress)
@@ -87,7 +87,7 @@ def run_soak(modes=None, seconds=60, flows=4, progress=None):
     modes = list(modes or MODES)
     t0 = time.monotonic()
     out = {}
-    from ..sandbox import Sandbox
+    from ..testbed import Sandbox
     with Sandbox(name="benchsoak") as sb:
         progress(f"soak: sandbox {sb.id}: starting pods, servers and sidecars")
         bench = _Bench(sb, [64], {"sockperf": seconds, "iperf": seconds, "conn": 1}, progress)

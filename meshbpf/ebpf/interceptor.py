@@ -178,7 +178,7 @@ class EbpfInterceptor(Interceptor):
                     index, want, saved = self._write(maps, ctx, cookie, pc, rules,
                                                      addresses, local, prev)
                 try:
-                    inbound = self._attach_inbound(pod, config, maps, ctx)
+                    inbound = self._attach_inbound(pod, config, maps, ctx, prev.get("inbound"))
                 except (MeshbpfError, OSError, ValueError) as e:
                     self._restore(maps, want, saved, index, prev.get("pod_index"), ctx)
                     if isinstance(e, MeshbpfError):
@@ -299,15 +299,17 @@ class EbpfInterceptor(Interceptor):
         if maps.exists("pod_conns"):
             maps["pod_conns"].delete(structs.U64(cookie))
 
-    def _attach_inbound(self, pod, config, maps, ctx):
+    def _attach_inbound(self, pod, config, maps, ctx, previous):
         mod = _inbound()
         if mod is None or not hasattr(mod, "attach_pod"):
             return None
         progs = self._tc_prog_fds()
+        previous = previous if isinstance(previous, dict) else None
         try:
-            with ctx.phase("inbound"):
-                return mod.attach_pod(pod, config, maps, progs,
-                                      owner_alive=ctx.owner_alive) if progs else None
+            return mod.attach_pod(
+                pod, config, maps, progs, owner_alive=ctx.owner_alive, previous=previous,
+                iface_ids=lambda: ctx.iface_ids.allocate(ctx.pod_id, limit=mod.IFACE_MAX_ID + 1),
+                phase=ctx.phase) if progs else None
         finally:
             for fd in progs.values():
                 os.close(fd)
@@ -333,9 +335,13 @@ class EbpfInterceptor(Interceptor):
                                   _unhex(record.get("keys")))
         if record.get("pod_index") is not None:
             ctx.indexes.release(record["pod_index"])
+        classid = ((record.get("inbound") or {}).get("iface") or {}).get("classid") \
+            if isinstance(record.get("inbound"), dict) else None
+        if classid:
+            ctx.iface_ids.release(classid & 0xffff)
         target = pod or types.SimpleNamespace(netns=record.get("netns") or "",
                                               name=record.get("name"),
-                                              key=record.get("netns_inode"))
+                                              netns_cookie=record.get("netns_cookie"))
         try:
             self._detach_inbound(target, record)
         except (MeshbpfError, OSError):

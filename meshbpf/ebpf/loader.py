@@ -159,7 +159,8 @@ def _strip_include(text):
 
 
 def source_files(bpf_dir=BPF_DIR):
-    """bpf/*.c that exist, core ones first (the inbound helper's tc_inbound.c if present)."""
+    """bpf/*.c that exist: the core programs in CORE_SOURCES' order (so that every build
+    compiles them identically), then the others (tc_inbound.c, sk_lookup.c) by name."""
     present = sorted(os.path.basename(p) for p in glob.glob(os.path.join(bpf_dir, "*.c")))
     core = [f for f in CORE_SOURCES if f in present]
     return core + [f for f in present if f not in core]
@@ -517,14 +518,9 @@ def unload(pin_prefix, cgroup_root=None):
         for name in os.listdir(dirs["links"]):
             path = os.path.join(dirs["links"], name)
             try:
-                lfd = bpfsys.obj_get(path)
-                try:
-                    _link_detach(lfd)
-                finally:
-                    os.close(lfd)
+                bpfsys.unpin_link(path)
             except OSError as e:
                 errors.append(f"{path}: {e}")
-            _unlink(path)
     # 2. prog_attach'ed programs on the cgroup and on the sockhash
     cgfd = None
     if cgroup_root and os.path.isdir(cgroup_root):
@@ -565,18 +561,6 @@ def unload(pin_prefix, cgroup_root=None):
     _remove_pins(pin_prefix)
     if errors:
         raise ApplyError("some meshbpf programs could not be detached: " + "; ".join(errors))
-
-
-def _link_detach(lfd):
-    import ctypes
-
-    class _LinkDetachAttr(ctypes.Structure):
-        _fields_ = [("link_fd", ctypes.c_uint32)]
-    try:
-        bpfsys.bpf(34, _LinkDetachAttr(link_fd=lfd), "detaching a bpf_link")  # BPF_LINK_DETACH
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOLINK, errno.EOPNOTSUPP):
-            raise
 
 
 def _unlink(path):

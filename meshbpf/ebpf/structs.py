@@ -1,18 +1,20 @@
-"""The ONE Python mirror of bpf/meshbpf.h (core part), plus pure packing functions.
+"""The one Python mirror of bpf/meshbpf.h, plus pure packing functions.
 
-ctypes structures with the C layout of the header's structs, the counter index enum, the
-flag constants, and pure functions that turn an InterceptConfig into map entries (pod
-struct, CIDR LPM keys, port keys). No side effects: nothing here touches the kernel, so
-tests/unit/test_ebpf_structs.py checks it without root (and parses the header to make
-sure this mirror and the C agree).
+ctypes structures with the C layout of the header's structs (the core maps and the
+inbound ones), the counter index enum, the flag constants, and pure functions that turn
+an InterceptConfig or an inbound policy's fields into map keys and values (pod struct,
+CIDR LPM keys, port keys, inbound_pods/inbound_ports/capture_listeners entries). No side
+effects: nothing here touches the kernel, so tests/unit/test_ebpf_structs.py checks it
+without root (and parses the header to make sure this mirror and the C agree).
 """
 
 import ctypes
 import ipaddress
 import socket
 
-from ..config import DNS_CAPTURE_PORT, WILDCARD, parse_ids, split_list
+from ..config import WILDCARD, parse_ids
 from ..errors import UsageError
+from ..istio import DNS_PORT
 
 MB_MAX_IDS = 8
 MB_MAX_PODS = 16384
@@ -135,6 +137,45 @@ class SpliceDir(ctypes.Structure):
     _fields_ = [("copied_seq", u32), ("spliced", u32), ("mode", u32), ("pad", u32)]
 
 
+# ---- inbound (tc_inbound.c, sk_lookup.c): keyed by pod IP, node-unique ----------------------
+
+INBOUND_POD_WILDCARD = 1        # ports without an inbound_ports entry are captured ('*')
+INBOUND_POD_CAPTURES = 2        # the policy captures at least one port
+INBOUND_POD_SK_LOOKUP = 4       # mb_sk_lookup is linked in this pod IP's netns
+INBOUND_PORT_CAPTURE = 1
+INBOUND_PORT_BYPASS = 2
+MB_AF_INET = 2
+MB_AF_INET6 = 10
+
+
+class InboundPodKey(ctypes.Structure):
+    _fields_ = [("ip", u8 * 16)]
+
+
+class InboundPodVal(ctypes.Structure):
+    _fields_ = [("capture_port", u16),  # network order
+                ("flags", u16), ("pad", u32),
+                ("owner", u64)]         # netns cookie of the pod that wrote it
+
+
+class InboundPortKey(ctypes.Structure):
+    _fields_ = [("ip", u8 * 16), ("port", u16), ("pad", u16)]   # port: network order
+
+
+class InboundIfaceVal(ctypes.Structure):
+    _fields_ = [("ip", u8 * 16), ("netns", u64)]
+
+
+class InboundTwKey(ctypes.Structure):
+    _fields_ = [("local_ip", u8 * 16), ("remote_ip", u8 * 16),
+                ("local_port", u16), ("remote_port", u16)]      # network order
+
+
+class CaptureListenerKey(ctypes.Structure):
+    _fields_ = [("netns", u64), ("port", u16),  # port: network order
+                ("family", u16), ("pad", u32)]
+
+
 # C struct name -> ctypes mirror (checked against the header by the unit tests)
 MIRRORS = {
     "pod_config": PodConfig,
@@ -147,6 +188,12 @@ MIRRORS = {
     "orig_dst": OrigDst,
     "splice_dir": SpliceDir,
     "sock_key": SockKey,
+    "inbound_pod_key": InboundPodKey,
+    "inbound_pod_val": InboundPodVal,
+    "inbound_port_key": InboundPortKey,
+    "inbound_iface_val": InboundIfaceVal,
+    "inbound_tw_key": InboundTwKey,
+    "capture_listener_key": CaptureListenerKey,
 }
 
 U32 = u32
@@ -192,30 +239,19 @@ def _ids(values, field):
 
 def owner_groups(config):
     """(flag, gids) for Istio's owner_groups_include / owner_groups_exclude."""
-    inc = split_list(config.owner_groups_include)
-    exc = split_list(config.owner_groups_exclude)
-    if exc:
-        return POD_F_OWNER_EXCLUDE, _ids(parse_ids(config.owner_groups_exclude,
-                                                   "owner_groups_exclude_gid"), "owner_groups_exclude")
-    if inc and inc != [WILDCARD]:
-        return POD_F_OWNER_INCLUDE, _ids(parse_ids(config.owner_groups_include,
-                                                   "owner_groups_include_gid"), "owner_groups_include")
-    return 0, []
+    r = config.resolved()
+    if not r.owner_groups:
+        return 0, []
+    field = "owner_groups_exclude" if r.owner_groups_except else "owner_groups_include"
+    flag = POD_F_OWNER_EXCLUDE if r.owner_groups_except else POD_F_OWNER_INCLUDE
+    return flag, _ids(parse_ids(list(r.owner_groups), f"{field}_gid"), field)
 
 
 def loopback_included(config):
     """Istio's loopback_included: an outbound include range written as a loopback address
     (the address as given, e.g. 127.0.0.1/8); Istio then omits its `-o lo` RETURN rules."""
-    items = split_list(config.outbound_ip_ranges_include)
-    if items == [WILDCARD]:
-        return False
-    out = False
-    for item in items:
-        try:
-            out = out or ipaddress.ip_interface(item).ip.is_loopback
-        except ValueError:
-            continue            # validate() names it
-    return out
+    inc = config.resolved().outbound_include
+    return not inc.wildcard and any(i.ip.is_loopback for i in inc.given)
 
 
 def netns_addr_key(netns_cookie, addr):
@@ -275,7 +311,7 @@ def pod_struct(config, pod_index, idmap=None):
     pc = PodConfig(proxy_port=htons(config.proxy_port),
                    inbound_port=htons(config.inbound_capture_port),
                    flags=flags, pod_index=pod_index, n_uids=len(uids), n_gids=len(gids),
-                   n_owner_gids=len(ogids), dns_port=htons(DNS_CAPTURE_PORT),
+                   n_owner_gids=len(ogids), dns_port=htons(DNS_PORT),
                    tunnel_port=htons(config.inbound_tunnel_port))
     _fill(pc.uids, uids)
     _fill(pc.gids, gids)
@@ -346,10 +382,9 @@ def dns_rules(config):
     (scope pod_index | MB_DNS_SCOPE); empty unless redirect_dns without capture_all_dns."""
     if not config.redirect_dns or config.capture_all_dns:
         return []
-    out = []
-    for s in list(config.dns_servers_v4) + list(config.dns_servers_v6):
-        out.append((ipaddress.ip_network(s), RULE_INCLUDE))
-    return sorted(set(out), key=lambda kv: (kv[0].version, kv[0]))
+    r = config.resolved()
+    out = {(ipaddress.ip_network(ip), RULE_INCLUDE) for ip in r.dns_v4 + r.dns_v6}
+    return sorted(out, key=lambda kv: (kv[0].version, kv[0]))
 
 
 def scopes(pod_index):
@@ -403,6 +438,47 @@ def describe_pod_struct(pc):
         "owner_gids": list(pc.owner_gids[:pc.n_owner_gids]),
         "dns_port": ntohs(pc.dns_port), "tunnel_port": ntohs(pc.tunnel_port),
     }
+
+
+# ---- inbound packing (map keys and values as bytes, as bpfsys takes them) -------------------
+
+def inbound_pod_key(addr):
+    k = InboundPodKey()
+    k.ip[:] = list(ip16(addr))
+    return bytes(k)
+
+
+def inbound_pod_val(capture_port, flags, owner=0):
+    return bytes(InboundPodVal(capture_port=htons(capture_port), flags=flags, owner=owner))
+
+
+def inbound_port_key(addr, port):
+    k = InboundPortKey(port=htons(port))
+    k.ip[:] = list(ip16(addr))
+    return bytes(k)
+
+
+def decode_inbound_port_key(raw):
+    """(address, port) of an inbound_ports key."""
+    k = from_bytes(InboundPortKey, raw)
+    return ip_from16(k.ip), ntohs(k.port)
+
+
+def inbound_iface_val(pod_key, netns_cookie):
+    """inbound_ifaces value: one of the pod's inbound_pods keys (16 bytes) and its netns."""
+    v = InboundIfaceVal(netns=netns_cookie)
+    v.ip[:] = list(bytes(pod_key))
+    return bytes(v)
+
+
+def capture_listener_key(netns_cookie, port, family):
+    return bytes(CaptureListenerKey(netns=netns_cookie, port=htons(port), family=family))
+
+
+def decode_capture_listener_key(raw):
+    """(netns cookie, port, family) of a capture_listeners key."""
+    k = from_bytes(CaptureListenerKey, raw)
+    return k.netns, ntohs(k.port), k.family
 
 
 # ---- a pod's entries, as the eBPF backend writes and records them ----------------------

@@ -12,9 +12,9 @@ stay names in the payload (iptables resolves them), exactly as upstream does.
 """
 
 import dataclasses
-import ipaddress
 import re
 
+from .. import istio
 from ..config import WILDCARD, split_list
 from ..errors import UsageError
 
@@ -31,10 +31,10 @@ CHAIN_PREFIX = "ISTIO_"
 
 BUILTIN_CHAINS = ("INPUT", "OUTPUT", "FORWARD", "PREROUTING", "POSTROUTING")
 TABLES = ("filter", "mangle", "nat", "raw")
-OUTBOUND_MARK = "1338"
-DNS_AGENT_PORT = "15053"
-PASSTHROUGH_V4 = "127.0.0.6/32"
-PASSTHROUGH_V6 = "::6/128"
+OUTBOUND_MARK = str(istio.OUTBOUND_MARK)
+DNS_AGENT_PORT = str(istio.DNS_PORT)
+PASSTHROUGH_V4 = f"{istio.INBOUND_PASSTHROUGH_V4}/32"
+PASSTHROUGH_V6 = f"{istio.INBOUND_PASSTHROUGH_V6}/128"
 LOOPBACK_V6 = "::1/128"
 FAMILIES = (4, 6)
 
@@ -91,42 +91,17 @@ class _Range:
     has_loopback: bool = False
 
 
-def _separate_v4_v6(value, field):
-    """Istio's separateV4V6: '*' -> wildcard for both; else split into v4 and v6 prefixes."""
-    items = split_list(value)
-    if items == [WILDCARD]:
+def _separate_v4_v6(ranges):
+    """Istio's separateV4V6 of a resolved Ranges: '*' -> wildcard for both; else the v4
+    and v6 prefixes, spelt as netip.Prefix.String() (the address as given, host bits kept)."""
+    if ranges.wildcard:
         return _Range(wildcard=True), _Range(wildcard=True)
     v4, v6 = _Range(), _Range()
-    for item in items:
-        if item == WILDCARD:
-            raise UsageError(f"{field}: '*' cannot be combined with other ranges")
-        try:
-            iface = ipaddress.ip_interface(item)
-        except ValueError:
-            raise UsageError(f"{field}: {item!r} is not a valid CIDR")
+    for iface in ranges.given:
         rng = v4 if iface.version == 4 else v6
-        # netip.Prefix.String(): the address as given (host bits kept), canonical spelling.
         rng.cidrs.append(f"{iface.ip}/{iface.network.prefixlen}")
-        if iface.ip.is_loopback:
-            rng.has_loopback = True
+        rng.has_loopback = rng.has_loopback or iface.ip.is_loopback
     return v4, v6
-
-
-def _owner_group_filter(include, exclude):
-    """Istio's ParseInterceptFilter: (values, except_mode)."""
-    if include.strip() == WILDCARD:
-        return split_list(exclude), True
-    return split_list(include), False
-
-
-def _ports(value, field, wildcard=False):
-    items = split_list(value)
-    for p in items:
-        if p == WILDCARD and wildcard and items == [WILDCARD]:
-            continue
-        if not p.isdigit() or not 0 < int(p) < 65536:
-            raise UsageError(f"{field}: {p!r} is not a port number (1-65535)")
-    return items
 
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:@+-]{1,15}$")
@@ -161,11 +136,12 @@ def build(cfg):
            "owner_groups_include", _OWNER, "group id or name")
     _names(cfg.owner_groups_exclude, "owner_groups_exclude", _OWNER, "group id or name")
 
-    v4_excl, v6_excl = _separate_v4_v6(cfg.outbound_ip_ranges_exclude, "outbound_ip_ranges_exclude")
+    resolved = cfg.resolved()
+    v4_excl, v6_excl = _separate_v4_v6(resolved.outbound_exclude)
     if v4_excl.wildcard:
         raise UsageError("outbound_ip_ranges_exclude: '*' is not allowed (exclude everything by "
                          "setting outbound_ip_ranges_include to '')")
-    v4_incl, v6_incl = _separate_v4_v6(cfg.outbound_ip_ranges_include, "outbound_ip_ranges_include")
+    v4_incl, v6_incl = _separate_v4_v6(resolved.outbound_include)
 
     redirect_dns = bool(cfg.redirect_dns)
     if redirect_dns and not cfg.capture_all_dns and not cfg.dns_servers_v4 and not cfg.dns_servers_v6:
@@ -196,7 +172,7 @@ def build(cfg):
     b.append(ISTIO_IN_REDIRECT, "nat", "-p", "tcp", "-j", "REDIRECT", "--to-ports", capture_port)
 
     # handleInboundPortsInclude
-    inbound_include = _ports(cfg.inbound_ports_include, "inbound_ports_include", wildcard=True)
+    inbound_include = list(resolved.inbound_include.given)
     if inbound_include:
         if tproxy:
             b.append(ISTIO_DIVERT, "mangle", "-j", "MARK", "--set-mark", mark)
@@ -209,7 +185,7 @@ def build(cfg):
             table = "nat"
         b.append("PREROUTING", table, "-p", "tcp", "-j", ISTIO_INBOUND)
         if inbound_include == [WILDCARD]:
-            for port in _ports(cfg.inbound_ports_exclude, "inbound_ports_exclude"):
+            for port in resolved.inbound_exclude.given:
                 b.append(ISTIO_INBOUND, table, "-p", "tcp", "--dport", port, "-j", "RETURN")
             if tproxy:
                 b.append(ISTIO_INBOUND, "mangle", "-p", "tcp", "-m", "conntrack", "--ctstate",
@@ -228,7 +204,7 @@ def build(cfg):
 
     b.append("OUTPUT", "nat", "-j", ISTIO_OUTPUT)
 
-    for port in _ports(cfg.outbound_ports_exclude, "outbound_ports_exclude"):
+    for port in resolved.outbound_ports_exclude.given:
         b.append(ISTIO_OUTPUT, "nat", "-p", "tcp", "--dport", port, "-j", "RETURN")
         b.append(ISTIO_OUTPUT, "nat", "-p", "udp", "--dport", port, "-j", "RETURN")
 
@@ -253,7 +229,7 @@ def build(cfg):
             b.append(ISTIO_OUTPUT, "nat", "-m", "owner", flag, owner, "-j", "RETURN")
 
     # handleCaptureByOwnerGroup
-    groups, except_mode = _owner_group_filter(cfg.owner_groups_include, cfg.owner_groups_exclude)
+    groups, except_mode = list(resolved.owner_groups), resolved.owner_groups_except
     if except_mode:
         for group in groups:
             b.append(ISTIO_OUTPUT, "nat", "-m", "owner", "--gid-owner", group, "-j", "RETURN")
@@ -272,7 +248,7 @@ def build(cfg):
     for cidr in v6_excl.cidrs:
         b.append(ISTIO_OUTPUT, "nat", "-d", cidr, "-j", "RETURN", family=6)
 
-    for port in _ports(cfg.outbound_ports_include, "outbound_ports_include"):
+    for port in resolved.outbound_ports_include.given:
         b.append(ISTIO_OUTPUT, "nat", "-p", "tcp", "--dport", port, "-j", ISTIO_REDIRECT)
 
     for fam, rng in ((4, v4_incl), (6, v6_incl)):
@@ -422,5 +398,5 @@ def render_all(cfg):
 
 def owner_group_names(cfg):
     """Owner-group entries that are names (not numbers): the ones the machine must resolve."""
-    groups, _ = _owner_group_filter(cfg.owner_groups_include, cfg.owner_groups_exclude)
+    groups = list(cfg.resolved().owner_groups)
     return [g for g in groups if not g.isdigit()]

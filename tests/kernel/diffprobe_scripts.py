@@ -14,9 +14,13 @@ PROBE_CLIENT reads a JSON list of probes on stdin, runs them in order as the uid
 started with, and prints a JSON list of raw results: outcome, getpeername/getsockname of
 the app's socket (recvfrom's source for unconnected UDP) and the listener's record (with
 "http": the JSON reply of the sandbox's HTTP app, {pod, peer, local}).
+
+Both start with meshbpf.testbed.traffic.SCRIPT_HELPERS (recv_all, recv_line, sockaddr).
 """
 
-PROBE_SERVER = r"""
+from meshbpf.testbed.traffic import SCRIPT_HELPERS
+
+PROBE_SERVER = SCRIPT_HELPERS + r"""
 import json, os, select, socket, struct, sys, threading
 
 pod = sys.argv[1]
@@ -58,12 +62,7 @@ def hop(dst):
     s.settimeout(3)
     try:
         s.connect((host, port))
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = recv_line(s)
         return json.loads(data) if data else {"outcome": "empty"}
     except socket.timeout:
         return {"outcome": "timeout"}
@@ -145,19 +144,13 @@ while True:
             s.sendto(json.dumps(rec).encode(), peer)
 """
 
-PROBE_CLIENT = r"""
+PROBE_CLIENT = SCRIPT_HELPERS + r"""
 import errno, json, socket, sys
 
 def name(e):
     if isinstance(e, socket.timeout):
         return "timeout"
     return errno.errorcode.get(e.errno, str(e.errno)) if getattr(e, "errno", None) else type(e).__name__
-
-def sa(host, port):
-    if "%" in host:
-        h, ifname = host.split("%", 1)
-        return (h, port, 0, socket.if_nametoindex(ifname))
-    return (host, port)
 
 def addr(x):
     return [x[0], x[1]]
@@ -170,37 +163,27 @@ def run(p):
     s.settimeout(p.get("timeout", 2))
     try:
         if proto == "tcp":
-            s.connect(sa(host, port))
+            s.connect(sockaddr(host, port))
             out["app_peer"] = addr(s.getpeername())
             out["app_local"] = addr(s.getsockname())
             if p.get("http"):           # a real app behind a real sidecar: one GET
                 s.sendall(b"GET /diff HTTP/1.0\r\nHost: x\r\n\r\n")
-                data = b""
-                while True:
-                    chunk = s.recv(65536)
-                    if not chunk:
-                        break
-                    data += chunk
+                data = recv_all(s)
                 body = data.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in data else b""
                 out["rec"] = json.loads(body) if body else None
                 out["outcome"] = "ok" if body else "empty"
                 return out
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = recv_line(s)
             out["rec"] = json.loads(data) if data else None
             out["outcome"] = "ok" if data else "empty"
         else:
             if p.get("connected"):
-                s.connect(sa(host, port))
+                s.connect(sockaddr(host, port))
                 s.send(b"q")
                 data = s.recv(4096)
                 out["app_peer"] = addr(s.getpeername())
             else:
-                s.sendto(b"q", sa(host, port))
+                s.sendto(b"q", sockaddr(host, port))
                 data, src = s.recvfrom(4096)
                 out["app_peer"] = addr(src)
             out["app_local"] = addr(s.getsockname())

@@ -8,40 +8,16 @@ TCP_TW_SYN). The connect/request/close loops of `meshbpf bench` hit this every f
 thousand connections.
 """
 
-import sys
-
 import pytest
 
 from meshbpf.bench import rules
 from meshbpf.config import InterceptConfig
 from meshbpf.service import NodeService
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox, traffic
 
 pytestmark = pytest.mark.kernel
 
 CLIENT_PORT = 40000
-
-# Connect from a fixed port, send, read the reply, wait for the server to close first
-# (so the TIME_WAIT stays on the server), then close. Prints the outcome.
-CLIENT = r"""
-import socket, sys, time
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[2])))
-s.settimeout(4)
-t = time.monotonic()
-try:
-    s.connect((sys.argv[1], 9000))
-    s.sendall(b"x")
-    reply = s.recv(1)
-    eof = s.recv(1) == b""
-    print("ok" if reply == b"y" and eof else f"bad reply {reply!r} eof={eof}")
-except OSError as e:
-    print(f"failed after {time.monotonic() - t:.1f}s: {e!r}")
-finally:
-    s.close()
-"""
-
 
 @pytest.mark.parametrize("mode", ["iptables", "ebpf"])
 def test_reused_client_port_after_server_time_wait(mode):
@@ -52,12 +28,14 @@ def test_reused_client_port_after_server_time_wait(mode):
         icpt = NodeService(mode=mode, pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
         icpt.attach(s.pod, InterceptConfig())
         try:
-            first = c.exec([sys.executable, "-c", CLIENT, s.ip4, str(CLIENT_PORT)], timeout=30)
-            assert first.stdout.strip() == "ok", first.stdout + first.stderr
+            # from a fixed port: send, read the reply, the server closes first (so the
+            # TIME_WAIT stays on the server)
+            first = traffic.exchange(c, s.ip4, 9000, "x", "y", bind_port=CLIENT_PORT, timeout=4)
+            assert first == "ok", first
             tw = s.exec(["ss", "-Htan", "state", "time-wait", "dport", "= :%d" % CLIENT_PORT]).stdout
             assert f":{CLIENT_PORT}" in tw, f"no server-side TIME_WAIT to reuse: {tw!r}"
-            again = c.exec([sys.executable, "-c", CLIENT, s.ip4, str(CLIENT_PORT)], timeout=30)
-            assert again.stdout.strip() == "ok", (again.stdout + again.stderr, tw)
+            again = traffic.exchange(c, s.ip4, 9000, "x", "y", bind_port=CLIENT_PORT, timeout=4)
+            assert again == "ok", (again, tw)
             assert env.stats().get("tcp.inbound.downstream_cx_total", 0) >= 2
         finally:
             icpt.detach(s.pod)

@@ -12,7 +12,7 @@ A difference tests/differential.py knows (`OPEN`: issue-9 items being fixed else
 NEW ones this suite found, see docs/differences.md) makes the case a strict xfail that only
 a KnownDifference confined to that item's fields satisfies; any other difference fails.
 
-The last group runs real Envoy configured as Istio's sidecar (meshbpf/sidecar.py) in a pod
+The last group runs real Envoy configured as Istio's sidecar (meshbpf/testbed/sidecar.py) in a pod
 whose ::6 comes only from meshbpf, with a real app behind it.
 
 Everything (pods, pins, rules, addresses) is removed at the end, also on failure: the
@@ -31,7 +31,7 @@ import pytest
 from meshbpf import system
 from meshbpf.config import InterceptConfig
 from meshbpf.service import NodeService
-from meshbpf.sandbox import Sandbox, _python
+from meshbpf.testbed import Sandbox, pod_python
 
 from tests import differential as D
 from tests.kernel.diffprobe_scripts import PROBE_CLIENT, PROBE_SERVER
@@ -97,7 +97,7 @@ class Bed:
                            "0.0.0.0": "any4", "::": "any6"})
         for n, p in self.pods.items():
             forward = D.FORWARD_PORTS if n == "m" else ()
-            proc = p.spawn([_python(), "-c", PROBE_SERVER, n, ",".join(map(str, D.TCP_PORTS)),
+            proc = p.spawn([pod_python(), "-c", PROBE_SERVER, n, ",".join(map(str, D.TCP_PORTS)),
                             ",".join(map(str, D.UDP_PORTS)), ",".join(map(str, forward)),
                             "1337", "1337", str(D.DNS_LISTENER), str(D.INBOUND)], label="probe")
             deadline = time.monotonic() + 10
@@ -118,7 +118,7 @@ class Bed:
         probes = [{"id": t.id, "host": D.probe_host(t, self.addresses), "port": t.port,
                    "proto": "tcp" if t.proto == "tcp" else "udp",
                    "connected": t.proto == "udpc", "timeout": 2} for t in items]
-        r = self.pods[src].exec([_python(), "-c", PROBE_CLIENT], uid=uid, gid=gid,
+        r = self.pods[src].exec([pod_python(), "-c", PROBE_CLIENT], uid=uid, gid=gid,
                                 input=json.dumps(probes), timeout=120)
         assert r.returncode == 0, f"probe client in {src} as {who}: {r.stderr}"
         return {raw["id"]: raw for raw in json.loads(r.stdout)}
@@ -273,7 +273,7 @@ def envoy_bed():
                         before = env.stats()
                         probe = [{"id": t.id, "host": addresses[t.dst], "port": D.APP_PORT,
                                   "proto": "tcp", "http": True, "timeout": 5}]
-                        r = pod.exec([_python(), "-c", PROBE_CLIENT], uid=t.uid,
+                        r = pod.exec([pod_python(), "-c", PROBE_CLIENT], uid=t.uid,
                                      input=json.dumps(probe), timeout=60)
                         assert r.returncode == 0, r.stderr
                         after = env.stats()

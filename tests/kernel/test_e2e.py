@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox, traffic
 
 pytestmark = pytest.mark.kernel
 
@@ -19,23 +19,6 @@ MODES = ["ebpf", "iptables"]
 APP = 8080
 OUT_CX = "tcp.outbound.downstream_cx_total"
 IN_CX = "tcp.inbound.downstream_cx_total"
-
-# Prints the peer the app's socket reports, then the server's JSON reply.
-CLIENT = r"""
-import json, socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-s = socket.create_connection((host, port), timeout=10)
-peer = s.getpeername()[:2]
-s.sendall(b"GET /x HTTP/1.0\r\nHost: t\r\n\r\n")
-data = b""
-while True:
-    chunk = s.recv(65536)
-    if not chunk:
-        break
-    data += chunk
-print(json.dumps({"peer": list(peer), "reply": json.loads(data.split(b"\r\n\r\n", 1)[1])}))
-"""
-
 
 def cli(sb, *args, check=True):
     """Run `meshbpf ARGS` as a user would, against this sandbox's pins and cgroup."""
@@ -57,10 +40,8 @@ def attach(sb, p, mode, *flags):
 
 
 def request(pod, host, port=APP):
-    """Connect from `pod` as its app (uid 0); returns {"peer": [...], "reply": {...}}."""
-    r = pod.exec([sys.executable, "-c", CLIENT, host, str(port)], timeout=30)
-    assert r.returncode == 0, f"request {pod.name} -> {host}:{port} failed: {r.stderr}"
-    return json.loads(r.stdout)
+    """Connect from `pod` as its app (uid 0); returns {"peer": [...], "reply": {...}, ...}."""
+    return traffic.http_get(pod, host, port, path="/x")
 
 
 def delta(sidecar, name, fn):
@@ -187,8 +168,8 @@ def test_app_connecting_before_its_sidecar_listens_is_intercepted_once_it_does(m
     e = sb.add_pod("e")
     try:
         attach(sb, e, mode)
-        r = e.exec([sys.executable, "-c", CLIENT, b.ip4, str(APP)], timeout=30)
-        assert r.returncode != 0, "with no sidecar listening the connection cannot succeed"
+        r = traffic.http_get(e, b.ip4, APP, path="/x", allow_error=True)
+        assert "error" in r, "with no sidecar listening the connection cannot succeed"
         env_e = e.start_envoy()
         n, res = delta(env_e, OUT_CX, lambda: request(e, b.ip4))
         assert n >= 1 and res["reply"]["pod"] == "b"

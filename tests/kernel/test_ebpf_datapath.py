@@ -22,55 +22,16 @@ from meshbpf.ebpf import loader
 from meshbpf.service import NodeService
 from meshbpf.ebpf.maps import Maps
 from meshbpf.errors import UsageError
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox, pod_python, traffic
 
 pytestmark = pytest.mark.kernel
 
 APP_UID = 1000
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# A client that prints what the app sees: getpeername() and the server's JSON reply.
-CLIENT = textwrap.dedent("""
-    import json, socket, sys, time
-    host, port = sys.argv[1], int(sys.argv[2])
-    bind_port = int(sys.argv[3]) if len(sys.argv) > 3 else 0
-    hold = float(sys.argv[4]) if len(sys.argv) > 4 else 0
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if bind_port:
-        s.bind(("::" if fam == socket.AF_INET6 else "0.0.0.0", bind_port))
-    s.settimeout(10)
-    s.connect((host, port))
-    peer = s.getpeername()
-    local = s.getsockname()
-    time.sleep(hold)
-    s.sendall(b"GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n")
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    body = data.split(b"\\r\\n\\r\\n", 1)[1]
-    print(json.dumps({"peer": list(peer[:2]), "local": list(local[:2]),
-                      "reply": json.loads(body)}))
-""")
-
-
-def _py():
-    try:
-        from meshbpf.sandbox import _python
-        return _python()
-    except ImportError:  # pragma: no cover
-        return sys.executable
-
-
 def client(pod, host, port=8080, uid=APP_UID, bind_port=0, hold=0):
-    r = pod.exec([_py(), "-c", CLIENT, host, str(port), str(bind_port), str(hold)],
-                 uid=uid, timeout=30)
-    assert r.returncode == 0, f"client in {pod.name} -> {host}:{port}: {r.stderr}"
-    return json.loads(r.stdout)
+    """What the app sees: {"peer": getpeername(), "local": getsockname(), "reply": ...}."""
+    return traffic.http_get(pod, host, port, uid=uid, bind_port=bind_port, hold=hold)
 
 
 def curl(pod, url, uid=APP_UID, timeout=10):
@@ -224,57 +185,6 @@ def test_included_ports_and_ranges_are_captured(node, icpt):
     assert outbound_cx(env) == before + 2
 
 
-# B: read everything until EOF, answer with its length and sha256 (catches reordering).
-SINK = textwrap.dedent("""
-    import hashlib, socket, sys
-    srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    srv.bind(("::", int(sys.argv[1])))
-    srv.listen(16)
-    print("listening", flush=True)
-    while True:
-        c, _ = srv.accept()
-        h, n = hashlib.sha256(), 0
-        while True:
-            d = c.recv(1 << 20)
-            if not d:
-                break
-            h.update(d)
-            n += len(d)
-        c.sendall(f"{n} {h.hexdigest()}".encode())
-        c.close()
-""")
-# A: send N pseudo-random bytes in odd-sized writes (up to argv[4] bytes, default 64 KB),
-# half-close, then compare B's answer (length and sha256: catches loss and reordering).
-SOURCE = textwrap.dedent("""
-    import hashlib, random, socket, sys
-    host, port, total = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    most = int(sys.argv[4]) if len(sys.argv) > 4 else 65000
-    rnd = random.Random(7)
-    block = rnd.randbytes(1 << 20)
-    s = socket.create_connection((host, port), timeout=60)
-    h, sent, i = hashlib.sha256(), 0, 0
-    while sent < total:
-        size = min(total - sent, 1000 + (i * 7919) % most)
-        off = (i * 104729) % (len(block) - min(size, 65536))
-        chunk = (block[off:] + block)[:size]
-        s.sendall(chunk)
-        h.update(chunk)
-        sent += size
-        i += 1
-    s.shutdown(socket.SHUT_WR)
-    reply = b""
-    while True:
-        d = s.recv(4096)
-        if not d:
-            break
-        reply += d
-    n, digest = reply.decode().split()
-    assert int(n) == total, (n, total)
-    assert digest == h.hexdigest(), "payload corrupted or reordered"
-    print("ok", n)
-""")
 # Within one splice budget (structs.SPLICE_LIMIT, docs/splice.md), so every byte is
 # spliced; what happens past it is tests/kernel/test_splice_load.py's business.
 BULK = 3 * 1024 * 1024
@@ -286,7 +196,8 @@ def _bulk(sb, a, b, splice):
     try:
         ic.attach(a.pod, InterceptConfig())
         segs0, lo0 = tcp_out_segs(a), lo_tx_packets(a)
-        r = a.exec([_py(), "-c", SOURCE, b.ip4, "9000", str(BULK)], uid=APP_UID, timeout=120)
+        r = a.exec([pod_python(), "-c", traffic.BULK_SOURCE, b.ip4, "9000", str(BULK)],
+                   uid=APP_UID, timeout=120)
         segs, lo = tcp_out_segs(a) - segs0, lo_tx_packets(a) - lo0
         assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
         return (segs, lo), counters(sb.pin_prefix), ic.status()
@@ -296,7 +207,7 @@ def _bulk(sb, a, b, splice):
 
 def test_splice_skips_tcp_for_app_to_sidecar_bytes(node):
     sb, a, b, env = node
-    sink = b.spawn([_py(), "-c", SINK, "9000"], label="sink")
+    sink = b.spawn([pod_python(), "-c", traffic.BULK_SINK, "9000"], label="sink")
     b.wait_port(9000, listening=True, proc=sink)
     before = outbound_cx(env)
     segs_on, c_on, st = _bulk(sb, a, b, splice=True)
@@ -470,7 +381,8 @@ def test_many_pods_with_colliding_loopback_tuples(node, icpt):
         # 127.0.0.1:41000 -> 127.0.0.1:15001 exists in all four pods at once
         procs = []
         for p, port in zip(pods, ports):
-            procs.append(p.spawn([_py(), "-c", CLIENT, b.ip4, str(port), "41000", "1.5"],
+            procs.append(p.spawn(traffic.connect_argv(b.ip4, port, http="/", bind_port=41000,
+                                                      hold=1.5),
                                  uid=APP_UID, label="client"))
         for p, port, proc in zip(pods, ports, procs):
             assert proc.wait(timeout=30) == 0, proc.output()
@@ -531,7 +443,7 @@ def test_meshed_to_meshed_on_one_node_is_spliced_end_to_end(node, icpt):
     sb, a, _, env_a = node
     m = sb.add_pod("mb")
     try:
-        sink = m.spawn([_py(), "-c", SINK, "9000"], label="sink")
+        sink = m.spawn([pod_python(), "-c", traffic.BULK_SINK, "9000"], label="sink")
         m.wait_port(9000, listening=True, proc=sink)
         env_m = m.start_envoy()
         ic = icpt()
@@ -539,8 +451,8 @@ def test_meshed_to_meshed_on_one_node_is_spliced_end_to_end(node, icpt):
         ic.attach(m.pod, InterceptConfig())
         c0 = counters(sb.pin_prefix)
         before_out = outbound_cx(env_a)
-        r = a.exec([_py(), "-c", SOURCE, m.ip4, "9000", str(BULK)], uid=APP_UID,
-                   timeout=120)
+        r = a.exec([pod_python(), "-c", traffic.BULK_SOURCE, m.ip4, "9000", str(BULK)],
+                   uid=APP_UID, timeout=120)
         assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
         assert outbound_cx(env_a) == before_out + 1
         assert env_m.stats().get("tcp.inbound.downstream_cx_total", 0) >= 1
@@ -592,7 +504,7 @@ def test_short_lived_clients_do_not_race_the_proxy_and_leave_no_state(node, icpt
             s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
             s.close()
     """)
-    r = a.exec([_py(), "-c", code], uid=APP_UID, timeout=60)
+    r = a.exec([pod_python(), "-c", code], uid=APP_UID, timeout=60)
     assert r.returncode == 0, r.stderr
     deadline = time.monotonic() + 10
     while True:
@@ -610,8 +522,8 @@ def test_short_lived_clients_do_not_race_the_proxy_and_leave_no_state(node, icpt
 
 
 # A UDP+TCP responder: replies "<marker>:<query>" (stands in for a DNS server / DNS proxy).
-RESPONDER = textwrap.dedent("""
-    import socket, sys, threading
+RESPONDER = traffic.SCRIPT_HELPERS + textwrap.dedent("""
+    import threading
     port, marker = int(sys.argv[1]), sys.argv[2].encode()
     def udp():
         u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -621,11 +533,7 @@ RESPONDER = textwrap.dedent("""
             data, addr = u.recvfrom(2048)
             u.sendto(marker + b":" + data, addr)
     threading.Thread(target=udp, daemon=True).start()
-    t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    t.bind(("::", port))
-    t.listen(16)
+    t = tcp_listener(port)
     print("ready", flush=True)
     while True:
         c, _ = t.accept()
@@ -654,14 +562,14 @@ def test_dns_capture(node, icpt):
     sb, _, b, _ = node
     d = sb.add_pod("dns")
     try:
-        real = b.spawn([_py(), "-c", RESPONDER, "53", "real"], label="dns53")
+        real = b.spawn([pod_python(), "-c", RESPONDER, "53", "real"], label="dns53")
         b.wait_port(53, listening=True, proc=real)
-        proxy = d.spawn([_py(), "-c", RESPONDER, "15053", "sidecar"], uid=1337, label="dns15053")
+        proxy = d.spawn([pod_python(), "-c", RESPONDER, "15053", "sidecar"], uid=1337, label="dns15053")
         d.wait_port(15053, listening=True, proc=proxy)
         ic = icpt()
 
         def ask(uid=APP_UID):
-            r = d.exec([_py(), "-c", ASK, b.ip4, "53"], uid=uid, timeout=30)
+            r = d.exec([pod_python(), "-c", ASK, b.ip4, "53"], uid=uid, timeout=30)
             assert r.returncode == 0, r.stderr
             return json.loads(r.stdout)
 

@@ -1,4 +1,4 @@
-"""Inbound steering (bpf/tc_inbound.c + meshbpf/ebpf/inbound.py) in throwaway sandbox pods.
+"""Inbound steering (bpf/tc_inbound.c + meshbpf/ebpf/inbound/) in throwaway sandbox pods.
 
 The tc program is compiled on its own here (bpf/meshbpf.h + bpf/tc_inbound.c, as the core
 loader concatenates them) and attached with meshbpf.ebpf.inbound, so these tests check the
@@ -8,6 +8,7 @@ The last tests go through the whole EbpfInterceptor with a real Envoy sidecar.
 
 import json
 import os
+import socket
 import sys
 import time
 
@@ -17,7 +18,7 @@ from meshbpf import system
 from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import loader
 from meshbpf.errors import ApplyError, NotFoundError, UnsupportedError
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox, traffic
 
 pytestmark = pytest.mark.kernel
 
@@ -40,49 +41,12 @@ COUNTER_NO_LISTENER = _IDX["MBI_COUNTER_NO_LISTENER"]
 COUNTER_UNSTEERABLE = _IDX["MBI_COUNTER_UNSTEERABLE"]
 COUNTER_BYPASS = _IDX["COUNTER_INBOUND_BYPASS"]
 
-# A listener that tells each client which server answered and what both ends look like.
-SERVER = r"""
-import json, socket, sys
-port = int(sys.argv[1])
-s = socket.socket(socket.AF_INET6)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.bind(("::", port))
-s.listen(1024)
-print("listening", port, flush=True)
-while True:
-    c, peer = s.accept()
-    local = c.getsockname()
-    c.sendall((json.dumps({"server": port, "local": [local[0], local[1]],
-                           "peer": [peer[0], peer[1]]}) + "\n").encode())
-    c.close()
-"""
-
-# Connects, prints what the server said and the peer the client's socket reports.
-# A 4th argument "dstopts" puts an IPv6 destination options header on every packet,
-# "ipopts" IPv4 options (a 24-byte IPv4 header).
-CLIENT = r"""
-import json, socket, sys
-host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-try:
-    if sys.argv[4:] == ["dstopts"]:
-        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
-        s.settimeout(timeout)
-        s.connect((host, port))
-    elif sys.argv[4:] == ["ipopts"]:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, bytes([1, 1, 1, 0]))  # NOPs, EOL
-        s.settimeout(timeout)
-        s.connect((host, port))
-    else:
-        s = socket.create_connection((host, port), timeout=timeout)
-except OSError as e:
-    print(json.dumps({"error": type(e).__name__}))
-    sys.exit(0)
-line = s.makefile().readline()
-print(json.dumps({"reply": json.loads(line), "peer": list(s.getpeername()[:2])}))
-"""
+# Options a client can put on every packet: an IPv6 destination options header, or IPv4
+# options (a 24-byte IPv4 header).
+CLIENT_OPTS = {
+    "dstopts": (socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0])),
+    "ipopts": (socket.IPPROTO_IP, socket.IP_OPTIONS, bytes([1, 1, 1, 0])),  # NOPs, EOL
+}
 
 
 def _bare(ip):
@@ -125,18 +89,17 @@ def counter(b, idx):
 
 
 def serve(pod, *ports):
-    procs = []
-    for port in ports:
-        p = pod.spawn([sys.executable, "-c", SERVER, str(port)], label=f"srv{port}")
-        pod.wait_port(port, listening=True, proc=p)
-        procs.append(p)
-    return procs
+    """A listener per port telling each client which server answered (traffic.WHOAMI)."""
+    return [traffic.start_whoami(pod, port) for port in ports]
 
 
 def connect(client, host, port, timeout=3.0, *extra):
-    r = client.exec([sys.executable, "-c", CLIENT, host, str(port), str(timeout), *extra],
-                    timeout=timeout + 20, check=True)
-    return json.loads(r.stdout)
+    """What the server said and the peer the client's socket reports, or {"error": name}
+    when the connect failed; `extra`: names of CLIENT_OPTS."""
+    out = traffic.connect(client, host, port, timeout=timeout, allow_error="connect",
+                          sockopts=[CLIENT_OPTS[x] for x in extra])
+    return {"error": out["error"]} if "error" in out else {"reply": out["reply"],
+                                                            "peer": out["peer"]}
 
 
 def tc_state(pod):
@@ -321,7 +284,7 @@ def test_no_listener_drops_until_sidecar_listens(sb, obj):
     assert out == {"error": "TimeoutError"}
     assert counter(b, COUNTER_NO_LISTENER) > before
     # A client already retrying connects as soon as the sidecar listens.
-    client = pc.spawn([sys.executable, "-c", CLIENT, pb.ip4, "8080", "15"], label="late")
+    client = pc.spawn(traffic.connect_argv(pb.ip4, 8080, timeout=15), label="late")
     time.sleep(1.2)
     serve(pb, 15006)
     client.wait(20)
@@ -549,8 +512,8 @@ def test_cleanup_leaves_no_filter_qdisc_or_pin(meshed, sb):
 
 
 def test_probe_tries_plain_and_reuseport_listeners():
-    from meshbpf.ebpf import inbound
-    res = inbound.probe()
+    from meshbpf.probe import inbound as inbound_probe
+    res = inbound_probe.run()
     assert res["ok"], res["detail"]
     # bpf_sk_assign accepts SO_REUSEPORT listeners since Linux 6.5 (older kernels may
     # have it backported, so only the newer side is certain).

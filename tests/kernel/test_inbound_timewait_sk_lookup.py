@@ -1,4 +1,4 @@
-"""The inbound TIME_WAIT path (bpf/sk_lookup.c, sockops LISTEN_CB, meshbpf/ebpf/inbound.py).
+"""The inbound TIME_WAIT path (bpf/sk_lookup.c, sockops LISTEN_CB, meshbpf/ebpf/inbound/).
 
 A SYN that reuses a 4-tuple the meshed server still holds in TIME_WAIT (the sidecar closed
 first) is left by tc to the kernel's TIME_WAIT handling, which asks the pod's sk_lookup
@@ -16,10 +16,11 @@ import pytest
 from meshbpf import system
 from meshbpf.bench.rules import CONN_SERVER
 from meshbpf.config import InterceptConfig
-from meshbpf.ebpf import inbound
+from meshbpf.ebpf import structs
+from meshbpf.ebpf.inbound import policy
 from meshbpf.service import NodeService
 from meshbpf.ebpf.maps import Maps
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox, traffic
 
 pytestmark = pytest.mark.kernel
 
@@ -28,33 +29,10 @@ APP_PORT = 9000
 # The app: answers "y" to any request, then closes first.
 APP = CONN_SERVER
 
-# From a fixed local port: send, read the reply, wait for the server to close first (so the
-# TIME_WAIT stays on the server), then close. Prints "ok" or what went wrong.
-CLIENT = r"""
-import socket, sys, time
-host, port, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-v6 = ":" in host
-s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("::" if v6 else "0.0.0.0", port))
-s.settimeout(timeout)
-t = time.monotonic()
-try:
-    s.connect((host, 9000))
-    s.sendall(b"x")
-    reply = s.recv(1)
-    eof = s.recv(1) == b""
-    print("ok" if reply == b"y" and eof else f"bad reply {reply!r} eof={eof}")
-except OSError as e:
-    print(f"failed after {time.monotonic() - t:.1f}s: {e!r}")
-finally:
-    s.close()
-"""
-
-
 def _client(c, host, port, timeout=4):
-    r = c.exec([sys.executable, "-c", CLIENT, host, str(port), str(timeout)], timeout=60)
-    return (r.stdout + r.stderr).strip()
+    """From fixed local port `port`: "x" to the app, its "y" back, the server closes first
+    (so the TIME_WAIT stays on the server). "ok" or what went wrong."""
+    return traffic.exchange(c, host, APP_PORT, "x", "y", bind_port=port, timeout=timeout)
 
 
 def _server_time_wait(s, port):
@@ -63,9 +41,9 @@ def _server_time_wait(s, port):
 
 def _listener_keys(sb, cookie):
     with Maps(sb.pin_prefix) as m:
-        return sorted(inbound.decode_listener_key(k)[1:]
-                      for k in m[inbound.MAP_LISTENERS].keys()
-                      if inbound.decode_listener_key(k)[0] == cookie)
+        return sorted(structs.decode_capture_listener_key(k)[1:]
+                      for k in m[policy.MAP_LISTENERS].keys()
+                      if structs.decode_capture_listener_key(k)[0] == cookie)
 
 
 def _reuse_twice(c, s, env, host, port):
@@ -101,14 +79,14 @@ def test_listener_that_existed_before_attach_is_adopted(pods):
     assert skl["enabled"] and "adopt_error" not in skl, skl
     # Envoy's [::]:15006 (dual-stack) listener, found in /proc and taken with pidfd_getfd.
     assert [(l["family"], l["address"], l["pid"]) for l in skl["listeners"]] == \
-        [(inbound.AF_INET6, "::", env.proc.pid)]
-    assert _listener_keys(sb, s.pod.netns_cookie) == [(15006, inbound.AF_INET6)]
+        [(structs.MB_AF_INET6, "::", env.proc.pid)]
+    assert _listener_keys(sb, s.pod.netns_cookie) == [(15006, structs.MB_AF_INET6)]
     assert os.path.exists(skl["link"])
     # IPv4 (via the dual-stack listener) and IPv6, from different client ports.
     _reuse_twice(c, s, env, s.ip4, 40001)
     _reuse_twice(c, s, env, s.ip6, 40002)
     with Maps(sb.pin_prefix) as m:
-        assert len(m[inbound.MAP_TW]) == 0       # every mark was consumed by sk_lookup
+        assert len(m[policy.MAP_TW]) == 0       # every mark was consumed by sk_lookup
 
 
 def test_listener_started_after_attach_comes_from_listen_cb(pods):
@@ -119,13 +97,13 @@ def test_listener_started_after_attach_comes_from_listen_cb(pods):
     cookie = s.pod.netns_cookie
     assert _listener_keys(sb, cookie) == []
     env = s.start_envoy(access_log=False)
-    assert _listener_keys(sb, cookie) == [(15006, inbound.AF_INET6)]
+    assert _listener_keys(sb, cookie) == [(15006, structs.MB_AF_INET6)]
     _reuse_twice(c, s, env, s.ip4, 40003)
     # A restarted sidecar: the closed listener leaves the map, the new one is added.
     env.stop()
     assert _listener_keys(sb, cookie) == []
     env = s.start_envoy(access_log=False)
-    assert _listener_keys(sb, cookie) == [(15006, inbound.AF_INET6)]
+    assert _listener_keys(sb, cookie) == [(15006, structs.MB_AF_INET6)]
     _reuse_twice(c, s, env, s.ip4, 40004)
 
 
@@ -147,8 +125,8 @@ def test_cleanup_removes_the_sk_lookup_link_and_entries(pods):
     s.start_envoy(access_log=False)
     rec = icp.attach(s.pod, InterceptConfig())
     link = rec["inbound"]["sk_lookup"]["link"]
-    netns_ino = str(s.pod.key)
-    assert os.path.basename(link) == f"sk_lookup-{netns_ino}"
+    netns_ino = str(os.stat(s.netns).st_ino)
+    assert os.path.basename(link) == f"sk_lookup-{s.pod.netns_cookie}"
 
     def netns_links():
         out = system.run(["bpftool", "-j", "link", "show"]).stdout
@@ -160,7 +138,7 @@ def test_cleanup_removes_the_sk_lookup_link_and_entries(pods):
     icp.detach(s.pod)
     assert not os.path.exists(link) and netns_links() == []
     with Maps(sb.pin_prefix) as m:
-        for name in (inbound.MAP_NETNS, inbound.MAP_TW, inbound.MAP_LISTENERS):
+        for name in (policy.MAP_NETNS, policy.MAP_TW, policy.MAP_LISTENERS):
             assert len(m[name]) == 0, name
     # re-attach, then cleanup: nothing of ours is left
     icp.attach(s.pod, InterceptConfig())

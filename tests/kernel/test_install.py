@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox
 
 pytestmark = pytest.mark.kernel
 

@@ -374,7 +374,7 @@ def _curl(pod, ip, port=8080):
 
 
 def test_interceptor_moves_traffic_through_envoy_and_detaches_cleanly():
-    from meshbpf.sandbox import Sandbox
+    from meshbpf.testbed import Sandbox
     with Sandbox(name="iptint") as sb:
         a, b = sb.add_pod("a"), sb.add_pod("b")
         b.start_http_server(8080)

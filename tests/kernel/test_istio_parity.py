@@ -3,7 +3,7 @@
 iptables mode is Istio's own rules, so it is the oracle: for the same config and the same
 traffic the same listener must see it. Pods get `::6` on lo only from meshbpf (the sandbox
 does not add it, as no init container runs in eBPF mode). Sidecars are real Envoy
-configured as Istio's (meshbpf.sidecar), run as uid 1337.
+configured as Istio's (meshbpf.testbed.sidecar), run as uid 1337.
 """
 
 import json
@@ -16,7 +16,7 @@ from meshbpf.config import InterceptConfig
 from meshbpf.service import NodeService
 from meshbpf.ebpf.maps import Maps
 from meshbpf.pod import Pod
-from meshbpf.sandbox import Sandbox, _python
+from meshbpf.testbed import Sandbox, pod_python, traffic
 
 pytestmark = pytest.mark.kernel
 
@@ -25,29 +25,11 @@ OUT_CX = "tcp.outbound.downstream_cx_total"
 IN_CX = "tcp.inbound.downstream_cx_total"
 IN_UP = "cluster.InboundPassthroughCluster.upstream_cx_total"
 
-CLIENT = textwrap.dedent(r"""
-    import json, socket, sys
-    host, port = sys.argv[1], int(sys.argv[2])
-    s = socket.create_connection((host, port), timeout=10)
-    s.sendall(b"GET /p HTTP/1.0\r\nHost: t\r\n\r\n")
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    print(json.dumps(json.loads(data.split(b"\r\n\r\n", 1)[1])))
-""")
-
-
 def request(pod, host, port=APP, userns=False, check=True):
     """One connection from `pod`'s app (uid 0); the server's JSON reply (with check=False,
     {"error": ...} when it failed, so the caller can show what its sidecar counted)."""
-    r = pod.exec([_python(), "-c", CLIENT, host, str(port)], timeout=40, userns=userns)
-    if not check and r.returncode != 0:
-        return {"error": r.stderr[-1500:]}
-    assert r.returncode == 0, f"{pod.name} -> {host}:{port} failed: {r.stderr[-1500:]}"
-    return json.loads(r.stdout)
+    out = traffic.http_get(pod, host, port, path="/p", userns=userns, allow_error=not check)
+    return out if "error" in out else out["reply"]
 
 
 def delta(sidecar, names, fn):
@@ -249,7 +231,7 @@ def test_large_getsockopt_below_the_hook_gets_the_kernels_answer(bed):
             # IPT_SO_GET_INFO / IPT_SO_GET_ENTRIES (tens of KB) from a process in the cgroup
             saved = c.exec(["iptables-legacy-save", "-t", "filter"], check=True).stdout
             rules = [l for l in saved.splitlines() if l.startswith("-A MBTEST")]
-            sockopt = json.loads(c.exec([_python(), "-c", GETSOCKOPT, c.ip4, str(APP)],
+            sockopt = json.loads(c.exec([pod_python(), "-c", GETSOCKOPT, c.ip4, str(APP)],
                                         check=True).stdout)
             return rules, sockopt
         rules0, sockopt0 = look()

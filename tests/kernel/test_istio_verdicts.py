@@ -23,9 +23,7 @@ import pytest
 
 from meshbpf.config import InterceptConfig
 from meshbpf.service import NodeService
-from meshbpf.sandbox import Sandbox
-
-from .test_ebpf_datapath import _py
+from meshbpf.testbed import Sandbox, pod_python, traffic
 
 pytestmark = pytest.mark.kernel
 
@@ -116,33 +114,6 @@ SERVE = textwrap.dedent("""
     threading.Event().wait()
 """)
 
-# A TCP client: what the listener reported, and the client's getpeername/getsockname.
-DIAL = textwrap.dedent("""
-    import json, socket, sys
-    host, port = sys.argv[1], int(sys.argv[2])
-    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(fam, socket.SOCK_STREAM)
-    s.settimeout(5)
-    addr = (host, port)
-    if "%" in host:                  # a link-local address: the scope id must be given
-        ip, dev = host.split("%")
-        addr = (ip, port, 0, socket.if_nametoindex(dev))
-    try:
-        s.connect(addr)
-    except OSError as e:
-        print(json.dumps({"error": e.errno}))
-        sys.exit(0)
-    out = {"peer": list(s.getpeername()[:2]), "local": s.getsockname()[0]}
-    data = b""
-    while True:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    out["server"] = json.loads(data)
-    print(json.dumps(out))
-""")
-
 # A DNS query for x.test: `connected` (connect()+send(), as glibc and Go do; then the
 # socket is connected to port 5353), `unconnected` (sendto) or `tcp`; which server
 # answered, from where, and the socket's names.
@@ -193,13 +164,13 @@ QUERY = textwrap.dedent("""
 def pods():
     with Sandbox(name="verdict") as sb:
         c, s = sb.add_pod("c"), sb.add_pod("s")
-        srv = c.spawn([_py(), "-c", SERVE, f"tcp:8080,tcp:15001,tcp:15006,dns:15053:{ANSWER_SIDECAR}:lo"],
+        srv = c.spawn([pod_python(), "-c", SERVE, f"tcp:8080,tcp:15001,tcp:15006,dns:15053:{ANSWER_SIDECAR}:lo"],
                       uid=PROXY_UID, label="listeners")
         for port in (8080, 15001, 15006, 15053):
             c.wait_port(port, listening=True, proc=srv)
-        local = c.spawn([_py(), "-c", SERVE, f"dns:53:{ANSWER_LOCAL}"], label="local-dns")
+        local = c.spawn([pod_python(), "-c", SERVE, f"dns:53:{ANSWER_LOCAL}"], label="local-dns")
         c.wait_port(53, listening=True, proc=local)
-        real = s.spawn([_py(), "-c", SERVE, f"tcp:8080,dns:53:{ANSWER_REAL}"], label="server")
+        real = s.spawn([pod_python(), "-c", SERVE, f"tcp:8080,dns:53:{ANSWER_REAL}"], label="server")
         s.wait_port(53, listening=True, proc=real)
         s.wait_port(8080, listening=True, proc=real)
         yield sb, c, s
@@ -230,12 +201,16 @@ def _json(r, what):
 
 
 def dial(pod, host, port, uid=APP_UID):
-    return _json(pod.exec([_py(), "-c", DIAL, host, str(port)], uid=uid, timeout=30),
-                 f"dial {host}:{port}")
+    """A TCP client: what the listener reported ("server"), and the client's getpeername
+    and getsockname (address); {"error": errno} when the connect failed."""
+    out = traffic.connect(pod, host, port, uid=uid, timeout=5, allow_error="connect")
+    if "error" in out:
+        return {"error": out["errno"]}
+    return {"peer": out["peer"], "local": out["local"][0], "server": out["reply"]}
 
 
 def query(pod, mode, host, uid=APP_UID, gid=None):
-    return _json(pod.exec([_py(), "-c", QUERY, mode, host], uid=uid, gid=gid, timeout=30),
+    return _json(pod.exec([pod_python(), "-c", QUERY, mode, host], uid=uid, gid=gid, timeout=30),
                  f"{mode} DNS query to {host}")
 
 

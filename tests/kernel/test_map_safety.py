@@ -1,4 +1,4 @@
-"""Node-wide map safety (issue 9, items 4, 5 and 7), in throwaway sandbox pods:
+"""Node-wide map safety, in throwaway sandbox pods:
 
 - address-keyed maps (local_ips, inbound_pods, inbound_ports, inbound_netns) are owned: a
   stale detach of a dead pod whose address a live pod reuses leaves the live pod's entries,
@@ -20,44 +20,16 @@ import pytest
 
 from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import inbound, structs
+from meshbpf.ebpf.inbound import policy
+from meshbpf.probe import inbound as inbound_probe
 from meshbpf.service import NodeService
 from meshbpf.ebpf.maps import Maps
 from meshbpf.errors import UsageError
-from meshbpf.sandbox import Sandbox, _python
+from meshbpf.testbed import Sandbox, pod_python, traffic
 
 pytestmark = pytest.mark.kernel
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-# Tells each client which listener answered and what both ends look like; "reuseport" puts
-# the listener in a SO_REUSEPORT group (as Envoy does by default).
-SERVER = r"""
-import json, socket, sys
-port = int(sys.argv[1])
-s = socket.socket(socket.AF_INET6)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-if sys.argv[2:] == ["reuseport"]:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-s.bind(("::", port))
-s.listen(1024)
-while True:
-    c, peer = s.accept()
-    local = c.getsockname()
-    c.sendall((json.dumps({"server": port, "local": [local[0], local[1]],
-                           "peer": [peer[0], peer[1]]}) + "\n").encode())
-    c.close()
-"""
-
-CLIENT = r"""
-import json, socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-try:
-    s = socket.create_connection((host, port), timeout=4)
-    print(json.dumps({"reply": json.loads(s.makefile().readline())}))
-except OSError as e:
-    print(json.dumps({"error": type(e).__name__}))
-"""
 
 # The sidecar's outbound listener (127.0.0.1:15001) and the app in one process: `n` connects
 # to host:port (each redirected to 15001), each accepted end asks SO_ORIGINAL_DST. Prints
@@ -94,9 +66,7 @@ time.sleep(hold)
 
 
 def _serve(pod, port, *extra):
-    p = pod.spawn([_python(), "-c", SERVER, str(port), *extra], label=f"srv{port}")
-    pod.wait_port(port, listening=True, proc=p)
-    return p
+    return traffic.start_whoami(pod, port, reuseport=extra == ("reuseport",))
 
 
 def _run(cmd):
@@ -104,15 +74,16 @@ def _run(cmd):
 
 
 def _connect(client, host, port):
-    r = client.exec([_python(), "-c", CLIENT, host, str(port)], timeout=30, check=True)
-    return json.loads(r.stdout)
+    """{"reply": what the listener said} or {"error": exception name}."""
+    out = traffic.connect(client, host, port, timeout=4, allow_error=True)
+    return {"error": out["error"]} if "error" in out else {"reply": out["reply"]}
 
 
 def _entries(sb):
     """Every entry of the maps keyed by address (raw bytes), for before/after checks."""
     out = {}
     with Maps(sb.pin_prefix) as m:
-        for name in ("pods", "local_ips", inbound.MAP_PODS, inbound.MAP_PORTS, inbound.MAP_NETNS):
+        for name in ("pods", "local_ips", policy.MAP_PODS, policy.MAP_PORTS, policy.MAP_NETNS):
             out[name] = {bytes(k): bytes(m[name].lookup_raw(k)) for k in m[name].keys()}
     return out
 
@@ -205,7 +176,7 @@ except OSError as e:
 
 
 def _hold(pod, host, n, hold=60):
-    p = pod.spawn([_python(), "-c", HOLDER, host, "8080", str(n), str(hold)], label="hold")
+    p = pod.spawn([pod_python(), "-c", HOLDER, host, "8080", str(n), str(hold)], label="hold")
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         lines = [l for l in p.output().splitlines() if l.startswith("[")]
@@ -234,7 +205,7 @@ def test_full_maps_refuse_connects_count_them_and_never_answer_wrong(monkeypatch
             procs.append(pa)
             assert out_a == [want] * 8 + ["EPERM"] * 4, out_a
             # a captured DNS query needs a record too: refused as well, not redirected
-            r = a.exec([_python(), "-c", DNS_SEND, s.ip4], timeout=30)
+            r = a.exec([pod_python(), "-c", DNS_SEND, s.ip4], timeout=30)
             assert r.stdout.strip() == "EPERM", (r.stdout, r.stderr)
             # another pod is not starved: C gets its whole share, answered right
             pc, out_c = _hold(c, s.ip4, 8)
@@ -336,7 +307,7 @@ def test_envoy_reuseport_inbound_listener_through_sk_lookup():
         pb.start_http_server(8080)
         # Envoy's inbound listener uses SO_REUSEPORT (its default), which bpf_sk_assign
         # refuses before Linux 6.5
-        r = pb.exec([_python(), "-c", JOIN_REUSEPORT], uid=1337)
+        r = pb.exec([pod_python(), "-c", JOIN_REUSEPORT], uid=1337)
         assert r.returncode == 0, r.stderr
         icp = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
                               inbound_sk_lookup=True)
@@ -397,7 +368,7 @@ def test_full_pairs_never_answer_the_sidecars_own_address(monkeypatch):
                               pod_conn_limit=2)
         try:
             icp.attach(a.pod, InterceptConfig())
-            r = a.exec([_python(), "-c", LINGER, s.ip4, "8080", "4"], timeout=60)
+            r = a.exec([pod_python(), "-c", LINGER, s.ip4, "8080", "4"], timeout=60)
             assert r.returncode == 0, r.stderr
             out = json.loads(r.stdout)
             assert icp.status()["counters"]["pairs_full"] == 1
@@ -428,7 +399,7 @@ def test_only_the_owner_of_an_address_splices_pod_address_connections():
         s, x = sb.add_pod("s"), sb.add_pod("x")
         _serve(s, 15006)                          # S is meshed: its inbound sidecar
         go = os.path.join(x.tmpdir, "go")
-        proc = x.spawn([_python(), "-c", PROXY_CLIENT, s.ip4, "8080", go], uid=1337,
+        proc = x.spawn([pod_python(), "-c", PROXY_CLIENT, s.ip4, "8080", go], uid=1337,
                        label="proxy-client")
         icp = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
         try:
@@ -454,5 +425,5 @@ def test_only_the_owner_of_an_address_splices_pod_address_connections():
 
 def test_probe_tries_the_sk_lookup_path_for_reuseport_listeners():
     # what `meshbpf probe` reports as inbound_reuseport on kernels before 6.5 (5.9+ here)
-    res = inbound.probe()
+    res = inbound_probe.run()
     assert res["ok"] and res["sk_lookup_reuseport"], res["detail"]

@@ -14,8 +14,9 @@ from click.testing import CliRunner
 
 from meshbpf import bpfsys as B
 from meshbpf import probe as P
+from meshbpf.probe import features, prober
 from meshbpf import system
-from meshbpf.sandbox import Sandbox
+from meshbpf.testbed import Sandbox
 
 pytestmark = pytest.mark.kernel
 
@@ -39,7 +40,7 @@ def pins():
 
 def probe_cgroups():
     mount = system.cgroup2_mount()
-    return [n for n in os.listdir(mount) if n.startswith(P.PROBE_CGROUP_PREFIX)]
+    return [n for n in os.listdir(mount) if n.startswith(prober.PROBE_CGROUP_PREFIX)]
 
 
 def root_attachments():
@@ -53,7 +54,7 @@ def root_attachments():
 @pytest.fixture
 def no_leftovers(monkeypatch):
     """Snapshot fds, pins, cgroups and root attachments; assert probing left none behind."""
-    monkeypatch.delenv(P.ASSUME_ENV, raising=False)
+    monkeypatch.delenv(features.ASSUME_ENV, raising=False)
     before = (len(os.listdir("/proc/self/fd")), pins(), probe_cgroups(), root_attachments())
     yield
     after = (len(os.listdir("/proc/self/fd")), pins(), probe_cgroups(), root_attachments())
@@ -70,7 +71,7 @@ def test_probe_finds_everything_and_chooses_ebpf(no_leftovers):
     assert report["mode"] == "ebpf", report["reason"]
     assert report["degraded"] == []
     assert report["kernel"] == os.uname().release and report["assumed_kernel"] is None
-    assert set(report["features"]) == set(P.BY_NAME)
+    assert set(report["features"]) == set(features.BY_NAME)
     # the cgroup checks really attached (to the throwaway cgroup) and detached
     for name in ("cgroup_connect4", "cgroup_getsockopt", "sock_ops"):
         assert "attached to a throwaway cgroup" in report["features"][name]["detail"]
@@ -93,7 +94,7 @@ def test_probe_assuming_310_chooses_iptables_and_says_why(no_leftovers):
 
 
 def test_env_var_assumes_a_kernel(no_leftovers, monkeypatch):
-    monkeypatch.setenv(P.ASSUME_ENV, "4.19")
+    monkeypatch.setenv(features.ASSUME_ENV, "4.19")
     report = P.probe()
     assert report["assumed_kernel"] == "4.19"
     assert report["mode"] == "iptables"
@@ -135,7 +136,7 @@ def test_stale_probe_cgroup_of_a_dead_process_is_removed(no_leftovers):
     dead = 4194303          # above the default pid_max, so no live process has it
     while os.path.exists(f"/proc/{dead}"):
         dead -= 1
-    stale = os.path.join(mount, f"{P.PROBE_CGROUP_PREFIX}{dead}")
+    stale = os.path.join(mount, f"{prober.PROBE_CGROUP_PREFIX}{dead}")
     os.mkdir(stale)
     try:
         P.probe()

@@ -14,7 +14,8 @@ import pytest
 
 from meshbpf import system
 from meshbpf.errors import MeshbpfError, UsageError
-from meshbpf.sandbox import _ID_RE, Sandbox
+from meshbpf.testbed import Sandbox
+from meshbpf.testbed.node import _ID_RE
 
 pytestmark = pytest.mark.kernel
 
@@ -419,7 +420,8 @@ def test_teardown_detaches_programs_and_removes_pins():
 
 CRASHING_RUN = r"""
 import os, sys
-from meshbpf.sandbox import _ID_RE, Sandbox
+from meshbpf.testbed import Sandbox
+from meshbpf.testbed.node import _ID_RE
 sb = Sandbox(name="crash").start()
 a = sb.add_pod("a")
 a.spawn(["sleep", "600"])

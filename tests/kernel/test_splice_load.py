@@ -16,9 +16,8 @@ from meshbpf.bench import tcpmem
 from meshbpf.config import InterceptConfig
 from meshbpf.service import NodeService
 from meshbpf.ebpf.maps import Maps
-from meshbpf.sandbox import Sandbox, _python
-
-from .test_ebpf_datapath import SOURCE
+from meshbpf.testbed import Sandbox, pod_python
+from meshbpf.testbed.traffic import BULK_SINK, BULK_SOURCE
 
 pytestmark = pytest.mark.kernel
 
@@ -59,31 +58,6 @@ FLOOD = textwrap.dedent("""
             break
     print(json.dumps({"sent": sent, "error": err}))
 """)
-
-# B: read `first` bytes, stop reading for `pause` seconds, then read to EOF; answer with the
-# length and sha256 of everything (a stop-and-resume reader: catches loss and reordering).
-PAUSER = textwrap.dedent("""
-    import hashlib, socket, sys, time
-    srv = socket.create_server(("0.0.0.0", int(sys.argv[1])), backlog=16)
-    first, pause = int(sys.argv[2]), float(sys.argv[3])
-    print("listening", flush=True)
-    while True:
-        c, _ = srv.accept()
-        h, n, paused = hashlib.sha256(), 0, False
-        while True:
-            if not paused and n >= first:
-                time.sleep(pause)
-                paused = True
-            d = c.recv(1 << 16)
-            if not d:
-                break
-            h.update(d)
-            n += len(d)
-        c.sendall(f"{n} {h.hexdigest()}".encode())
-        c.close()
-""")
-
-
 
 # B: echo every byte back as it comes (request/response of any size).
 ECHO = textwrap.dedent("""
@@ -134,9 +108,9 @@ def node():
         iperf = b.spawn(["iperf3", "-s", "-p", str(IPERF_PORT)], label="iperf3-server")
         b.wait_port(IPERF_PORT, listening=True, proc=iperf)
         for port, script, args in ((STALL_PORT, STALL, []),
-                                   (PAUSE_PORT, PAUSER, [str(8 << 20), "3"]),
+                                   (PAUSE_PORT, BULK_SINK, [str(8 << 20), "3"]),
                                    (ECHO_PORT, ECHO, [])):
-            p = b.spawn([_python(), "-c", script, str(port), *args], label=f"srv-{port}")
+            p = b.spawn([pod_python(), "-c", script, str(port), *args], label=f"srv-{port}")
             b.wait_port(port, listening=True, proc=p)
         yield dict(sb=sb, a=a, b=b, env_a=env_a, env_b=env_b)
 
@@ -195,7 +169,7 @@ def flood(node, mode, secs=5):
     with Mode(node, mode):
         settle()
         with tcpmem.PeakSampler() as s:
-            r = a.exec([_python(), "-c", FLOOD, b.ip4, str(STALL_PORT), str(secs)],
+            r = a.exec([pod_python(), "-c", FLOOD, b.ip4, str(STALL_PORT), str(secs)],
                        timeout=secs + 30)
         assert r.returncode == 0, r.stderr
         return json.loads(r.stdout), s.rise
@@ -231,8 +205,8 @@ def test_a_reader_that_stops_and_resumes_gets_every_byte_in_order(node, mode):
     a, b = node["a"], node["b"]
     total = 64 << 20
     with Mode(node, mode):
-        r = a.exec([_python(), "-c", SOURCE, b.ip4, str(PAUSE_PORT), str(total), str(200000)],
-                   timeout=120)
+        r = a.exec([pod_python(), "-c", BULK_SOURCE, b.ip4, str(PAUSE_PORT), str(total),
+                    str(200000)], timeout=120)
         assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
         if mode == "ebpf":
             with Maps(node["sb"].pin_prefix) as maps:
@@ -246,7 +220,7 @@ def test_a_reader_that_stops_and_resumes_gets_every_byte_in_order(node, mode):
 def test_request_response_past_the_budget_stays_intact_and_returns_to_the_splice(node, mode):
     a, b = node["a"], node["b"]
     with Mode(node, mode):
-        r = a.exec([_python(), "-c", PINGPONG, b.ip4, str(ECHO_PORT), str(24 << 20)],
+        r = a.exec([pod_python(), "-c", PINGPONG, b.ip4, str(ECHO_PORT), str(24 << 20)],
                    timeout=120)
         assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
         if mode == "ebpf":
@@ -269,7 +243,8 @@ def test_a_kernel_without_splice_backpressure_does_not_splice(node):
         st = ic.status()
         assert st["splice"] is False and "mb_sk_msg" in st["degraded"], st
         assert not any(p["program"] == "mb_sk_msg" for p in st["programs"])
-        r = a.exec([_python(), "-c", SOURCE, b.ip4, str(PAUSE_PORT), str(1 << 20)], timeout=60)
+        r = a.exec([pod_python(), "-c", BULK_SOURCE, b.ip4, str(PAUSE_PORT), str(1 << 20)],
+                   timeout=60)
         assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
         assert ic.status()["counters"]["sockhash_add"] == 0
     finally:

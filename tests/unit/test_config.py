@@ -66,3 +66,27 @@ def test_parsers():
 def test_bad_json_is_a_usage_error():
     with pytest.raises(UsageError, match="not valid JSON"):
         InterceptConfig.from_json("{")
+
+
+def test_a_config_is_parsed_once_for_both_backends(monkeypatch):
+    """Both generators (eBPF map packing, Istio's rules) read one resolved form: the list
+    fields are split and parsed once, not at every step."""
+    import meshbpf.config as config
+    from meshbpf.ebpf import structs
+    from meshbpf.iptables import rules
+    calls = []
+    real = config._resolve
+    monkeypatch.setattr(config, "_resolve", lambda cfg: calls.append(1) or real(cfg))
+    cfg = config.InterceptConfig(outbound_ip_ranges_exclude="10.0.0.0/8,fd00::/8",
+                                 outbound_ports_exclude="22,23", owner_groups_exclude="0",
+                                 inbound_ports_include="8080", enable_ipv6=True)
+    structs.pod_struct(cfg, 1)
+    structs.pod_rules(cfg)
+    rules.render_all(cfg)
+    cfg.inbound_ports(), cfg.outbound_cidrs(), cfg.proxy_uids()
+    assert calls == [1]
+    r = cfg.resolved()
+    assert [str(i) for i in r.outbound_exclude.family(6)] == ["fd00::/8"]
+    assert r.outbound_ports_exclude.numbers == (22, 23) and r.inbound_include.numbers == (8080,)
+    cfg.outbound_ports_exclude = "24"              # a changed field is resolved again
+    assert cfg.outbound_ports() == ([], [24]) and calls == [1, 1]

@@ -2,13 +2,15 @@
 the packing of its entries, and the /proc/net/tcp parser that finds existing listeners.
 No root, no kernel."""
 
+import ctypes
 import ipaddress
 import os
 import re
 import struct
 
 from meshbpf.config import InterceptConfig
-from meshbpf.ebpf import inbound, loader
+from meshbpf.ebpf import loader, structs
+from meshbpf.ebpf.inbound import listeners, policy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,39 +35,39 @@ def _struct_size(section, name):
 
 def test_layouts_and_flags_match_the_c_header():
     section = _section()
-    assert _struct_size(section, "inbound_tw_key") == inbound.TW_KEY.size == 36
-    assert _struct_size(section, "capture_listener_key") == inbound.LISTENER_KEY.size == 16
+    assert _struct_size(section, "inbound_tw_key") == ctypes.sizeof(structs.InboundTwKey) == 36
+    assert _struct_size(section, "capture_listener_key") == ctypes.sizeof(structs.CaptureListenerKey) == 16
     assert re.search(r"BPF_HASH\(inbound_netns, struct inbound_pod_key, __u64,", section)
     assert re.search(r'BPF_TABLE\("lru_hash", struct inbound_tw_key, __u64, inbound_tw,', section)
     assert int(re.search(r"#define INBOUND_POD_SK_LOOKUP (\d+)", section).group(1)) == \
-        inbound.INBOUND_POD_SK_LOOKUP
+        structs.INBOUND_POD_SK_LOOKUP
     # the flag is a bit of its own
-    assert inbound.INBOUND_POD_SK_LOOKUP & (inbound.INBOUND_POD_WILDCARD |
-                                            inbound.INBOUND_POD_CAPTURES) == 0
+    assert structs.INBOUND_POD_SK_LOOKUP & (structs.INBOUND_POD_WILDCARD |
+                                            structs.INBOUND_POD_CAPTURES) == 0
 
 
 def test_sk_lookup_flag_only_when_asked():
-    p = inbound.inbound_policy(InterceptConfig())
-    plain = inbound.POD_VAL.unpack(inbound.pod_value(p))[1]
-    linked = inbound.POD_VAL.unpack(inbound.pod_value(p, sk_lookup=True))[1]
-    assert not plain & inbound.INBOUND_POD_SK_LOOKUP
-    assert linked == plain | inbound.INBOUND_POD_SK_LOOKUP
-    e = inbound.policy_entries(p, ["10.233.0.11", "fd00:6d62::11"], sk_lookup=True)
-    assert all(inbound.POD_VAL.unpack(v)[1] & inbound.INBOUND_POD_SK_LOOKUP
-               for v in e[inbound.MAP_PODS].values())
+    p = policy.inbound_policy(InterceptConfig())
+    plain = structs.from_bytes(structs.InboundPodVal, policy.pod_value(p)).flags
+    linked = structs.from_bytes(structs.InboundPodVal, policy.pod_value(p, sk_lookup=True)).flags
+    assert not plain & structs.INBOUND_POD_SK_LOOKUP
+    assert linked == plain | structs.INBOUND_POD_SK_LOOKUP
+    e = policy.policy_entries(p, ["10.233.0.11", "fd00:6d62::11"], sk_lookup=True)
+    assert all(structs.from_bytes(structs.InboundPodVal, v).flags & structs.INBOUND_POD_SK_LOOKUP
+               for v in e[policy.MAP_PODS].values())
     # decoding ignores the flag (status shows the policy)
-    assert inbound.decode_pod_value(inbound.pod_value(p, True)) == inbound.decode_pod_value(
-        inbound.pod_value(p))
+    assert policy.decode_pod_value(policy.pod_value(p, True)) == policy.decode_pod_value(
+        policy.pod_value(p))
 
 
 def test_netns_and_listener_entries():
-    keys = [inbound.pod_key("10.233.0.11"), inbound.pod_key("fd00:6d62::11")]
-    e = inbound.netns_entries(keys, 0x1234)
+    keys = [structs.inbound_pod_key("10.233.0.11"), structs.inbound_pod_key("fd00:6d62::11")]
+    e = policy.netns_entries(keys, 0x1234)
     assert set(e) == set(keys)
     assert all(struct.unpack("=Q", v)[0] == 0x1234 for v in e.values())
-    k = inbound.listener_key(77, 15006, inbound.AF_INET6)
+    k = structs.capture_listener_key(77, 15006, structs.MB_AF_INET6)
     assert k[:8] == struct.pack("=Q", 77) and k[8:10] == b"\x3a\x9e"  # 15006, network order
-    assert inbound.decode_listener_key(k) == (77, 15006, inbound.AF_INET6)
+    assert structs.decode_capture_listener_key(k) == (77, 15006, structs.MB_AF_INET6)
 
 
 TCP = """\
@@ -86,15 +88,15 @@ TCP6 = """\
 
 
 def test_proc_net_tcp_parser_finds_reachable_listeners_on_the_port():
-    got = inbound.parse_proc_net_tcp(TCP, 15006)
+    got = listeners.parse_proc_net_tcp(TCP, 15006)
     # 15000 is another port, 333 is not listening, 127.0.0.1 is unreachable from outside
     assert got == [(ipaddress.ip_address("0.0.0.0"), 222),
                    (ipaddress.ip_address("10.233.0.12"), 444)]
-    got6 = inbound.parse_proc_net_tcp(TCP6, 15006)
+    got6 = listeners.parse_proc_net_tcp(TCP6, 15006)
     # ::1 and ::ffff:127.0.0.1 are loopback; the malformed last line is skipped
     assert [ino for _, ino in got6] == [666]
     assert got6[0][0] == ipaddress.ip_address("::")
-    assert inbound.parse_proc_net_tcp(TCP, 8080) == []
+    assert listeners.parse_proc_net_tcp(TCP, 8080) == []
 
 
 def test_loader_knows_the_sk_lookup_program():

@@ -1,4 +1,4 @@
-"""Pure parts of node-wide map safety (issue 9, items 4 and 5): who holds an address,
+"""Pure parts of node-wide map safety: who holds an address,
 inbound entry owners, the map-size override and the counters/flags mirrored from C."""
 
 import re
@@ -6,7 +6,8 @@ import re
 import pytest
 
 from meshbpf.config import InterceptConfig
-from meshbpf.ebpf import inbound, loader, structs
+from meshbpf.ebpf import loader, structs
+from meshbpf.ebpf.inbound import attach, policy
 from meshbpf.ebpf.interceptor import address_conflicts
 from meshbpf.errors import UsageError
 
@@ -21,12 +22,12 @@ def test_only_a_live_other_owner_conflicts():
 
 
 def test_inbound_entries_carry_their_owner():
-    policy = inbound.inbound_policy(InterceptConfig())
-    e = inbound.policy_entries(policy, ["10.0.0.9", "fd00::9"], owner=0x1234567890)
-    assert {inbound.pod_owner(v) for v in e[inbound.MAP_PODS].values()} == {0x1234567890}
+    pol = policy.inbound_policy(InterceptConfig())
+    e = policy.policy_entries(pol, ["10.0.0.9", "fd00::9"], owner=0x1234567890)
+    assert {policy.pod_owner(v) for v in e[policy.MAP_PODS].values()} == {0x1234567890}
     # the owner does not change what tc reads
-    assert inbound.decode_pod_value(inbound.pod_value(policy, owner=42)) == \
-        inbound.decode_pod_value(inbound.pod_value(policy))
+    assert policy.decode_pod_value(policy.pod_value(pol, owner=42)) == \
+        policy.decode_pod_value(policy.pod_value(pol))
 
 
 class _Ops:
@@ -38,13 +39,13 @@ class _Ops:
 
 
 def test_detach_takes_only_its_own_or_ownerless_entries():
-    policy = inbound.inbound_policy(InterceptConfig())
-    ops = _Ops({inbound.pod_key("10.0.0.1"): inbound.pod_value(policy, owner=7),
-                inbound.pod_key("10.0.0.2"): inbound.pod_value(policy, owner=0)})
-    assert inbound._owned(ops, 0, "10.0.0.1", 7)
-    assert not inbound._owned(ops, 0, "10.0.0.1", 8)
-    assert inbound._owned(ops, 0, "10.0.0.2", 8)          # written before owners existed
-    assert inbound._owned(ops, 0, "10.0.0.3", 8)          # no entry: nothing to spare
+    pol = policy.inbound_policy(InterceptConfig())
+    ops = _Ops({structs.inbound_pod_key("10.0.0.1"): policy.pod_value(pol, owner=7),
+                structs.inbound_pod_key("10.0.0.2"): policy.pod_value(pol, owner=0)})
+    assert attach._owned(ops, 0, "10.0.0.1", 7)
+    assert not attach._owned(ops, 0, "10.0.0.1", 8)
+    assert attach._owned(ops, 0, "10.0.0.2", 8)          # written before owners existed
+    assert attach._owned(ops, 0, "10.0.0.3", 8)          # no entry: nothing to spare
 
 
 @pytest.mark.parametrize("raw,want", [("", None), ("16", 16), (" 200000 ", 200000)])

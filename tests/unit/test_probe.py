@@ -8,7 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from meshbpf import bpfsys as B
-from meshbpf import probe as P
+from meshbpf.probe import command, prober
+from meshbpf.probe import features as P
 from meshbpf.errors import UnsupportedError, UsageError
 
 
@@ -42,7 +43,7 @@ def test_table_covers_design_features_with_their_mainline_versions():
 
 def test_every_feature_has_a_real_check():
     for f in P.FEATURES:
-        assert callable(getattr(P._Prober, f"check_{f.name}", None)), f.name
+        assert callable(getattr(prober._Prober, f"check_{f.name}", None)), f.name
 
 
 # --- decide ----------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def test_assume_515_keeps_optional_features():
     assert P.degraded(all_ok(), assume_kernel="6.5") == []
     assert P.inbound_reuseport(all_ok(), assume_kernel="6.5") == "sk_assign"
     assert P.inbound_reuseport(all_ok(), assume_kernel="5.8") is None
-    assert "through sk_lookup" in P.render_text(P.build_report("5.15.0", all_ok(), "5.15"))
+    assert "through sk_lookup" in command.render_text(P.build_report("5.15.0", all_ok(), "5.15"))
     # 5.8 has getpeername and bpf_link, not sk_lookup nor bpf_skc_to_tcp_sock (5.9)
     assert sorted(P.degraded(all_ok(), assume_kernel="5.8")) == sorted([
         P.BY_NAME["sk_lookup"].capability, P.BY_NAME["tc_sk_assign_reuseport"].capability,
@@ -249,7 +250,7 @@ def test_report_schema():
 
 def test_render_text_lists_every_feature_and_the_mode():
     report = P.build_report("6.1.0", with_missing("cgroup_getpeername4"), assume_kernel=None)
-    text = P.render_text(report)
+    text = command.render_text(report)
     lines = text.splitlines()
     assert lines[0] == "kernel: 6.1.0"
     for f in P.FEATURES:
@@ -261,7 +262,7 @@ def test_render_text_lists_every_feature_and_the_mode():
 
 
 def test_render_text_shows_the_assumption():
-    text = P.render_text(P.build_report("6.18", all_ok(), assume_kernel="3.10"))
+    text = command.render_text(P.build_report("6.18", all_ok(), assume_kernel="3.10"))
     assert text.splitlines()[0] == "kernel: 6.18 (assuming 3.10)"
     assert "mode: iptables — assuming kernel 3.10" in text
 
@@ -274,26 +275,26 @@ def test_cli_json_and_env(monkeypatch):
         seen["assume"] = assume_kernel
         return P.build_report("6.1.0", all_ok(), assume_kernel)
 
-    monkeypatch.setattr(P, "probe", fake_probe)
-    res = CliRunner().invoke(P.probe_command, ["-o", "json"], env={P.ASSUME_ENV: "4.9"})
+    monkeypatch.setattr(prober, "probe", fake_probe)
+    res = CliRunner().invoke(command.probe_command, ["-o", "json"], env={P.ASSUME_ENV: "4.9"})
     assert res.exit_code == 0, res.output
     doc = json.loads(res.output)
     assert seen["assume"] == "4.9"
     assert doc["mode"] == "iptables" and doc["assumed_kernel"] == "4.9"
-    res = CliRunner().invoke(P.probe_command, ["--assume-kernel", "6.1"])
+    res = CliRunner().invoke(command.probe_command, ["--assume-kernel", "6.1"])
     assert res.exit_code == 0 and "mode: ebpf" in res.output
 
 
 def test_cli_not_root_exits_4(monkeypatch):
-    monkeypatch.setattr(P.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(prober.os, "geteuid", lambda: 1000)
     monkeypatch.delenv(P.ASSUME_ENV, raising=False)
-    res = CliRunner().invoke(P.probe_command, [])
+    res = CliRunner().invoke(command.probe_command, [])
     assert res.exit_code == UnsupportedError.exit_code
     assert "needs root" in res.output
 
 
 def test_cli_bad_assume_kernel_exits_2(monkeypatch):
-    res = CliRunner().invoke(P.probe_command, ["--assume-kernel", "banana"])
+    res = CliRunner().invoke(command.probe_command, ["--assume-kernel", "banana"])
     assert res.exit_code == UsageError.exit_code
     assert "banana" in res.output
 
@@ -302,7 +303,7 @@ def test_cli_bad_assume_kernel_exits_2(monkeypatch):
 @pytest.mark.parametrize("text,want", [("0.26.0", (0, 26, 0)), ("v0.24.0-1", (0, 24, 0)),
                                        ("0.25", (0, 25, 0)), ("dev", None)])
 def test_parse_bcc_version(text, want):
-    assert P.parse_bcc_version(text) == want
+    assert prober.parse_bcc_version(text) == want
 
 
 def test_check_bcc_with_a_fake_old_bcc(tmp_path):
@@ -312,23 +313,23 @@ def test_check_bcc_with_a_fake_old_bcc(tmp_path):
     import sys
     script.write_text(f"#!/bin/sh\nPYTHONPATH={tmp_path} exec {sys.executable} -S \"$@\"\n")
     script.chmod(0o755)
-    ok, detail = P.check_bcc(python=str(script))
+    ok, detail = prober.check_bcc(python=str(script))
     assert not ok and "0.24.0" in detail and "expected_attach_type" in detail
 
 
 def test_check_kernel_headers_sources(tmp_path):
     mods = tmp_path / "modules"
     kh = tmp_path / "kheaders.tar.xz"
-    ok, detail = P.check_kernel_headers("9.9.9", str(mods), str(kh))
+    ok, detail = prober.check_kernel_headers("9.9.9", str(mods), str(kh))
     assert not ok and "make setup" in detail
     kh.write_bytes(b"")
-    ok, detail = P.check_kernel_headers("9.9.9", str(mods), str(kh))
+    ok, detail = prober.check_kernel_headers("9.9.9", str(mods), str(kh))
     assert ok and str(kh) in detail
     src = tmp_path / "linux-headers-6.1.0-9-amd64"
     (src / "include").mkdir(parents=True)
     (mods / "9.9.9").mkdir(parents=True)
     (mods / "9.9.9" / "build").symlink_to(src)
-    ok, detail = P.check_kernel_headers("9.9.9", str(mods), str(kh))
+    ok, detail = prober.check_kernel_headers("9.9.9", str(mods), str(kh))
     assert ok and str(src) in detail and "headers of 6.1.0-9-amd64, not of 9.9.9" in detail
 
 

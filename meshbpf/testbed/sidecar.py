@@ -1,4 +1,5 @@
-"""Sidecar proxies configured like Istio's: pure config generation plus where the binaries are.
+"""Sidecar proxies configured like Istio's, for test-bed pods: config generation (pure), where
+the binaries are, and starting them in a pod.
 
 `envoy_bootstrap()` builds an Envoy bootstrap (a dict; `envoy_config_text()` renders it as
 JSON, which Envoy reads as YAML too) with Istio's sidecar listeners:
@@ -13,16 +14,21 @@ JSON, which Envoy reads as YAML too) with Istio's sidecar listeners:
 `haproxy_config()` renders an HAProxy configuration doing the same with
 `server x 0.0.0.0:0` (HAProxy reads SO_ORIGINAL_DST itself; IPv4 only).
 
-Nothing here starts a process: `meshbpf.sandbox` runs them inside pods.
+`start_envoy()` / `start_haproxy()` run them inside a test-bed pod (as uid 1337, like
+Istio's sidecar) and return a handle (`Sidecar`, `HAProxy`) for their stats and logs.
 """
 
 import json
 import os
 import shutil
+import socket
 import sys
+import tempfile
+import time
+import urllib.request
 
-from . import system
-from .errors import UnsupportedError, UsageError
+from .. import system
+from ..errors import MeshbpfError, UnsupportedError, UsageError
 
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
@@ -280,3 +286,172 @@ def haproxy_binary():
     if not path:
         raise UnsupportedError("HAProxy is not installed", hint="apt-get install haproxy")
     return path
+
+
+# ---------------------------------------------------------------------------------------
+# running sidecars in a pod
+
+
+class Sidecar:
+    """An Envoy running in a pod: `.proc`, `.admin_url`, `.stats()`, `.log()`, `.stop()`."""
+
+    kind = "envoy"
+
+    def __init__(self, proc, pod, config_path, admin_port, access_log=None):
+        self.proc = proc
+        self.pod = pod
+        self.config_path = config_path
+        self.admin_port = admin_port
+        self.admin_url = f"http://127.0.0.1:{admin_port}"
+        self.access_log = access_log
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def admin(self, path, timeout=5):
+        """GET `path` from the admin endpoint (inside the pod's netns); returns text."""
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with system.in_netns(self.pod.netns):
+                with opener.open(self.admin_url + path, timeout=timeout) as r:
+                    return r.read().decode()
+        except OSError as e:
+            raise MeshbpfError(f"Envoy admin {self.admin_url}{path} in pod {self.pod.name} "
+                               f"failed: {e}; log tail:\n{self.proc.output()[-2000:]}")
+
+    def stats(self):
+        """All counters and gauges, {name: int} (from /stats?format=json)."""
+        return parse_envoy_stats(self.admin("/stats?format=json"))
+
+    def log(self):
+        """Envoy's own log (stderr) plus the access log, when one is written."""
+        text = self.proc.output()
+        if self.access_log and os.path.exists(self.access_log):
+            with open(self.access_log, errors="replace") as f:
+                text += "\n--- access log ---\n" + f.read()
+        return text
+
+    def stop(self, timeout=5):
+        return self.proc.stop(timeout)
+
+
+class HAProxy:
+    """An HAProxy running in a pod; `.stats()` reads `show stat` from its stats socket."""
+
+    kind = "haproxy"
+
+    def __init__(self, proc, pod, config_path, stats_socket):
+        self.proc = proc
+        self.pod = pod
+        self.config_path = config_path
+        self.stats_socket = stats_socket
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def command(self, line, timeout=5):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        try:
+            s.connect(self.stats_socket)
+            s.sendall(line.encode() + b"\n")
+            chunks = []
+            while True:
+                data = s.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+        finally:
+            s.close()
+        return b"".join(chunks).decode()
+
+    def stats(self):
+        """{"outbound.FRONTEND.stot": n, "inbound.x.stot": n, ...} (numeric `show stat` fields)."""
+        return parse_haproxy_stat(self.command("show stat"))
+
+    def log(self):
+        return self.proc.output()
+
+    def stop(self, timeout=5):
+        return self.proc.stop(timeout)
+
+
+def _sidecar_dir(pod, kind, uid, gid, userns=False):
+    d = tempfile.mkdtemp(prefix=f"{kind}-", dir=pod.tmpdir)
+    os.chown(d, pod.host_id(uid, userns), pod.host_id(gid, userns))
+    os.chmod(d, 0o755)
+    return d
+
+
+def start_envoy(pod, uid=PROXY_UID, gid=None, listen="compat", access_log=True,
+                log_level="info", admin_port=ADMIN_PORT, timeout=30, extra_args=(),
+                bootstrap=None, userns=False):
+    """Start an Istio-like Envoy sidecar (15001 out, 15006 in, admin 127.0.0.1:15000);
+    `bootstrap` (a dict) replaces the generated configuration; `userns`: run it in the
+    pod's user namespace (uid/gid as seen inside)."""
+    gid = uid if gid is None else gid
+    binary = envoy_binary()
+    d = _sidecar_dir(pod, "envoy", uid, gid, userns)
+    access_path = os.path.join(d, "access.log") if access_log and bootstrap is None else None
+    boot = bootstrap or envoy_bootstrap(
+        listen=listen, admin_port=admin_port, access_log_path=access_path,
+        node_id=f"sidecar~{pod.ip4}~{pod.netns_name}")
+    cfg = os.path.join(d, "envoy.json")
+    with open(cfg, "w") as f:
+        f.write(envoy_config_text(boot))
+    os.chmod(cfg, 0o644)
+    proc = pod.spawn([binary, "-c", cfg, "--disable-hot-restart", "--concurrency", "1",
+                      "-l", log_level, "--log-format", "[%Y-%m-%d %T.%e][%l][%n] %v",
+                      # access log lines are evidence tests read: write them promptly
+                      "--file-flush-interval-msec", "100",
+                      *extra_args],
+                     uid=uid, gid=gid, label="envoy", cwd=d, userns=userns)
+    env = Sidecar(proc, pod, cfg, admin_port, access_path)
+    try:
+        pod.wait_port(admin_port, timeout=timeout, proc=proc)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if env.admin("/ready", timeout=2).strip() == "LIVE":
+                    break
+            except MeshbpfError:
+                pass
+            if not proc.alive() or time.monotonic() > deadline:
+                raise MeshbpfError(f"Envoy in pod {pod.name} did not become ready; "
+                                   f"log:\n{proc.output()[-3000:]}")
+            time.sleep(0.05)
+        for port in (OUTBOUND_PORT, INBOUND_PORT):
+            pod.wait_port(port, timeout=timeout, proc=proc, listening=True)
+    except BaseException:
+        proc.stop()
+        raise
+    return env
+
+
+def start_haproxy(pod, uid=PROXY_UID, gid=None, timeout=15):
+    """Start HAProxy (listen 15001/15006, `server x 0.0.0.0:0`, IPv4) as `uid`."""
+    gid = uid if gid is None else gid
+    binary = haproxy_binary()
+    d = _sidecar_dir(pod, "haproxy", uid, gid)
+    sock = os.path.join(d, "stats.sock")
+    cfg = os.path.join(d, "haproxy.cfg")
+    with open(cfg, "w") as f:
+        f.write(haproxy_config(stats_socket=sock))
+    os.chmod(cfg, 0o644)
+    proc = pod.spawn([binary, "-db", "-f", cfg], uid=uid, gid=gid, label="haproxy", cwd=d)
+    hap = HAProxy(proc, pod, cfg, sock)
+    try:
+        for port in (OUTBOUND_PORT, INBOUND_PORT):
+            pod.wait_port(port, timeout=timeout, proc=proc, listening=True)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(sock):
+            if time.monotonic() > deadline:
+                raise MeshbpfError(f"HAProxy in pod {pod.name} made no stats socket; "
+                                   f"log:\n{proc.output()[-3000:]}")
+            time.sleep(0.05)
+    except BaseException:
+        proc.stop()
+        raise
+    return hap

@@ -6,9 +6,9 @@ import subprocess
 
 import pytest
 
-from meshbpf import sidecar
+from meshbpf.testbed import sidecar
 from meshbpf.errors import UnsupportedError, UsageError
-from meshbpf.sandbox import pod_addresses
+from meshbpf.testbed.pods import pod_addresses
 
 
 def _listener(boot, name):
