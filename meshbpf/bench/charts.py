@@ -1,8 +1,8 @@
 """PNG charts of benchmark results (matplotlib, Agg backend: no display needed).
 
 `latency_chart` draws percentiles by mode with ratios to `direct`; `rules_chart` draws
-update cost against N on log-log axes, one line per backend and operation. Each returns
-the path it wrote.
+operation cost against N (log-log), enroll cost against pods enrolled, and eBPF's enroll
+by phase. Each returns the path it wrote.
 """
 
 import os
@@ -74,40 +74,66 @@ def latency_chart(result, path):
 
 
 def rules_chart(result, path):
-    """Log-log: seconds per operation against N, per backend; right panel: ratio to eBPF."""
+    """Three panels: seconds per operation against N (log-log, per backend and op); enroll
+    time against pods already enrolled (flat is the goal); eBPF enroll split into the
+    service's phases per N."""
     plt = _plt()
     res = [r for r in result["results"] if r.get("seconds")]
     backends = report._ordered({r["backend"] for r in res}, report.RULES_BACKENDS)
     ops = report._ordered({r["op"] for r in res}, report.RULES_OPS)
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
-    styles = {"enroll-pod": "o-", "add-entry": "s-", "remove-entry": "^--", "full-sync": "d:"}
+    fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.8))
+    styles = {"enroll-pod": "o-", "detach-pod": "v-.", "add-entry": "s-",
+              "remove-entry": "^--", "full-sync": "d:"}
     colors = {b: c for b, c in zip(report.RULES_BACKENDS, ("tab:green", "tab:blue", "tab:orange"))}
     for b in backends:
         for op in ops:
             pts = sorted((r["n"], r["seconds"]) for r in res if r["backend"] == b and r["op"] == op)
-            if not pts:
-                continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(op, "o-"),
-                    color=colors.get(b), label=f"{b} {op}")
-            if b != "ebpf":
-                rp = sorted((r["n"], r["ratio_to_ebpf"]) for r in res
-                            if r["backend"] == b and r["op"] == op and r.get("ratio_to_ebpf"))
-                if rp:
-                    ax2.plot([p[0] for p in rp], [p[1] for p in rp], styles.get(op, "o-"),
-                             color=colors.get(b), label=f"{b} {op}")
-    for a in (ax, ax2):
-        a.set_xscale("log")
-        a.set_yscale("log")
-        a.set_xlabel("N existing entries")
-        a.grid(which="both", alpha=0.3)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(op, "o-"),
+                        color=colors.get(b), label=f"{b} {op}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("N existing entries")
     ax.set_ylabel("seconds per operation")
-    ax.set_title("control-plane update cost")
-    ax.legend(fontsize=7)
-    ax2.set_ylabel("time / eBPF time")
-    ax2.set_title("ratio to eBPF maps (same run)")
-    ax2.axhline(1000, color="r", lw=0.8, ls="--")
-    if ax2.lines:
-        ax2.legend(fontsize=7)
+    ax.set_title(f"through the service, {result.get('pods', '?')} pods enrolled")
+    ax.grid(which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=6)
+    by_pods = [r for r in result.get("by_pods") or [] if r.get("seconds")]
+    for b in report._ordered({r["backend"] for r in by_pods}, report.RULES_BACKENDS):
+        for op in ("enroll-pod", "detach-pod"):
+            pts = sorted((r["pods"], r["seconds"] * 1e3) for r in by_pods
+                         if r["backend"] == b and r["op"] == op)
+            if pts:
+                ax2.plot([p[0] for p in pts], [p[1] for p in pts], styles[op],
+                         color=colors.get(b), label=f"{b} {op.split('-')[0]}")
+    ax2.axhline(report.ENROLL_TARGET_S * 1e3, color="r", lw=0.8, ls="--",
+                label="eBPF enroll target")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("pods already enrolled")
+    ax2.set_ylabel("ms (median)")
+    ax2.set_ylim(bottom=0)
+    ax2.set_title("enroll / detach against pods enrolled")
+    ax2.grid(which="both", alpha=0.3)
+    ax2.legend(fontsize=6)
+    enr = sorted((r for r in res if r["backend"] == "ebpf" and r["op"] == "enroll-pod"
+                  and r.get("phases")), key=lambda r: r["n"])
+    keys = report._ordered({k for r in enr for k in r["phases"] if k != "total"},
+                           report.ENROLL_PHASES)
+    bottoms = [0.0] * len(enr)
+    for k in keys:
+        vals = [(r["phases"].get(k) or 0) * 1e3 for r in enr]
+        ax3.bar(range(len(enr)), vals, bottom=bottoms, label=k)
+        bottoms = [a + v for a, v in zip(bottoms, vals)]
+    ax3.plot(range(len(enr)), [r["seconds"] * 1e3 for r in enr], "k_", markersize=20,
+             label="wall")
+    ax3.set_xticks(range(len(enr)))
+    ax3.set_xticklabels([f"N={r['n']:,}" for r in enr])
+    ax3.set_ylabel("ms (median)")
+    ax3.set_title("eBPF enroll-pod by phase")
+    ax3.grid(axis="y", alpha=0.3)
+    if enr:
+        ax3.legend(fontsize=7)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -38,6 +38,13 @@ def _parse_ints(text, what, lo=1, hi=1 << 20):
     return out
 
 
+def _parse_int(text, what, lo, hi):
+    vals = _parse_ints(text, what, lo, hi)
+    if len(vals) != 1:
+        raise UsageError(f"{what}: give one number")
+    return vals[0]
+
+
 def _parse_list(text, allowed, what):
     items = [i.strip() for i in str(text).split(",") if i.strip()]
     bad = [i for i in items if i not in allowed]
@@ -101,7 +108,7 @@ output_opt = click.option("-o", "--output", type=click.Choice(["text", "json"]),
 out_opt = click.option("--out", "out_dir", type=click.Path(file_okay=False),
                        help="Also write JSON, a Markdown report and PNG charts into DIR.")
 quick_opt = click.option("--quick", is_flag=True,
-                         help="Short run (< 60 s) that still covers every mode / N=20,000.")
+                         help="Short run (< 90 s) that still covers every mode / N=20,000.")
 
 
 bulk_modes_opt = click.option(
@@ -122,7 +129,7 @@ def bench():
     Examples:
       meshbpf bench latency --quick
       meshbpf bench latency --rounds 5 --sizes 64,1024 --out /tmp/bench
-      meshbpf bench rules --n 100,1000,5000,20000 -o json
+      meshbpf bench rules --n 100,1000,5000,20000 --pods 250 -o json
       meshbpf bench throughput --runs 3 --seconds 10
       meshbpf bench soak --seconds 60 --flows 4
     """
@@ -176,11 +183,13 @@ def soak_cmd(output, out_dir, seconds, flows, modes):
 @click.option("--duration", type=click.FloatRange(0.5, 600), default=None,
               help="Seconds per sockperf / iperf3 run (default 5; --quick 1.5).")
 @click.option("--n", "n_opt", default=None, hidden=True, help="(rules only)")
-def latency_cmd(quick, output, out_dir, rounds, sizes, modes, duration, n_opt):
+@click.option("--pods", default=None, hidden=True, help="(rules only)")
+def latency_cmd(quick, output, out_dir, rounds, sizes, modes, duration, n_opt, pods):
     """Latency, throughput, connection rate and CPU per request, per interception mode."""
     from . import latency
-    if n_opt:
-        raise UsageError("--n applies to `bench rules`, not `bench latency`")
+    if n_opt or pods:
+        raise UsageError(f"{'--n' if n_opt else '--pods'} applies to `bench rules`, "
+                         "not `bench latency`")
     sizes = _parse_ints(sizes, "--sizes", 14, 65000) if sizes else None
     modes = _parse_list(modes, latency.MODES, "--modes") if modes else None
     _check_root()
@@ -201,17 +210,22 @@ def latency_cmd(quick, output, out_dir, rounds, sizes, modes, duration, n_opt):
 @click.option("--backends", default=None, help="Comma list of ebpf, iptables-nft, "
               "iptables-legacy (default all installed).")
 @click.option("--no-dataplane", is_flag=True, help="Skip the connection-rate part.")
+@click.option("--pods", default=None, help="Pods enrolled holding the N entries between them, "
+              "the most the enroll cost is measured at (default 250; --quick 10).")
 @click.option("--sizes", default=None, hidden=True, help="(latency only)")
-def rules_cmd(quick, output, out_dir, rounds, n_opt, backends, no_dataplane, sizes):
-    """Control-plane cost against scale: enroll a pod, add/remove one entry, full sync."""
+def rules_cmd(quick, output, out_dir, rounds, n_opt, backends, no_dataplane, pods, sizes):
+    """Control-plane cost of the service layer against scale: enroll a pod, add/remove one
+    entry, full sync, enroll against pods enrolled; and the connection rate through N entries."""
     from . import rules
     if sizes:
         raise UsageError("--sizes applies to `bench latency`, not `bench rules`")
     ns = rules.parse_ns(n_opt) if n_opt else list(rules.QUICK_NS if quick else rules.DEFAULT_NS)
     backends = _parse_list(backends, rules.BACKENDS, "--backends") if backends else list(rules.BACKENDS)
+    if pods is not None:
+        pods = _parse_int(pods, "--pods", 1, rules.MAX_PODS)
     _check_root()
     with system.bpffs_for_run():
-        result = rules.run_rules(ns=ns, backends=backends, quick=quick,
+        result = rules.run_rules(ns=ns, backends=backends, quick=quick, pods=pods,
                                  dataplane=not no_dataplane, rounds=rounds, progress=_progress)
     _emit(result, output, out_dir, "rules")
 

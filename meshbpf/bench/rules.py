@@ -1,28 +1,31 @@
-"""The control-plane benchmark: what one pod, one policy entry and a full sync cost at scale.
+"""The control-plane benchmark of the product's own path: what a pod, an entry and a sync cost.
 
-For N existing entries (excluded CIDRs) it times, in a throwaway sandbox:
-- iptables (nft and legacy, each in its own pod netns): `full-sync` = one iptables-restore
-  of Istio's payload holding N exclusions; `add-entry` / `remove-entry` = one `iptables
-  -w -t nat -I/-D ISTIO_OUTPUT` of an exclusion (inserted where Istio puts exclusions,
-  before the final jump to ISTIO_REDIRECT); `enroll-pod` = Istio's default payload
-  restored (--noflush) into a fresh pod netns;
-- eBPF maps (pinned under the sandbox's pin prefix; the same map types the eBPF data path
-  uses): `full-sync` = N LPM-trie updates; `add-entry` / `remove-entry` = one LPM update
-  or delete; `enroll-pod` = one pod record plus its outbound LPM entry and inbound port
-  entries.
-And the data-plane cost of N entries: new connections per second from a client pod to a
-server pod whose address is matched by the LAST of N exclusions, through Istio's rules
-(linear) against a cgroup/connect4 program doing one LPM lookup in a trie of N entries.
+Every timed operation is a call of the service layer (`meshbpf.service.NodeService`), the
+same functions the CLI and the agent call, on throwaway test-bed pods (netns, veth on the
+node bridge, cgroup), in eBPF mode and in iptables mode (nft and legacy):
 
-Pure helpers (CIDR generation, key packing, the connect4 program's instructions) are
-separate from `run_rules`, which does the side effects.
+- `enroll-pod`: `attach` of one more pod while P pods are enrolled holding N excluded CIDRs
+  between them (each ~N/P in its config's `-x`); its time is also split into the phases
+  the service reports (node, maps, tc, sk_lookup, records), so the slow part is visible;
+- `detach-pod`: `detach` of that pod;
+- `add-entry` / `remove-entry`: `update` of a live pod with one excluded CIDR more / less;
+- `full-sync`: `update` of every enrolled pod with its config (what a full re-sync of the
+  node does);
+- enroll cost against the number of pods already enrolled (1, 10, 50, 100, 250: flatness).
+
+And the data-plane cost of N entries: new connections per second from a client pod,
+enrolled through the service with N excluded CIDRs (the last one the server's address,
+so the connection goes direct and no sidecar is needed), in eBPF mode (meshbpf's own
+loaded connect4 program and its per-pod LPM trie) against iptables mode (Istio's
+exclusion rules, walked in order).
+
+Pure helpers (CIDR generation and spreading, pod counts, configs) are separate from
+`run_rules`, which does the side effects.
 """
 
 import ipaddress
 import os
 import socket
-import struct
-import subprocess
 import sys
 import time
 
@@ -33,14 +36,20 @@ from . import stats
 
 DEFAULT_NS = (100, 1000, 5000, 20000)
 QUICK_NS = (100, 20000)
+DEFAULT_PODS = 250
+QUICK_PODS = 10
+MAX_PODS = 1000
+POD_STEPS = (1, 10, 50, 100, 250)         # enroll cost measured with this many pods enrolled
 BACKENDS = ("ebpf", "iptables-nft", "iptables-legacy")
-OPS = ("enroll-pod", "add-entry", "remove-entry", "full-sync")
+OPS = ("enroll-pod", "detach-pod", "add-entry", "remove-entry", "full-sync")
 MAX_N = 1 << 20
 _FILLER_NET = ipaddress.ip_network("100.64.0.0/10")      # N exclusions live here
 _EXTRA_NET = ipaddress.ip_network("100.127.0.0/16")      # single added entries
 CONN_PORT = 9000
+SPARE_ID = "bench-spare"
+CLIENT_ID = "bench-dpc"
 
-# ---- pure: entries and keys -----------------------------------------------------------
+# ---- pure: entries, pods, configs ----------------------------------------------------
 
 
 def exclusion_cidrs(n, last=None):
@@ -79,119 +88,82 @@ def parse_ns(text):
     return sorted(out)
 
 
-def iptables_payload(cidrs, config=None):
-    """Istio's nat payload (meshbpf.iptables.rules) with `cidrs` as outbound exclusions."""
-    from ..iptables import rules
-    cfg = (config or InterceptConfig())
-    if cidrs:
-        cfg = cfg.replace(outbound_ip_ranges_exclude=",".join(cidrs))
-    return rules.render(cfg, 4)
+def check_pods(pods):
+    """The number of pods to spread entries over (1..MAX_PODS), or a UsageError."""
+    if isinstance(pods, bool) or not isinstance(pods, int) or not 1 <= pods <= MAX_PODS:
+        raise UsageError(f"--pods: {pods!r} is out of range (1..{MAX_PODS})")
+    return pods
 
 
-def exclusion_position(payload):
-    """1-based ISTIO_OUTPUT position where a new exclusion goes: before the final jump."""
-    rules = [l for l in payload.splitlines() if l.startswith("-A ISTIO_OUTPUT ")]
-    if not rules:
-        raise MeshbpfError("payload has no ISTIO_OUTPUT chain")
-    if rules[-1].endswith("-j ISTIO_REDIRECT"):
-        return len(rules)
-    return len(rules) + 1
+def spread_entries(cidrs, pods):
+    """`cidrs` split over `pods` pods in order, as evenly as possible (sizes differ by at
+    most one; the first pods get the extra ones): every entry lands in exactly one pod."""
+    check_pods(pods)
+    q, r = divmod(len(cidrs), pods)
+    out, i = [], 0
+    for p in range(pods):
+        k = q + (1 if p < r else 0)
+        out.append(list(cidrs[i:i + k]))
+        i += k
+    return out
 
 
-def lpm_key(pod_index, cidr):
-    """LPM key {u32 prefixlen, u32 pod_index, u8 ip[16]} (IPv4 as v4-mapped, IPv6 in the
-    scope's IPv6 half), as in meshbpf.h."""
-    net = ipaddress.ip_network(cidr, strict=False)
-    if net.version == 4:
-        ip16 = b"\x00" * 10 + b"\xff\xff" + net.network_address.packed
-        plen = 96 + net.prefixlen
-    else:
-        ip16, plen = net.network_address.packed, net.prefixlen
-        pod_index |= 0x40000000              # MB_IPV6_SCOPE
-    return struct.pack("<II", 32 + plen, pod_index) + ip16
+def pod_steps(max_pods):
+    """Pod counts at which the enroll cost is measured: POD_STEPS up to max_pods, and it."""
+    check_pods(max_pods)
+    return sorted({s for s in POD_STEPS if s < max_pods} | {max_pods})
 
 
-def port_key(pod_index, port):
-    """Port policy key {u32 pod_index, u16 port (network order), u16 pad}."""
-    return struct.pack("<I", pod_index) + struct.pack("!H", port) + b"\x00\x00"
+def pod_config(cidrs, base=None):
+    """A pod's config: Istio's defaults (`-i '*' -b '*'`: outbound, inbound on tc and
+    sk_lookup) with `cidrs` as its excluded outbound ranges (`-x`)."""
+    return (base or InterceptConfig()).replace(outbound_ip_ranges_exclude=",".join(cidrs))
 
 
-def pod_value(config, pod_index, size=64):
-    """A pod record of `size` bytes: ports, uids/gids and the LPM index (bench stand-in)."""
-    uids = (config.proxy_uids() + [0] * 4)[:4]
-    gids = (config.proxy_gids() + [0] * 4)[:4]
-    raw = struct.pack("<HHII4I4I", config.proxy_port, config.inbound_capture_port,
-                      pod_index, 1, *uids, *gids)
-    return raw + b"\x00" * (size - len(raw))
+def with_entry(config, cidr):
+    """`config` with one excluded CIDR more (appended)."""
+    cur = [c for c in config.outbound_ip_ranges_exclude.split(",") if c.strip()]
+    return config.replace(outbound_ip_ranges_exclude=",".join(cur + [cidr]))
 
 
-def enroll_entries(config, pod_index, cookie, pod_ip="10.233.255.1"):
-    """What enrolling one pod writes: {"pods": [(k, v)], "lpm": [(k, v)], "ports": [(k, v)],
-    "local_ips": [(k, v)]}, all bytes.
-
-    Uses the eBPF data path's own packing (meshbpf.ebpf.structs: the pod_config struct,
-    Istio's include/exclude resolution, the pod's address excluded) when it is present,
-    else the same-shaped stand-in above.
-    """
-    try:
-        from ..ebpf import structs as S
-    except ImportError:
-        S = None
-    if S is not None:
-        lpm = [(bytes(S.cidr_key(pod_index, net)), S.u32_bytes(rule))
-               for net, rule in S.cidr_rules(config, extra_excludes=[pod_ip])]
-        ports = [(bytes(S.port_key(pod_index, p)), S.u32_bytes(rule))
-                 for p, rule in S.port_rules(config)]
-        return {"pods": [(S.u64_bytes(cookie), bytes(S.pod_struct(config, pod_index)))],
-                "lpm": lpm, "ports": ports,
-                "local_ips": [(bytes(S.ip_key(pod_ip)), S.u32_bytes(1))]}
-    inc, _ = config.outbound_cidrs()
-    nets = ["0.0.0.0/0"] if inc == "*" else [str(c) for c in inc]
-    one = struct.pack("<I", 1)
-    ip16 = b"\x00" * 10 + b"\xff\xff" + ipaddress.ip_address(pod_ip).packed
-    return {"pods": [(struct.pack("<Q", cookie), pod_value(config, pod_index))],
-            "lpm": [(lpm_key(pod_index, n), one) for n in nets + [f"{pod_ip}/32"]],
-            "ports": [(port_key(pod_index, p), one) for p in config.inbound_excluded_always()],
-            "local_ips": [(ip16, one)]}
+def iptables_binary(backend):
+    """The iptables binary a backend name stands for (None for eBPF)."""
+    if backend == "ebpf":
+        return None
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}: choose from {', '.join(BACKENDS)}")
+    return backend                                 # iptables-nft | iptables-legacy
 
 
-def connect4_lpm_program(map_fd):
-    """cgroup/connect4 instructions: one LPM lookup of the destination (pod index 0), allow.
-
-    The data-plane part of the eBPF path that depends on N: the key is built on the stack
-    exactly like lpm_key(0, "<dst>/32").
-    """
-    i = bpfsys.insn
-    return [
-        bpfsys.mov64_reg(6, 1),
-        i(0x61, dst=2, src=6, off=4),                    # r2 = ctx->user_ip4
-        i(0x62, dst=10, off=-24, imm=32 + 128),          # key.prefixlen
-        i(0x62, dst=10, off=-20, imm=0),                 # key.pod_index
-        i(0x62, dst=10, off=-16, imm=0),                 # ::ffff:a.b.c.d
-        i(0x62, dst=10, off=-12, imm=0),
-        i(0x62, dst=10, off=-8, imm=-65536),             # bytes 00 00 ff ff
-        i(0x63, dst=10, src=2, off=-4),                  # the IPv4 address
-        bpfsys.ld_map_fd(1, map_fd),
-        bpfsys.mov64_reg(2, 10),
-        i(0x07, dst=2, imm=-24),                         # r2 = &key
-        bpfsys.call(bpfsys.BPF_FUNC_map_lookup_elem),
-        bpfsys.mov64_imm(0, 1),                          # allow the connect
-        bpfsys.exit(),
-    ]
+def service_options(backend):
+    """NodeService keyword arguments (besides the prefix and cgroup root) for a backend."""
+    if backend == "ebpf":
+        return {"mode": "ebpf", "splice": True}
+    return {"mode": "iptables", "iptables_binary": iptables_binary(backend)}
 
 
-# ---- side effects: timing helpers -----------------------------------------------------
+def pod_count(status):
+    """How many pods a service's `status()` lists (a list or a dict of pods)."""
+    pods = (status or {}).get("pods") or []
+    return len(pods)
 
-def _run_timed(cmd, netns, input=None):
-    """Run `cmd` inside `netns` (this thread enters it; the child inherits); returns seconds."""
-    with system.in_netns(netns):
-        t0 = time.perf_counter()
-        r = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=300)
-        dt = time.perf_counter() - t0
-    if r.returncode != 0:
-        raise MeshbpfError(f"`{' '.join(cmd[:4])} ...` failed (exit {r.returncode}): "
-                           f"{(r.stderr or r.stdout).strip()[:300]}")
-    return dt
+
+# ---- side effects: the service, timed ---------------------------------------------------
+
+def _syscalls():
+    """bpf(2) commands this process has issued so far (None if bpfsys does not count)."""
+    c = getattr(bpfsys, "SYSCALLS", None)
+    return None if c is None else sum(c.values())
+
+
+def _timed(fn, *args, **kw):
+    """(result, seconds, bpf syscalls) of one call."""
+    s0 = _syscalls()
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    dt = time.perf_counter() - t0
+    s1 = _syscalls()
+    return out, dt, (None if s0 is None else s1 - s0)
 
 
 def _binaries(backend):
@@ -199,152 +171,136 @@ def _binaries(backend):
     return f"iptables-{kind}", f"iptables-{kind}-restore"
 
 
-class _Maps:
-    """The eBPF side: pinned pods hash, outbound LPM trie and port hash under a prefix."""
+def _service(sb, backend):
+    from ..service import NodeService
+    return NodeService(pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root,
+                       **service_options(backend))
 
-    def __init__(self, pin_dir, max_lpm):
-        self.pin_dir = pin_dir
-        os.makedirs(pin_dir, exist_ok=True)
-        self.fds, self.pins = {}, []
-        sample = enroll_entries(InterceptConfig(), 1, 1)
-        pod_vs = len(sample["pods"][0][1])
+
+def _pod_id(pod):
+    return f"bench-{pod.name}"
+
+
+class _Samples:
+    """Timed repetitions, grouped by (backend, op, n) or (backend, pods)."""
+
+    def __init__(self):
+        self.ops, self.by_pods = {}, {}
+
+    @staticmethod
+    def _add(rec, seconds, timings, syscalls):
+        rec["seconds"].append(seconds)
+        rec["timings"].append(dict(timings or {}))
+        rec["syscalls"].append(syscalls)
+
+    def op(self, backend, op, n, pods, seconds, timings=None, syscalls=None):
+        rec = self.ops.setdefault((backend, op, n), {
+            "backend": backend, "op": op, "n": n, "pods": pods,
+            "seconds": [], "timings": [], "syscalls": []})
+        self._add(rec, seconds, timings, syscalls)
+
+    def enroll_at(self, backend, pods, op, seconds, timings=None, syscalls=None):
+        rec = self.by_pods.setdefault((backend, op, pods), {
+            "backend": backend, "op": op, "pods": pods,
+            "seconds": [], "timings": [], "syscalls": []})
+        self._add(rec, seconds, timings, syscalls)
+
+
+class _BackendBench:
+    """One backend's control-plane run: P pods enrolled through the service, then each
+    operation timed at each N. Counts what the service created and removed."""
+
+    def __init__(self, svc, backend, pods, spare, samples, reps, sync_reps, progress):
+        self.svc, self.backend, self.pods, self.spare = svc, backend, pods, spare
+        self.samples, self.reps, self.sync_reps, self.progress = samples, reps, sync_reps, progress
+        self.enrolled = {}                       # pod id -> config
+        self.evidence = {"attached": 0, "updated": 0, "detached": 0,
+                         "records_enrolled": None, "records_after": None}
+
+    def run(self, ns):
         try:
-            self.fds["pods"] = self._make("pods", bpfsys.BPF_MAP_TYPE_HASH, 8, pod_vs, 4096)
-            self.fds["ports"] = self._make("ports", bpfsys.BPF_MAP_TYPE_HASH, 8, 4, 65536)
-            self.fds["local_ips"] = self._make("local_ips", bpfsys.BPF_MAP_TYPE_HASH, 16, 4, 65536)
-            self.fds["lpm"] = self._make("lpm", bpfsys.BPF_MAP_TYPE_LPM_TRIE, 24, 4,
-                                         max_lpm, bpfsys.BPF_F_NO_PREALLOC)
+            for i, n in enumerate(ns):
+                self._at_n(n, first=(i == 0))
         except BaseException:
-            self.close()
-            raise
-
-    def _make(self, name, mtype, ks, vs, maxe, flags=0):
-        fd = bpfsys.map_create(mtype, ks, vs, maxe, flags, name=f"bench_{name}")
-        path = os.path.join(self.pin_dir, f"bench_{name}")
-        bpfsys.obj_pin(fd, path)
-        self.pins.append(path)
-        return fd
-
-    def new_lpm(self, max_lpm):
-        """Replace the LPM trie with an empty one (untimed)."""
-        os.close(self.fds.pop("lpm"))
-        path = os.path.join(self.pin_dir, "bench_lpm")
-        os.unlink(path)
-        self.pins.remove(path)
-        self.fds["lpm"] = self._make("lpm", bpfsys.BPF_MAP_TYPE_LPM_TRIE, 24, 4, max_lpm,
-                                     bpfsys.BPF_F_NO_PREALLOC)
-
-    def close(self):
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds = {}
-        for p in self.pins:
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
+            try:                           # leave nothing enrolled, but keep the first error
+                self._detach_all()
+            except MeshbpfError:
                 pass
-        self.pins = []
-        try:
-            os.rmdir(self.pin_dir)
-        except OSError:
-            pass
+            raise
+        self._detach_all()
 
-
-_VAL = struct.pack("<I", 1)
-
-
-def _fill_lpm(fd, keys):
-    """Write every key (value 1) as an agent doing a full sync would: one bpf(2) call per
-    entry, with the keys packed once in one buffer and one attr reused. Returns seconds."""
-    import ctypes
-    if not keys:
-        return 0.0
-    ks = len(keys[0])
-    buf = ctypes.create_string_buffer(b"".join(keys), ks * len(keys))
-    val = ctypes.create_string_buffer(_VAL, len(_VAL))
-    attr = bpfsys._MapElemAttr(map_fd=fd, key=0, value=ctypes.addressof(val), flags=bpfsys.BPF_ANY)
-    base = ctypes.addressof(buf)
-    call = bpfsys._libc.syscall
-    nr = ctypes.c_long(bpfsys.syscall_nr())
-    cmd = ctypes.c_int(bpfsys.BPF_MAP_UPDATE_ELEM)
-    ref, size = ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr))
-    t0 = time.perf_counter()
-    for i in range(len(keys)):
-        attr.key = base + i * ks
-        if call(nr, cmd, ref, size) < 0:
-            raise MeshbpfError(f"writing LPM entry {i + 1} of {len(keys)} failed: "
-                               f"{os.strerror(ctypes.get_errno())}")
-    dt = time.perf_counter() - t0
-    return dt
-
-
-def _bench_ebpf(maps, n, reps, sync_reps, progress):
-    out = []
-    keys = [lpm_key(0, c) for c in exclusion_cidrs(n)]
-    syncs = []
-    for _ in range(sync_reps):
-        maps.new_lpm(n + 4096)
-        syncs.append(_fill_lpm(maps.fds["lpm"], keys))
-    out.append({"backend": "ebpf", "op": "full-sync", "n": n, "seconds": syncs})
-    lpm = maps.fds["lpm"]
-    adds, removes = [], []
-    for k in range(reps):
-        key = lpm_key(0, extra_cidr(k))
+    def _at_n(self, n, first):
+        b, P = self.backend, len(self.pods)
+        cfgs = [pod_config(s) for s in spread_entries(exclusion_cidrs(n), P)]
+        steps = set(pod_steps(P)) if first else {P}
         t0 = time.perf_counter()
-        bpfsys.map_update_elem(lpm, key, _VAL, bpfsys.BPF_NOEXIST)
-        t1 = time.perf_counter()
-        bpfsys.map_delete_elem(lpm, key)
-        t2 = time.perf_counter()
-        adds.append(t1 - t0)
-        removes.append(t2 - t1)
-    out.append({"backend": "ebpf", "op": "add-entry", "n": n, "seconds": adds})
-    out.append({"backend": "ebpf", "op": "remove-entry", "n": n, "seconds": removes})
-    cfg = InterceptConfig()
-    enrolls = []
-    for k in range(reps):
-        entries = enroll_entries(cfg, 1 + k, 0x1000 + k, pod_ip=f"10.234.{k // 250}.{1 + k % 250}")
-        t0 = time.perf_counter()
-        for name, kvs in entries.items():
-            fd = maps.fds[name]
-            for key, val in kvs:
-                bpfsys.map_update_elem(fd, key, val)
-        enrolls.append(time.perf_counter() - t0)
-        for name, kvs in entries.items():
-            for key, _ in kvs:
-                bpfsys.map_delete_elem(maps.fds[name], key)
-    out.append({"backend": "ebpf", "op": "enroll-pod", "n": n, "seconds": enrolls})
-    progress(f"rules: ebpf N={n}: add {stats.median(adds) * 1e6:.1f}us, "
-             f"full sync {stats.median(syncs) * 1e3:.1f}ms")
-    return out
+        for i, pod in enumerate(self.pods):
+            pid = _pod_id(pod)
+            if first:
+                self.svc.attach(pod.pod, cfgs[i], pod_id=pid)
+                self.evidence["attached"] += 1
+            else:
+                self.svc.update(pid, cfgs[i])         # the node moves to N entries
+                self.evidence["updated"] += 1
+            self.enrolled[pid] = cfgs[i]
+            if first and i + 1 in steps:
+                self._enroll_spare(cfgs[0], i + 1, n if i + 1 == P else None)
+        if not first:
+            self._enroll_spare(cfgs[0], P, n)
+        self.evidence["records_enrolled"] = pod_count(self.svc.status())
+        setup = time.perf_counter() - t0
+        ids = list(self.enrolled)
+        for k in range(self.reps):
+            pid = ids[k % P]
+            cfg = self.enrolled[pid]
+            rec, dt, sc = _timed(self.svc.update, pid, with_entry(cfg, extra_cidr(k)))
+            self.samples.op(b, "add-entry", n, P, dt, rec.get("timings"), sc)
+            rec, dt, sc = _timed(self.svc.update, pid, cfg)
+            self.samples.op(b, "remove-entry", n, P, dt, rec.get("timings"), sc)
+            self.evidence["updated"] += 2
+        for _ in range(self.sync_reps):
+            s0, t0 = _syscalls(), time.perf_counter()
+            for pid, cfg in self.enrolled.items():
+                self.svc.update(pid, cfg)
+            dt = time.perf_counter() - t0
+            self.evidence["updated"] += len(self.enrolled)
+            self.samples.op(b, "full-sync", n, P, dt, None,
+                            None if s0 is None else _syscalls() - s0)
+        med = lambda op: stats.median(self.samples.ops[(b, op, n)]["seconds"])
+        self.progress(f"rules: {b} N={n} over {P} pods (set up in {setup:.1f}s): enroll "
+                      f"{med('enroll-pod') * 1e3:.2f}ms, add {med('add-entry') * 1e3:.2f}ms, "
+                      f"remove {med('remove-entry') * 1e3:.2f}ms, "
+                      f"full sync {med('full-sync') * 1e3:.0f}ms")
 
+    def _enroll_spare(self, cfg, enrolled, n):
+        """Enroll and detach one more pod `reps` times with `enrolled` pods enrolled;
+        `n`: also the enroll-pod / detach-pod samples of that N."""
+        b = self.backend
+        for _ in range(self.reps):
+            rec, dt, sc = _timed(self.svc.attach, self.spare.pod, cfg, pod_id=SPARE_ID)
+            self.evidence["attached"] += 1
+            timings = rec.get("timings")
+            self.samples.enroll_at(b, enrolled, "enroll-pod", dt, timings, sc)
+            _, dt2, sc2 = _timed(self.svc.detach, SPARE_ID)
+            self.evidence["detached"] += 1
+            self.samples.enroll_at(b, enrolled, "detach-pod", dt2, None, sc2)
+            if n is not None:
+                self.samples.op(b, "enroll-pod", n, enrolled, dt, timings, sc)
+                self.samples.op(b, "detach-pod", n, enrolled, dt2, None, sc2)
 
-def _bench_iptables(sb, backend, pod, n, reps, sync_reps, progress):
-    ipt, restore = _binaries(backend)
-    payload = iptables_payload(exclusion_cidrs(n))
-    syncs = [_run_timed([restore, "-w"], pod.netns, input=payload) for _ in range(sync_reps)]
-    pos = exclusion_position(payload)
-    adds, removes = [], []
-    for k in range(reps):
-        cidr = extra_cidr(k)
-        adds.append(_run_timed([ipt, "-w", "-t", "nat", "-I", "ISTIO_OUTPUT", str(pos),
-                                "-d", cidr, "-j", "RETURN"], pod.netns))
-        removes.append(_run_timed([ipt, "-w", "-t", "nat", "-D", "ISTIO_OUTPUT",
-                                   "-d", cidr, "-j", "RETURN"], pod.netns))
-    enroll_payload = iptables_payload([])
-    enrolls = []
-    for k in range(reps):
-        name = f"en{backend[9:12]}{k}"
-        p = sb.add_pod(name)
-        try:
-            enrolls.append(_run_timed([restore, "-w", "--noflush"], p.netns, input=enroll_payload))
-        finally:
-            sb.remove_pod(name)
-    progress(f"rules: {backend} N={n}: add {stats.median(adds) * 1e3:.2f}ms, "
-             f"remove {stats.median(removes) * 1e3:.2f}ms, full sync {stats.median(syncs) * 1e3:.1f}ms")
-    return [{"backend": backend, "op": "full-sync", "n": n, "seconds": syncs},
-            {"backend": backend, "op": "add-entry", "n": n, "seconds": adds},
-            {"backend": backend, "op": "remove-entry", "n": n, "seconds": removes},
-            {"backend": backend, "op": "enroll-pod", "n": n, "seconds": enrolls}]
+    def _detach_all(self):
+        errors = []
+        for pid in list(self.enrolled):
+            try:
+                self.svc.detach(pid)
+                self.evidence["detached"] += 1
+            except MeshbpfError as e:
+                errors.append(f"{pid}: {e}")
+            del self.enrolled[pid]
+        self.evidence["records_after"] = pod_count(self.svc.status())
+        if errors:
+            raise MeshbpfError(f"{self.backend}: detaching the bench pods failed: "
+                               + "; ".join(errors[:3]))
 
 
 # ---- data plane: connection rate through N entries --------------------------------------
@@ -425,87 +381,12 @@ def start_conn_server(pod, port=CONN_PORT):
     return proc
 
 
-def _attach_lpm_prog(cgroup, map_fd):
-    prog = bpfsys.prog_load(bpfsys.BPF_PROG_TYPE_CGROUP_SOCK_ADDR, connect4_lpm_program(map_fd),
-                            expected_attach_type=bpfsys.BPF_CGROUP_INET4_CONNECT,
-                            name="bench_c4_lpm")
-    cg = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        bpfsys.prog_attach(cg, prog, bpfsys.BPF_CGROUP_INET4_CONNECT, bpfsys.BPF_F_ALLOW_MULTI)
-    except BaseException:
-        os.close(cg)
-        os.close(prog)
-        raise
-    return cg, prog
-
-
-def _detach_lpm_prog(cg, prog):
-    try:
-        bpfsys.prog_detach(cg, prog, bpfsys.BPF_CGROUP_INET4_CONNECT)
-    finally:
-        os.close(cg)
-        os.close(prog)
-
-
-class _EbpfExclusions:
-    """N outbound exclusions on the client pod, the eBPF way.
-
-    Preferably through the real EbpfInterceptor (its connect4 program and `cidr_rules`
-    trie: the whole eBPF path, sockops included); if that is unavailable or fails, a
-    connect4 program doing the same single LPM lookup (`impl` says which was used).
-    """
-
-    def __init__(self, sb, maps, client, progress):
-        self.sb, self.maps, self.client, self.progress = sb, maps, client, progress
-        self.icpt, self.impl, self.note, self.attached = None, "lpm-lookup", None, None
-        try:
-            from ..service import NodeService
-            self.icpt = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix,
-                                        cgroup_root=sb.cgroup_root, splice=True)
-            self.impl = "ebpf-interceptor"
-        except Exception as e:  # noqa: BLE001 - no bcc, no module: use the stand-in
-            self.note = f"eBPF interceptor unavailable ({e}); measured a connect4 LPM lookup"
-
-    def install(self, cidrs):
-        if self.icpt is not None:
-            try:
-                cfg = InterceptConfig().replace(outbound_ip_ranges_exclude=",".join(cidrs))
-                self.icpt.attach(self.client.pod, cfg)
-                self.attached = "icpt"
-                return
-            except Exception as e:  # noqa: BLE001 - fall back, and say so
-                self.note = (f"eBPF interceptor attach failed ({e}); measured a connect4 "
-                             f"LPM lookup instead")
-                self.progress(f"rules: {self.note}")
-                self.close()
-                self.impl = "lpm-lookup"
-        self.maps.new_lpm(len(cidrs) + 4096)
-        _fill_lpm(self.maps.fds["lpm"], [lpm_key(0, c) for c in cidrs])
-        self.attached = _attach_lpm_prog(self.client.cgroup, self.maps.fds["lpm"])
-
-    def remove(self):
-        att, self.attached = self.attached, None
-        if att == "icpt":
-            self.icpt.detach(self.client.pod)
-        elif att:
-            _detach_lpm_prog(*att)
-
-    def close(self):
-        if self.icpt is not None:
-            icpt, self.icpt = self.icpt, None
-            try:
-                icpt.cleanup()
-            except Exception as e:  # noqa: BLE001
-                self.progress(f"rules: eBPF interceptor cleanup: {e}")
-
-
-def _bench_dataplane(sb, maps, ns, backends, seconds, rounds, progress):
+def _bench_dataplane(sb, svcs, ns, backends, seconds, rounds, progress):
     client, server = sb.add_pod("dpc"), sb.add_pod("dps")
     client.exec(["sysctl", "-q", "-w", "net.ipv4.tcp_tw_reuse=1"], check=True)
     server.exec(["sysctl", "-q", "-w", "net.core.somaxconn=4096"], check=False)
     start_conn_server(server)
-    samples = {}
-    errors = []
+    samples, errors = {}, []
     base = []
     for _ in range(rounds):
         rate, err = measure_conn_rate(client, server.ip4, CONN_PORT, seconds)
@@ -513,40 +394,22 @@ def _bench_dataplane(sb, maps, ns, backends, seconds, rounds, progress):
         if err:
             errors.append(f"data plane without rules: {err}")
     samples[("none", 0)] = {"backend": "none", "n": 0, "conn_per_s": base}
-    ebpf = _EbpfExclusions(sb, maps, client, progress) if "ebpf" in backends else None
-    try:
-        _dataplane_loop(ns, backends, rounds, seconds, client, server, ebpf, samples, errors,
-                        progress)
-    finally:
-        if ebpf is not None:
-            ebpf.close()
-    notes = [f"data plane: {ebpf.note}"] if ebpf is not None and ebpf.note else []
-    return list(samples.values()), errors, notes
-
-
-def _dataplane_loop(ns, backends, rounds, seconds, client, server, ebpf, samples, errors,
-                    progress):
     for n in ns:
-        cidrs = exclusion_cidrs(n, last=server.ip4)
-        payload = iptables_payload(cidrs)
+        cfg = pod_config(exclusion_cidrs(n, last=server.ip4))
         for _ in range(rounds):
             for backend in backends:
-                rec = samples.setdefault((backend, n), {"backend": backend, "n": n, "conn_per_s": []})
+                rec = samples.setdefault((backend, n), {"backend": backend, "n": n,
+                                                        "conn_per_s": []})
+                svc = svcs.get(backend)
+                if svc is None:
+                    continue
                 try:
-                    if backend == "ebpf":
-                        ebpf.install(cidrs)
-                        rec["impl"] = ebpf.impl
-                        try:
-                            rate, err = measure_conn_rate(client, server.ip4, CONN_PORT, seconds)
-                        finally:
-                            ebpf.remove()
-                    else:
-                        ipt, restore = _binaries(backend)
-                        _run_timed([restore, "-w"], client.netns, input=payload)
-                        try:
-                            rate, err = measure_conn_rate(client, server.ip4, CONN_PORT, seconds)
-                        finally:
-                            _run_timed([restore, "-w"], client.netns, input="*nat\nCOMMIT\n")
+                    # impl: the mode the service says it enrolled the client in
+                    rec["impl"] = f"service:{svc.attach(client.pod, cfg, pod_id=CLIENT_ID)['mode']}"
+                    try:
+                        rate, err = measure_conn_rate(client, server.ip4, CONN_PORT, seconds)
+                    finally:
+                        svc.detach(CLIENT_ID)
                     rec["conn_per_s"].append(rate)
                     if err:
                         rec["error"] = err
@@ -554,8 +417,10 @@ def _dataplane_loop(ns, backends, rounds, seconds, client, server, ebpf, samples
                 except MeshbpfError as e:
                     rec["error"] = str(e)
                     errors.append(f"data plane {backend} N={n}: {e}")
-            progress(f"rules: data plane N={n}: " + ", ".join(
-                f"{b} {stats.median(samples[(b, n)]['conn_per_s']) or 0:.0f} conn/s" for b in backends))
+        progress(f"rules: data plane N={n}: " + ", ".join(
+            f"{b} {stats.median(samples[(b, n)]['conn_per_s']) or 0:.0f} conn/s"
+            for b in backends if (b, n) in samples))
+    return list(samples.values()), errors
 
 
 # ---- the runner ------------------------------------------------------------------------
@@ -569,60 +434,69 @@ def available_backends():
     return out
 
 
-def run_rules(ns=DEFAULT_NS, backends=BACKENDS, quick=False, reps=None, dataplane=True,
-              dataplane_seconds=None, rounds=None, progress=None):
+def run_rules(ns=DEFAULT_NS, backends=BACKENDS, quick=False, pods=None, reps=None,
+              dataplane=True, dataplane_seconds=None, rounds=None, progress=None):
     """Run the control-plane (and data-plane-cost) benchmark; returns the result dict."""
     progress = progress or (lambda msg: None)
-    ns = sorted(set(int(n) for n in ns))
+    ns = sorted({int(n) for n in ns})
     if not ns:
         raise UsageError("give at least one N")
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
         raise UsageError(f"unknown backend(s) {unknown}: choose from {', '.join(BACKENDS)}")
+    pods = check_pods(pods if pods is not None else (QUICK_PODS if quick else DEFAULT_PODS))
     have = available_backends()
     missing = [b for b in backends if b not in have]
     backends = [b for b in backends if b in have]
-    reps = reps or (3 if quick else 7)
-    sync_reps = 1 if quick else 3
-    ebpf_reps = 50 if quick else 300
+    sync_reps = 1
     rounds = rounds or (1 if quick else 3)
     dataplane_seconds = dataplane_seconds or (0.7 if quick else 2.0)
     from ..testbed import Sandbox
     t_start = time.monotonic()
-    samples, errors, notes = [], [f"{b}: not installed" for b in missing], []
-    dp_samples = []
+    samples = _Samples()
+    errors, notes = [f"{b}: not installed" for b in missing], []
+    dp_samples, evidence, svcs = [], {}, {}
     with Sandbox(name="benchrules") as sb:
-        maps = None
         try:
-            if "ebpf" in backends:
-                maps = _Maps(os.path.join(sb.pin_prefix, "bench"), max(ns) + 4096)
-            pods = {b: sb.add_pod(b.split("-")[1]) for b in backends if b != "ebpf"}
-            for n in ns:
-                for b in backends:
-                    try:
-                        if b == "ebpf":
-                            samples += _bench_ebpf(maps, n, ebpf_reps, sync_reps, progress)
-                        else:
-                            samples += _bench_iptables(sb, b, pods[b], n, reps, sync_reps, progress)
-                    except MeshbpfError as e:
-                        errors.append(f"{b} N={n}: {e}")
-                        progress(f"rules: {b} N={n} failed: {e}")
-            for p in pods.values():
-                sb.remove_pod(p.name)
+            t0 = time.perf_counter()
+            bed = [sb.add_pod(f"p{i}") for i in range(1, pods + 1)]
+            spare = sb.add_pod("spare")
+            progress(f"rules: {pods + 1} test-bed pods made in {time.perf_counter() - t0:.1f}s")
+            for b in backends:
+                r = reps or ((5 if quick else 15) if b == "ebpf" else (3 if quick else 7))
+                try:
+                    svcs[b] = _service(sb, b)
+                    run = _BackendBench(svcs[b], b, bed, spare, samples, r, sync_reps, progress)
+                    evidence[b] = run.evidence
+                    run.run(ns)
+                except MeshbpfError as e:
+                    errors.append(f"{b}: {e}")
+                    progress(f"rules: {b} failed: {e}")
             if dataplane:
-                dp_samples, dp_errors, notes = _bench_dataplane(
-                    sb, maps, ns, backends, dataplane_seconds, rounds, progress)
+                dp_samples, dp_errors = _bench_dataplane(
+                    sb, svcs, ns, backends, dataplane_seconds, rounds, progress)
                 errors += dp_errors
         finally:
-            if maps:
-                maps.close()
-    results = stats.aggregate_rules(samples)
-    from .report import rules_targets
+            for b, svc in svcs.items():
+                try:
+                    svc.cleanup()
+                except MeshbpfError as e:
+                    errors.append(f"{b}: cleanup: {e}")
+    if any(b != "ebpf" for b in svcs) and "ebpf" in svcs:
+        notes.append("eBPF mode's node programs stayed attached at the test-bed cgroup while "
+                     "iptables mode was measured (a pod not enrolled in eBPF mode passes "
+                     "through them after one map lookup)")
+    results = stats.aggregate_rules(list(samples.ops.values()))
+    by_pods = stats.aggregate_by_pods(list(samples.by_pods.values()))
+    from .report import rules_ratios, rules_targets
     return {
-        "kind": "rules", "quick": quick, "ns": ns, "backends": backends,
-        "results": results,
+        "kind": "rules", "quick": quick, "ns": ns, "pods": pods, "backends": backends,
+        "path": "meshbpf.service.NodeService",
+        "results": results, "by_pods": by_pods,
         "dataplane": stats.aggregate_dataplane(dp_samples),
-        "targets": rules_targets(results),
+        "targets": rules_targets(results, by_pods),
+        "ratios": rules_ratios(results),
+        "service": evidence,
         "errors": errors, "notes": notes,
         "seconds": time.monotonic() - t_start,
         "host": {"kernel": os.uname().release, "cpus": os.cpu_count(),

@@ -118,22 +118,59 @@ def aggregate_latency(samples, sizes, base_mode="direct"):
     return modes
 
 
+def phases(timings):
+    """Per phase, the median over repetitions of the service's `timings` dicts (seconds;
+    a phase absent from a repetition is not counted for it), in first-seen order."""
+    keys = []
+    for t in timings or []:
+        for k in t or {}:
+            if k not in keys:
+                keys.append(k)
+    return {k: median([(t or {}).get(k) for t in timings]) for k in keys}
+
+
+def _timed_row(s):
+    """The common part of an aggregated timed sample: median, spread, phases, syscalls."""
+    sp = spread(s["seconds"])
+    row = {"backend": s["backend"], "op": s["op"], "seconds": sp["median"], "spread": sp,
+           "reps": sp["n"], "phases": phases(s.get("timings")),
+           "bpf_syscalls": median(s.get("syscalls") or [])}
+    if s.get("pods") is not None:
+        row["pods"] = int(s["pods"])
+    return row
+
+
 def aggregate_rules(samples, base_backend="ebpf"):
     """Timed control-plane samples -> the "results" list of the rules report.
 
-    samples: dicts {"backend", "op", "n", "seconds": [float, ...]} (repetitions of one op).
-    Each result: {"backend", "op", "n", "seconds" (median), "spread", "reps",
-    "ratio_to_ebpf" (this backend's time / eBPF's for the same op and n)}.
+    samples: dicts {"backend", "op", "n", "seconds": [float, ...]} (repetitions of one op),
+    optionally "pods" (pods enrolled), "timings" (the service's phase dicts, one per
+    repetition) and "syscalls" (bpf(2) calls per repetition).
+    Each result: {"backend", "op", "n", "seconds" (median), "spread", "reps", "phases"
+    (median per phase), "bpf_syscalls" (median), "ratio_to_ebpf" (this backend's time /
+    eBPF's for the same op and n)}.
     """
     results = []
     for s in samples:
-        sp = spread(s["seconds"])
-        results.append({"backend": s["backend"], "op": s["op"], "n": int(s["n"]),
-                        "seconds": sp["median"], "spread": sp, "reps": sp["n"]})
+        results.append(dict(_timed_row(s), n=int(s["n"])))
     base = {(r["op"], r["n"]): r["seconds"] for r in results if r["backend"] == base_backend}
     for r in results:
         r["ratio_to_ebpf"] = ratio(r["seconds"], base.get((r["op"], r["n"])))
     return results
+
+
+def aggregate_by_pods(samples):
+    """Enroll / detach samples at a number of enrolled pods {"backend", "op", "pods",
+    "seconds", "timings", "syscalls"} -> rows sorted by backend, op and pods, each with
+    "ratio_to_first" (its median / the median at the fewest pods of its backend and op)."""
+    rows = sorted((_timed_row(s) for s in samples),
+                  key=lambda r: (r["backend"], r["op"], r["pods"]))
+    first = {}
+    for r in rows:
+        first.setdefault((r["backend"], r["op"]), r["seconds"])
+    for r in rows:
+        r["ratio_to_first"] = ratio(r["seconds"], first[(r["backend"], r["op"])])
+    return rows
 
 
 def aggregate_dataplane(samples, base_backend="ebpf"):

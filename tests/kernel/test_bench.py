@@ -64,20 +64,54 @@ def test_latency_quick_json(tmp_path):
 
 
 def test_rules_quick_json(tmp_path):
+    """`bench rules --quick` through the CLI: every op of every backend timed through the
+    service layer (its phase timings are in the result, its records were created for
+    every bench pod and removed again), enroll measured at 1 and 10 pods, the data plane
+    through a client enrolled by the service."""
+    from meshbpf.bench import rules
     before_ns, before_pins = _netns(), _pins()
     res = _run(["rules", "--quick", "-o", "json", "--out", str(tmp_path)])
     assert res["errors"] == []
-    got = {(r["backend"], r["op"], r["n"]) for r in res["results"]}
-    for backend in ("ebpf", "iptables-nft", "iptables-legacy"):
-        for op in ("enroll-pod", "add-entry", "remove-entry", "full-sync"):
-            for n in (100, 20000):
-                assert (backend, op, n) in got
+    assert res["path"] == "meshbpf.service.NodeService" and res["pods"] == rules.QUICK_PODS
+    backends = ("ebpf", "iptables-nft", "iptables-legacy")
+    got = {(r["backend"], r["op"], r["n"]): r for r in res["results"]}
+    for backend in backends:
+        for op in rules.OPS:
+            for n in rules.QUICK_NS:
+                assert (backend, op, n) in got, (backend, op, n)
     for r in res["results"]:
         assert isinstance(r["seconds"], float) and r["seconds"] > 0
         assert r["ratio_to_ebpf"] > 0
+        if r["op"] in ("enroll-pod", "add-entry", "remove-entry"):
+            # the service's own timings came back from attach / update
+            assert r["phases"].get("total", 0) > 0, r
+            assert r["phases"]["total"] <= r["seconds"] * 1.05, r
+    for n in rules.QUICK_NS:
+        eb = got[("ebpf", "enroll-pod", n)]["phases"]
+        assert {"maps", "records"} <= set(eb), eb      # the eBPF path wrote maps
+        assert got[("ebpf", "enroll-pod", n)]["pods"] == rules.QUICK_PODS
+    by = {(r["backend"], r["op"], r["pods"]) for r in res["by_pods"]}
+    for backend in backends:
+        for pods in rules.pod_steps(rules.QUICK_PODS):
+            assert (backend, "enroll-pod", pods) in by and (backend, "detach-pod", pods) in by
+    # the service created a record for every bench pod and removed them all
+    for backend in backends:
+        ev = res["service"][backend]
+        assert ev["records_enrolled"] == rules.QUICK_PODS, (backend, ev)
+        assert ev["records_after"] == 0, (backend, ev)
+        assert ev["attached"] == ev["detached"] > rules.QUICK_PODS, (backend, ev)
+    names = {t["name"] for t in res["targets"]}
+    assert any(n.startswith("eBPF enroll-pod at most 5 ms") for n in names)
+    assert any(n.startswith("eBPF enroll flat from 1 to 10 pods") for n in names)
+    assert {t["met"] for t in res["targets"]} <= {True, False}
+    assert {(r["op"], r["backend"]) for r in res["ratios"]} == {
+        (op, b) for op in rules.OPS for b in backends[1:]}
     dp = {(r["backend"], r["n"]) for r in res["dataplane"] if r["conn_per_s"] and r["conn_per_s"] > 0}
-    for backend in ("ebpf", "iptables-nft", "iptables-legacy"):
+    for backend in backends:
         assert (backend, 20000) in dp
+    for r in res["dataplane"]:
+        if r["backend"] != "none":          # the client was enrolled by the service, in that mode
+            assert r["impl"] == "service:" + r["backend"].split("-")[0], r
     for name in ("rules.json", "rules.md", "rules.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert _netns() - before_ns == set()

@@ -7,14 +7,12 @@ loopback in a throwaway netns plus a refused connection.
 
 import json
 import os
-import struct
 
 import pytest
 from click.testing import CliRunner
 
 from meshbpf.bench import charts, latency, parse, report, rules, stats
 from meshbpf.bench.commands import bench
-from meshbpf.config import InterceptConfig
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "bench")
 
@@ -166,35 +164,112 @@ def test_latency_targets_met_and_missed():
     assert t2["ebpf p50 at most 0.7x iptables"]["met"] is False
 
 
+def _timings(total, tc):
+    return {"node": 1e-4, "maps": total - tc - 3e-4, "tc": tc, "sk_lookup": 1e-4,
+            "records": 1e-4, "total": total}
+
+
 def recorded_rules_result():
     samples = []
     for n in (100, 1000, 20000):
-        samples.append({"backend": "ebpf", "op": "add-entry", "n": n, "seconds": [2e-6, 3e-6, 2.5e-6]})
+        enr = [0.004, 0.0045, 0.005]
+        samples.append({"backend": "ebpf", "op": "enroll-pod", "n": n, "pods": 250,
+                        "seconds": enr, "timings": [_timings(s, 0.002) for s in enr],
+                        "syscalls": [40, 40, 40]})
+        samples.append({"backend": "ebpf", "op": "add-entry", "n": n, "seconds": [2e-3, 3e-3, 2.5e-3]})
         samples.append({"backend": "ebpf", "op": "full-sync", "n": n, "seconds": [n * 2e-6]})
+        samples.append({"backend": "iptables-nft", "op": "enroll-pod", "n": n, "pods": 250,
+                        "seconds": [0.025], "timings": [{"iptables": 0.02, "records": 0.001,
+                                                         "total": 0.022}]})
         samples.append({"backend": "iptables-nft", "op": "add-entry", "n": n, "seconds": [n * 4e-6]})
         samples.append({"backend": "iptables-nft", "op": "full-sync", "n": n, "seconds": [n * 1e-5]})
         samples.append({"backend": "iptables-legacy", "op": "add-entry", "n": n, "seconds": [1e-3 + n * 1e-6]})
     results = stats.aggregate_rules(samples)
+    by_pods = stats.aggregate_by_pods(
+        [{"backend": "ebpf", "op": "enroll-pod", "pods": k, "seconds": [0.004, 0.0042 + k * 1e-6],
+          "timings": [], "syscalls": [40, 40]} for k in (1, 10, 250)]
+        + [{"backend": "iptables-nft", "op": "enroll-pod", "pods": k, "seconds": [0.02 + k * 1e-5]}
+           for k in (1, 250)])
     dp = stats.aggregate_dataplane([{"backend": "ebpf", "n": 100, "conn_per_s": [10000, 11000]},
                                     {"backend": "iptables-nft", "n": 100, "conn_per_s": [5000]}])
-    return {"kind": "rules", "ns": [100, 1000, 20000], "results": results, "dataplane": dp,
-            "targets": report.rules_targets(results), "errors": []}
+    return {"kind": "rules", "ns": [100, 1000, 20000], "pods": 250,
+            "path": "meshbpf.service.NodeService", "results": results, "by_pods": by_pods,
+            "dataplane": dp, "targets": report.rules_targets(results, by_pods),
+            "ratios": report.rules_ratios(results), "errors": [],
+            "service": {"ebpf": {"attached": 260, "updated": 30, "detached": 260,
+                                 "records_enrolled": 250, "records_after": 0}}}
 
 
 def test_aggregate_rules_ratio_to_ebpf_and_targets():
     res = recorded_rules_result()
     idx = {(r["backend"], r["op"], r["n"]): r for r in res["results"]}
-    assert idx[("ebpf", "add-entry", 100)]["seconds"] == 2.5e-6
-    assert idx[("iptables-nft", "add-entry", 20000)]["ratio_to_ebpf"] == pytest.approx(0.08 / 2.5e-6)
+    assert idx[("ebpf", "add-entry", 100)]["seconds"] == 2.5e-3
+    assert idx[("iptables-nft", "add-entry", 20000)]["ratio_to_ebpf"] == pytest.approx(0.08 / 2.5e-3)
     assert idx[("ebpf", "add-entry", 1000)]["ratio_to_ebpf"] == 1
-    assert idx[("iptables-legacy", "add-entry", 100)]["ratio_to_ebpf"] == pytest.approx(1.1e-3 / 2.5e-6)
+    assert idx[("iptables-legacy", "add-entry", 100)]["ratio_to_ebpf"] == pytest.approx(1.1e-3 / 2.5e-3)
+    # the service's phases: median per phase over the repetitions; the syscalls' median
+    e = idx[("ebpf", "enroll-pod", 100)]
+    assert e["seconds"] == 0.0045 and e["pods"] == 250 and e["bpf_syscalls"] == 40
+    assert e["phases"]["tc"] == 0.002 and e["phases"]["total"] == 0.0045
+    assert list(e["phases"]) == ["node", "maps", "tc", "sk_lookup", "records", "total"]
+    assert idx[("iptables-nft", "enroll-pod", 100)]["phases"] == {
+        "iptables": 0.02, "records": 0.001, "total": 0.022}
+    assert idx[("ebpf", "add-entry", 100)]["phases"] == {} and \
+        idx[("ebpf", "add-entry", 100)]["bpf_syscalls"] is None
     t = {x["name"]: x for x in res["targets"]}
-    assert t["add-entry at N=20000: eBPF at least 1000x cheaper than iptables-nft"]["met"] is True
-    assert t["remove-entry at N=20000: eBPF at least 1000x cheaper than iptables-nft"]["met"] is None
+    enroll = t["eBPF enroll-pod at most 5 ms per pod (median, real path)"]
+    assert enroll["met"] is True and "slowest phase maps 2.20ms" in enroll["detail"]
+    flat = t["eBPF enroll flat from 1 to 250 pods enrolled (median at 250 within 1.5x of at 1)"]
+    assert flat["met"] is True and "bpf syscalls per enroll 40 at 1, 40 at 250" in flat["detail"]
+    sc = t["eBPF enroll issues as many bpf syscalls with 250 pods enrolled as with 1"]
+    assert sc["met"] is True and sc["detail"] == "1: 40, 10: 40, 250: 40"
     assert t["eBPF add-entry flat in N"]["met"] is True
+    assert t["eBPF remove-entry flat in N"]["met"] is None
     dp = {r["backend"]: r for r in res["dataplane"]}
     assert dp["ebpf"]["conn_per_s"] == 10500
     assert dp["iptables-nft"]["ratio_to_ebpf"] == pytest.approx(5000 / 10500)
+
+
+def test_aggregate_by_pods_ratio_to_fewest():
+    rows = stats.aggregate_by_pods([
+        {"backend": "ebpf", "op": "enroll-pod", "pods": 250, "seconds": [0.006]},
+        {"backend": "ebpf", "op": "enroll-pod", "pods": 1, "seconds": [0.003, 0.004, 0.005]},
+        {"backend": "ebpf", "op": "detach-pod", "pods": 1, "seconds": [0.002]}])
+    assert [(r["op"], r["pods"]) for r in rows] == [("detach-pod", 1), ("enroll-pod", 1),
+                                                    ("enroll-pod", 250)]
+    assert rows[1]["ratio_to_first"] == 1 and rows[2]["ratio_to_first"] == pytest.approx(1.5)
+    assert rows[1]["reps"] == 3 and rows[1]["spread"]["min"] == 0.003
+
+
+def test_rules_targets_missed():
+    # eBPF enroll slower than 5 ms, and growing with the pods enrolled
+    results = stats.aggregate_rules([
+        {"backend": "ebpf", "op": "enroll-pod", "n": 100, "seconds": [0.004]},
+        {"backend": "ebpf", "op": "enroll-pod", "n": 20000, "seconds": [0.020],
+         "timings": [{"maps": 0.002, "tc": 0.015, "total": 0.019}]}])
+    by_pods = stats.aggregate_by_pods([
+        {"backend": "ebpf", "op": "enroll-pod", "pods": k, "seconds": [0.004 * k ** 0.5],
+         "syscalls": [80 + 2 * k]} for k in (1, 10, 50)])
+    t = {x["name"]: x for x in report.rules_targets(results, by_pods)}
+    e = t["eBPF enroll-pod at most 5 ms per pod (median, real path)"]
+    assert e["met"] is False
+    assert "worst N=20,000, slowest phase tc 15.00ms" in e["detail"]
+    f = t["eBPF enroll flat from 1 to 50 pods enrolled (median at 50 within 1.5x of at 1)"]
+    assert f["met"] is False and f"{50 ** 0.5:.2f}x" in f["detail"]
+    sc = t["eBPF enroll issues as many bpf syscalls with 50 pods enrolled as with 1"]
+    assert sc["met"] is False and sc["detail"] == "1: 82, 10: 100, 50: 180"
+    # nothing measured: not measured, never met
+    t0 = report.rules_targets([], [])
+    assert [x["met"] for x in t0] == [None, None, None, None, None]
+
+
+def test_rules_ratios_ebpf_over_iptables():
+    res = recorded_rules_result()
+    r = {(x["op"], x["n"], x["backend"]): x["ebpf_over"] for x in res["ratios"]}
+    assert r[("enroll-pod", 100, "iptables-nft")] == pytest.approx(0.0045 / 0.025)
+    assert r[("add-entry", 20000, "iptables-legacy")] == pytest.approx(2.5e-3 / 0.021)
+    assert ("enroll-pod", 100, "iptables-legacy") not in r
+    assert all(x["backend"] != "ebpf" for x in res["ratios"])
 
 
 def test_rules_target_missed_when_ebpf_grows_with_n():
@@ -224,11 +299,34 @@ def test_latency_text_and_markdown():
 def test_rules_text_and_markdown():
     res = recorded_rules_result()
     text = report.rules_text(res)
-    row = next(l for l in text.splitlines() if l.startswith("add-entry") and "20,000" in l)
-    assert "2.5us" in row and "80.00ms" in row and "32,000x" in row
+    lines = text.splitlines()
+    assert "through meshbpf.service.NodeService, 250 pods enrolled" in lines[0]
+    head = next(l for l in lines if l.startswith("op "))
+    assert head.split() == ["op", "N", "ebpf", "iptables-nft", "iptables-legacy",
+                            "eBPF/nft", "eBPF/legacy"]
+    row = next(l for l in lines if l.startswith("add-entry") and "20,000" in l)
+    # eBPF 2.5 ms, nft 80 ms, legacy 21 ms; eBPF over each
+    assert row.split()[2:] == ["2.50ms", "80.00ms", "21.00ms", "0.03x", "0.12x"]
+    ph = lines.index("enroll-pod split into the service's phases (median)")
+    assert lines[ph + 1].split() == ["backend", "N", "wall", "service", "total", "node", "maps",
+                                     "tc", "sk_lookup", "iptables", "records", "other", "bpf",
+                                     "syscalls"]
+    assert any(l.startswith("ebpf") and "2.00ms" in l and l.split()[-1] == "40"
+               for l in lines[ph + 2:])
+    # iptables: the restore is in no named phase: total 22 ms - 20 - 1 = 1 ms "other"
+    nft = next(l for l in lines[ph + 2:] if l.startswith("iptables-nft"))
+    assert nft.split()[-2:] == ["1.00ms", "-"]
+    bp = next(i for i, l in enumerate(lines) if l.startswith("enroll / detach against pods"))
+    assert lines[bp + 3].split()[0] == "1" and lines[bp + 5].split()[0] == "250"
+    assert "4.22ms (1.03x)" in lines[bp + 5] and "22.50ms (1.12x)" in lines[bp + 5]
     assert "Data-plane cost of N entries" in text
+    assert "target: eBPF enroll-pod at most 5 ms per pod (median, real path): met" in text
+    assert ("service: ebpf: 260 attach, 30 update, 260 detach calls; records with the bench "
+            "pods enrolled 250, after 0") in text
     md = report.rules_markdown(res, charts=["rules.png"])
-    assert "| op | N | ebpf | iptables-nft | iptables-legacy |" in md
+    assert ("| op | N | ebpf | iptables-nft | iptables-legacy | eBPF/nft | eBPF/legacy |"
+            in md)
+    assert "## Where an enroll's time goes" in md and "## Enroll cost against pods" in md
     assert "![rules.png](rules.png)" in md
 
 
@@ -242,6 +340,8 @@ def test_json_round_trip_shapes():
     for r in rl["results"]:
         assert r["backend"] in report.RULES_BACKENDS and r["op"] in report.RULES_OPS
         assert isinstance(r["n"], int) and r["seconds"] > 0
+        assert isinstance(r["phases"], dict)
+    assert {r["pods"] for r in rl["by_pods"]} == {1, 10, 250}
 
 
 def _is_png(path):
@@ -275,54 +375,107 @@ def test_parse_ns():
             rules.parse_ns(bad)
 
 
-def test_lpm_and_port_keys():
-    k = rules.lpm_key(7, "10.1.2.0/24")
-    assert len(k) == 24
-    plen, idx = struct.unpack("<II", k[:8])
-    assert plen == 32 + 96 + 24 and idx == 7
-    assert k[8:] == b"\x00" * 10 + b"\xff\xff" + bytes([10, 1, 2, 0])
-    k6 = rules.lpm_key(1, "fd00::/8")
-    assert struct.unpack("<I", k6[:4])[0] == 40 and k6[8] == 0xfd
-    assert rules.port_key(3, 15006) == struct.pack("<I", 3) + b"\x3a\x9e\x00\x00"
+def test_spread_entries_over_pods():
+    c = rules.exclusion_cidrs(10)
+    parts = rules.spread_entries(c, 4)
+    assert [len(p) for p in parts] == [3, 3, 2, 2]
+    assert [x for p in parts for x in p] == c            # every entry once, in order
+    assert rules.spread_entries(rules.exclusion_cidrs(100), 250)[99] == ["100.64.0.100/32"]
+    assert rules.spread_entries(rules.exclusion_cidrs(100), 250)[100] == []
+    assert sum(map(len, rules.spread_entries(rules.exclusion_cidrs(20000), 250))) == 20000
+    for bad in (0, -1, rules.MAX_PODS + 1, "3", True):
+        with pytest.raises(Exception, match="--pods"):
+            rules.spread_entries(c, bad)
 
 
-def test_enroll_entries_follow_config():
-    from meshbpf.ebpf import structs as S
-    cfg = InterceptConfig()
-    e = rules.enroll_entries(cfg, 5, 0xabc, pod_ip="10.233.0.20")
-    (pk, pv), = e["pods"]
-    assert pk == struct.pack("<Q", 0xabc)
-    pc = S.from_bytes(S.PodConfig, pv)
-    assert pc.pod_index == 5 and S.ntohs(pc.proxy_port) == 15001
-    lpm = dict(e["lpm"])
-    # the pod's own address and the loopback CIDR are excluded, as Istio's rules do
-    assert lpm[rules.lpm_key(5, "10.233.0.20/32")] == S.u32_bytes(S.RULE_EXCLUDE)
-    assert lpm[rules.lpm_key(5, "127.0.0.1/32")] == S.u32_bytes(S.RULE_EXCLUDE)
-    assert e["ports"] == [] and len(e["local_ips"]) == 1
-    cfg2 = cfg.replace(outbound_ip_ranges_include="10.0.0.0/8,192.168.0.0/16",
-                       outbound_ports_exclude="5432")
-    e2 = rules.enroll_entries(cfg2, 5, 1, pod_ip="10.233.0.20")
-    assert dict(e2["lpm"])[rules.lpm_key(5, "192.168.0.0/16")] == S.u32_bytes(S.RULE_INCLUDE)
-    assert dict(e2["ports"]) == {rules.port_key(5, 5432): S.u32_bytes(S.RULE_EXCLUDE)}
+def test_pod_steps():
+    assert rules.pod_steps(250) == [1, 10, 50, 100, 250]
+    assert rules.pod_steps(10) == [1, 10]
+    assert rules.pod_steps(30) == [1, 10, 30]
+    assert rules.pod_steps(1) == [1]
+    assert rules.pod_steps(400) == [1, 10, 50, 100, 250, 400]
 
 
-def test_iptables_payload_and_exclusion_position():
-    payload = rules.iptables_payload(rules.exclusion_cidrs(3, last="10.233.0.12"))
-    lines = payload.splitlines()
-    out = [l for l in lines if l.startswith("-A ISTIO_OUTPUT")]
-    assert out[-1] == "-A ISTIO_OUTPUT -j ISTIO_REDIRECT"
-    assert out[-2] == "-A ISTIO_OUTPUT -d 10.233.0.12/32 -j RETURN"
-    pos = rules.exclusion_position(payload)
-    assert pos == len(out) and out[pos - 1].endswith("ISTIO_REDIRECT")
+def test_pod_config_and_with_entry():
+    cfg = rules.pod_config(["100.64.0.1/32", "100.64.0.2/32"])
+    assert cfg.outbound_ip_ranges_exclude == "100.64.0.1/32,100.64.0.2/32"
+    # Istio's defaults otherwise: everything outbound and inbound captured
+    assert cfg.outbound_ip_ranges_include == "*" and cfg.inbound_ports_include == "*"
+    cfg.validate()
+    more = rules.with_entry(cfg, rules.extra_cidr(3))
+    assert more.outbound_ip_ranges_exclude.split(",") == ["100.64.0.1/32", "100.64.0.2/32",
+                                                          "100.127.0.4/32"]
+    assert rules.with_entry(rules.pod_config([]), "1.2.3.4/32").outbound_ip_ranges_exclude == \
+        "1.2.3.4/32"
+    assert cfg.outbound_ip_ranges_exclude == "100.64.0.1/32,100.64.0.2/32"   # unchanged
 
 
-def test_connect4_program_encoding():
-    prog = b"".join(rules.connect4_lpm_program(42))
-    assert len(prog) % 8 == 0 and len(prog) == 15 * 8      # 14 slots, ld_imm64 takes two
-    # the ld_imm64 carries the map fd as a pseudo map fd
-    ld = prog.index(bytes([0x18]))
-    assert prog[ld + 1] == 0x11 and struct.unpack("<i", prog[ld + 4:ld + 8])[0] == 42
-    assert prog[-8] == 0x95
+def test_service_options():
+    assert rules.service_options("ebpf") == {"mode": "ebpf", "splice": True}
+    assert rules.service_options("iptables-nft") == {"mode": "iptables",
+                                                     "iptables_binary": "iptables-nft"}
+    assert rules.service_options("iptables-legacy")["iptables_binary"] == "iptables-legacy"
+    with pytest.raises(Exception, match="unknown backend"):
+        rules.service_options("pf")
+    assert rules.pod_count({"pods": [{"id": "a"}, {"id": "b"}]}) == 2
+    assert rules.pod_count({"pods": {"a": {}}}) == 1 and rules.pod_count({}) == 0
+
+
+class FakeService:
+    """Stands in for NodeService to check which calls the harness makes (no kernel)."""
+
+    def __init__(self):
+        self.pods, self.calls = {}, []
+
+    def attach(self, pod, config, pod_id=None):
+        assert pod_id not in self.pods, f"{pod_id} attached twice"
+        self.pods[pod_id] = config
+        self.calls.append(("attach", pod_id, len(self.pods)))
+        return {"id": pod_id, "timings": {"maps": 1e-3, "tc": 2e-3, "total": 3.1e-3}}
+
+    def update(self, pod_id, config):
+        assert pod_id in self.pods
+        self.pods[pod_id] = config
+        self.calls.append(("update", pod_id, config.outbound_ip_ranges_exclude.count(",") + 1))
+        return {"id": pod_id, "timings": {"maps": 1e-4, "total": 2e-4}}
+
+    def detach(self, pod_id):
+        del self.pods[pod_id]
+        self.calls.append(("detach", pod_id, len(self.pods)))
+
+    def status(self):
+        return {"pods": [{"id": k} for k in self.pods]}
+
+
+class FakePod:
+    def __init__(self, name):
+        self.name, self.pod = name, f"<pod {name}>"
+
+
+def test_backend_bench_times_every_op_through_the_service():
+    svc, samples = FakeService(), rules._Samples()
+    bed = [FakePod(f"p{i}") for i in range(1, 13)]
+    run = rules._BackendBench(svc, "ebpf", bed, FakePod("spare"), samples, 2, 1, lambda m: None)
+    run.run([100, 1000])
+    ops = samples.ops
+    for n in (100, 1000):
+        for op in rules.OPS:
+            assert len(ops[("ebpf", op, n)]["seconds"]) == (1 if op == "full-sync" else 2)
+        assert ops[("ebpf", "enroll-pod", n)]["timings"][0]["tc"] == 2e-3
+        assert ops[("ebpf", "enroll-pod", n)]["pods"] == 12
+    # the spare pod enrolled twice at each step, with that many bench pods enrolled
+    spare = [c[2] for c in svc.calls if c[:2] == ("attach", rules.SPARE_ID)]
+    assert spare == [2, 2, 11, 11, 13, 13, 13, 13]      # 1, 10, 12 (+ itself); at N=1000: 12
+    assert sorted({(r["pods"], r["op"]) for r in samples.by_pods.values()}) == [
+        (1, "detach-pod"), (1, "enroll-pod"), (10, "detach-pod"), (10, "enroll-pod"),
+        (12, "detach-pod"), (12, "enroll-pod")]
+    # N=100 then 1000 spread over 12 pods: a pod holds 9 or 8, then 84 or 83, +1 while adding
+    adds = [c[2] for c in svc.calls if c[0] == "update"]
+    assert set(adds) == {8, 9, 10, 83, 84, 85}
+    assert svc.pods == {}                               # every bench pod detached at the end
+    ev = run.evidence
+    assert ev["records_enrolled"] == 12 and ev["records_after"] == 0
+    assert ev["attached"] == 12 + 8 and ev["detached"] == 12 + 8
 
 
 # ---- latency: pure helpers --------------------------------------------------------------
@@ -375,6 +528,10 @@ def test_check_path():
     (["rules", "--n", "0"], "out of range"),
     (["rules", "--backends", "pf"], "pf"),
     (["rules", "--sizes", "64"], "bench latency"),
+    (["rules", "--pods", "0"], "out of range"),
+    (["rules", "--pods", "many"], "--pods"),
+    (["rules", "--pods", "10,20"], "one number"),
+    (["latency", "--pods", "10"], "bench rules"),
 ])
 def test_cli_bad_input(args, msg):
     r = CliRunner().invoke(bench, args)
