@@ -7,6 +7,7 @@ the kernel objects both interceptors work on, with a clear error when one is mis
 import dataclasses
 import ipaddress
 import os
+import socket
 import zlib
 
 from . import istio, system
@@ -17,6 +18,7 @@ from .userns import IdMap
 # Istio's inbound passthrough binds its IPv6 upstream connections to ::6, which istio-init
 # (ConfigureRoutes) adds to the pod's lo; both modes add it when the pod captures IPv6.
 INBOUND_V6_ADDRESS = f"{istio.INBOUND_PASSTHROUGH_V6}/128"
+IFA_F_NODAD = 0x02
 
 
 @dataclasses.dataclass
@@ -83,36 +85,39 @@ class Pod:
             self._cookie = system.netns_cookie(self.netns)
         return self._cookie
 
-    def interfaces(self):
-        """Non-loopback interfaces in the pod's netns with their addresses."""
+    def _dump(self):
+        """({index: name}, {index: [ip_interface]}, [local address]) in one netlink session."""
         from pyroute2 import IPRoute
-        out = []
         with system.in_netns(self.netns):
             with IPRoute() as ipr:
                 names = {l["index"]: l.get_attr("IFLA_IFNAME") for l in ipr.get_links()}
-                addrs = {}
+                addrs, local = {}, set()
                 for a in ipr.get_addr():
                     ip = ipaddress.ip_interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
                     addrs.setdefault(a["index"], []).append(ip)
-        for idx, name in sorted(names.items()):
-            if name == "lo":
-                continue
-            out.append(Interface(name=name, index=idx, addresses=addrs.get(idx, [])))
-        return out
+                    local.add(ipaddress.ip_address(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")))
+        return names, addrs, sorted(local, key=lambda a: (a.version, a))
+
+    def interfaces(self):
+        """Non-loopback interfaces in the pod's netns with their addresses."""
+        names, addrs, _ = self._dump()
+        return _interfaces(names, addrs)
 
     def local_addresses(self):
         """Every address of the pod's netns, on any interface, `lo` and link-local included:
         the destinations the kernel routes through `lo` (iptables' `-o lo`)."""
-        from pyroute2 import IPRoute
-        with system.in_netns(self.netns):
-            with IPRoute() as ipr:
-                return sorted({ipaddress.ip_address(a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS"))
-                               for a in ipr.get_addr()}, key=lambda a: (a.version, a))
+        return self._dump()[2]
 
     def addresses(self):
         """The pod's own (non-loopback, non-link-local) IP addresses."""
-        return [a.ip for i in self.interfaces() for a in i.addresses
-                if not a.ip.is_link_local and not a.ip.is_loopback]
+        return self.address_sets()[0]
+
+    def address_sets(self):
+        """(addresses(), local_addresses()) from one netlink dump."""
+        names, addrs, local = self._dump()
+        own = [a.ip for i in _interfaces(names, addrs) for a in i.addresses
+               if not a.ip.is_link_local and not a.ip.is_loopback]
+        return own, local
 
     @property
     def has_ipv6(self):
@@ -125,7 +130,7 @@ class Pod:
         process in that netns whose user namespace is not ours (Kubernetes puts every
         container of a `hostUsers: false` pod in one). None if there is no such process.
         """
-        pids = [self.pid] if self.pid is not None else _pids_in_netns(self.netns)
+        pids = [self.pid] if self.pid is not None else self.pids()
         own = _userns_inode("self")
         found = {}
         for pid in pids:
@@ -145,8 +150,30 @@ class Pod:
         except OSError as e:
             raise MeshbpfError(f"cannot read the user namespace maps of pid {pid}: {e.strerror}")
 
+    def pids(self):
+        """The pod's processes: those of its cgroup subtree in its netns when it has a cgroup
+        (a few, whatever the node runs), else every process in its netns."""
+        if self.cgroup:
+            pids = []
+            for dirpath, _, files in os.walk(self.cgroup):
+                if "cgroup.procs" in files:
+                    try:
+                        with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                            pids += [int(p) for p in f.read().split() if p != "0"]
+                    except OSError:
+                        continue
+            mine = _in_netns(pids, self.netns)
+            if mine:
+                return mine
+        return _pids_in_netns(self.netns)
+
     def describe(self):
         return {"name": self.name, "netns": self.netns, "cgroup": self.cgroup}
+
+
+def _interfaces(names, addrs):
+    return [Interface(name=name, index=idx, addresses=addrs.get(idx, []))
+            for idx, name in sorted(names.items()) if name != "lo"]
 
 
 def generated_pod_id(netns_cookie, cgroup):
@@ -162,20 +189,23 @@ def _userns_inode(pid):
 
 
 def _pids_in_netns(netns):
+    return _in_netns([int(e) for e in os.listdir("/proc") if e.isdigit()], netns)
+
+
+def _in_netns(pids, netns):
+    """The processes of `pids` that live in network namespace `netns`."""
     try:
         st = os.stat(netns)
     except OSError:
         return []
     out = []
-    for ent in os.listdir("/proc"):
-        if not ent.isdigit():
-            continue
+    for pid in pids:
         try:
-            ns = os.stat(f"/proc/{ent}/ns/net")
+            ns = os.stat(f"/proc/{pid}/ns/net")
         except OSError:
             continue
         if (ns.st_dev, ns.st_ino) == (st.st_dev, st.st_ino):
-            out.append(int(ent))
+            out.append(pid)
     return out
 
 
@@ -207,18 +237,43 @@ def ensure_inbound_v6_address(netns):
     Returns True if this call added it, False if it was already there.
     """
     guard_netns(netns)
-    have = system.run(["ip", "-6", "-o", "addr", "show", "dev", "lo"], netns=netns).stdout
-    if f" {INBOUND_V6_ADDRESS} " in have:
+    if _has_inbound_v6_address(netns):
         return False
-    system.run(["ip", "-6", "addr", "add", INBOUND_V6_ADDRESS, "dev", "lo", "nodad"], netns=netns)
+    _lo_v6_address(netns, "add")
     return True
+
+
+def _lo_v6_address(netns, op):
+    """Add or delete ::6/128 on the netns's lo (netlink: no `ip` process per pod)."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+    addr, plen = INBOUND_V6_ADDRESS.split("/")
+    with system.in_netns(netns):
+        with IPRoute() as ipr:
+            lo = ipr.link_lookup(ifname="lo")[0]
+            try:
+                ipr.addr(op, index=lo, address=addr, prefixlen=int(plen), family=socket.AF_INET6,
+                         flags=IFA_F_NODAD)
+            except NetlinkError as e:
+                if op == "add":
+                    raise MeshbpfError(f"adding {INBOUND_V6_ADDRESS} to lo failed: {e}")
+
+
+def _has_inbound_v6_address(netns):
+    """Is ::6/128 on the pod's lo? (/proc's address list of the netns: no `ip` process.)"""
+    with system.in_netns(netns):
+        try:
+            with open("/proc/thread-self/net/if_inet6") as f:
+                rows = [l.split() for l in f]
+        except FileNotFoundError:          # IPv6 disabled in the netns
+            return False
+    return any(r[0] == "0" * 31 + "6" and r[2] == "80" and r[-1] == "lo" for r in rows)
 
 
 def remove_inbound_v6_address(netns):
     """Remove the ::6/128 that ensure_inbound_v6_address added (no error if it is gone)."""
     if netns and os.path.exists(netns):
-        system.run(["ip", "-6", "addr", "del", INBOUND_V6_ADDRESS, "dev", "lo"], netns=netns,
-                   check=False)
+        _lo_v6_address(netns, "del")
 
 
 def _netns_name(path):

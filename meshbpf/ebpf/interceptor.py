@@ -150,8 +150,7 @@ class EbpfInterceptor(Interceptor):
         self._check_pod_cgroup(pod)
         cookie = pod.netns_cookie
         with ctx.phase("addresses"):
-            addresses = list(pod.addresses())
-            local = list(pod.local_addresses())
+            addresses, local = pod.address_sets()
         if not config.enable_ipv6 and self.ipv6_auto and any(a.version == 6 for a in addresses):
             config = config.replace(enable_ipv6=True)
         idmap = pod.user_namespace() if hasattr(pod, "user_namespace") else None

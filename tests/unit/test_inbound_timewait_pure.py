@@ -70,33 +70,18 @@ def test_netns_and_listener_entries():
     assert structs.decode_capture_listener_key(k) == (77, 15006, structs.MB_AF_INET6)
 
 
-TCP = """\
-  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 0100007F:3A98 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 111 1 0
-   1: 00000000:3A9E 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 222 1 0
-   2: 0C00E90A:3A9E 0B00E90A:9C40 01 00000000:00000000 00:00000000 00000000  1337        0 333 1 0
-   3: 0C00E90A:3A9E 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 444 1 0
-   4: 0100007F:3A9E 00000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 555 1 0
-"""
-TCP6 = """\
-  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
-   0: 00000000000000000000000000000000:3A9E 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 666 1 0
-   1: 00000000000000000000000001000000:3A9E 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 777 1 0
-   2: 0000000000000000FFFF00000100007F:3A9E 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 888 1 0
-   3: 00006DFD00000000000000001200000000:3A9E 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1337        0 999 1 0
-"""
-
-
-def test_proc_net_tcp_parser_finds_reachable_listeners_on_the_port():
-    got = listeners.parse_proc_net_tcp(TCP, 15006)
-    # 15000 is another port, 333 is not listening, 127.0.0.1 is unreachable from outside
-    assert got == [(ipaddress.ip_address("0.0.0.0"), 222),
-                   (ipaddress.ip_address("10.233.0.12"), 444)]
-    got6 = listeners.parse_proc_net_tcp(TCP6, 15006)
-    # ::1 and ::ffff:127.0.0.1 are loopback; the malformed last line is skipped
-    assert [ino for _, ino in got6] == [666]
-    assert got6[0][0] == ipaddress.ip_address("::")
-    assert listeners.parse_proc_net_tcp(TCP, 8080) == []
+def test_listeners_the_pod_interfaces_reach_on_the_capture_port():
+    v4, v6 = structs.MB_AF_INET, structs.MB_AF_INET6
+    sockets = [(v4, "0.0.0.0", 15006, 222), (v4, "0.0.0.0", 15000, 111),
+               (v4, "127.0.0.1", 15006, 333), (v4, "10.233.0.12", 15006, 444),
+               (v6, "::", 15006, 666), (v6, "::1", 15006, 777),
+               (v6, "::ffff:127.0.0.1", 15006, 888), (v6, "fd00::12", 15006, 0)]
+    got = listeners.reachable_listeners(sockets, 15006)
+    # 15000 is another port, loopback is unreachable from outside, inode 0 is no socket
+    assert got == [(v4, ipaddress.ip_address("0.0.0.0"), 222),
+                   (v4, ipaddress.ip_address("10.233.0.12"), 444),
+                   (v6, ipaddress.ip_address("::"), 666)]
+    assert listeners.reachable_listeners(sockets, 8080) == []
 
 
 def test_loader_knows_the_sk_lookup_program():

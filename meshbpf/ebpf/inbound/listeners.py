@@ -1,75 +1,63 @@
 """The sidecar's capture listeners in a pod, put into `capture_listeners`. Side effects
-(apart from the pure `parse_proc_net_tcp`).
+(apart from the pure `reachable_listeners`).
 
 mb_sk_lookup hands a TIME_WAIT-reusing SYN to the pod's capture listener, which it finds in
 the `capture_listeners` SOCKHASH. sockops LISTEN_CB adds listeners created after attach;
-the ones that already exist are found here (in /proc/net/tcp{,6} of the pod's netns, and
-the process holding them) and duplicated with pidfd_getfd (Linux 5.6) into the map.
+the ones that already exist are found here (sock_diag in the pod's netns, which walks only
+the listening sockets, and the pod's processes holding them) and duplicated with
+pidfd_getfd (Linux 5.6) into the map.
 """
 
 import ctypes
 import errno
 import ipaddress
 import os
+import socket
 
 from ... import bpfsys, system
 from .. import structs
 
-TCP_LISTEN = 0x0A                       # st in /proc/net/tcp
+TCP_LISTEN = 0x0A
 SYS_PIDFD_GETFD = 438
 
 
-def _proc_addr(hexaddr):
-    """An address from /proc/net/tcp{,6}: 32-bit words in host (little-endian) order."""
-    raw = bytes.fromhex(hexaddr)
-    return ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
-
-
-def parse_proc_net_tcp(text, port):
-    """Sockets LISTENing on `port` in a /proc/net/tcp or tcp6 text: [(address, inode)],
-    loopback-bound ones left out (unreachable from the pod's interfaces)."""
+def reachable_listeners(sockets, port):
+    """Pure: of `sockets` [(family, address, port, inode)] the ones listening on `port`
+    that the pod's interfaces reach (loopback-bound ones are not): [(family, ip, inode)]."""
     out = []
-    for line in text.splitlines()[1:]:
-        f = line.split()
-        if len(f) < 10 or ":" not in f[1]:
+    for family, addr, sport, inode in sockets:
+        ip = ipaddress.ip_address(addr)
+        if sport != port or not inode or (getattr(ip, "ipv4_mapped", None) or ip).is_loopback:
             continue
-        addr, _, p = f[1].rpartition(":")
-        try:
-            if int(f[3], 16) != TCP_LISTEN or int(p, 16) != port:
-                continue
-            ip, inode = _proc_addr(addr), int(f[9])
-        except ValueError:
-            continue                         # not a socket line
-        if (getattr(ip, "ipv4_mapped", None) or ip).is_loopback or not inode:
-            continue
-        out.append((ip, inode))
+        out.append((family, ip, inode))
+    return out
+
+
+def _listening_sockets():
+    """[(family, address, port, inode)] of the TCP listeners of the current netns."""
+    from pyroute2 import DiagSocket
+    out = []
+    with DiagSocket() as ds:
+        ds.bind()
+        for family, af in ((structs.MB_AF_INET, socket.AF_INET),
+                           (structs.MB_AF_INET6, socket.AF_INET6)):
+            for m in ds.get_sock_stats(family=af, states=1 << TCP_LISTEN):
+                out.append((family, m["idiag_src"], m["idiag_sport"], m["idiag_inode"]))
     return out
 
 
 def find_listeners(pod, port):
     """The sockets listening on `port` in the pod's netns (wildcard or non-loopback address):
     [{"family", "address", "inode", "pid", "fd"}], one per family, with an owning process."""
-    found = []
     with system.in_netns(pod.netns):
-        for family, name in ((structs.MB_AF_INET, "tcp"), (structs.MB_AF_INET6, "tcp6")):
-            try:
-                with open(f"/proc/thread-self/net/{name}") as f:
-                    text = f.read()
-            except OSError:
-                continue
-            found += [(family, ip, ino) for ip, ino in parse_proc_net_tcp(text, port)]
+        found = reachable_listeners(_listening_sockets(), port)
     if not found:
         return []
-    # who holds them: processes in the pod's netns with an fd on the socket inode
-    netns_ino = os.stat(pod.netns).st_ino
+    # who holds them: the pod's processes with an fd on the socket inode
     want = {f"socket:[{ino}]": ino for _, _, ino in found}
     owners = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for pid in pod.pids():
         try:
-            if os.stat(f"/proc/{pid}/ns/net").st_ino != netns_ino:
-                continue
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 ino = want.get(os.readlink(f"/proc/{pid}/fd/{fd}"))
                 if ino is not None and ino not in owners:
