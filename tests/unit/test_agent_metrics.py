@@ -249,7 +249,7 @@ def test_close_stops_the_server(served):
 
 def test_a_taken_port_is_a_clear_error():
     a = Metrics("/nonexistent", bpf_source=FakeSource())
-    host, port = a.serve("127.0.0.1:0")
+    _, port = a.serve("127.0.0.1:0")
     try:
         b = Metrics("/nonexistent", bpf_source=FakeSource())
         with pytest.raises(UsageError, match="cannot serve metrics"):
