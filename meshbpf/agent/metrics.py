@@ -133,16 +133,21 @@ class BpfSource:
         # The service's status sums pod_conns over the recorded pods (lookups by key)
         # instead of walking orig_dst, whose size is what a busy node grows.
         from ..service import NodeService
-        status = NodeService(self.pin_prefix, mode="ebpf").status()
-        ebpf = status.get("ebpf") or {}
-        fill = {}
-        conns = ebpf.get("connections") or {}
-        if conns.get("capacity"):
-            fill["orig_dst"] = conns.get("held", 0) / conns["capacity"]
-        if pods_max:
-            enrolled = sum(1 for p in status.get("pods", []) if p.get("state") == "attached")
-            fill["pods"] = enrolled / pods_max
-        return fill
+        return fill_ratios(NodeService(self.pin_prefix, mode="ebpf").status(), pods_max)
+
+
+def fill_ratios(status, pods_max):
+    """{map: used / max_entries} from NodeService.status() and the pods map's max_entries
+    (pure): orig_dst from the connections the recorded pods hold, pods from the pods the
+    status finds attached."""
+    fill = {}
+    conns = (status.get("ebpf") or {}).get("connections") or {}
+    if conns.get("capacity"):
+        fill["orig_dst"] = (conns.get("held") or 0) / conns["capacity"]
+    if pods_max:
+        enrolled = sum(1 for p in status.get("pods", []) if p.get("state") == "attached")
+        fill["pods"] = enrolled / pods_max
+    return fill
 
 
 class BpfCollector:

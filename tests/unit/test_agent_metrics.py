@@ -269,3 +269,12 @@ def test_parse_addr_refuses_bad_input(addr):
     with pytest.raises(UsageError) as e:
         parse_addr(addr)
     assert isinstance(e.value, MeshbpfError) and str(e.value)
+
+
+def test_fill_ratios_from_the_service_status():
+    status = {"pods": [{"id": "a", "state": "attached"}, {"id": "b", "state": "stale"},
+                       {"id": "c", "state": "attached"}],
+              "ebpf": {"connections": {"held": 32768, "capacity": 131072, "pod_limit": None}}}
+    assert metrics_mod.fill_ratios(status, 1024) == {"orig_dst": 0.25, "pods": 2 / 1024}
+    # not loaded (no connections known) and no pods map: no ratio rather than a made-up one
+    assert metrics_mod.fill_ratios({"pods": [], "ebpf": {"loaded": False}}, None) == {}
