@@ -1,0 +1,1 @@
+"""The node agent: pod sources, the reconcile loop, metrics and health."""
