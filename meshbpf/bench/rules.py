@@ -246,7 +246,8 @@ class _BackendBench:
             if first and i + 1 in steps:
                 self._enroll_spare(cfgs[0], i + 1, n if i + 1 == P else None)
         if not first:
-            self._enroll_spare(cfgs[0], P, n)
+            # the pods curve stays the first N's: a later N's spare has a longer config
+            self._enroll_spare(cfgs[0], P, n, curve=False)
         self.evidence["records_enrolled"] = pod_count(self.svc.status())
         setup = time.perf_counter() - t0
         ids = list(self.enrolled)
@@ -272,18 +273,20 @@ class _BackendBench:
                       f"remove {med('remove-entry') * 1e3:.2f}ms, "
                       f"full sync {med('full-sync') * 1e3:.0f}ms")
 
-    def _enroll_spare(self, cfg, enrolled, n):
+    def _enroll_spare(self, cfg, enrolled, n, curve=True):
         """Enroll and detach one more pod `reps` times with `enrolled` pods enrolled;
-        `n`: also the enroll-pod / detach-pod samples of that N."""
+        `n`: also the enroll-pod / detach-pod samples of that N; `curve`: samples of the
+        cost against pods enrolled (one config for the whole curve)."""
         b = self.backend
         for _ in range(self.reps):
             rec, dt, sc = _timed(self.svc.attach, self.spare.pod, cfg, pod_id=SPARE_ID)
             self.evidence["attached"] += 1
             timings = rec.get("timings")
-            self.samples.enroll_at(b, enrolled, "enroll-pod", dt, timings, sc)
             _, dt2, sc2 = _timed(self.svc.detach, SPARE_ID)
             self.evidence["detached"] += 1
-            self.samples.enroll_at(b, enrolled, "detach-pod", dt2, None, sc2)
+            if curve:
+                self.samples.enroll_at(b, enrolled, "enroll-pod", dt, timings, sc)
+                self.samples.enroll_at(b, enrolled, "detach-pod", dt2, None, sc2)
             if n is not None:
                 self.samples.op(b, "enroll-pod", n, enrolled, dt, timings, sc)
                 self.samples.op(b, "detach-pod", n, enrolled, dt2, None, sc2)
