@@ -44,6 +44,7 @@ BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
 BPF_LINK_DETACH = 34
 
 # --- program types (enum bpf_prog_type) ------------------------------------------------
@@ -226,6 +227,11 @@ class _LinkDetachAttr(ctypes.Structure):
     _fields_ = [("link_fd", ctypes.c_uint32)]
 
 
+class _LinkUpdateAttr(ctypes.Structure):
+    _fields_ = [("link_fd", ctypes.c_uint32), ("new_prog_fd", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("old_prog_fd", ctypes.c_uint32)]
+
+
 class _ProgInfo(ctypes.Structure):
     """The head of struct bpf_prog_info (the kernel fills only what fits)."""
     _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
@@ -381,6 +387,17 @@ def link_create(prog_fd, target_fd, attach_type, flags=0):
     attr = _LinkCreateAttr(prog_fd=prog_fd, target_fd=target_fd, attach_type=attach_type,
                            flags=flags)
     return bpf(BPF_LINK_CREATE, attr, f"creating a bpf_link (attach type {attach_type})")
+
+
+def link_update(link_fd, new_prog_fd, old_prog_fd=None):
+    """Swap the program of a bpf_link in one step (kernel >= 5.7 for cgroups, 5.9 for
+    sk_lookup): the hook never runs without a program. With `old_prog_fd` the kernel
+    swaps only if that program is the one linked now (BPF_F_REPLACE), else EPERM, so a
+    concurrent upgrade cannot be overwritten unseen."""
+    attr = _LinkUpdateAttr(link_fd=link_fd, new_prog_fd=new_prog_fd,
+                           flags=0 if old_prog_fd is None else BPF_F_REPLACE,
+                           old_prog_fd=0 if old_prog_fd is None else old_prog_fd)
+    bpf(BPF_LINK_UPDATE, attr, "updating a bpf_link's program")
 
 
 def link_detach(link_fd):
