@@ -452,6 +452,18 @@ def prog_get_info(fd):
             "tag": bytes(info.tag).hex()}
 
 
+class _LinkInfo(ctypes.Structure):
+    """The head of struct bpf_link_info."""
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32)]
+
+
+def link_get_info(fd):
+    """Minimal info about a bpf_link fd: {"type", "id", "prog_id"} (the program it runs)."""
+    info = _get_info(fd, _LinkInfo(), "reading bpf_link info")
+    return {"type": info.type, "id": info.id, "prog_id": info.prog_id}
+
+
 def map_get_info(fd):
     """Minimal info about a map fd: {"id", "type", "name", "key_size", "value_size", "max_entries", "flags"}."""
     info = _get_info(fd, _MapInfo(), "reading map info")

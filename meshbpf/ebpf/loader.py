@@ -481,9 +481,12 @@ def _swap_one(pin_prefix, spec, nfd, old_fd, old_id, cgfd, dirs, repoint):
 
 
 def _repin(fd, path):
-    """Pin `fd` at `path` in place of what is pinned there: pinned beside it, then renamed
-    over it (bpffs renames atomically), so the pin never goes missing."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".new")
+    """Pin `fd` at `path` in place of what is pinned there: pinned in a staging directory
+    (bpffs refuses names with a dot), then renamed over it (bpffs renames atomically), so
+    the pin never goes missing."""
+    staging = os.path.join(os.path.dirname(os.path.dirname(path)), "staging")
+    os.makedirs(staging, exist_ok=True)
+    tmp = os.path.join(staging, os.path.basename(path))
     _unlink(tmp)
     _pin(fd, tmp)
     try:

@@ -124,6 +124,19 @@ def test_upgrade_while_the_app_connects_through_the_sidecar(monkeypatch):
                                                      "attach-then-detach")
             assert [h["prog_id"] for h in tc.list_hooks(a.pod)] == \
                 [new_ids["tc_inbound_ingress"]] * len(rec["inbound"]["interfaces"])
+            # every pinned link (cgroup hooks, the pod's sk_lookup) runs a new program
+            links = loader.pin_dirs(sb.pin_prefix)["links"]
+            linked = {}
+            for name in os.listdir(links):
+                fd = bpfsys.obj_get(os.path.join(links, name))
+                try:
+                    linked[name] = bpfsys.link_get_info(fd)["prog_id"]
+                finally:
+                    os.close(fd)
+            assert linked and set(linked.values()) <= set(new_ids.values()), linked
+            if rec["inbound"]["sk_lookup"]["enabled"]:
+                assert linked[f"sk_lookup-{a.pod.netns_cookie}"] == new_ids["mb_sk_lookup"]
+                assert replaced["mb_sk_lookup"]["how"] == "link_update (1 pod sk_lookup links)"
             # the same maps (ids) with the pod's entries as they were
             new_maps = _maps(sb.pin_prefix)
             assert set(new_maps) == set(old_maps)
