@@ -6,7 +6,9 @@ with their expected attach types and pinned under <pin_prefix>/{progs,maps,links
 cgroup programs are attached once at `cgroup_root` through pinned bpf_links (or
 BPF_PROG_ATTACH with BPF_F_ALLOW_MULTI where links are missing); sk_msg is attached to the
 sockhash. A later process ADOPTS what is pinned (never loads or attaches twice);
-`unload` removes exactly what `ensure_loaded` created.
+`unload` removes exactly what `ensure_loaded` created. The pinned set carries its version
+and map layouts (<pin_prefix>/meta); `ensure_loaded(upgrade=True)` replaces programs of
+another version in place, on the same maps (upgrade_programs).
 """
 
 import ctypes
