@@ -158,14 +158,12 @@ class EbpfInterceptor(Interceptor):
             if not ifaces or not netns or not os.path.exists(netns):
                 continue
             classid = (inbound.get("iface") or {}).get("classid")
-            with system.in_netns(netns):
-                with tc.netlink() as ipr:
-                    for l in ifaces:
-                        if any(f["ours"] for f in tc.filters(ipr, l["index"],
-                                                             tc.TC_INGRESS_PARENT)):
-                            tc.add_filter(ipr, l["index"], tc.TC_INGRESS_PARENT, prog_fd,
-                                          classid)
-                            n += 1
+            with system.in_netns(netns), tc.netlink() as ipr:
+                for l in ifaces:
+                    if any(f["ours"] for f in tc.filters(ipr, l["index"],
+                                                         tc.TC_INGRESS_PARENT)):
+                        tc.add_filter(ipr, l["index"], tc.TC_INGRESS_PARENT, prog_fd, classid)
+                        n += 1
         return n
 
     # -- Interceptor ---------------------------------------------------------------------

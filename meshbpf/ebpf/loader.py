@@ -500,7 +500,6 @@ def _repin(fd, path):
 
 def _extra_maps(b):
     """Maps declared by other parts (the inbound section), pinned like ours."""
-    import ctypes
     from bcc import libbcc
     lib = libbcc.lib
     lib.bpf_num_tables.restype = ctypes.c_size_t

@@ -3,6 +3,7 @@ version replaces the pinned one while a pod's app connects in a loop through its
 sidecar, keeping every map (and so every pod) as it is; a map whose layout changed is
 refused with nothing changed."""
 
+import json
 import os
 import threading
 import time
@@ -11,10 +12,10 @@ import pytest
 
 from meshbpf import bpfsys
 from meshbpf.config import InterceptConfig
-from meshbpf.errors import UnsupportedError
 from meshbpf.ebpf import loader, structs
 from meshbpf.ebpf.inbound import tc
 from meshbpf.ebpf.maps import Maps
+from meshbpf.errors import UnsupportedError
 from meshbpf.service import NodeService
 from meshbpf.testbed import Sandbox, pod_python
 
@@ -200,5 +201,36 @@ def test_a_changed_map_layout_is_refused_with_nothing_changed(monkeypatch):
             # the pod is still enrolled in the maps it had
             with Maps(sb.pin_prefix) as m:
                 assert m["pods"].lookup(structs.U64(a.pod.netns_cookie)) is not None
+        finally:
+            svc.cleanup()
+
+
+def test_a_new_service_with_upgrade_replaces_the_programs_and_one_without_adopts(monkeypatch):
+    """The agent's path: a new process (NodeService) finds the pins of another version;
+    with upgrade it replaces them on its first attach and records the version in node.json;
+    without it (the default) it adopts them as before."""
+    monkeypatch.delenv(loader.EXTRA_CFLAGS_ENV, raising=False)
+    with Sandbox(name="upgsvc") as sb:
+        a, b, c = sb.add_pod("a"), sb.add_pod("b"), sb.add_pod("c")
+        node = {"mode": "ebpf", "pin_prefix": sb.pin_prefix, "cgroup_root": sb.cgroup_root}
+        svc = NodeService(**node)
+        try:
+            svc.attach(a.pod, CFG, pod_id="a")
+            old_ids = _prog_ids(sb.pin_prefix)
+            monkeypatch.setenv(loader.EXTRA_CFLAGS_ENV, "-DMB_UPGRADE_TEST=2")
+            adopting = NodeService(**node)
+            adopting.attach(b.pod, CFG, pod_id="b")
+            assert _prog_ids(sb.pin_prefix) == old_ids          # default: adopt as before
+            upgrading = NodeService(upgrade=True, **node)
+            rec = upgrading.attach(c.pod, CFG, pod_id="c")
+            new_ids = _prog_ids(sb.pin_prefix)
+            assert rec["programs"] == new_ids
+            assert all(new_ids[n] != old_ids[n] for n in old_ids)
+            version = loader.read_meta(sb.pin_prefix)["version"]
+            with open(upgrading.backend("ebpf").node_file) as f:
+                assert json.load(f)["version"] == version
+            with Maps(sb.pin_prefix) as m:
+                for p in (a, b, c):
+                    assert m["pods"].lookup(structs.U64(p.pod.netns_cookie)) is not None
         finally:
             svc.cleanup()

@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from meshbpf import bpfsys
-from meshbpf.errors import ApplyError, UsageError
 from meshbpf.ebpf import loader
+from meshbpf.errors import ApplyError, UsageError
 
 INFO = {"type": 1, "key_size": 8, "value_size": 16, "max_entries": 1024, "flags": 0, "id": 7}
 
@@ -43,13 +43,15 @@ def test_fingerprint_has_kernel_fields_and_a_layout_hash():
     fp = loader.map_fingerprint(INFO, '["key"]', '["leaf", [["a", "int"]]]')
     assert {k: fp[k] for k in INFO if k != "id"} == {k: v for k, v in INFO.items() if k != "id"}
     assert "id" not in fp
-    assert fp["layout"] != loader.map_fingerprint(INFO, '["key"]', '["leaf", [["b", "int"]]]')["layout"]
+    other = loader.map_fingerprint(INFO, '["key"]', '["leaf", [["b", "int"]]]')
+    assert fp["layout"] != other["layout"]
     assert "layout" not in loader.map_fingerprint(INFO)
 
 
 def test_same_layouts_pass_new_and_dropped_maps_are_not_problems():
     a = loader.map_fingerprint(INFO, "k", "v")
-    assert loader.compare_layouts({"pods": a, "old_only": a}, {"pods": dict(a), "new_only": a}) == []
+    assert loader.compare_layouts({"pods": a, "old_only": a},
+                                  {"pods": dict(a), "new_only": a}) == []
 
 
 def test_grown_max_entries_is_refused_with_the_reason():
