@@ -12,7 +12,7 @@ _REGISTRY = {
 
 # The options each backend takes (the service passes only these).
 OPTIONS = {
-    "ebpf": ("splice", "ipv6_auto", "pod_conn_limit", "inbound_sk_lookup", "features"),
+    "ebpf": ("splice", "ipv6_auto", "pod_conn_limit", "inbound_sk_lookup", "features", "upgrade"),
     "iptables": ("iptables_binary", "reconcile", "ipv6_auto", "group_file", "cleanup_config"),
 }
 

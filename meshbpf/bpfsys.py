@@ -44,6 +44,7 @@ BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_LINK_CREATE = 28
+BPF_LINK_UPDATE = 29
 BPF_LINK_DETACH = 34
 
 # --- program types (enum bpf_prog_type) ------------------------------------------------
@@ -226,6 +227,11 @@ class _LinkDetachAttr(ctypes.Structure):
     _fields_ = [("link_fd", ctypes.c_uint32)]
 
 
+class _LinkUpdateAttr(ctypes.Structure):
+    _fields_ = [("link_fd", ctypes.c_uint32), ("new_prog_fd", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("old_prog_fd", ctypes.c_uint32)]
+
+
 class _ProgInfo(ctypes.Structure):
     """The head of struct bpf_prog_info (the kernel fills only what fits)."""
     _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
@@ -383,6 +389,17 @@ def link_create(prog_fd, target_fd, attach_type, flags=0):
     return bpf(BPF_LINK_CREATE, attr, f"creating a bpf_link (attach type {attach_type})")
 
 
+def link_update(link_fd, new_prog_fd, old_prog_fd=None):
+    """Swap the program of a bpf_link in one step (kernel >= 5.7 for cgroups, 5.9 for
+    sk_lookup): the hook never runs without a program. With `old_prog_fd` the kernel
+    swaps only if that program is the one linked now (BPF_F_REPLACE), else EPERM, so a
+    concurrent upgrade cannot be overwritten unseen."""
+    attr = _LinkUpdateAttr(link_fd=link_fd, new_prog_fd=new_prog_fd,
+                           flags=0 if old_prog_fd is None else BPF_F_REPLACE,
+                           old_prog_fd=0 if old_prog_fd is None else old_prog_fd)
+    bpf(BPF_LINK_UPDATE, attr, "updating a bpf_link's program")
+
+
 def link_detach(link_fd):
     """Detach a bpf_link's program now (kernel >= 5.9), even while pins or other fds still
     hold the link; the fd stays the caller's to close. A link already detached, or of a kind
@@ -433,6 +450,18 @@ def prog_get_info(fd):
     info = _get_info(fd, _ProgInfo(), "reading program info")
     return {"id": info.id, "type": info.type, "name": info.name.decode(errors="replace"),
             "tag": bytes(info.tag).hex()}
+
+
+class _LinkInfo(ctypes.Structure):
+    """The head of struct bpf_link_info."""
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),
+                ("prog_id", ctypes.c_uint32)]
+
+
+def link_get_info(fd):
+    """Minimal info about a bpf_link fd: {"type", "id", "prog_id"} (the program it runs)."""
+    info = _get_info(fd, _LinkInfo(), "reading bpf_link info")
+    return {"type": info.type, "id": info.id, "prog_id": info.prog_id}
 
 
 def map_get_info(fd):

@@ -60,9 +60,12 @@ class EbpfInterceptor(Interceptor):
     mode = "ebpf"
 
     def __init__(self, pin_prefix=DEFAULT_PIN_PREFIX, cgroup_root=None, splice=True,
-                 features=None, pod_conn_limit=None, inbound_sk_lookup=False, **options):
+                 features=None, pod_conn_limit=None, inbound_sk_lookup=False, upgrade=False,
+                 **options):
         super().__init__(pin_prefix=pin_prefix, cgroup_root=cgroup_root, **options)
         self.splice = bool(splice)
+        # replace pinned programs of another version in place (loader.upgrade_programs)
+        self.upgrade = bool(upgrade)
         # node_cfg.pod_conn_limit: how many connections one pod may keep recorded (None or
         # 0: the header's default, half the node's capacity); see bpf/meshbpf.h "Full maps"
         if pod_conn_limit is not None and (not isinstance(pod_conn_limit, int) or
@@ -124,12 +127,14 @@ class EbpfInterceptor(Interceptor):
         pins stay (a deleted pin is noticed and repaired)."""
         if self._node is not None and loader.is_loaded(self.pin_prefix):
             return dict(self._node, adopted=True)
-        res = loader.ensure_loaded(self.pin_prefix, self.root, self.features, self.splice)
-        if not res["adopted"]:
+        res = loader.ensure_loaded(self.pin_prefix, self.root, self.features, self.splice,
+                                   upgrade=self.upgrade, repoint=self.repoint_tc)
+        if not res["adopted"] or res.get("upgraded"):
             os.makedirs(os.path.dirname(self.node_file), exist_ok=True)
             with open(self.node_file, "w") as f:
                 json.dump({"cgroup_root": self.root, "splice": self.splice,
-                           "degraded": res.get("degraded", [])}, f)
+                           "degraded": res.get("degraded", []),
+                           "version": loader.read_meta(self.pin_prefix).get("version")}, f)
         with Maps(self.pin_prefix) as maps:
             # splicing needs the sk_msg program, loaded only if the node was loaded with it
             want = structs.node_config(self.splice and "mb_sk_msg" in res["programs"],
@@ -139,6 +144,27 @@ class EbpfInterceptor(Interceptor):
                 maps["node_cfg"].update(structs.U32(0), want)
         self._node = res
         return res
+
+    def repoint_tc(self, prog_fd):
+        """Point every enrolled pod's tc filters at `prog_fd` (an upgrade): `tc filter
+        replace` on the same prio/handle/classid swaps the program in the filter in one
+        step. Returns how many filters were replaced; a pod whose netns is gone is skipped."""
+        from .inbound import tc
+        n = 0
+        for rec in StateStore(self.pin_prefix).all():
+            inbound = rec.get("inbound") if isinstance(rec.get("inbound"), dict) else {}
+            ifaces = inbound.get("interfaces") or []
+            netns = rec.get("netns")
+            if not ifaces or not netns or not os.path.exists(netns):
+                continue
+            classid = (inbound.get("iface") or {}).get("classid")
+            with system.in_netns(netns), tc.netlink() as ipr:
+                for l in ifaces:
+                    if any(f["ours"] for f in tc.filters(ipr, l["index"],
+                                                         tc.TC_INGRESS_PARENT)):
+                        tc.add_filter(ipr, l["index"], tc.TC_INGRESS_PARENT, prog_fd, classid)
+                        n += 1
+        return n
 
     # -- Interceptor ---------------------------------------------------------------------
     def attach(self, pod, config, previous=None, ctx=None):
