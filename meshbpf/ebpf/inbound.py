@@ -9,7 +9,7 @@ of rewriting the port; see docs/inbound.md for why tc and not XDP.
 Pure part (no root, no kernel): `inbound_policy(config)` turns an InterceptConfig into
 Istio's inbound semantics (include '*' with excludes, or a list of ports; the ports in
 `config.inbound_excluded_always()` are never captured), `policy_entries(policy, ips)`
-packs it into the `inbound_pods` / `inbound_ports` map entries declared in bpf/meshbpf.h,
+packs it into the `inbound_pods` / `inbound_ports` map entries declared in bpf/lib/maps.h,
 `steers(policy, port)` says what the program will decide, `select_hook()` picks the hook.
 
 Side-effect part: `attach_pod(pod, config, maps, progs)` writes the entries and installs
@@ -49,7 +49,7 @@ MAP_TW = "inbound_tw"
 MAP_LISTENERS = "capture_listeners"
 MAP_IFACES = "inbound_ifaces"
 
-# bpf/meshbpf.h, inbound section
+# bpf/lib/types.h, inbound policy
 INBOUND_POD_WILDCARD = 1
 INBOUND_POD_CAPTURES = 2
 INBOUND_PORT_CAPTURE = 1
@@ -954,16 +954,13 @@ def read_policy(maps, addresses):
 # ---- probe --------------------------------------------------------------------------------
 
 _PROBE = r"""
-import json, os, re, socket, sys
+import json, os, socket, sys
 from bcc import BPF
 from pyroute2 import IPRoute
 sys.path.insert(0, sys.argv[1])
 from meshbpf import bpfsys
-from meshbpf.ebpf import inbound, structs
-bpf_dir = os.path.join(sys.argv[1], "meshbpf", "bpf")
-text = open(os.path.join(bpf_dir, "meshbpf.h")).read() + re.sub(
-    r'^\s*#include\s+"meshbpf\.h"\s*$', "", open(os.path.join(bpf_dir, "tc_inbound.c")).read(),
-    flags=re.M)
+from meshbpf.ebpf import inbound, loader, structs
+text = loader.c_text(["tc_inbound.c"])
 b = BPF(text=text.encode(), cflags=["-Wno-comment"])
 fn = b.load_func(b"tc_inbound_ingress", BPF.SCHED_CLS)
 with IPRoute() as ipr:
@@ -996,8 +993,7 @@ for name, reuse in (("plain", False), ("reuseport", True)):
 # the SYN and mb_sk_lookup, linked in this netns, assigns the listener from
 # capture_listeners. Forced (NODE_F_INBOUND_SK_LOOKUP) so it is tried on every kernel.
 try:
-    text2 = text + re.sub(r'^\s*#include\s+"meshbpf\.h"\s*$', "",
-                          open(os.path.join(bpf_dir, "sk_lookup.c")).read(), flags=re.M)
+    text2 = loader.c_text(["tc_inbound.c", "sk_lookup.c"])
     b2 = BPF(text=text2.encode(), cflags=["-Wno-comment"])
     fn2 = b2.load_func(b"tc_inbound_ingress", BPF.SCHED_CLS)
     skl = b2.load_func(b"mb_sk_lookup", bpfsys.BPF_PROG_TYPE_SK_LOOKUP,
