@@ -58,57 +58,49 @@ static __always_inline void mb_forget(__u64 *ck, __u64 *nc)
         mb_uncharge(nc);
 }
 
-/* Remember what the app dialled (by socket cookie); -1 if it cannot be remembered (the
- * connect must then be refused, not redirected). */
-static __always_inline int mb_remember(void *ctx, __u64 nc, const __u32 *ip, __u16 port,
-                                       __u16 family)
+/* Record what the socket dialled (`ip`, `port`, `family`, ORIG_F_* `flags`) under its
+ * cookie, in dns_orig (`dns`) or orig_dst, charged to the pod's share once per socket; -1
+ * if there is no room: the connect or send must then be refused, not redirected. `dns` is
+ * a constant at each caller. */
+static __always_inline int mb_record(void *ctx, __u64 nc, const __u32 *ip, __u16 port,
+                                     __u16 family, __u32 flags, int dns)
 {
     struct orig_dst od = {};
     mb_copy_ip(od.ip, ip);
     od.port = port;
     od.family = family;
-    __u64 ck = mb_socket_cookie(ctx);
-    struct orig_dst *prev = orig_dst.lookup(&ck);
-    if (prev) {
-        /* the same socket connecting again (after a failed attempt): already charged */
-        __builtin_memcpy(prev, &od, sizeof(od));
-    } else {
-        __u64 *cnt = mb_share(&nc);
-        if (!cnt || orig_dst.insert(&ck, &od) != 0) {
-            mb_count(COUNTER_CONN_REFUSED, 1);
-            return -1;
-        }
-        __sync_fetch_and_add(cnt, 1);
-    }
-    return 0;
-}
-
-/* A UDP DNS redirect, by socket cookie: recvmsg4/6 give the replies the server's address
- * (conntrack un-NATs them under iptables). `flags` ORIG_F_CONNECTED for a connect()ed
- * socket (getpeername/getsockname then answer from it too). Charged to the pod's share
- * once per socket; -1 if there is no room: the send or connect must be refused, not
- * redirected. UDP keeps no orig_dst entry. */
-static __always_inline int mb_remember_dns(void *ctx, __u64 nc, const __u32 *ip, __u16 family,
-                                           __u32 flags)
-{
-    struct orig_dst od = {};
-    mb_copy_ip(od.ip, ip);
-    od.port = MB_DNS_PORT_BE;
-    od.family = family;
     od.flags = flags;
     __u64 ck = mb_socket_cookie(ctx);
-    struct orig_dst *prev = dns_orig.lookup(&ck);
+    struct orig_dst *prev = dns ? dns_orig.lookup(&ck) : orig_dst.lookup(&ck);
     if (prev) {
+        /* the same socket again (a new query, or a connect after a failed attempt):
+         * already charged */
         __builtin_memcpy(prev, &od, sizeof(od));
         return 0;
     }
     __u64 *cnt = mb_share(&nc);
-    if (!cnt || dns_orig.insert(&ck, &od) != 0) {
+    if (!cnt || (dns ? dns_orig.insert(&ck, &od) : orig_dst.insert(&ck, &od)) != 0) {
         mb_count(COUNTER_CONN_REFUSED, 1);
         return -1;
     }
     __sync_fetch_and_add(cnt, 1);
     return 0;
+}
+
+/* What a TCP socket dialled, for sockops (SO_ORIGINAL_DST) and getpeername. */
+static __always_inline int mb_remember(void *ctx, __u64 nc, const __u32 *ip, __u16 port,
+                                       __u16 family)
+{
+    return mb_record(ctx, nc, ip, port, family, 0, 0);
+}
+
+/* A UDP DNS redirect: recvmsg4/6 give the replies the server's address (conntrack un-NATs
+ * them under iptables). `flags` ORIG_F_CONNECTED for a connect()ed socket
+ * (getpeername/getsockname then answer from it too). UDP keeps no orig_dst entry. */
+static __always_inline int mb_remember_dns(void *ctx, __u64 nc, const __u32 *ip, __u16 family,
+                                           __u32 flags)
+{
+    return mb_record(ctx, nc, ip, MB_DNS_PORT_BE, family, flags, 1);
 }
 
 /* A UDP socket connected elsewhere: forget its DNS redirect and give back its share. */
