@@ -1,8 +1,8 @@
 /* sk_msg (attached to sock_hash): bytes a spliced socket sends go straight into its
  * same-node peer's receive queue (BPF_F_INGRESS), skipping TCP/IP, while the direction is
- * within its budget (lib/splice.h); otherwise SK_PASS, the normal
- * TCP path, whose window blocks a writer that runs ahead. The peer's key is this socket's
- * tuple reversed. No peer in the map -> SK_PASS. */
+ * within its budget (lib/splice.h); otherwise SK_PASS, the normal TCP path, whose window
+ * blocks a writer that runs ahead. The peer's key is this socket's tuple reversed. No peer
+ * in the map -> SK_PASS. */
 #include "lib/maps.h"
 #include "lib/counters.h"
 #include "lib/addr.h"

@@ -125,8 +125,9 @@ static __always_inline void mb_closed(struct bpf_sock_ops *skops)
 
 /* LISTEN_CB (fires for every listen(), no cb flags needed): a socket that starts listening
  * on a meshed pod's inbound capture port (pods[netns].inbound_port), on the wildcard or a
- * non-loopback address, becomes the pod's capture listener for sk_lookup (lib/inbound.h). The entry goes when the socket closes; a restarted sidecar's new listener
- * replaces it here. */
+ * non-loopback address, becomes the pod's capture listener for sk_lookup (lib/inbound.h).
+ * The entry goes when the socket closes; a restarted sidecar's new listener replaces it
+ * here. */
 static __always_inline void mb_listen(struct bpf_sock_ops *skops)
 {
     __u64 nc = bpf_get_netns_cookie(skops);
