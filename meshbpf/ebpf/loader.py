@@ -204,7 +204,7 @@ def header_text(bpf_dir=BPF_DIR):
 
 
 def source_files(bpf_dir=BPF_DIR):
-    """bpf/*.c that exist, the cgroup/sockops/sk_msg ones first, then the per-pod ones."""
+    """bpf/*.c that exist, core ones first (the inbound helper's tc_inbound.c if present)."""
     present = sorted(os.path.basename(p) for p in glob.glob(os.path.join(bpf_dir, "*.c")))
     core = [f for f in CORE_SOURCES if f in present]
     return core + [f for f in present if f not in core]
