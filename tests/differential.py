@@ -205,7 +205,7 @@ def render(v):
 # Each rule names the cases it explains from the config, the traffic and the ORACLE's verdict
 # (what Istio's rules did), never from the eBPF verdict; and the verdict fields the
 # difference may touch. Where a rule needs to know whether today's eBPF programs redirect a
-# connect, `_ebpf_captures` models their outbound decision (bpf/meshbpf.h
+# connect, `_ebpf_captures` models their outbound decision (bpf/lib/policy.h
 # mb_should_capture) as it is today, item 2 included. When a fix merges, its rule goes (the
 # cases then pass, or XPASS strictly, which says to drop the rule).
 

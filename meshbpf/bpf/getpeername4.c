@@ -1,6 +1,6 @@
 /* cgroup/getpeername4: an app whose connect was redirected sees the peer it dialled (TCP,
  * or the DNS server of a connect()ed UDP socket). */
-#include "meshbpf.h"
+#include "lib/conn.h"
 
 int mb_getpeername4(struct bpf_sock_addr *ctx)
 {

@@ -1,5 +1,5 @@
 /* cgroup/getpeername6: the same for AF_INET6 sockets (v4-mapped or IPv6 destinations). */
-#include "meshbpf.h"
+#include "lib/conn.h"
 
 int mb_getpeername6(struct bpf_sock_addr *ctx)
 {

@@ -4,7 +4,8 @@
  * addresses, that address). The port is the socket's own in both modes. connect4 binds an
  * unbound socket to that address already; this is for one the app bound to a port on the
  * wildcard address (connect then picks 127.0.0.1, a bpf_bind is refused), and UDP DNS. */
-#include "meshbpf.h"
+#include "lib/conn.h"
+#include "lib/netns.h"
 
 int mb_getsockname4(struct bpf_sock_addr *ctx)
 {

@@ -1,6 +1,7 @@
 /* cgroup/getsockname6: getsockname4 for AF_INET6 sockets (v4-mapped or IPv6 destinations:
  * the socket was redirected to ::ffff:127.0.0.1 or ::1). */
-#include "meshbpf.h"
+#include "lib/conn.h"
+#include "lib/netns.h"
 
 int mb_getsockname6(struct bpf_sock_addr *ctx)
 {

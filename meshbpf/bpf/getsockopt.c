@@ -4,7 +4,9 @@
  * socket's tuple reversed). Otherwise, in a meshed pod: the socket's own local address,
  * as conntrack answers for a connection nobody NATed (inbound: tc_inbound assigns the
  * SYN to the 15006 listener unrewritten). Every other getsockopt is left untouched. */
-#include "meshbpf.h"
+#include "lib/maps.h"
+#include "lib/counters.h"
+#include "lib/addr.h"
 
 #define MB_PAGE_SIZE 4096
 
@@ -51,10 +53,7 @@ static __always_inline int mb_answer(struct bpf_sockopt *ctx, const __u32 *ip, _
     sa6->sin6_family = MB_AF_INET6;
     sa6->sin6_port = port;
     sa6->sin6_flowinfo = 0;
-    sa6->sin6_addr.in6_u.u6_addr32[0] = ip[0];
-    sa6->sin6_addr.in6_u.u6_addr32[1] = ip[1];
-    sa6->sin6_addr.in6_u.u6_addr32[2] = ip[2];
-    sa6->sin6_addr.in6_u.u6_addr32[3] = ip[3];
+    mb_copy_ip(sa6->sin6_addr.in6_u.u6_addr32, ip);
     sa6->sin6_scope_id = 0;
     vctx->optlen = sizeof(*sa6);
     vctx->retval = 0;
@@ -74,21 +73,10 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
 
     /* The app's key: local = our remote, remote = our local. */
     struct sock_key k = {};
-    if (sk->family == MB_AF_INET) {
-        mb_map4(k.local_ip, sk->dst_ip4);
-        mb_map4(k.remote_ip, sk->src_ip4);
-    } else if (sk->family == MB_AF_INET6) {
-        k.local_ip[0] = sk->dst_ip6[0];
-        k.local_ip[1] = sk->dst_ip6[1];
-        k.local_ip[2] = sk->dst_ip6[2];
-        k.local_ip[3] = sk->dst_ip6[3];
-        k.remote_ip[0] = sk->src_ip6[0];
-        k.remote_ip[1] = sk->src_ip6[1];
-        k.remote_ip[2] = sk->src_ip6[2];
-        k.remote_ip[3] = sk->src_ip6[3];
-    } else {
+    __u32 family = sk->family;
+    if (mb_addr(family, &sk->dst_ip4, sk->dst_ip6, k.local_ip) < 0)
         return mb_pass(ctx);
-    }
+    mb_addr(family, &sk->src_ip4, sk->src_ip6, k.remote_ip);
     k.local_port = (__u16)sk->dst_port;
     k.remote_port = bpf_htons((__u16)sk->src_port);
     if (mb_is_loopback(k.local_ip) || mb_is_loopback(k.remote_ip))

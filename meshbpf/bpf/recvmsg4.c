@@ -1,7 +1,8 @@
 /* cgroup/recvmsg4: a DNS reply from the sidecar (<dns_port> on 127.0.0.1 or one of the
  * pod's own addresses) to a socket whose query sendmsg4 redirected shows the server the
  * app asked as its source. */
-#include "meshbpf.h"
+#include "lib/conn.h"
+#include "lib/netns.h"
 
 int mb_recvmsg4(struct bpf_sock_addr *ctx)
 {

@@ -1,5 +1,6 @@
 /* cgroup/recvmsg6: recvmsg4 for AF_INET6 UDP sockets (v4-mapped or IPv6 servers). */
-#include "meshbpf.h"
+#include "lib/conn.h"
+#include "lib/netns.h"
 
 int mb_recvmsg6(struct bpf_sock_addr *ctx)
 {

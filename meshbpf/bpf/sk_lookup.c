@@ -27,7 +27,9 @@
  * the pod's own traffic to itself such as the sidecar's inbound passthrough, ports the
  * policy leaves alone, other protocols) passes untouched.
  */
-#include "meshbpf.h"
+#include "lib/maps.h"
+#include "lib/addr.h"
+#include "lib/inbound.h"
 
 #define MBS_SK_DROP 0
 #define MBS_SK_PASS 1
@@ -48,21 +50,9 @@ int mb_sk_lookup(struct bpf_sk_lookup *ctx)
         return MBS_SK_PASS;
     __u32 family = ctx->family;
     struct inbound_tw_key tk = {};
-    if (family == MB_AF_INET) {
-        mb_map4(tk.local_ip, ctx->local_ip4);
-        mb_map4(tk.remote_ip, ctx->remote_ip4);
-    } else if (family == MB_AF_INET6) {
-        tk.local_ip[0] = ctx->local_ip6[0];
-        tk.local_ip[1] = ctx->local_ip6[1];
-        tk.local_ip[2] = ctx->local_ip6[2];
-        tk.local_ip[3] = ctx->local_ip6[3];
-        tk.remote_ip[0] = ctx->remote_ip6[0];
-        tk.remote_ip[1] = ctx->remote_ip6[1];
-        tk.remote_ip[2] = ctx->remote_ip6[2];
-        tk.remote_ip[3] = ctx->remote_ip6[3];
-    } else {
+    if (mb_addr(family, &ctx->local_ip4, ctx->local_ip6, tk.local_ip) < 0)
         return MBS_SK_PASS;
-    }
+    mb_addr(family, &ctx->remote_ip4, ctx->remote_ip6, tk.remote_ip);
     tk.local_port = bpf_htons((__u16)ctx->local_port);
     tk.remote_port = (__u16)ctx->remote_port;    /* network order */
     __u64 *marked = inbound_tw.lookup(&tk);

@@ -1,44 +1,27 @@
 /* sk_msg (attached to sock_hash): bytes a spliced socket sends go straight into its
  * same-node peer's receive queue (BPF_F_INGRESS), skipping TCP/IP, while the direction is
- * within its budget (see "splice backpressure" in meshbpf.h); otherwise SK_PASS, the normal
- * TCP path, whose window blocks a writer that runs ahead. The peer's key is this socket's
- * tuple reversed. No peer in the map -> SK_PASS. */
-#include "meshbpf.h"
-
-/* This socket as a reader: publish how far it has read its TCP queue, for a peer that is
- * waiting on the TCP path to be drained before it splices again. */
-static __always_inline void mb_msg_publish_copied(struct sk_msg_md *msg, struct sock_key *own)
-{
-    struct bpf_sock *sk = msg->sk;
-    struct splice_dir *d = splice_dirs.lookup(own);
-    if (d && d->mode == MB_SPLICE_TCP && sk)
-        d->copied_seq = mb_tcp_u32(sk, MB_TCP_COPIED_SEQ_OFF);
-}
+ * within its budget (lib/splice.h); otherwise SK_PASS, the normal TCP path, whose window
+ * blocks a writer that runs ahead. The peer's key is this socket's tuple reversed. No peer
+ * in the map -> SK_PASS. */
+#include "lib/maps.h"
+#include "lib/counters.h"
+#include "lib/addr.h"
+#include "lib/splice.h"
 
 int mb_sk_msg(struct sk_msg_md *msg)
 {
     struct sock_key k = {};      /* the peer (reader) */
     struct sock_key own = {};
     __u32 family = msg->family;
-    if (family == MB_AF_INET) {
-        mb_map4(k.local_ip, msg->remote_ip4);
-        mb_map4(k.remote_ip, msg->local_ip4);
-    } else if (family == MB_AF_INET6) {
-        mb_copy_ip(k.local_ip, (__u32 *)msg->remote_ip6);
-        mb_copy_ip(k.remote_ip, (__u32 *)msg->local_ip6);
-    } else {
+    if (mb_addr(family, &msg->remote_ip4, msg->remote_ip6, k.local_ip) < 0)
         return SK_PASS;
-    }
+    mb_addr(family, &msg->local_ip4, msg->local_ip6, k.remote_ip);
     k.local_port = bpf_htons((__u16)bpf_ntohl(msg->remote_port));
     k.remote_port = bpf_htons((__u16)msg->local_port);
     if (mb_is_loopback(k.local_ip) || mb_is_loopback(k.remote_ip))
         k.netns = bpf_get_netns_cookie(msg);
-    own.netns = k.netns;
-    mb_copy_ip(own.local_ip, k.remote_ip);
-    mb_copy_ip(own.remote_ip, k.local_ip);
-    own.local_port = k.remote_port;
-    own.remote_port = k.local_port;
-    mb_msg_publish_copied(msg, &own);
+    mb_key_reverse(&own, &k);
+    mb_splice_publish(&own, msg->sk);   /* this socket is the reader of the other direction */
 
     __u32 size = msg->size;
     struct splice_dir *d = splice_dirs.lookup(&k);

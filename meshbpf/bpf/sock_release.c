@@ -3,7 +3,7 @@
  * on TCP_CLOSE; this also catches UDP sockets (DNS) and sockets that never reach a TCP
  * state callback (a connect that failed before the SYN left). Optional: kernels before
  * 5.9 lack the hook and then rely on sockops (and dns_orig's LRU) alone. */
-#include "meshbpf.h"
+#include "lib/conn.h"
 
 int mb_sock_release(struct bpf_sock *sk)
 {

@@ -10,27 +10,19 @@
  *  - TCP_LISTEN_CB on a meshed pod's capture port: register the listener in
  *    capture_listeners (inbound: sk_lookup.c's TIME_WAIT path).
  *  - HDR_OPT_LEN_CB (every segment a spliced socket sends, ACKs and window updates
- *    included): publish how far it has read (splice backpressure, meshbpf.h). */
-#include "meshbpf.h"
+ *    included): publish how far it has read (splice backpressure, lib/splice.h). */
+#include "lib/maps.h"
+#include "lib/counters.h"
+#include "lib/addr.h"
+#include "lib/conn.h"
+#include "lib/splice.h"
 
 static __always_inline int mb_ops_key(struct bpf_sock_ops *skops, struct sock_key *k, __u64 nc)
 {
     __u32 family = skops->family;
-    if (family == MB_AF_INET) {
-        mb_map4(k->local_ip, skops->local_ip4);
-        mb_map4(k->remote_ip, skops->remote_ip4);
-    } else if (family == MB_AF_INET6) {
-        k->local_ip[0] = skops->local_ip6[0];
-        k->local_ip[1] = skops->local_ip6[1];
-        k->local_ip[2] = skops->local_ip6[2];
-        k->local_ip[3] = skops->local_ip6[3];
-        k->remote_ip[0] = skops->remote_ip6[0];
-        k->remote_ip[1] = skops->remote_ip6[1];
-        k->remote_ip[2] = skops->remote_ip6[2];
-        k->remote_ip[3] = skops->remote_ip6[3];
-    } else {
+    if (mb_addr(family, &skops->local_ip4, skops->local_ip6, k->local_ip) < 0)
         return -1;
-    }
+    mb_addr(family, &skops->remote_ip4, skops->remote_ip6, k->remote_ip);
     k->local_port = bpf_htons((__u16)skops->local_port);
     k->remote_port = bpf_htons((__u16)bpf_ntohl(skops->remote_port));
     if (mb_is_loopback(k->local_ip) || mb_is_loopback(k->remote_ip))
@@ -105,9 +97,7 @@ static __always_inline void mb_ops_publish_copied(struct bpf_sock_ops *skops)
     struct sock_key k = {};
     if (mb_ops_key(skops, &k, bpf_get_netns_cookie(skops)) < 0)
         return;
-    struct splice_dir *d = splice_dirs.lookup(&k);
-    if (d && d->mode == MB_SPLICE_TCP)
-        d->copied_seq = mb_tcp_u32(sk, MB_TCP_COPIED_SEQ_OFF);
+    mb_splice_publish(&k, sk);
 #endif
 }
 
@@ -126,11 +116,7 @@ static __always_inline void mb_closed(struct bpf_sock_ops *skops)
         pairs.delete(&k);
     /* As the sidecar's accepted end: the app's entry is keyed by our tuple reversed. */
     struct sock_key sw = {};
-    sw.netns = k.netns;
-    mb_copy_ip(sw.local_ip, k.remote_ip);
-    mb_copy_ip(sw.remote_ip, k.local_ip);
-    sw.local_port = k.remote_port;
-    sw.remote_port = k.local_port;
+    mb_key_reverse(&sw, &k);
     pairs.delete(&sw);
     splice_dirs.delete(&k);
     splice_dirs.delete(&sw);
@@ -139,9 +125,9 @@ static __always_inline void mb_closed(struct bpf_sock_ops *skops)
 
 /* LISTEN_CB (fires for every listen(), no cb flags needed): a socket that starts listening
  * on a meshed pod's inbound capture port (pods[netns].inbound_port), on the wildcard or a
- * non-loopback address, becomes the pod's capture listener for sk_lookup (inbound section
- * of meshbpf.h). The entry goes when the socket closes; a restarted sidecar's new listener
- * replaces it here. */
+ * non-loopback address, becomes the pod's capture listener for sk_lookup (lib/inbound.h).
+ * The entry goes when the socket closes; a restarted sidecar's new listener replaces it
+ * here. */
 static __always_inline void mb_listen(struct bpf_sock_ops *skops)
 {
     __u64 nc = bpf_get_netns_cookie(skops);
@@ -150,16 +136,8 @@ static __always_inline void mb_listen(struct bpf_sock_ops *skops)
         return;
     __u32 family = skops->family;
     __u32 ip[4] = {};
-    if (family == MB_AF_INET) {
-        mb_map4(ip, skops->local_ip4);
-    } else if (family == MB_AF_INET6) {
-        ip[0] = skops->local_ip6[0];
-        ip[1] = skops->local_ip6[1];
-        ip[2] = skops->local_ip6[2];
-        ip[3] = skops->local_ip6[3];
-    } else {
+    if (mb_addr(family, &skops->local_ip4, skops->local_ip6, ip) < 0)
         return;
-    }
     int any = ip[0] == 0 && ip[1] == 0 && ip[3] == 0 &&
               (ip[2] == 0 || ip[2] == bpf_htonl(0x0000ffff));   /* 0.0.0.0 or :: */
     if (!any && mb_is_loopback(ip))

@@ -13,7 +13,7 @@
  *      therefore keep working, untouched. A SYN that meets a TIME_WAIT is marked in
  *      `inbound_tw` and left to the kernel's TIME_WAIT path when mb_sk_lookup is linked
  *      in the pod's netns (INBOUND_POD_SK_LOOKUP): that path asks sk_lookup, which picks
- *      the capture listener (see sk_lookup.c and the inbound section of meshbpf.h).
+ *      the capture listener (see sk_lookup.c and lib/inbound.h).
  *   2. Otherwise the sidecar's inbound listener (pod IP or wildcard address, port
  *      `capture_port`, normally 15006) is looked up in the pod's netns and the packet is
  *      assigned to it with bpf_sk_assign(), the socket-level equivalent of TPROXY.
@@ -30,26 +30,29 @@
  *      dropped, never delivered to the app behind the sidecar's back; the client's SYN
  *      retransmission connects once the sidecar listens.
  *
- * Counters (core's per-CPU `counters`; see the inbound section of meshbpf.h):
- *   COUNTER_REDIRECT_IN       SYN steered to the sidecar's inbound listener (or handed to
- *                             the TIME_WAIT path, where sk_lookup steers it);
- *   COUNTER_INBOUND_BYPASS    SYN to an enrolled pod IP on a port its policy leaves alone;
- *   MBI_COUNTER_NO_LISTENER   SYN dropped because nothing listens on the capture port;
- *   MBI_COUNTER_UNSTEERABLE   TCP fragment / over-long IPv6 header chain to a captured
- *                             pod, dropped (see mbi_unsteerable).
+ * Counters (the node's per-CPU `counters`, lib/counters.h):
+ *   COUNTER_REDIRECT_IN          SYN steered to the sidecar's inbound listener (or handed
+ *                                to the TIME_WAIT path, where sk_lookup steers it);
+ *   COUNTER_INBOUND_BYPASS       SYN to an enrolled pod IP on a port its policy leaves alone;
+ *   COUNTER_INBOUND_NO_LISTENER  SYN dropped because nothing listens on the capture port;
+ *   COUNTER_INBOUND_UNSTEERABLE  TCP fragment / over-long IPv6 header chain to a captured
+ *                                pod, dropped (see mbi_unsteerable).
  *
  * IPv4 options and IPv6 extension headers (hop-by-hop, routing, destination options, AH;
  * up to MBI_MAX_EXTHDRS) are skipped. Interfaces must carry Ethernet framing
  * (meshbpf/ebpf/inbound.py only hooks ARPHRD_ETHER links).
  *
- * Maps (declared in meshbpf.h's inbound section): inbound_pods, inbound_ports, inbound_tw
- * (and mbi_policy(), shared with sk_lookup.c).
+ * Maps (lib/maps.h): inbound_pods, inbound_ports, inbound_ifaces, inbound_tw; the policy
+ * lookup mbi_policy() is lib/inbound.h's, shared with sk_lookup.c.
  */
 
 #include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
-#include "meshbpf.h"
+#include "lib/maps.h"
+#include "lib/counters.h"
+#include "lib/addr.h"
+#include "lib/inbound.h"
 
 #ifndef TC_ACT_OK
 #define TC_ACT_OK 0
@@ -92,7 +95,7 @@ static __always_inline int mbi_unsteerable(struct inbound_pod_key *pk)
     struct inbound_pod_val *pod = inbound_pods.lookup(pk);
     if (!pod || !(pod->flags & INBOUND_POD_CAPTURES))
         return TC_ACT_OK;
-    mb_count(MBI_COUNTER_UNSTEERABLE, 1);
+    mb_count(COUNTER_INBOUND_UNSTEERABLE, 1);
     return TC_ACT_SHOT;
 }
 
@@ -288,6 +291,6 @@ int tc_inbound_ingress(struct __sk_buff *skb)
 no_listener:
     /* 3. Never let a captured port reach the app around the sidecar. */
     if (syn)
-        mb_count(MBI_COUNTER_NO_LISTENER, 1);
+        mb_count(COUNTER_INBOUND_NO_LISTENER, 1);
     return TC_ACT_SHOT;
 }

@@ -27,7 +27,7 @@ def ebpf():
 @click.option("--probe/--no-probe", "use_probe", default=False,
               help="Choose feature flags by probing this kernel (needs root).")
 def source_command(use_probe):
-    """Print the C text bcc compiles (meshbpf.h + every program), as loaded on this node.
+    """Print the C text bcc compiles (every program, with the bpf/lib/ headers it includes), as loaded on this node.
 
     \b
     Example:

@@ -27,7 +27,7 @@ from .maps import Maps
 
 
 # The per-pod share of the node's connection maps (node_cfg.pod_conn_limit) when the
-# interceptor is not given one; unset or 0: half of MB_MAX_CONNS (bpf/meshbpf.h).
+# interceptor is not given one; unset or 0: half of MB_MAX_CONNS (bpf/lib/types.h).
 POD_CONN_LIMIT_ENV = "MESHBPF_POD_CONN_LIMIT"
 
 
@@ -67,7 +67,7 @@ class EbpfInterceptor(Interceptor):
         # replace pinned programs of another version in place (loader.upgrade_programs)
         self.upgrade = bool(upgrade)
         # node_cfg.pod_conn_limit: how many connections one pod may keep recorded (None or
-        # 0: the header's default, half the node's capacity); see bpf/meshbpf.h "Full maps"
+        # 0: the header's default, half the node's capacity); see bpf/lib/conn.h
         if pod_conn_limit is not None and (not isinstance(pod_conn_limit, int) or
                                            not 0 <= pod_conn_limit < 1 << 32):
             raise UsageError(f"pod_conn_limit {pod_conn_limit!r} must be a number of "

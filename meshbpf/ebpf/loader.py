@@ -1,14 +1,15 @@
 """Compile, load, pin and attach meshbpf's node-wide eBPF programs — once per node.
 
-The C programs in bpf/ are concatenated behind bpf/meshbpf.h into ONE bcc module (so all
-programs share its maps), compiled with cflags chosen from the kernel's features, loaded
-with their expected attach types and pinned under <pin_prefix>/{progs,maps,links}. The
-cgroup programs are attached once at `cgroup_root` through pinned bpf_links (or
-BPF_PROG_ATTACH with BPF_F_ALLOW_MULTI where links are missing); sk_msg is attached to the
-sockhash. A later process ADOPTS what is pinned (never loads or attaches twice);
-`unload` removes exactly what `ensure_loaded` created. The pinned set carries its version
-and map layouts (<pin_prefix>/meta); `ensure_loaded(upgrade=True)` replaces programs of
-another version in place, on the same maps (upgrade_programs).
+The C programs in bpf/ are concatenated, with the bpf/lib/ headers they include inlined
+once each, into ONE bcc module (so all programs share its maps), compiled with cflags
+chosen from the kernel's features, loaded with their expected attach types and pinned
+under <pin_prefix>/{progs,maps,links}. The cgroup programs are attached once at
+`cgroup_root` through pinned bpf_links (or BPF_PROG_ATTACH with BPF_F_ALLOW_MULTI where
+links are missing); sk_msg is attached to the sockhash. A later process ADOPTS what is
+pinned (never loads or attaches twice); `unload` removes exactly what `ensure_loaded`
+created. The pinned set carries its version and map layouts (<pin_prefix>/meta);
+`ensure_loaded(upgrade=True)` replaces programs of another version in place, on the same
+maps (upgrade_programs).
 """
 
 import ctypes
@@ -28,7 +29,7 @@ from .maps import Maps
 
 # The C sources ship inside the package (package data), so an installed meshbpf finds them.
 BPF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf")
-HEADER = "meshbpf.h"
+LIB_DIR = "lib"           # bpf/lib/: the headers the programs include
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,7 @@ DNS_PROGRAMS = ("mb_sendmsg4", "mb_sendmsg6", "mb_recvmsg4", "mb_recvmsg6")
 MAP_NAMES = ("pods", "cidr_rules", "port_rules", "local_ips", "node_cfg", "orig_dst",
              "pairs", "sock_hash", "dns_orig", "counters", "pod_conns", "netns_addrs",
              "netns_src")
-# Overrides the per-node connection capacity (bpf/meshbpf.h MB_MAX_CONNS) at load time, so
+# Overrides the per-node connection capacity (bpf/lib/types.h MB_MAX_CONNS) at load time, so
 # a test can fill the maps in its own pin prefix. Unset: the header's default.
 MAX_CONNS_ENV = "MESHBPF_MAX_CONNS"
 # Extra -D defines (space separated) rendered into the C: a test makes a "new" program set
@@ -175,8 +176,52 @@ def wanted_programs(source_text, features=None, splice=True):
     return out
 
 
-def _strip_include(text):
-    return re.sub(r'^\s*#include\s+"meshbpf\.h"\s*$', "", text, flags=re.M)
+_LOCAL_INCLUDE = re.compile(r'^\s*#include\s+"([^"]+)"\s*$', re.M)
+
+
+def _inline(path, bpf_dir, seen):
+    """The text of C file `path` with each `#include "..."` (resolved from the including
+    file's folder, as the C compiler does) replaced by that file's text the first time it is
+    met and by nothing after: bcc compiles one text, not files, and the headers' include
+    guards would make a repeat empty anyway."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UnsupportedError(f"{path} is missing: the installation is incomplete")
+
+    def include(m):
+        inc = os.path.normpath(os.path.join(os.path.dirname(path), m.group(1)))
+        if inc in seen:
+            return ""
+        seen.add(inc)
+        name = os.path.relpath(inc, bpf_dir)
+        return f"/* ==== {name} ==== */\n" + _inline(inc, bpf_dir, seen) + \
+            f"/* ==== end of {name} ==== */"
+    return _LOCAL_INCLUDE.sub(include, text)
+
+
+def c_text(names, bpf_dir=BPF_DIR):
+    """The one C text of the program files `names` (in bpf/, in that order), every header
+    they include inlined once."""
+    seen, parts = set(), []
+    for name in names:
+        parts.append(f"/* ==== {name} ==== */\n" +
+                     _inline(os.path.join(bpf_dir, name), bpf_dir, seen))
+    return "\n".join(parts)
+
+
+def header_text(bpf_dir=BPF_DIR):
+    """Every header of bpf/lib/, inlined as the programs include them (for the checks
+    that compare the C layouts with their Python mirrors)."""
+    lib = os.path.join(bpf_dir, LIB_DIR)
+    seen, parts = set(), []
+    for name in sorted(os.listdir(lib)):
+        path = os.path.normpath(os.path.join(lib, name))
+        if name.endswith(".h") and path not in seen:
+            seen.add(path)
+            parts.append(f"/* ==== {LIB_DIR}/{name} ==== */\n" + _inline(path, bpf_dir, seen))
+    return "\n".join(parts)
 
 
 def source_files(bpf_dir=BPF_DIR):
@@ -188,13 +233,9 @@ def source_files(bpf_dir=BPF_DIR):
 
 
 def render_source(features=None, bpf_dir=BPF_DIR, splice=False):
-    """The C text bcc compiles: meshbpf.h, then each program file (its include dropped);
-    sk_msg.c only when splicing."""
-    try:
-        with open(os.path.join(bpf_dir, HEADER)) as f:
-            parts = [f"/* ==== {HEADER} ==== */\n" + f.read()]
-    except FileNotFoundError:
-        raise UnsupportedError(f"{bpf_dir}/{HEADER} is missing: the installation is incomplete")
+    """The C text bcc compiles: each program file, the headers it includes inlined the first
+    time (c_text); sk_msg.c only when splicing."""
+    parts, names = [], []
     defines = "".join("#define {} {}\n".format(*(fl[2:].split("=", 1) + ["1"])[:2])
                       for fl in cflags(features, splice))
     if defines:
@@ -210,8 +251,8 @@ def render_source(features=None, bpf_dir=BPF_DIR, splice=False):
             continue
         if name == "sk_msg.c" and not splice:
             continue
-        with open(os.path.join(bpf_dir, name)) as f:
-            parts.append(f"/* ==== {name} ==== */\n" + _strip_include(f.read()))
+        names.append(name)
+    parts.append(c_text(names, bpf_dir))
     return "\n".join(parts)
 
 

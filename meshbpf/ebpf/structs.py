@@ -1,4 +1,4 @@
-"""The one Python mirror of bpf/meshbpf.h, plus pure packing functions.
+"""The one Python mirror of bpf/lib/types.h, plus pure packing functions.
 
 ctypes structures with the C layout of the header's structs (the core maps and the
 inbound ones), the counter index enum, the flag constants, and pure functions that turn
@@ -23,13 +23,12 @@ POD_F_OUTBOUND_ALL = 1 << 0
 POD_F_IPV6 = 1 << 1
 POD_F_OWNER_INCLUDE = 1 << 2
 POD_F_OWNER_EXCLUDE = 1 << 3
-POD_F_INBOUND_ALL = 1 << 4
 POD_F_DNS = 1 << 5
 POD_F_DNS_ALL = 1 << 6
 POD_F_LOOPBACK_INCLUDED = 1 << 7
 POD_F_TPROXY = 1 << 8
 MB_DNS_SCOPE = 0x80000000
-MB_IPV6_SCOPE = 0x40000000      # IPv6 ranges apart from IPv4 ones (see meshbpf.h)
+MB_IPV6_SCOPE = 0x40000000      # IPv6 ranges apart from IPv4 ones (see bpf/lib/types.h)
 
 RULE_INCLUDE = 1
 RULE_EXCLUDE = 2
@@ -291,8 +290,6 @@ def pod_struct(config, pod_index, idmap=None):
         flags |= POD_F_OUTBOUND_ALL
     if config.enable_ipv6:
         flags |= POD_F_IPV6
-    if config.inbound_ports()[0] == WILDCARD:
-        flags |= POD_F_INBOUND_ALL
     oflag, ogids = owner_groups(config)
     flags |= oflag
     if idmap is not None:

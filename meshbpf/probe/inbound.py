@@ -12,17 +12,15 @@ import sys
 from ..ebpf import loader
 
 _PROBE = r"""
-import json, os, re, socket, sys
+import json, os, socket, sys
 from bcc import BPF
 from pyroute2 import IPRoute
 sys.path.insert(0, sys.argv[1])
 from meshbpf import bpfsys
-from meshbpf.ebpf import structs
+from meshbpf.ebpf import loader, structs
 from meshbpf.ebpf.inbound import policy, tc
 bpf_dir = sys.argv[2]
-text = open(os.path.join(bpf_dir, "meshbpf.h")).read() + re.sub(
-    r'^\s*#include\s+"meshbpf\.h"\s*$', "", open(os.path.join(bpf_dir, "tc_inbound.c")).read(),
-    flags=re.M)
+text = loader.c_text(["tc_inbound.c"], bpf_dir)
 b = BPF(text=text.encode(), cflags=["-Wno-comment"])
 fn = b.load_func(b"tc_inbound_ingress", BPF.SCHED_CLS)
 with IPRoute() as ipr:
@@ -55,8 +53,7 @@ for name, reuse in (("plain", False), ("reuseport", True)):
 # the SYN and mb_sk_lookup, linked in this netns, assigns the listener from
 # capture_listeners. Forced (NODE_F_INBOUND_SK_LOOKUP) so it is tried on every kernel.
 try:
-    text2 = text + re.sub(r'^\s*#include\s+"meshbpf\.h"\s*$', "",
-                          open(os.path.join(bpf_dir, "sk_lookup.c")).read(), flags=re.M)
+    text2 = loader.c_text(["tc_inbound.c", "sk_lookup.c"], bpf_dir)
     b2 = BPF(text=text2.encode(), cflags=["-Wno-comment"])
     fn2 = b2.load_func(b"tc_inbound_ingress", BPF.SCHED_CLS)
     skl = b2.load_func(b"mb_sk_lookup", bpfsys.BPF_PROG_TYPE_SK_LOOKUP,

@@ -1,9 +1,9 @@
 """Inbound steering (bpf/tc_inbound.c + meshbpf/ebpf/inbound/) in throwaway sandbox pods.
 
-The tc program is compiled on its own here (bpf/meshbpf.h + bpf/tc_inbound.c, as the core
-loader concatenates them) and attached with meshbpf.ebpf.inbound, so these tests check the
+The tc program is compiled on its own here (bpf/tc_inbound.c with the bpf/lib/ headers it
+includes, as the core loader inlines them) and attached with meshbpf.ebpf.inbound, so these tests check the
 inbound data path by itself: pod B is meshed (inbound only), pod C is a plain client.
-The last tests go through the whole EbpfInterceptor with a real Envoy sidecar.
+The last tests go through the service layer (eBPF mode) with a real Envoy sidecar.
 """
 
 import json
@@ -25,20 +25,16 @@ pytestmark = pytest.mark.kernel
 
 
 def _counter_indexes():
-    """Counter indexes from bpf/meshbpf.h: the enum, and the MBI_COUNTER_* aliases."""
+    """Counter indexes from bpf/lib/types.h's enum."""
     import re
-    with open(os.path.join(loader.BPF_DIR, "meshbpf.h")) as f:
-        text = f.read()
-    idx = {m.group(1): int(m.group(2)) for m in re.finditer(r"\b(COUNTER_\w+) = (\d+)", text)}
-    for m in re.finditer(r"#define (MBI_COUNTER_\w+) (COUNTER_\w+)", text):
-        idx[m.group(1)] = idx[m.group(2)]
-    return idx
+    text = loader.header_text()
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"\b(COUNTER_\w+) = (\d+)", text)}
 
 
 _IDX = _counter_indexes()
 COUNTER_REDIRECT_IN = _IDX["COUNTER_REDIRECT_IN"]
-COUNTER_NO_LISTENER = _IDX["MBI_COUNTER_NO_LISTENER"]
-COUNTER_UNSTEERABLE = _IDX["MBI_COUNTER_UNSTEERABLE"]
+COUNTER_NO_LISTENER = _IDX["COUNTER_INBOUND_NO_LISTENER"]
+COUNTER_UNSTEERABLE = _IDX["COUNTER_INBOUND_UNSTEERABLE"]
 COUNTER_BYPASS = _IDX["COUNTER_INBOUND_BYPASS"]
 
 # Options a client can put on every packet: an IPv6 destination options header, or IPv4
@@ -55,13 +51,9 @@ def _bare(ip):
 
 @pytest.fixture(scope="module")
 def tc_object():
-    """bpf/meshbpf.h + bpf/tc_inbound.c compiled by bcc: (BPF, maps, progs)."""
+    """bpf/tc_inbound.c and the headers it includes, compiled by bcc: (BPF, maps, progs)."""
     from bcc import BPF
-    with open(os.path.join(loader.BPF_DIR, "meshbpf.h")) as f:
-        header = f.read()
-    with open(os.path.join(loader.BPF_DIR, "tc_inbound.c")) as f:
-        prog = f.read().replace('#include "meshbpf.h"', "")
-    b = BPF(text=(header + prog).encode(), cflags=["-Wno-comment"])
+    b = BPF(text=loader.c_text(["tc_inbound.c"]).encode(), cflags=["-Wno-comment"])
     fn = b.load_func(b"tc_inbound_ingress", BPF.SCHED_CLS)
     maps = {"inbound_pods": b[b"inbound_pods"], "inbound_ports": b[b"inbound_ports"]}
     try:

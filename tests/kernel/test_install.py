@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from meshbpf.ebpf import loader
 from meshbpf.testbed import Sandbox
 
 pytestmark = pytest.mark.kernel
@@ -40,7 +41,9 @@ def installed(tmp_path_factory):
 def test_the_wheel_ships_the_c_sources(installed):
     import zipfile
     names = zipfile.ZipFile(installed[1]).namelist()
-    assert "meshbpf/bpf/meshbpf.h" in names and "meshbpf/bpf/connect4.c" in names
+    assert "meshbpf/bpf/lib/types.h" in names and "meshbpf/bpf/connect4.c" in names
+    headers = {"meshbpf/bpf/lib/" + h for h in os.listdir(os.path.join(loader.BPF_DIR, "lib"))}
+    assert headers <= set(names)
 
 
 def test_installed_meshbpf_probes_and_attaches(installed, tmp_path):

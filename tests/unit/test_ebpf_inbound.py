@@ -1,12 +1,11 @@
 """meshbpf.ebpf.inbound, pure part: Istio's inbound port semantics and map entry packing.
 
-No root, no kernel: the struct layouts are checked against bpf/meshbpf.h's inbound
+No root, no kernel: the struct layouts are checked against bpf/lib/'s inbound
 section by parsing it.
 """
 
 import ctypes
 import ipaddress
-import os
 import re
 import struct
 
@@ -72,10 +71,8 @@ def test_custom_capture_and_tunnel_ports_follow_the_config():
 # ---- packing ----------------------------------------------------------------------------
 
 def _header_structs():
-    """{struct name: [(c type, field, array len)]} of the inbound section of meshbpf.h."""
-    with open(os.path.join(loader.BPF_DIR, "meshbpf.h")) as f:
-        text = f.read()
-    section = text[text.index("/* ---- inbound (tc_inbound.c)"):]
+    """{struct name: [(c type, field, array len)]} of bpf/lib/'s headers."""
+    section = loader.header_text()
     out = {}
     for m in re.finditer(r"struct (\w+) \{(.*?)\};", section, re.S):
         fields = []

@@ -1,4 +1,4 @@
-"""meshbpf.ebpf.inbound, the TIME_WAIT path's pure parts: map layouts against bpf/meshbpf.h,
+"""meshbpf.ebpf.inbound, the TIME_WAIT path's pure parts: map layouts against bpf/lib/,
 the packing of its entries, and the /proc/net/tcp parser that finds existing listeners.
 No root, no kernel."""
 
@@ -16,9 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _section():
-    with open(os.path.join(loader.BPF_DIR, "meshbpf.h")) as f:
-        text = f.read()
-    return text[text.index("/* ---- inbound (tc_inbound.c)"):]
+    return loader.header_text()
 
 
 def _struct_size(section, name):

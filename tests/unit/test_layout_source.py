@@ -59,7 +59,7 @@ def test_istio_numbers_are_written_only_in_the_constants_module():
 
 
 def test_one_python_mirror_of_the_c_structs():
-    # bpfsys.py lays out the kernel's union bpf_attr, not meshbpf.h's structs
+    # bpfsys.py lays out the kernel's union bpf_attr, not bpf/lib/types.h's structs
     found = []
     for rel, path in _product_modules():
         with open(path) as f:

@@ -62,7 +62,7 @@ def test_max_conns_override_rejects_nonsense(raw):
 def test_override_becomes_a_define_before_the_header(monkeypatch):
     monkeypatch.setenv(loader.MAX_CONNS_ENV, "64")
     text = loader.render_source(None)
-    assert text.index("#define MB_MAX_CONNS 64") < text.index("==== meshbpf.h")
+    assert text.index("#define MB_MAX_CONNS 64") < text.index("==== lib/types.h")
     monkeypatch.delenv(loader.MAX_CONNS_ENV)
     assert "MB_MAX_CONNS 64" not in loader.render_source(None)
     # without sock_release nothing would empty dns_orig: it stays LRU there only
@@ -70,8 +70,7 @@ def test_override_becomes_a_define_before_the_header(monkeypatch):
 
 
 def test_header_sizes_for_100k_connections_without_lru_where_it_answers_wrong():
-    with open(loader.BPF_DIR + "/meshbpf.h") as f:
-        text = f.read()
+    text = loader.header_text()
     assert int(re.search(r"#define MB_MAX_CONNS (\d+)", text).group(1)) >= 100000
     for name in ("orig_dst", "pairs"):
         decl = next(l for l in text.splitlines() if re.search(rf"\b{name}\b, ", l) and "BPF_" in l)
