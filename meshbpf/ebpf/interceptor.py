@@ -64,7 +64,7 @@ class EbpfInterceptor(Interceptor):
                  **options):
         super().__init__(pin_prefix=pin_prefix, cgroup_root=cgroup_root, **options)
         self.splice = bool(splice)
-        # replace pinned programs of another version in place (loader.upgrade_programs)
+        # replace pinned programs of another version in place (meshbpf.ebpf.upgrade)
         self.upgrade = bool(upgrade)
         # node_cfg.pod_conn_limit: how many connections one pod may keep recorded (None or
         # 0: the header's default, half the node's capacity); see bpf/lib/conn.h
@@ -127,9 +127,16 @@ class EbpfInterceptor(Interceptor):
         pins stay (a deleted pin is noticed and repaired)."""
         if self._node is not None and loader.is_loaded(self.pin_prefix):
             return dict(self._node, adopted=True)
-        res = loader.ensure_loaded(self.pin_prefix, self.root, self.features, self.splice,
-                                   upgrade=self.upgrade, repoint=self.repoint_tc)
-        if not res["adopted"] or res.get("upgraded"):
+        upgraded = None
+        if self.upgrade and loader.is_loaded(self.pin_prefix):
+            from . import upgrade
+            upgraded = upgrade.upgrade_programs(self.pin_prefix, self.root, self.features,
+                                                self.splice, self.repoint_tc)
+        res = loader.ensure_loaded(self.pin_prefix, self.root, self.features, self.splice)
+        res["upgraded"] = upgraded
+        if upgraded:
+            res["degraded"] = upgraded["degraded"]
+        if not res["adopted"] or upgraded:
             os.makedirs(os.path.dirname(self.node_file), exist_ok=True)
             with open(self.node_file, "w") as f:
                 json.dump({"cgroup_root": self.root, "splice": self.splice,

@@ -7,24 +7,23 @@ under <pin_prefix>/{progs,maps,links}. The cgroup programs are attached once at
 `cgroup_root` through pinned bpf_links (or BPF_PROG_ATTACH with BPF_F_ALLOW_MULTI where
 links are missing); sk_msg is attached to the sockhash. A later process ADOPTS what is
 pinned (never loads or attaches twice); `unload` removes exactly what `ensure_loaded`
-created. The pinned set carries its version and map layouts (<pin_prefix>/meta);
-`ensure_loaded(upgrade=True)` replaces programs of another version in place, on the same
-maps (upgrade_programs).
+created. The pinned set carries its version and map layouts (<pin_prefix>/meta,
+meshbpf.ebpf.versions); meshbpf.ebpf.upgrade replaces programs of another version in
+place, on the same maps.
 """
 
 import ctypes
 import dataclasses
 import errno
 import glob
-import hashlib
-import json
 import os
 import re
-import sys
 
 from .. import __version__, bpfsys, system
 from ..errors import ApplyError, MeshbpfError, UnsupportedError, UsageError
 from . import btf, structs
+from .versions import (META_PIN, META_VALUE_SIZE, decode_meta, encode_meta, map_fingerprint,
+                       program_set_version)
 from .maps import Maps
 
 # The C sources ship inside the package (package data), so an installed meshbpf finds them.
@@ -365,180 +364,6 @@ def load_and_pin(pin_prefix, features=None, splice=True):
     return ids, degraded
 
 
-# ---- upgrade ------------------------------------------------------------------------------
-
-def upgrade_programs(pin_prefix, cgroup_root, features=None, splice=True, repoint=None):
-    """Replace the pinned programs by the ones this code loads, keeping the pinned maps.
-
-    Nothing happens (returns None) when the pinned set has this code's version. Else the
-    new programs are compiled and loaded against the PINNED maps (so every entry, pod and
-    connection survives); a map whose layout differs is refused before anything changes
-    (UnsupportedError naming the map and what changed). Then each program is swapped
-    where it runs without a moment with no program: cgroup hooks and sk_lookup links
-    through BPF_LINK_UPDATE, ALLOW_MULTI attachments with BPF_F_REPLACE (else attach the
-    new, then detach the old), the sockhash's msg verdict by attaching over it, and the
-    tc filters by `repoint(prog_fd)` (the caller knows the pods). Each pin is replaced by
-    a rename. Returns {"from", "to", "replaced": [{"program", "how", "old_id", "new_id"}],
-    "created_maps", "degraded"}.
-    """
-    _safe_prefix(pin_prefix)
-    degraded = []
-    if splice and not _has(features, "splice_backpressure"):
-        splice = False
-        degraded.append("mb_sk_msg")
-    text = render_source(features, splice=splice)
-    version = program_set_version(text, cflags(features, splice))
-    meta = read_meta(pin_prefix)
-    if meta.get("version") == version:
-        return None
-    b = _compile(text)
-    dirs = pin_dirs(pin_prefix)
-    opened = []
-    try:
-        from bcc import libbcc
-        new_layouts = module_map_layouts(b)
-        have = set(pinned(pin_prefix)["maps"])
-        old_layouts, fdmap = {}, {}
-        for name in new_layouts:
-            if name not in have:
-                continue
-            fd = bpfsys.obj_get(os.path.join(dirs["maps"], name))
-            opened.append(fd)
-            # the kernel's word for what it fixed at creation; the C layout from meta
-            fp = map_fingerprint(bpfsys.map_get_info(fd))
-            known = (meta.get("maps") or {}).get(name) or {}
-            if "layout" in known:
-                fp["layout"] = known["layout"]
-            old_layouts[name] = fp
-            fdmap[libbcc.lib.bpf_table_fd(b.module, name.encode())] = fd
-        problems = compare_layouts(old_layouts, new_layouts)
-        if problems:
-            raise UnsupportedError(
-                "cannot upgrade meshbpf's programs in place, nothing changed: " +
-                "; ".join(f"map {m}: {why}" for m, why in problems),
-                hint="`meshbpf cleanup` and attach again loads the new programs with new "
-                     "maps (meshed pods lose their interception until re-attached)")
-        new_fds = {}
-        for spec in wanted_programs(text, features, splice):
-            _point_at_pinned_maps(b, spec.name, fdmap)
-            try:
-                new_fds[spec.name] = _load_prog(b, spec)
-            except ApplyError:
-                if spec.feature:
-                    degraded.append(spec.name)
-                    continue
-                raise
-        # From here on things change: new maps pinned, then program by program.
-        created = []
-        for name in new_layouts:
-            if name not in have:
-                _pin(libbcc.lib.bpf_table_fd(b.module, name.encode()),
-                     os.path.join(dirs["maps"], name))
-                created.append(name)
-        replaced = _swap_programs(pin_prefix, cgroup_root, new_fds, features, repoint)
-        write_meta(pin_prefix, {"version": version, "meshbpf": __version__,
-                                "maps": new_layouts})
-    finally:
-        for fd in opened:
-            os.close(fd)
-        b.cleanup()
-    return {"from": meta.get("version"), "to": version, "replaced": replaced,
-            "created_maps": created, "degraded": degraded}
-
-
-def _swap_programs(pin_prefix, cgroup_root, new_fds, features, repoint):
-    dirs = pin_dirs(pin_prefix)
-    specs = {p.name: p for p in PROGRAMS}
-    cg = _check_cgroup_root(cgroup_root)
-    cgfd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
-    out = []
-    try:
-        for name, nfd in new_fds.items():
-            spec = specs[name]
-            ppath = os.path.join(dirs["progs"], name)
-            old_fd = bpfsys.obj_get(ppath) if os.path.exists(ppath) else None
-            try:
-                old_id = bpfsys.prog_get_info(old_fd)["id"] if old_fd is not None else None
-                try:
-                    how = _swap_one(pin_prefix, spec, nfd, old_fd, old_id, cgfd, dirs,
-                                    repoint)
-                except OSError as e:
-                    raise ApplyError(
-                        f"replacing program {name} failed ({e}); the programs replaced "
-                        f"before it run the new version, the others the old one, all on "
-                        "the same maps; running the upgrade again finishes it")
-                _repin(nfd, ppath)
-            finally:
-                if old_fd is not None:
-                    os.close(old_fd)
-            out.append({"program": name, "how": how, "old_id": old_id,
-                        "new_id": bpfsys.prog_get_info(nfd)["id"]})
-    finally:
-        os.close(cgfd)
-    return out
-
-
-def _swap_one(pin_prefix, spec, nfd, old_fd, old_id, cgfd, dirs, repoint):
-    """Put program `nfd` where `old_fd` runs; returns how (or that it was not attached)."""
-    if spec.target == "cgroup":
-        link_path = os.path.join(dirs["links"], spec.name)
-        if os.path.exists(link_path):
-            lfd = bpfsys.obj_get(link_path)
-            try:
-                bpfsys.link_update(lfd, nfd)
-            finally:
-                os.close(lfd)
-            return "link_update"
-        if old_id is not None and _attached_ids(cgfd, spec.attach_type, old_id):
-            try:
-                bpfsys.prog_attach(cgfd, nfd, spec.attach_type,
-                                   bpfsys.BPF_F_ALLOW_MULTI | bpfsys.BPF_F_REPLACE, old_fd)
-                return "prog_attach(REPLACE)"
-            except OSError:
-                pass           # no BPF_F_REPLACE here (< 5.6): both run for a moment
-            bpfsys.prog_attach(cgfd, nfd, spec.attach_type, bpfsys.BPF_F_ALLOW_MULTI)
-            bpfsys.prog_detach(cgfd, old_fd, spec.attach_type)
-            return "attach-then-detach"
-        return "not attached (attach_all attaches the new one)"
-    if spec.target == "sockhash":
-        # a sockhash has one msg verdict slot: attaching swaps it in one step
-        with Maps(pin_prefix) as maps:
-            bpfsys.prog_attach(maps.fd(SOCKHASH_MAP), nfd, spec.attach_type)
-        return "prog_attach(sockhash)"
-    if spec.target == "netns":
-        n = 0
-        if os.path.isdir(dirs["links"]):
-            for link in sorted(os.listdir(dirs["links"])):
-                if not link.startswith("sk_lookup-"):
-                    continue
-                lfd = bpfsys.obj_get(os.path.join(dirs["links"], link))
-                try:
-                    bpfsys.link_update(lfd, nfd)
-                finally:
-                    os.close(lfd)
-                n += 1
-        return f"link_update ({n} pod sk_lookup links)"
-    if repoint is not None:
-        return f"tc filter replace ({repoint(nfd)} pod filters)"
-    return "pinned (per-pod filters not re-pointed: no pod list given)"
-
-
-def _repin(fd, path):
-    """Pin `fd` at `path` in place of what is pinned there: pinned in a staging directory
-    (bpffs refuses names with a dot), then renamed over it (bpffs renames atomically), so
-    the pin never goes missing."""
-    staging = os.path.join(os.path.dirname(os.path.dirname(path)), "staging")
-    os.makedirs(staging, exist_ok=True)
-    tmp = os.path.join(staging, os.path.basename(path))
-    _unlink(tmp)
-    _pin(fd, tmp)
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        _unlink(path)
-        os.rename(tmp, path)
-
-
 def _extra_maps(b):
     """Maps declared by other parts (the inbound section), pinned like ours."""
     from bcc import libbcc
@@ -569,95 +394,7 @@ def prog_fd(pin_prefix, name):
     return bpfsys.obj_get(os.path.join(pin_dirs(pin_prefix)["progs"], name))
 
 
-# ---- versions: what is pinned, and whether this code would load the same ----------------
-#
-# The version and the map layouts live in a pinned one-entry array map "meta" at
-# <pin prefix>/meta, not in the node record (/run/meshbpf/<instance>/node.json): it is
-# created, adopted and removed with the pins themselves (unload removes it with the rest),
-# so whoever finds the pins finds their version, whatever instance directory, and a lost
-# or stale /run file can never pass an old program set for a new one.
-
-META_PIN = "meta"
-META_VALUE_SIZE = 16384          # a JSON document, preceded by its length (u32)
-
-
-def program_set_version(text, flags, version=__version__):
-    """Pure: the version of a program set: a hash of the rendered C, its cflags and
-    meshbpf's version. Any change to one of them is another program set."""
-    doc = json.dumps({"meshbpf": version, "cflags": list(flags), "source": text},
-                     sort_keys=True)
-    return hashlib.sha256(doc.encode()).hexdigest()[:16]
-
-
-def map_fingerprint(info, key_desc=None, leaf_desc=None):
-    """Pure: a map's layout: what the kernel fixes at creation (type, key and value size,
-    max_entries, flags) and, when known, a hash of the key and value C types (bcc's type
-    descriptions): two maps with the same fingerprint can be used by either program set."""
-    fp = {k: int(info[k]) for k in ("type", "key_size", "value_size", "max_entries", "flags")}
-    if key_desc is not None or leaf_desc is not None:
-        fp["layout"] = hashlib.sha256(f"{key_desc}\0{leaf_desc}".encode()).hexdigest()[:16]
-    return fp
-
-
-_WHY = {
-    "type": "the map type cannot change in place",
-    "key_size": "the kernel refuses programs using other key sizes and the old entries "
-                "would be misread",
-    "value_size": "the old entries would be misread",
-    "flags": "map flags are fixed when a map is created",
-    "layout": "its key or value C struct changed, so the old entries would be read with "
-              "the new layout",
-}
-
-
-def compare_layouts(pinned_maps, new_maps):
-    """Pure: why the maps pinned now cannot serve the new programs: [(map, reason)].
-
-    `pinned_maps`/`new_maps`: {name: fingerprint}. A map only the new set has is created;
-    one only the pinned set has stays pinned, unused, until cleanup; one in both must have
-    the same fingerprint (fields only one side knows, e.g. `layout` of a set pinned before
-    versions existed, are not compared). A grown max_entries is refused too: a BPF map
-    cannot be resized, and copying it into a bigger one while the old programs keep
-    writing would lose entries (connections in flight would lose their original
-    destination, and sockets in a sockhash cannot be copied from user space)."""
-    out = []
-    for name in sorted(set(pinned_maps) & set(new_maps)):
-        old, new = pinned_maps[name], new_maps[name]
-        for field in ("type", "key_size", "value_size", "max_entries", "flags", "layout"):
-            if field not in old or field not in new or old[field] == new[field]:
-                continue
-            if field == "max_entries":
-                why = (f"max_entries {old[field]} -> {new[field]}: a BPF map cannot be "
-                       "resized, and a copy would lose what the running programs write "
-                       "meanwhile (connections in flight, sockhash sockets)")
-            elif field == "layout":
-                why = _WHY[field]
-            else:
-                why = f"{field} {old[field]} -> {new[field]}: {_WHY[field]}"
-            out.append((name, why))
-    return out
-
-
-def encode_meta(meta):
-    """Pure: the meta map's value for `meta` (a JSON-able dict)."""
-    doc = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-    if len(doc) + 4 > META_VALUE_SIZE:
-        raise ApplyError(f"the program set's description ({len(doc)} bytes) does not fit "
-                         f"the meta map ({META_VALUE_SIZE - 4} bytes)")
-    return len(doc).to_bytes(4, sys.byteorder) + doc + bytes(META_VALUE_SIZE - 4 - len(doc))
-
-
-def decode_meta(raw):
-    """Pure: the dict `encode_meta` wrote, or {} for anything else."""
-    if not raw or len(raw) < 4:
-        return {}
-    n = int.from_bytes(raw[:4], sys.byteorder)
-    try:
-        meta = json.loads(raw[4:4 + n].decode())
-    except (UnicodeDecodeError, ValueError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
+# ---- the pinned set's meta (meshbpf.ebpf.versions) ------------------------------------
 
 def read_meta(pin_prefix):
     """What the pinned program set says of itself ({} if it says nothing: pinned before
@@ -706,38 +443,6 @@ def module_map_layouts(b):
         out[name] = map_fingerprint(bpfsys.map_get_info(fd), key and key.decode(),
                                     leaf and leaf.decode())
     return out
-
-
-def patch_map_fds(code, fdmap):
-    """Pure: `code` (BPF instructions) with every map reference (ld_imm64 with
-    BPF_PSEUDO_MAP_FD) to an fd in `fdmap` pointing at fdmap[fd] instead; returns
-    (new code, how many were changed)."""
-    out = bytearray(code)
-    n, i = 0, 0
-    while i + 8 <= len(out):
-        if out[i] == bpfsys.BPF_LD_IMM64 and i + 16 <= len(out):
-            if out[i + 1] >> 4 == bpfsys.BPF_PSEUDO_MAP_FD:
-                imm = int.from_bytes(out[i + 4:i + 8], sys.byteorder, signed=True)
-                if imm in fdmap:
-                    out[i + 4:i + 8] = int(fdmap[imm]).to_bytes(4, sys.byteorder, signed=True)
-                    n += 1
-            i += 16            # ld_imm64 takes two instruction slots
-        else:
-            i += 8
-    return bytes(out), n
-
-
-def _point_at_pinned_maps(b, name, fdmap):
-    """Make the compiled program `name` use the pinned maps: bcc created its own maps and
-    wrote their fds into the instructions; those are rewritten, in bcc's buffer, before
-    bcc loads it (so bcc still passes its BTF and license as usual)."""
-    from bcc import libbcc
-    start = libbcc.lib.bpf_function_start(b.module, name.encode())
-    size = libbcc.lib.bpf_function_size(b.module, name.encode())
-    if not start or not size:
-        raise ApplyError(f"program {name} is missing from the compiled module")
-    code, _ = patch_map_fds(ctypes.string_at(start, size), fdmap)
-    ctypes.memmove(start, code, size)
 
 
 # ---- attach -------------------------------------------------------------------------------
@@ -883,25 +588,17 @@ _ATTACH_NAMES = {
 }
 
 
-def ensure_loaded(pin_prefix, cgroup_root, features=None, splice=True, upgrade=False,
-                  repoint=None):
+def ensure_loaded(pin_prefix, cgroup_root, features=None, splice=True):
     """Load+pin (unless already pinned: adopt) and attach (unless attached). Idempotent.
-
-    With `upgrade`, pinned programs of another version than this code's are replaced in
-    place, maps kept (upgrade_programs; `repoint(prog_fd)` re-points the pods' tc filters).
+    Pinned programs of another version are adopted as they are: replacing them is
+    meshbpf.ebpf.upgrade's, asked for explicitly.
 
     Returns {"adopted": bool, "programs": {name: id}, "attached_now": [...],
-    "degraded": [programs the kernel refused that only cost a capability],
-    "upgraded": upgrade_programs' answer or None}.
+    "degraded": [programs the kernel refused that only cost a capability]}.
     """
     _safe_prefix(pin_prefix)
     adopted = is_loaded(pin_prefix)
     degraded = []
-    upgraded = None
-    if adopted and upgrade:
-        upgraded = upgrade_programs(pin_prefix, cgroup_root, features, splice, repoint)
-        if upgraded:
-            degraded = upgraded["degraded"]
     if not adopted:
         if any(pinned(pin_prefix).values()):
             unload(pin_prefix, cgroup_root)      # a half-made earlier attempt
@@ -919,8 +616,7 @@ def ensure_loaded(pin_prefix, cgroup_root, features=None, splice=True, upgrade=F
             ids[name] = bpfsys.prog_get_info(fd)["id"]
         finally:
             os.close(fd)
-    return {"adopted": adopted, "programs": ids, "attached_now": made, "degraded": degraded,
-            "upgraded": upgraded}
+    return {"adopted": adopted, "programs": ids, "attached_now": made, "degraded": degraded}
 
 
 # ---- unload -------------------------------------------------------------------------------

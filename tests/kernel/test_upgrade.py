@@ -12,7 +12,7 @@ import pytest
 
 from meshbpf import bpfsys
 from meshbpf.config import InterceptConfig
-from meshbpf.ebpf import loader, structs
+from meshbpf.ebpf import loader, structs, upgrade
 from meshbpf.ebpf.inbound import tc
 from meshbpf.ebpf.maps import Maps
 from meshbpf.errors import UnsupportedError
@@ -85,9 +85,9 @@ def test_upgrade_while_the_app_connects_through_the_sidecar(monkeypatch):
             assert [h["prog_id"] for h in tc.list_hooks(a.pod)] == \
                 [old_ids["tc_inbound_ingress"]] * len(rec["inbound"]["interfaces"])
             # the same code again is the same version: nothing is replaced
-            same = loader.ensure_loaded(sb.pin_prefix, ebpf.root, ebpf.features, ebpf.splice,
-                                        upgrade=True, repoint=ebpf.repoint_tc)
-            assert same["adopted"] and same["upgraded"] is None
+            same = upgrade.upgrade_programs(sb.pin_prefix, ebpf.root, ebpf.features,
+                                            ebpf.splice, ebpf.repoint_tc)
+            assert same is None
             assert _prog_ids(sb.pin_prefix) == old_ids
 
             before = env.stats().get("tcp.outbound.downstream_cx_total", 0)
@@ -97,8 +97,8 @@ def test_upgrade_while_the_app_connects_through_the_sidecar(monkeypatch):
             t.start()
             time.sleep(1.5)              # the loop is connecting
             monkeypatch.setenv(loader.EXTRA_CFLAGS_ENV, "-DMB_UPGRADE_TEST=1")
-            res = loader.ensure_loaded(sb.pin_prefix, ebpf.root, ebpf.features, ebpf.splice,
-                                       upgrade=True, repoint=ebpf.repoint_tc)
+            res = upgrade.upgrade_programs(sb.pin_prefix, ebpf.root, ebpf.features,
+                                           ebpf.splice, ebpf.repoint_tc)
             upgraded_during_loop = t.is_alive()
             t.join()
             r = result["r"]
@@ -109,7 +109,7 @@ def test_upgrade_while_the_app_connects_through_the_sidecar(monkeypatch):
             after = env.stats().get("tcp.outbound.downstream_cx_total", 0)
             assert after - before == ok          # every connection went through the sidecar
 
-            up = res["upgraded"]
+            up = res
             assert up and up["from"] == old_meta["version"] and up["to"] != up["from"]
             assert loader.read_meta(sb.pin_prefix)["version"] == up["to"]
             new_ids = _prog_ids(sb.pin_prefix)
@@ -150,9 +150,9 @@ def test_upgrade_while_the_app_connects_through_the_sidecar(monkeypatch):
             assert fail2 == 0 and ok2 > 0
             assert env.stats().get("tcp.outbound.downstream_cx_total", 0) - after == ok2
             # the upgraded set is this code's version now: a second call changes nothing
-            again = loader.ensure_loaded(sb.pin_prefix, ebpf.root, ebpf.features, ebpf.splice,
-                                         upgrade=True, repoint=ebpf.repoint_tc)
-            assert again["upgraded"] is None and _prog_ids(sb.pin_prefix) == new_ids
+            again = upgrade.upgrade_programs(sb.pin_prefix, ebpf.root, ebpf.features,
+                                             ebpf.splice, ebpf.repoint_tc)
+            assert again is None and _prog_ids(sb.pin_prefix) == new_ids
         finally:
             svc.cleanup()
 
@@ -174,14 +174,14 @@ def test_a_changed_map_layout_is_refused_with_nothing_changed(monkeypatch):
             state = _state(sb.pin_prefix)
             cg = _cgroup_ids(ebpf.root)
 
-            def upgrade():
-                return loader.ensure_loaded(sb.pin_prefix, ebpf.root, ebpf.features,
-                                            ebpf.splice, upgrade=True, repoint=ebpf.repoint_tc)
+            def upgrade_now():
+                return upgrade.upgrade_programs(sb.pin_prefix, ebpf.root, ebpf.features,
+                                                ebpf.splice, ebpf.repoint_tc)
 
             # 1. the connection maps grew: cannot be resized, refused
             monkeypatch.setenv(loader.MAX_CONNS_ENV, "8192")
             with pytest.raises(UnsupportedError) as ei:
-                upgrade()
+                upgrade_now()
             assert ei.value.exit_code == 4
             assert "map orig_dst: max_entries 4096 -> 8192" in str(ei.value)
             assert "nothing changed" in str(ei.value)
@@ -196,7 +196,7 @@ def test_a_changed_map_layout_is_refused_with_nothing_changed(monkeypatch):
             loader.write_meta(sb.pin_prefix, meta)
             state = _state(sb.pin_prefix)
             with pytest.raises(UnsupportedError, match=r"map pods: its key or value C struct"):
-                upgrade()
+                upgrade_now()
             assert _state(sb.pin_prefix) == state and _cgroup_ids(ebpf.root) == cg
             # the pod is still enrolled in the maps it had
             with Maps(sb.pin_prefix) as m:
