@@ -241,8 +241,8 @@ def test_a_kernel_without_splice_backpressure_does_not_splice(node):
     try:
         ic.attach(a.pod, InterceptConfig())
         st = ic.status()
-        assert st["splice"] is False and "mb_sk_msg" in st["degraded"], st
-        assert not any(p["program"] == "mb_sk_msg" for p in st["programs"])
+        assert st["ebpf"]["splice"] is False and "mb_sk_msg" in st["ebpf"]["degraded"], st
+        assert not any(p["program"] == "mb_sk_msg" for p in st["ebpf"]["programs"])
         r = a.exec([pod_python(), "-c", BULK_SOURCE, b.ip4, str(PAUSE_PORT), str(1 << 20)],
                    timeout=60)
         assert r.returncode == 0 and r.stdout.startswith("ok"), r.stdout + r.stderr
