@@ -196,6 +196,11 @@ class Daemon:
             adopted = self.svc.adopt()
             log.info("adopted %d pod record(s) (%d stale)", len(adopted["pods"]),
                      len(adopted["stale"]), extra={"action": "adopt"})
+        if self.mode == "ebpf":
+            # Load (or adopt) the node programs now, not with the first pod: compiling
+            # them takes seconds, and a new pod is to be intercepted within 100 ms.
+            with self.svc.store.locked():
+                self.svc.backend("ebpf").adopt()
         self.load()
         due = self.reconcile(check_drift=True)
         self.write_state()
