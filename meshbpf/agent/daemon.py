@@ -33,7 +33,8 @@ POLL_INTERVAL = 0.05
 IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x8, 0x80, 0x100, 0x200
 IN_MOVED_FROM, IN_DELETE_SELF, IN_Q_OVERFLOW = 0x40, 0x400, 0x4000
 IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
-_EVENT = struct.Struct("iIII")
+_EVENT = "iIII"                     # struct inotify_event: wd, mask, cookie, len
+_EVENT_SIZE = struct.calcsize(_EVENT)
 
 
 class InotifyWatch:
@@ -63,10 +64,10 @@ class InotifyWatch:
             except BlockingIOError:
                 return hit
             off = 0
-            while off + _EVENT.size <= len(buf):
-                _wd, mask, _cookie, length = _EVENT.unpack_from(buf, off)
-                name = buf[off + _EVENT.size: off + _EVENT.size + length].rstrip(b"\0")
-                off += _EVENT.size + length
+            while off + _EVENT_SIZE <= len(buf):
+                _wd, mask, _cookie, length = struct.unpack_from(_EVENT, buf, off)
+                name = buf[off + _EVENT_SIZE: off + _EVENT_SIZE + length].rstrip(b"\0")
+                off += _EVENT_SIZE + length
                 if mask & IN_Q_OVERFLOW or os.fsdecode(name) == self.name:
                     hit = True
 

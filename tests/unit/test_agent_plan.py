@@ -88,3 +88,15 @@ def test_a_changed_desired_pod_ends_its_backoff():
     assert b.failed("p", now=0, key="v2") == 0.5      # a new want starts from the first delay
     b.forget(keep=set())
     assert b.next_due(now=0) is None
+
+
+def test_ipv6_turned_on_by_the_backend_for_a_dual_stack_pod_is_not_a_change():
+    d = _desired(A)
+    rec = _record(d["a"])
+    rec["config"] = dict(rec["config"], enable_ipv6=True)
+    assert plan(d, {"a": rec}, live={"a": {"cookie": 100}}) == []
+    d6 = _desired(dict(A, config={"enable_ipv6": True}))
+    rec6 = _record(d6["a"])
+    assert [a.kind for a in plan(d, {"a": rec6}, live={"a": {"cookie": 100}})] == []
+    assert [a.kind for a in plan(d6, {"a": _record(d["a"])}, live={"a": {"cookie": 100}})] \
+        == ["update"]
