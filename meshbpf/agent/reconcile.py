@@ -125,10 +125,18 @@ def resolve(want):
         pod = Pod.from_pid(want.pid, name=want.name, pod_id=want.id)
     else:
         pod = Pod.from_netns(want.netns, cgroup=want.cgroup, name=want.name, pod_id=want.id)
-    if _is_host_netns(pod.netns) and not want.host:
-        from ..errors import UsageError
-        raise UsageError(f"{pod.netns} is the host's network namespace; a host workload "
-                         'needs "host": true')
+    if _is_host_netns(pod.netns):
+        from ..errors import UnsupportedError, UsageError
+        if not want.host:
+            raise UsageError(f"{pod.netns} is the host's network namespace; a host workload "
+                             'needs "host": true')
+        # Not attached yet: eBPF mode would put its inbound tc filter on the machine's own
+        # interfaces (node-wide, not scoped to the workload's cgroup) and iptables mode
+        # refuses the machine's netns (meshbpf.pod.guard_netns). Until the backends have a
+        # cgroup-scoped host path, the entry is reported, never half-applied.
+        raise UnsupportedError(f"pod {want.name}: host workloads (the machine's own network "
+                               "namespace) are validated but not attached yet",
+                               hint="run the workload in its own netns, or use the CLI per pod")
     return pod
 
 

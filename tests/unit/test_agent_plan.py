@@ -100,3 +100,20 @@ def test_ipv6_turned_on_by_the_backend_for_a_dual_stack_pod_is_not_a_change():
     assert [a.kind for a in plan(d, {"a": rec6}, live={"a": {"cookie": 100}})] == []
     assert [a.kind for a in plan(d6, {"a": _record(d["a"])}, live={"a": {"cookie": 100}})] \
         == ["update"]
+
+
+def test_a_host_entry_is_reported_not_attached():
+    """resolve() only reads /proc and the cgroup mount: the machine's netns with host: true
+    is refused as unsupported (nothing is changed), without host: true as bad input."""
+    import pytest
+    from meshbpf import system
+    from meshbpf.agent.reconcile import resolve
+    from meshbpf.errors import UnsupportedError, UsageError
+    entry = {"name": "vm", "netns": "/proc/self/ns/net", "cgroup": system.cgroup2_mount(),
+             "host": True}
+    want = _desired(entry)["vm"]
+    with pytest.raises(UnsupportedError, match="host workloads"):
+        resolve(want)
+    import dataclasses
+    with pytest.raises(UsageError, match="host"):
+        resolve(dataclasses.replace(want, host=False, netns=f"/proc/{__import__('os').getpid()}/ns/net"))
