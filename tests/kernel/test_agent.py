@@ -48,14 +48,14 @@ def _free_port():
 
 
 class Agent:
-    def __init__(self, sb, pods_file, *flags):
+    def __init__(self, sb, pods_file, *flags, mode="ebpf"):
         self.sb, self.pods_file = sb, pods_file
         self.port = _free_port()
         self.state = os.path.join(sb.state_dir, "agent.json")
         self.log = open(os.path.join(sb.tmpdir, f"agent-{time.monotonic_ns()}.log"), "w+")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", RUN, STUB, "daemon", "--pods-file", pods_file,
-             "--pin-prefix", sb.pin_prefix, "--cgroup-root", sb.cgroup_root, "--mode", "ebpf",
+             "--pin-prefix", sb.pin_prefix, "--cgroup-root", sb.cgroup_root, "--mode", mode,
              "--metrics-addr", f"127.0.0.1:{self.port}", "--log-format", "json", *flags],
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
 
@@ -272,3 +272,19 @@ def test_a_deleted_tc_filter_is_repaired_and_sigterm_leaves_interception(node):
     assert not os.path.exists(os.path.join(sb.state_dir, "pods", "a.json"))
     assert not os.path.isdir(sb.pin_prefix) or map_entry(sb, cookie) is None
     assert through_sidecar(env, a, b.ip4) == 0
+
+
+def test_a_flushed_iptables_chain_is_repaired(node):
+    sb, a, b, env, pods_file, agents = node
+    write_pods(pods_file, [entry(a)])
+    ag = Agent(sb, pods_file, "--resync", "1", mode="iptables")
+    agents.append(ag)
+    assert ag.wait_state("a", "attached", 30)["mode"] == "iptables"
+    assert through_sidecar(env, a, b.ip4) == 1
+    flushed = [a.exec([tool, "-t", "nat", "-F", "ISTIO_OUTPUT"]).returncode == 0
+               for tool in ("iptables-nft", "iptables-legacy")]
+    assert any(flushed)
+    assert through_sidecar(env, a, b.ip4) == 0            # the drift is real
+    ag.wait(lambda: '"action": "repair"' in ag.output(), 3, "repair")
+    assert through_sidecar(env, a, b.ip4) == 1
+    assert ag.stop() == 0
