@@ -240,12 +240,20 @@ class Reconciler:
                 pods[pod_id] = resolve(want)
             except MeshbpfError as e:
                 resolve_errors[pod_id] = str(e)
+                if self.backoff.waiting(pod_id, now, _key(want)) == 0:
+                    self._op("attach" if pod_id not in records else "repair", False,
+                             type(e).__name__, time.perf_counter())
         live = observe(self.svc, {i: r for i, r in records.items() if i in pods}, pods) \
             if check_drift else {i: {"cookie": _cookie(p), "drift": []} for i, p in pods.items()}
         actions = plan({i: w for i, w in desired.items() if i in pods}, records,
                        self.owned - set(resolve_errors), live)
         for pod_id, err in resolve_errors.items():
-            self._fail(desired[pod_id], records.get(pod_id), err, now, op=None)
+            want = desired[pod_id]
+            wait = self.backoff.waiting(pod_id, now, _key(want))
+            if wait > 0:
+                self._set(pod_id, want, records.get(pod_id), "backoff", retry_in=round(wait, 3))
+            else:
+                self._fail(want, records.get(pod_id), err, now, op=None)
         for a in actions:
             if a.id in desired and a.id not in self.status:
                 self._set(a.id, desired[a.id], records.get(a.id), "pending")
@@ -324,6 +332,8 @@ class Reconciler:
         for p in self.status.values():
             k = (p.get("mode") or "none", p["state"])
             out[k] = out.get(k, 0) + 1
+        if self.entry_errors:
+            out[("none", "error")] = out.get(("none", "error"), 0) + len(self.entry_errors)
         return out
 
     def report(self):

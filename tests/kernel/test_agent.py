@@ -192,11 +192,11 @@ def test_bad_entry_serves_the_others_and_a_half_written_file_is_not_acted_on(nod
         timeout=60, check=True).stdout)
     by_name = {p["name"]: p for p in st["agent"]["pods"]}
     assert by_name["a"]["state"] == "attached" and by_name["a"]["source"] == "pods-file"
-    assert by_name["ghost"]["state"] == "error" and by_name["ghost"]["last_error"]
+    assert by_name["ghost"]["state"] in ("error", "backoff") and by_name["ghost"]["last_error"]
     text = subprocess.run([sys.executable, "-m", "meshbpf", "status", "--pin-prefix",
                            sb.pin_prefix, "--cgroup-root", sb.cgroup_root], cwd=REPO,
                           capture_output=True, text=True, timeout=60, check=True).stdout
-    assert "ghost" in text and "state=error" in text and "does not exist" in text
+    assert "ghost" in text and "does not exist" in text and "state=attached" in text
 
     # written in place and cut short: would read as "no pods" to a careless parser
     with open(pods_file, "w") as f:
