@@ -163,8 +163,13 @@ def test_added_pod_is_intercepted_within_a_second_then_reconfigured_then_removed
     # config change: b's address excluded -> the app reaches b directly
     write_pods(pods_file, [entry(a, config={"outbound_ip_ranges_exclude": f"{b.ip4}/32"})])
     rec_path = os.path.join(sb.state_dir, "pods", "a.json")
-    ag.wait(lambda: f"{b.ip4}/32" in json.load(open(rec_path))["config"]
-            ["outbound_ip_ranges_exclude"], 2, "config applied")
+
+    def excluded():
+        with contextlib.suppress(OSError, ValueError):     # rewritten while we read
+            with open(rec_path) as f:
+                return f"{b.ip4}/32" in json.load(f)["config"]["outbound_ip_ranges_exclude"]
+
+    ag.wait(excluded, 2, "config applied")
     assert through_sidecar(env, a, b.ip4) == 0
     assert '"action": "update"' in ag.output() and '"pod": "a"' in ag.output()
 
@@ -291,4 +296,34 @@ def test_a_flushed_iptables_chain_is_repaired(node):
     assert through_sidecar(env, a, b.ip4) == 0            # the drift is real
     ag.wait(lambda: '"action": "repair"' in ag.output(), 3, "repair")
     assert through_sidecar(env, a, b.ip4) == 1
+    assert ag.stop() == 0
+
+
+def test_a_recreated_netns_is_attached_again(node):
+    """A pod sandbox restart: the netns at the same path is a new one (new cookie). The
+    agent re-attaches it; the old netns's map entry goes, the new one's is there."""
+    sb, a, b, env, pods_file, agents = node
+    c = sb.add_pod("c")
+    ip4, ip6 = c.ip4, c.ip6
+    write_pods(pods_file, [entry(c)])
+    ag = Agent(sb, pods_file, "--resync", "1")
+    agents.append(ag)
+    ag.wait_state("c", "attached", 30)
+    old = c.pod.netns_cookie
+    assert map_entry(sb, old) is not None
+    sb.remove_pod("c")
+    c = sb.add_pod("c", ip4=ip4, ip6=ip6)
+    new = c.pod.netns_cookie
+    assert new != old
+    rec_path = os.path.join(sb.state_dir, "pods", "c.json")
+
+    def cookie_of_record():
+        with contextlib.suppress(OSError, ValueError):     # rewritten while we read
+            with open(rec_path) as f:
+                return json.load(f)["netns_cookie"]
+
+    ag.wait(lambda: cookie_of_record() == new, 5, "re-attach")
+    assert map_entry(sb, new) is not None and map_entry(sb, old) is None
+    assert "network namespace was recreated" in ag.output() or '"pod": "c"' in ag.output()
+    assert ag.wait_state("c", "attached", 3)["last_error"] is None
     assert ag.stop() == 0
