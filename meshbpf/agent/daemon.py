@@ -119,11 +119,11 @@ class Daemon:
         self.cleanup_on_exit = cleanup_on_exit
         self.reconciler = Reconciler(svc, metrics)
         self.reconciler.checkpoint = self.write_state
-        self.desired, self.file_error = None, None
+        self.desired, self.file_error, self.entry_errors = None, None, []
         self.state_path = os.path.join(svc.store.instance_dir, "agent.json")
         self.started = time.time()
-        self._stop = None
         self.mode = None
+        self.ready = False       # after the first full reconcile
 
     # ---- the pods file ---------------------------------------------------------------------
     def load(self):
@@ -177,10 +177,23 @@ class Daemon:
 
     # ---- the loop ----------------------------------------------------------------------------
     def reconcile(self, check_drift):
-        if self.desired is None:
-            return None
-        due = self.reconciler.run(self.desired, self.entry_errors, check_drift=check_drift)
+        """One pass; a pass that fails as a whole (not one pod) is logged and retried in
+        a second rather than ending the agent."""
+        if self.desired is not None:
+            try:
+                due = self.reconciler.run(self.desired, self.entry_errors,
+                                          check_drift=check_drift)
+            except Exception as e:  # noqa: BLE001 - the loop outlives one bad pass
+                log.exception("reconcile failed: %s", e, extra={"action": "reconcile",
+                                                                  "error": str(e)})
+                return 1.0
+        else:
+            due = None
         self.write_state()
+        if check_drift and not self.ready:
+            self.ready = True
+            if self.metrics is not None:
+                self.metrics.set_ready(True)
         return due
 
     def start(self):
@@ -203,11 +216,7 @@ class Daemon:
             with self.svc.store.locked():
                 self.svc.backend("ebpf").adopt()
         self.load()
-        due = self.reconcile(check_drift=True)
-        self.write_state()
-        if self.metrics is not None:
-            self.metrics.set_ready(True)
-        return due
+        return self.reconcile(check_drift=True)
 
     def run(self):
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -291,8 +291,11 @@ class Reconciler:
                 self.owned.discard(action.id)
             else:
                 rec = self.svc.attach(pod, want.config, pod_id=action.id)
-        except MeshbpfError as e:
+        except Exception as e:  # noqa: BLE001 - one pod's failure, even a bug, is that pod's
             self._op(action.kind, False, type(e).__name__, t0)
+            if not isinstance(e, MeshbpfError):
+                log.exception("%s: %s raised", name, action.kind,
+                              extra={"pod": name, "pod_id": action.id, "action": action.kind})
             if want is None:
                 log.error("%s: %s failed: %s", name, action.kind, e,
                           extra={"pod": name, "pod_id": action.id, "action": action.kind})

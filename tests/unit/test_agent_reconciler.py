@@ -86,3 +86,21 @@ def test_a_changed_entry_is_retried_at_once_and_removed_pods_detached(monkeypatc
     assert svc.calls == [("attach", "bad"), ("detach", "a")] or \
         svc.calls == [("detach", "a"), ("attach", "bad")]
     assert [p["id"] for p in r.report()] == ["bad"]
+
+
+def test_an_unexpected_exception_is_that_pods_error_only(monkeypatch):
+    monkeypatch.setattr(reconcile, "resolve", FakePod)
+    svc = FakeService()
+    real = svc.attach
+
+    def attach(pod, config, pod_id):
+        if pod_id == "boom":
+            raise RuntimeError("a bug")
+        return real(pod, config, pod_id)
+
+    svc.attach = attach
+    r = reconcile.Reconciler(svc, None, clock=lambda: 0.0)
+    r.run(_desired("a", "boom"))
+    st = {p["id"]: p for p in r.report()}
+    assert st["a"]["state"] == "attached"
+    assert st["boom"]["state"] == "error" and "a bug" in st["boom"]["last_error"]
