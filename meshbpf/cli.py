@@ -164,6 +164,16 @@ def _print_status(st):
                    f"state={p.get('state', '?')}  "
                    f"proxy={cfg.get('proxy_port')}/{cfg.get('inbound_capture_port')} "
                    f"uid={cfg.get('proxy_uid')}" + (f"  fallback: {p['fallback']}" if p.get("fallback") else ""))
+    agent = st.get("agent")
+    if agent:
+        click.echo(f"agent (pid {agent.get('pid')}, {'running' if agent.get('running') else 'stopped'}"
+                   f", {agent.get('pods_file')}): {len(agent.get('pods', []))} pod(s)")
+        if agent.get("file_error"):
+            click.echo(f"  pods file: {agent['file_error']}")
+        for p in agent.get("pods", []):
+            err = f"  last error: {p['last_error']}" if p.get("last_error") else ""
+            click.echo(f"  {p.get('name')}  id={p.get('id')}  source={p.get('source')}  "
+                       f"state={p.get('state')}  mode={p.get('mode') or '-'}{err}")
     eb = st.get("ebpf", {})
     if not eb.get("loaded", True) and "programs" not in eb:
         click.echo(f"ebpf: not loaded (no pins under {st['pin_prefix']})")
@@ -211,12 +221,13 @@ def cleanup(pin_prefix, cgroup_root, output):
 
 
 def _register_subcommands():
+    from .agent.command import daemon
     from .bench.commands import bench
     from .demo import demo
     from .ebpf.commands import ebpf
     from .iptables.commands import iptables
     from .probe import probe_command
-    for cmd in (probe_command, iptables, ebpf, bench, demo):
+    for cmd in (probe_command, iptables, ebpf, bench, demo, daemon):
         main.add_command(cmd)
 
 

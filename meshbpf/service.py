@@ -270,7 +270,16 @@ class NodeService:
         for rec in records:
             rec = {k: v for k, v in rec.items() if k not in ("keys", "builtin", "created_tables")}
             out["pods"].append(dict(rec, **live.get(rec["id"], {})))
+        agent = self.agent_state()
+        if agent is not None:
+            out["agent"] = agent
         return out
+
+    def agent_state(self):
+        """What the node agent (meshbpf daemon) last wrote of its pods (agent.json), or None."""
+        from .state import _read_json
+        doc = _read_json(os.path.join(self.store.instance_dir, "agent.json"))
+        return doc if isinstance(doc, dict) else None
 
     def cleanup(self):
         """Remove every program, pin, hook, rule and record of this pin prefix (of this

@@ -1,0 +1,85 @@
+"""`meshbpf daemon`: the node agent's command and its logs (one line per decision, with
+the pod's name; JSON lines with --log-format json)."""
+
+import json
+import logging
+import sys
+import time
+
+import click
+
+_EXTRA = ("pod", "pod_id", "action", "reason", "error", "mode")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg and the decision's fields."""
+
+    def format(self, record):
+        doc = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+               + f".{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        for k in _EXTRA:
+            v = getattr(record, k, None)
+            if v is not None:
+                doc[k] = v
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, sort_keys=True)
+
+
+def setup_logging(fmt, level=logging.INFO):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("meshbpf")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+@click.command()
+@click.option("--pods-file", required=True, type=click.Path(dir_okay=False),
+              help="YAML or JSON: {pods: [{name, pid} | {name, netns, cgroup}, + id, config, host]}.")
+@click.option("--pin-prefix", default=None, envvar="MESHBPF_PIN_PREFIX",
+              help="bpffs directory for meshbpf's pinned programs and maps.")
+@click.option("--cgroup-root", type=click.Path(), default=None,
+              help="cgroup v2 directory the eBPF hooks attach to (default: the cgroup v2 "
+                   "mount's root). Every meshed pod must be below it.")
+@click.option("--mode", type=click.Choice(["auto", "ebpf", "iptables"]), default="auto",
+              show_default=True, help="auto: eBPF where the kernel allows it, else iptables.")
+@click.option("--splice/--no-splice", default=True, show_default=True,
+              help="eBPF: splice same-node sockets through the sockhash.")
+@click.option("--metrics-addr", default=":9841", show_default=True,
+              help="[HOST]:PORT for /metrics, /healthz and /readyz.")
+@click.option("--resync", type=click.FloatRange(min=0.05), default=10.0, show_default=True,
+              help="Seconds between full reconciles (drift repair).")
+@click.option("--cleanup-on-exit", is_flag=True,
+              help="On SIGTERM/SIGINT remove every pod's interception (default: leave it).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True)
+def daemon(pods_file, pin_prefix, cgroup_root, mode, splice, metrics_addr, resync,
+           cleanup_on_exit, log_format):
+    """Run the node agent: keep every pod the pods file names intercepted.
+
+    Level-triggered: attaches new pods, applies changed configs, detaches removed pods and
+    repairs drift (every --resync seconds), each pod on its own (backoff per pod). A
+    change of the file is acted on within 100 ms; a file that does not parse is not acted
+    on. SIGTERM leaves interception in place; --cleanup-on-exit removes it.
+
+    \b
+    Example:
+      meshbpf daemon --pods-file /etc/meshbpf/pods.yaml --log-format json
+    """
+    from ..interceptor import DEFAULT_PIN_PREFIX
+    from ..service import NodeService
+    from .daemon import Daemon
+    from .metrics import Metrics
+    setup_logging(log_format)
+    pin_prefix = pin_prefix or DEFAULT_PIN_PREFIX
+    # reconcile: iptables mode re-applies drifted rules in place (no window without them)
+    svc = NodeService(pin_prefix=pin_prefix, cgroup_root=cgroup_root, mode=mode, splice=splice,
+                      reconcile=True)
+    metrics = Metrics(pin_prefix)
+    metrics.serve(metrics_addr)
+    Daemon(svc, pods_file, metrics=metrics, resync=resync, cleanup_on_exit=cleanup_on_exit).run()

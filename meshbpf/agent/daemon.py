@@ -1,0 +1,288 @@
+"""The agent's loop: watch the pods file, reconcile on every change and every `resync`
+seconds, write agent.json, stop on SIGTERM/SIGINT.
+
+The file is watched through its directory (inotify IN_CLOSE_WRITE, IN_MOVED_TO,
+IN_CREATE, IN_DELETE via ctypes), so an editor's or a config manager's atomic rename is
+seen; where inotify is not available the file's stat is polled every 50 ms. A change is
+read at once, but a file that does not parse is not acted on: the last good desired state
+stays (a writer that writes in place is caught half way; the next complete write fixes it).
+
+Stopping leaves every pod's interception in place (an upgrade or restart of the agent
+does not open a window), unless `cleanup_on_exit`. A killed agent loses nothing: the
+records, pins and rules are the state, and the next agent adopts them and reconciles.
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import logging
+import os
+import select
+import signal
+import struct
+import time
+
+from ..errors import MeshbpfError
+from . import source
+from .reconcile import Reconciler
+
+log = logging.getLogger("meshbpf.agent")
+
+POLL_INTERVAL = 0.05
+IN_CLOSE_WRITE, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x8, 0x80, 0x100, 0x200
+IN_MOVED_FROM, IN_DELETE_SELF, IN_Q_OVERFLOW = 0x40, 0x400, 0x4000
+IN_NONBLOCK, IN_CLOEXEC = 0o4000, 0o2000000
+_EVENT = "iIII"                     # struct inotify_event: wd, mask, cookie, len
+_EVENT_SIZE = struct.calcsize(_EVENT)
+
+
+class InotifyWatch:
+    """Events on one file, watched through its directory; fileno() for select()."""
+
+    def __init__(self, path):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        self.dir, self.name = os.path.split(os.path.abspath(path))
+        self.fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        mask = IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_CREATE | IN_DELETE | IN_DELETE_SELF
+        if libc.inotify_add_watch(self.fd, os.fsencode(self.dir), mask) < 0:
+            err = ctypes.get_errno()
+            os.close(self.fd)
+            raise OSError(err, f"inotify_add_watch {self.dir}")
+
+    def fileno(self):
+        return self.fd
+
+    def changed(self):
+        """Drain the queue: did anything happen to our file (or did the queue overflow)?"""
+        hit = False
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return hit
+            off = 0
+            while off + _EVENT_SIZE <= len(buf):
+                _wd, mask, _cookie, length = struct.unpack_from(_EVENT, buf, off)
+                name = buf[off + _EVENT_SIZE: off + _EVENT_SIZE + length].rstrip(b"\0")
+                off += _EVENT_SIZE + length
+                if mask & IN_Q_OVERFLOW or os.fsdecode(name) == self.name:
+                    hit = True
+
+    def close(self):
+        os.close(self.fd)
+
+
+class StatWatch:
+    """The fallback: the file's (inode, size, mtime) polled every POLL_INTERVAL."""
+
+    interval = POLL_INTERVAL
+
+    def __init__(self, path):
+        self.path = path
+        self.last = self._stat()
+
+    def _stat(self):
+        try:
+            st = os.stat(self.path)
+            return (st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError:
+            return None
+
+    def fileno(self):
+        return None
+
+    def changed(self):
+        now = self._stat()
+        hit, self.last = now != self.last, now
+        return hit
+
+    def close(self):
+        pass
+
+
+def watch(path):
+    try:
+        return InotifyWatch(path)
+    except (OSError, AttributeError) as e:
+        log.warning("inotify unavailable (%s): polling %s every %d ms", e, path,
+                    POLL_INTERVAL * 1000)
+        return StatWatch(path)
+
+
+class Daemon:
+    def __init__(self, svc, pods_file, metrics=None, resync=10.0, cleanup_on_exit=False):
+        self.svc, self.pods_file = svc, os.path.abspath(pods_file)
+        self.metrics, self.resync = metrics, resync
+        self.cleanup_on_exit = cleanup_on_exit
+        self.reconciler = Reconciler(svc, metrics)
+        self.reconciler.checkpoint = self.write_state
+        self.desired, self.file_error, self.entry_errors = None, None, []
+        self.state_path = os.path.join(svc.store.instance_dir, "agent.json")
+        self.started = time.time()
+        self.mode = None
+        self.ready = False       # after the first full reconcile
+
+    # ---- the pods file ---------------------------------------------------------------------
+    def load(self):
+        """Read the pods file; on success it becomes the desired state. Returns whether it
+        did (a missing or unusable file keeps the last good state)."""
+        try:
+            with open(self.pods_file) as f:
+                text = f.read()
+            pods, errors = source.parse(text)
+        except FileNotFoundError:
+            self._file_problem(f"pods file {self.pods_file} does not exist")
+            return False
+        except OSError as e:
+            self._file_problem(f"cannot read {self.pods_file}: {e.strerror}")
+            return False
+        except MeshbpfError as e:
+            self._file_problem(str(e))
+            return False
+        self.file_error = None
+        self.desired, self.entry_errors = pods, errors
+        for e in errors:
+            log.error("%s: bad entry #%d in the pods file: %s", e.name or f"entry #{e.index}",
+                      e.index, e.reason, extra={"pod": e.name, "pod_id": e.id, "action": "parse",
+                                                "error": e.reason})
+        return True
+
+    def _file_problem(self, msg):
+        if msg != self.file_error:
+            kept = "keeping the last good pods" if self.desired is not None else "nothing to do yet"
+            log.error("%s; %s", msg, kept, extra={"action": "load", "error": msg})
+        self.file_error = msg
+
+    # ---- agent.json --------------------------------------------------------------------------
+    def write_state(self, running=True):
+        doc = {"pid": os.getpid(), "running": running, "started": self.started,
+               "updated": time.time(), "pods_file": self.pods_file, "mode": self.mode,
+               "file_error": self.file_error, "pods": self.reconciler.report(),
+               "owned": sorted(self.reconciler.owned)}
+        os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
+        tmp = f"{self.state_path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.state_path)
+
+    def _read_owned(self):
+        try:
+            with open(self.state_path) as f:
+                return set(json.load(f).get("owned", []))
+        except (OSError, ValueError, AttributeError):
+            return set()
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def reconcile(self, check_drift):
+        """One pass; a pass that fails as a whole (not one pod) is logged and retried in
+        a second rather than ending the agent."""
+        if self.desired is not None:
+            try:
+                due = self.reconciler.run(self.desired, self.entry_errors,
+                                          check_drift=check_drift)
+            except Exception as e:  # noqa: BLE001 - the loop outlives one bad pass
+                log.exception("reconcile failed: %s", e, extra={"action": "reconcile",
+                                                                  "error": str(e)})
+                return 1.0
+        else:
+            due = None
+        self.write_state()
+        if check_drift and not self.ready:
+            self.ready = True
+            if self.metrics is not None:
+                self.metrics.set_ready(True)
+        return due
+
+    def start(self):
+        """Probe, adopt what an earlier agent left, first full reconcile."""
+        report = self.svc.probe()
+        self.mode, reason = self.svc.choose_mode()
+        log.info("kernel probed: %s mode (%s)", self.mode, reason,
+                 extra={"action": "probe", "mode": self.mode})
+        if self.metrics is not None:
+            self.metrics.set_features(report)
+            self.metrics.set_mode(self.mode)
+        self.reconciler.owned = self._read_owned()
+        if self.svc.store.ids():
+            adopted = self.svc.adopt()
+            log.info("adopted %d pod record(s) (%d stale)", len(adopted["pods"]),
+                     len(adopted["stale"]), extra={"action": "adopt"})
+        if self.mode == "ebpf":
+            # Load (or adopt) the node programs now, not with the first pod: compiling
+            # them takes seconds, and a new pod is to be intercepted within 100 ms.
+            with self.svc.store.locked():
+                self.svc.backend("ebpf").adopt()
+        self.load()
+        return self.reconcile(check_drift=True)
+
+    def run(self):
+        rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(wfd)
+        stop = []
+        handlers = {s: signal.signal(s, lambda signum, _f: stop.append(signum))
+                    for s in (signal.SIGTERM, signal.SIGINT)}
+        w = watch(self.pods_file)
+        try:
+            due_at = _at(self.start())
+            next_resync = time.monotonic() + self.resync
+            while not stop:
+                wake = min(next_resync, due_at if due_at is not None else next_resync)
+                timeout = wake - time.monotonic()
+                if w.fileno() is None:
+                    timeout = min(timeout, w.interval)
+                fds = [rfd] + ([w.fileno()] if w.fileno() is not None else [])
+                ready, _, _ = select.select(fds, [], [], max(0.0, timeout))
+                if rfd in ready:
+                    with _suppress_again():
+                        os.read(rfd, 512)
+                if stop:
+                    break
+                file_changed = w.changed() if (w.fileno() is None or w.fileno() in ready) \
+                    else False
+                if file_changed:
+                    self.load()
+                now = time.monotonic()
+                if now >= next_resync:
+                    due_at = _at(self.reconcile(check_drift=True))
+                    next_resync = now + self.resync
+                elif file_changed or (due_at is not None and now >= due_at):
+                    due_at = _at(self.reconcile(check_drift=False))
+            log.info("stopping on %s", signal.Signals(stop[0]).name, extra={"action": "stop"})
+        finally:
+            w.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(rfd)
+            os.close(wfd)
+        self.stop()
+
+    def stop(self):
+        if self.cleanup_on_exit:
+            log.info("--cleanup-on-exit: removing every pod's interception",
+                     extra={"action": "cleanup"})
+            try:
+                os.unlink(self.state_path)
+            except FileNotFoundError:
+                pass
+            self.svc.cleanup()
+            return
+        log.info("interception stays in place for %d pod(s)", len(self.reconciler.owned),
+                 extra={"action": "stop"})
+        self.write_state(running=False)
+
+
+def _at(delay):
+    return None if delay is None else time.monotonic() + delay
+
+
+class _suppress_again:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, exc, tb):
+        return typ is not None and issubclass(typ, OSError) and \
+            getattr(exc, "errno", None) == errno.EAGAIN

@@ -1,0 +1,178 @@
+"""The pods file: what the operator wants meshed on this node (pure: text in, pods out).
+
+    {"pods": [{"name": "web", "pid": 4242},
+              {"name": "db", "netns": "/run/netns/db", "cgroup": "/sys/fs/cgroup/.../db",
+               "id": "7f3c-uid", "config": {"outbound_ip_ranges_exclude": "10.96.0.0/12"}},
+              {"name": "vm-app", "netns": "/proc/1/ns/net", "cgroup": "/sys/fs/cgroup/app.slice",
+               "host": true}]}
+
+YAML or JSON (JSON is YAML). A file that does not parse as a whole, or whose top level is
+not {"pods": [...]}, is an error for the file: the caller keeps its last good desired state
+(a half-written file is never acted on). A bad entry is an error for that entry only (its
+name and the reason); the other entries are still served. Two entries with one id are
+both errors: neither is served, since either could be the one meant.
+
+The host network namespace (a VM or bare-metal workload whose sidecar is a system
+service) is only accepted with an explicit "host": true; the daemon also compares the
+named netns with its own by inode (a side effect, not done here).
+"""
+
+import dataclasses
+import json
+
+from ..errors import MeshbpfError, UsageError
+from ..state import valid_pod_id
+
+# Paths that name the machine's own network namespace whatever the pid namespace.
+HOST_NETNS_PATHS = ("/proc/1/ns/net", "/proc/self/ns/net", "/proc/thread-self/ns/net")
+ENTRY_KEYS = {"name", "id", "pid", "netns", "cgroup", "config", "host"}
+
+
+class PodsFileError(UsageError):
+    """The pods file as a whole cannot be used (does not parse, wrong top level)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DesiredPod:
+    id: str
+    name: str
+    pid: int = None
+    netns: str = None
+    cgroup: str = None
+    host: bool = False
+    config: object = None          # meshbpf.config.InterceptConfig
+    source: str = "pods-file"
+
+    def spec(self):
+        """What identifies the pod's kernel objects: a change means attach again."""
+        return (self.pid, self.netns, self.cgroup, self.host)
+
+    def config_dict(self):
+        return self.config.to_dict()
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryError:
+    index: int
+    name: str
+    id: str
+    reason: str
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def parse_document(text):
+    """The file's text as a document; PodsFileError if it does not parse as a whole."""
+    if not text.strip():
+        raise PodsFileError("the pods file is empty")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        import yaml
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise PodsFileError(f"the pods file is neither JSON nor YAML: {_one_line(e)}")
+    if not isinstance(doc, dict) or not isinstance(doc.get("pods"), list):
+        raise PodsFileError('the pods file must be an object with a "pods" list')
+    unknown = sorted(set(doc) - {"pods"})
+    if unknown:
+        raise PodsFileError(f"unknown top-level key(s) in the pods file: {', '.join(unknown)}")
+    return doc
+
+
+def parse(text):
+    """(pods {id: DesiredPod}, [EntryError]) from the pods file's text; PodsFileError if
+    the file as a whole is unusable."""
+    doc = parse_document(text)
+    good, errors = [], []
+    for i, entry in enumerate(doc["pods"]):
+        try:
+            good.append((i, parse_entry(entry)))
+        except MeshbpfError as e:
+            name = entry.get("name") if isinstance(entry, dict) else None
+            pid_ = entry.get("id") if isinstance(entry, dict) else None
+            errors.append(EntryError(i, name if isinstance(name, str) else None,
+                                     pid_ if isinstance(pid_, str) else None, str(e)))
+    by_id, by_name = {}, {}
+    for i, p in good:
+        by_id.setdefault(p.id, []).append(i)
+        by_name.setdefault(p.name, []).append(i)
+    pods = {}
+    for i, p in good:
+        dup = []
+        if len(by_id[p.id]) > 1:
+            dup.append(f"id {p.id!r}")
+        if len(by_name[p.name]) > 1:
+            dup.append(f"name {p.name!r}")
+        if dup:
+            others = sorted(set(by_id[p.id] + by_name[p.name]) - {i})
+            errors.append(EntryError(i, p.name, p.id, f"duplicate {' and '.join(dup)} "
+                                     f"(also entry {', '.join(map(str, others))})"))
+        else:
+            pods[p.id] = p
+    errors.sort(key=lambda e: e.index)
+    return pods, errors
+
+
+def parse_entry(entry):
+    """One entry as a DesiredPod; UsageError saying what is wrong with it."""
+    from ..config import InterceptConfig
+    if not isinstance(entry, dict):
+        raise UsageError("an entry must be an object")
+    unknown = sorted(set(entry) - ENTRY_KEYS)
+    if unknown:
+        raise UsageError(f"unknown key(s) {', '.join(unknown)}",
+                         hint=f"known: {', '.join(sorted(ENTRY_KEYS))}")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise UsageError('"name" (a non-empty string) is required')
+    pod_id = entry.get("id", name)
+    if not valid_pod_id(pod_id):
+        raise UsageError(f"id {pod_id!r} is not usable: letters, digits and ._:@- only, "
+                         "starting with a letter or digit" +
+                         ("" if "id" in entry else ' (the id defaults to the name; give "id")'))
+    host = entry.get("host", False)
+    if not isinstance(host, bool):
+        raise UsageError('"host" must be true or false')
+    pid, netns, cgroup = entry.get("pid"), entry.get("netns"), entry.get("cgroup")
+    if (pid is None) == (netns is None):
+        raise UsageError('name the pod with exactly one of "pid" or "netns" (+ "cgroup")')
+    if pid is not None:
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise UsageError(f'"pid" must be a positive integer, not {pid!r}')
+        if cgroup is not None:
+            raise UsageError('"cgroup" goes with "netns"; with "pid" the process\'s cgroup is used')
+        if pid == 1 and not host:
+            raise UsageError("pid 1 runs in the host's network namespace; "
+                             'a host workload needs "host": true')
+    else:
+        if not isinstance(netns, str) or not netns:
+            raise UsageError('"netns" must be a path or a name under /run/netns')
+        if "/" not in netns:
+            netns = f"/run/netns/{netns}"
+        if cgroup is None or not isinstance(cgroup, str) or not cgroup.startswith("/"):
+            raise UsageError('"cgroup" (an absolute cgroup v2 directory) is required with "netns"')
+        if is_host_netns_path(netns) and not host:
+            raise UsageError(f"{netns} is the host's network namespace; a VM or bare-metal "
+                             'workload whose sidecar is a system service needs "host": true')
+    cfg = entry.get("config", {})
+    if not isinstance(cfg, dict):
+        raise UsageError('"config" must be an object of InterceptConfig fields')
+    try:
+        config = InterceptConfig.from_dict(cfg)
+    except TypeError as e:
+        raise UsageError(f"config: {e}")
+    except MeshbpfError as e:
+        raise UsageError(f"config: {e}")
+    return DesiredPod(id=pod_id, name=name, pid=pid, netns=netns, cgroup=cgroup, host=host,
+                      config=config)
+
+
+def is_host_netns_path(path):
+    return path in HOST_NETNS_PATHS
+
+
+def _one_line(e):
+    return " ".join(str(e).split())

@@ -1,0 +1,107 @@
+"""The pods file (meshbpf.agent.source): per-entry errors, whole-file errors, host entries."""
+
+import json
+
+import pytest
+
+from meshbpf.agent import source
+from meshbpf.config import InterceptConfig
+
+
+def _parse(doc):
+    return source.parse(json.dumps(doc) if not isinstance(doc, str) else doc)
+
+
+def test_json_and_yaml_give_the_same_pods():
+    doc = {"pods": [{"name": "web", "pid": 4242},
+                    {"name": "db", "id": "uid-1", "netns": "db", "cgroup": "/sys/fs/cgroup/db",
+                     "config": {"outbound_ip_ranges_exclude": "10.96.0.0/12",
+                                "outbound_ports_exclude": "22"}}]}
+    yaml_text = """
+pods:
+  - {name: web, pid: 4242}
+  - name: db
+    id: uid-1
+    netns: db
+    cgroup: /sys/fs/cgroup/db
+    config:
+      outbound_ip_ranges_exclude: 10.96.0.0/12
+      outbound_ports_exclude: "22"
+"""
+    a, errs_a = _parse(doc)
+    b, errs_b = _parse(yaml_text)
+    assert errs_a == errs_b == []
+    assert a == b
+    assert sorted(a) == ["uid-1", "web"]                  # the id defaults to the name
+    assert a["web"].pid == 4242 and a["web"].netns is None
+    assert a["uid-1"].netns == "/run/netns/db" and a["uid-1"].cgroup == "/sys/fs/cgroup/db"
+    assert a["uid-1"].config == InterceptConfig.from_dict(doc["pods"][1]["config"])
+    assert a["web"].config == InterceptConfig()
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({"pid": 1}, "name"),
+    ({"name": "x"}, "exactly one"),
+    ({"name": "x", "pid": 5, "netns": "/run/netns/x", "cgroup": "/c"}, "exactly one"),
+    ({"name": "x", "pid": "5"}, "positive integer"),
+    ({"name": "x", "pid": True}, "positive integer"),
+    ({"name": "x", "pid": 5, "cgroup": "/c"}, "cgroup"),
+    ({"name": "x", "netns": "/run/netns/x"}, "cgroup"),
+    ({"name": "x", "netns": "/run/netns/x", "cgroup": "relative"}, "cgroup"),
+    ({"name": "bad name"}, "id"),
+    ({"name": "x", "pid": 5, "config": {"no_such_field": 1}}, "no_such_field"),
+    ({"name": "x", "pid": 5, "config": {"outbound_ip_ranges_exclude": "10.0.0.300/8"}}, "config"),
+    ({"name": "x", "pid": 5, "config": "nope"}, "config"),
+    ({"name": "x", "pid": 5, "colour": "red"}, "colour"),
+    ({"name": "x", "pid": 5, "host": "yes"}, "host"),
+    ("just a string", "object"),
+])
+def test_a_bad_entry_is_an_error_for_it_alone(entry, words):
+    pods, errors = _parse({"pods": [{"name": "good", "pid": 10}, entry, {"name": "ok2", "pid": 11}]})
+    assert sorted(pods) == ["good", "ok2"]
+    assert len(errors) == 1 and errors[0].index == 1
+    assert words in errors[0].reason, errors[0].reason
+    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+        assert errors[0].name == entry["name"]
+
+
+@pytest.mark.parametrize("text", ["", "   \n", '{"pods": [{"name": "a", "pid": 1', "pods: [ {name: a",
+                                  "[1, 2]", '{"pods": {}}', '{"pods": [], "extra": 1}', "hello"])
+def test_a_file_that_does_not_parse_as_a_whole_is_refused(text):
+    with pytest.raises(source.PodsFileError):
+        source.parse(text)
+
+
+def test_an_empty_pod_list_is_valid():
+    assert source.parse('{"pods": []}') == ({}, [])
+
+
+def test_duplicate_ids_and_names_are_errors_for_every_entry_concerned():
+    pods, errors = _parse({"pods": [
+        {"name": "a", "pid": 10}, {"name": "b", "id": "a", "pid": 11},     # id a twice
+        {"name": "c", "pid": 12}, {"name": "c", "id": "c2", "pid": 13},    # name c twice
+        {"name": "d", "pid": 14}]})
+    assert sorted(pods) == ["d"]
+    assert [e.index for e in errors] == [0, 1, 2, 3]
+    assert all("duplicate" in e.reason for e in errors)
+    assert "id 'a'" in errors[0].reason and "name 'c'" in errors[3].reason
+
+
+@pytest.mark.parametrize("entry", [
+    {"name": "vm", "netns": "/proc/1/ns/net", "cgroup": "/sys/fs/cgroup/app.slice"},
+    {"name": "vm", "netns": "/proc/self/ns/net", "cgroup": "/sys/fs/cgroup/app.slice"},
+    {"name": "vm", "pid": 1},
+])
+def test_the_host_netns_needs_host_true(entry):
+    pods, errors = _parse({"pods": [entry]})
+    assert pods == {} and "host" in errors[0].reason
+    pods, errors = _parse({"pods": [dict(entry, host=True)]})
+    assert errors == [] and pods["vm"].host is True
+
+
+def test_spec_and_config_identify_what_changed():
+    a, _ = _parse({"pods": [{"name": "x", "netns": "/run/netns/x", "cgroup": "/c"}]})
+    b, _ = _parse({"pods": [{"name": "x", "netns": "/run/netns/x", "cgroup": "/c",
+                             "config": {"outbound_ports_exclude": "22"}}]})
+    assert a["x"].spec() == b["x"].spec()
+    assert a["x"].config_dict() != b["x"].config_dict()
