@@ -99,6 +99,7 @@ BPF_MAP_TYPE_LRU_HASH = 9
 BPF_MAP_TYPE_LPM_TRIE = 11
 BPF_MAP_TYPE_SOCKMAP = 15
 BPF_MAP_TYPE_SOCKHASH = 18
+BPF_MAP_TYPE_RINGBUF = 27
 
 # --- flags -----------------------------------------------------------------------------
 BPF_F_ALLOW_OVERRIDE = 1 << 0

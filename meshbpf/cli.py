@@ -225,9 +225,10 @@ def _register_subcommands():
     from .bench.commands import bench
     from .demo import demo
     from .ebpf.commands import ebpf
+    from .ebpf.trace import trace_command
     from .iptables.commands import iptables
     from .probe import probe_command
-    for cmd in (probe_command, iptables, ebpf, bench, demo, daemon):
+    for cmd in (probe_command, iptables, ebpf, trace_command, bench, demo, daemon):
         main.add_command(cmd)
 
 

@@ -128,6 +128,8 @@ def cflags(features=None, splice=False):
         flags += splice_defines()
     if not _has(features, "cgroup_sock_release"):
         flags.append("-DMB_NO_SOCK_RELEASE")
+    if not _has(features, "ringbuf"):
+        flags.append("-DMB_NO_RINGBUF")      # no trace_events / trace_on (lib/trace.h)
     n = max_conns()
     if n is not None:
         flags.append(f"-DMB_MAX_CONNS={n}")

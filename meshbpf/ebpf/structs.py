@@ -175,6 +175,45 @@ class CaptureListenerKey(ctypes.Structure):
                 ("family", u16), ("pad", u32)]
 
 
+# ---- trace events (bpf/lib/trace.h; rule codes MB_WHY_* in bpf/lib/policy.h) ------------
+MB_TRACE_OUT = 1
+MB_TRACE_IN = 2
+MB_TRACE_REDIRECTED = 1
+MB_TRACE_BYPASSED = 2
+MB_TRACE_REFUSED = 3
+TRACE_DIRECTIONS = {MB_TRACE_OUT: "out", MB_TRACE_IN: "in"}
+TRACE_VERDICTS = {MB_TRACE_REDIRECTED: "redirected", MB_TRACE_BYPASSED: "bypassed",
+                  MB_TRACE_REFUSED: "refused"}
+# MB_WHY_* code -> (name, what it means); the name is the C one without MB_WHY_, lowercased
+TRACE_RULES = {
+    1: ("excluded_port", "outbound_ports_exclude"),
+    2: ("passthrough", "from 127.0.0.6 / ::6 over lo (inbound passthrough)"),
+    3: ("proxy_id", "the proxy's own uid/gid"),
+    4: ("lo_other_id", "another uid/gid over lo (Istio's `! --uid-owner` RETURN)"),
+    5: ("owner_group", "owner_groups_include / owner_groups_exclude"),
+    6: ("dns", "port 53 to a captured DNS server"),
+    7: ("udp", "UDP other than captured DNS"),
+    8: ("loopback_dst", "destination 127.0.0.1 / ::1"),
+    9: ("excluded_cidr", "outbound_ip_ranges_exclude"),
+    10: ("included_port", "outbound_ports_include"),
+    11: ("included_cidr", "outbound_ip_ranges_include"),
+    12: ("include_all", "outbound_ip_ranges_include '*'"),
+    13: ("not_included", "no include range or port matched"),
+    14: ("proxy_to_pod", "the proxy dialling its own pod: inbound listener"),
+    15: ("tproxy_inbound", "TPROXY: a proxy connect to a captured inbound port"),
+    16: ("ipv6_off", "IPv6 destination without enable_ipv6"),
+    17: ("map_full", "no room to record the connection: refused"),
+}
+
+
+class TraceEvent(ctypes.Structure):
+    _fields_ = [("netns", u64), ("time_ns", u64), ("pod_index", u32), ("uid", u32),
+                ("gid", u32), ("ip", u32 * 4),
+                ("port", u16), ("family", u16), ("to_port", u16),   # ports: network order
+                ("direction", ctypes.c_uint8), ("verdict", ctypes.c_uint8),
+                ("rule", ctypes.c_uint8), ("proto", ctypes.c_uint8), ("pad", u16)]
+
+
 # C struct name -> ctypes mirror (checked against the header by the unit tests)
 MIRRORS = {
     "pod_config": PodConfig,
@@ -193,6 +232,7 @@ MIRRORS = {
     "inbound_iface_val": InboundIfaceVal,
     "inbound_tw_key": InboundTwKey,
     "capture_listener_key": CaptureListenerKey,
+    "trace_event": TraceEvent,
 }
 
 U32 = u32

@@ -82,6 +82,9 @@ FEATURES = (
             "show apps the IPv4 peer they dialled", "apps see the sidecar as peer"),
     Feature("cgroup_getpeername6", "cgroup/getpeername6", (5, 8), DEGRADES,
             "show apps the IPv6 peer they dialled", "apps see the sidecar as peer"),
+    Feature("ringbuf", "BPF ring buffers", (5, 8), DEGRADES,
+            "follow interception decisions as they happen (meshbpf trace)",
+            "no `meshbpf trace`: decisions show only in the counters"),
     Feature("sk_lookup", "sk_lookup programs", (5, 9), DEGRADES,
             "hand a new connection that reuses a TIME_WAIT 4-tuple to the sidecar",
             "no sk_lookup: inbound connections reusing a TIME_WAIT 4-tuple stall until it "

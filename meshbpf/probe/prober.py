@@ -194,6 +194,10 @@ class _Prober:
     def check_sk_lookup(self):
         return self.load_only(B.BPF_PROG_TYPE_SK_LOOKUP, B.return_imm(B.SK_PASS), B.BPF_SK_LOOKUP)
 
+    def check_ringbuf(self):
+        self.release(self.map(B.BPF_MAP_TYPE_RINGBUF, 0, 0, os.sysconf("SC_PAGE_SIZE")))
+        return True, "BPF_MAP_TYPE_RINGBUF created"
+
     def check_xdp(self):
         return self.load_only(B.BPF_PROG_TYPE_XDP, B.return_imm(B.XDP_PASS))
 

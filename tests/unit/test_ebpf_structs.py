@@ -22,7 +22,7 @@ def _header():
 
 def _defines(text):
     out = {}
-    for m in re.finditer(r"^#define\s+(\w+)\s+(.+)$", text, flags=re.M):
+    for m in re.finditer(r"^#define[ \t]+(\w+)[ \t]+(.+)$", text, flags=re.M):
         out[m.group(1)] = m.group(2).strip()
     return out
 
@@ -395,3 +395,15 @@ def test_getsockname_programs_follow_getpeername():
     text = loader.render_source({"cgroup_getpeername4": False})
     assert "mb_getsockname4" not in text and "mb_getsockname6" not in text
     assert "int mb_getsockname6(" in loader.render_source()
+
+
+def test_trace_constants_match_header():
+    """The trace event's codes (lib/trace.h) and rule names (MB_WHY_*, lib/policy.h) are the
+    C ones: a renumbered rule would make `meshbpf trace` name the wrong rule."""
+    defines = _defines(_header())
+    for name in ("MB_TRACE_OUT", "MB_TRACE_IN", "MB_TRACE_REDIRECTED", "MB_TRACE_BYPASSED",
+                 "MB_TRACE_REFUSED"):
+        assert _eval(name, defines) == getattr(structs, name), name
+    why = {int(_eval(k, defines)): k[len("MB_WHY_"):].lower()
+           for k in defines if k.startswith("MB_WHY_")}
+    assert why == {code: name for code, (name, _) in structs.TRACE_RULES.items()}

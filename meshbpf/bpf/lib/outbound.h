@@ -16,6 +16,7 @@
 #include "netns.h"
 #include "policy.h"
 #include "conn.h"
+#include "trace.h"
 
 /* The destination a sock_addr hook is asked for, in the 16-byte form. */
 static __always_inline void mb_sa_dst(struct bpf_sock_addr *ctx, int v6sock, __u32 *ip)
@@ -66,27 +67,38 @@ static __always_inline int mb_connect(struct bpf_sock_addr *ctx, int v6sock)
     __u32 ip[4];
     mb_sa_dst(ctx, v6sock, ip);
     int v4 = mb_is_mapped(ip);
-    if (!v4 && !(pc->flags & POD_F_IPV6))
-        return 1;                /* IPv6 is captured only with enable_ipv6 */
     __u16 port = (__u16)ctx->user_port;
+    if (!v4 && !(pc->flags & POD_F_IPV6)) {
+        mb_trace_out(pc, nc, ip, port, udp, MB_TRACE_BYPASSED, MB_WHY_IPV6_OFF, 0);
+        return 1;                /* IPv6 is captured only with enable_ipv6 */
+    }
     __u32 src[4];
     mb_sa_src(ctx, v6sock, src);
-    int verdict = mb_should_capture(pc, nc, ip, port, src, udp);
-    if (!verdict)
+    int why = 0;
+    int verdict = mb_should_capture(pc, nc, ip, port, src, udp, &why);
+    if (!verdict) {
+        mb_trace_out(pc, nc, ip, port, udp, MB_TRACE_BYPASSED, why, 0);
         goto udp_direct;
+    }
     if (udp) {
         if (mb_remember_dns(ctx, nc, ip, v4 ? MB_AF_INET : MB_AF_INET6,
-                            ORIG_F_CONNECTED))
+                            ORIG_F_CONNECTED)) {
+            mb_trace_out(pc, nc, ip, port, udp, MB_TRACE_REFUSED, MB_WHY_MAP_FULL, 0);
             return 0;            /* no room to record it: refuse (EPERM), never redirect */
+        }
         mb_bind_source(ctx, nc, ip, v6sock);
         mb_count(COUNTER_DNS_REDIRECT, 1);
     } else {
-        if (mb_remember(ctx, nc, ip, port, v4 ? MB_AF_INET : MB_AF_INET6))
+        if (mb_remember(ctx, nc, ip, port, v4 ? MB_AF_INET : MB_AF_INET6)) {
+            mb_trace_out(pc, nc, ip, port, udp, MB_TRACE_REFUSED, MB_WHY_MAP_FULL, 0);
             return 0;            /* no room to record it: refuse (EPERM), never redirect */
+        }
         mb_count(verdict == MB_CAPTURE_DNS ? COUNTER_DNS_REDIRECT :
                  verdict == MB_CAPTURE_INBOUND ? COUNTER_REDIRECT_SELF : COUNTER_REDIRECT_OUT, 1);
     }
-    mb_sa_to_loopback(ctx, v6sock, v4, mb_capture_port(pc, verdict));
+    __u16 to = mb_capture_port(pc, verdict);
+    mb_trace_out(pc, nc, ip, port, udp, MB_TRACE_REDIRECTED, why, to);
+    mb_sa_to_loopback(ctx, v6sock, v4, to);
     return 1;
 udp_direct:
     if (udp)                     /* connected elsewhere: forget an earlier DNS redirect */
@@ -110,7 +122,8 @@ static __always_inline int mb_sendmsg(struct bpf_sock_addr *ctx, int v6sock)
         return 1;
     __u32 src[4];
     mb_sa_src(ctx, v6sock, src);
-    if (mb_should_capture(pc, nc, ip, MB_DNS_PORT_BE, src, 1) != MB_CAPTURE_DNS)
+    int why;                     /* per datagram: not traced (connect4/6 trace DNS sockets) */
+    if (mb_should_capture(pc, nc, ip, MB_DNS_PORT_BE, src, 1, &why) != MB_CAPTURE_DNS)
         return 1;
     if (mb_remember_dns(ctx, nc, ip, v4 ? MB_AF_INET : MB_AF_INET6, 0))
         return 0;                /* no room to record it: refuse (EPERM), never redirect */

@@ -19,6 +19,27 @@
 #define MB_CAPTURE_DNS 2         /* redirect to the DNS listener (dns_port)            */
 #define MB_CAPTURE_INBOUND 3     /* redirect to the inbound listener (inbound_port)    */
 
+/* Which rule decided (mb_should_capture's `why`, and trace.h's events): `meshbpf trace`
+ * answers "why did (not) this connection go through the sidecar" with it, so a number
+ * never changes meaning (meshbpf/ebpf/structs.py TRACE_RULES mirrors them). */
+#define MB_WHY_EXCLUDED_PORT 1   /* outbound_ports_exclude                             */
+#define MB_WHY_PASSTHROUGH 2     /* from 127.0.0.6 / ::6 over lo (inbound passthrough) */
+#define MB_WHY_PROXY_ID 3        /* the proxy's own uid/gid                            */
+#define MB_WHY_LO_OTHER_ID 4     /* another id over lo (Istio's `! --uid-owner` RETURN) */
+#define MB_WHY_OWNER_GROUP 5     /* owner_groups_include / _exclude                    */
+#define MB_WHY_DNS 6             /* port 53 to a captured DNS server                   */
+#define MB_WHY_UDP 7             /* UDP other than captured DNS                        */
+#define MB_WHY_LOOPBACK_DST 8    /* -d 127.0.0.1 / ::1                                 */
+#define MB_WHY_EXCLUDED_CIDR 9   /* outbound_ip_ranges_exclude                         */
+#define MB_WHY_INCLUDED_PORT 10  /* outbound_ports_include                             */
+#define MB_WHY_INCLUDED_CIDR 11  /* outbound_ip_ranges_include (a range)               */
+#define MB_WHY_INCLUDE_ALL 12    /* outbound_ip_ranges_include '*'                     */
+#define MB_WHY_NOT_INCLUDED 13   /* no include range or port matched                   */
+#define MB_WHY_PROXY_TO_POD 14   /* the proxy dialling its own pod: inbound listener   */
+#define MB_WHY_TPROXY_INBOUND 15 /* TPROXY: a proxy id's connect to a captured port    */
+#define MB_WHY_IPV6_OFF 16       /* an IPv6 destination without enable_ipv6 (outbound.h) */
+#define MB_WHY_MAP_FULL 17       /* no room to record the connection: refused (conn.h) */
+
 /* The cidr_rules scope an address is looked up in (see MB_IPV6_SCOPE). */
 static __always_inline __u32 mb_cidr_scope(__u32 scope, const __u32 *ip)
 {
@@ -110,9 +131,10 @@ static __always_inline int mb_proxy_ids(const __u32 *ids, __u32 n, __u32 id, int
  *   outbound_ports_include, included ranges     -> outbound listener (tcp only)
  * `nc` the socket's netns cookie, `ip` v4-mapped for IPv4, `port` network order, `src` the
  * socket's bound source (v4-mapped, or zeros), `udp` for a datagram socket. Returns 0
- * (leave it), MB_CAPTURE_PROXY, MB_CAPTURE_DNS or MB_CAPTURE_INBOUND. */
+ * (leave it), MB_CAPTURE_PROXY, MB_CAPTURE_DNS or MB_CAPTURE_INBOUND; `*why` the MB_WHY_*
+ * rule that decided (for the trace only: the verdict never depends on it). */
 static __always_inline int mb_should_capture(struct pod_config *pc, __u64 nc, const __u32 *ip,
-                                             __u16 port, const __u32 *src, int udp)
+                                             __u16 port, const __u32 *src, int udp, int *why)
 {
     __u64 ug = bpf_get_current_uid_gid();
     __u32 uid = (__u32)ug, gid = (__u32)(ug >> 32);
@@ -120,6 +142,7 @@ static __always_inline int mb_should_capture(struct pod_config *pc, __u64 nc, co
     pk.pod_index = pc->pod_index;
     pk.port = port;
     __u32 *pa = port_rules.lookup(&pk);
+    *why = MB_WHY_EXCLUDED_PORT;
     if (pa && *pa == RULE_EXCLUDE)
         goto bypass;
     int local = mb_is_local(nc, ip);
@@ -129,8 +152,10 @@ static __always_inline int mb_should_capture(struct pod_config *pc, __u64 nc, co
     int unbound = !(src[0] | src[1] | src[2] | src[3]) ||
                   (mb_is_mapped(src) && !src[3]);
     if (local && (mb_is_passthrough(src) ||
-                  (unbound && !mb_is_mapped(ip) && mb_is_passthrough(ip))))
+                  (unbound && !mb_is_mapped(ip) && mb_is_passthrough(ip)))) {
+        *why = MB_WHY_PASSTHROUGH;
         goto bypass;
+    }
     int dns53 = (pc->flags & POD_F_DNS) && port == MB_DNS_PORT_BE;
     int in_redirect = local && !udp && !mb_is_host_loopback(ip) && port != pc->tunnel_port;
     int lo_return = local && !(pc->flags & POD_F_LOOPBACK_INCLUDED) &&
@@ -138,24 +163,31 @@ static __always_inline int mb_should_capture(struct pod_config *pc, __u64 nc, co
     /* TPROXY inbound: Istio's mangle OUTPUT marks every TCP connect of a proxy uid or gid
      * over lo (but to 127.0.0.1 / ::1), and PREROUTING's ISTIO_INBOUND hands it to the
      * inbound listener when its port is captured, whatever the nat rules below decided. */
+    *why = MB_WHY_TPROXY_INBOUND;
     if ((pc->flags & POD_F_TPROXY) && in_redirect && mb_tproxy_inbound(pc, nc, ip, port, uid, gid))
         return MB_CAPTURE_INBOUND;
     /* the uid rules' inbound redirect spares DNS (`! --dport 53`), the gid rules' does not */
     int ids = mb_proxy_ids(pc->uids, pc->n_uids, uid, in_redirect && !dns53, lo_return);
     if (!ids)
         ids = mb_proxy_ids(pc->gids, pc->n_gids, gid, in_redirect, lo_return);
+    *why = MB_WHY_PROXY_TO_POD;
     if (ids == MB_CAPTURE_INBOUND)
         return MB_CAPTURE_INBOUND;
+    *why = MB_WHY_PROXY_ID;
     if (ids == MB_IDS_PROXY)
         goto proxy;
+    *why = MB_WHY_LO_OTHER_ID;
     if (ids == MB_IDS_BYPASS)
         goto bypass;
+    *why = MB_WHY_OWNER_GROUP;
     if ((pc->flags & POD_F_OWNER_INCLUDE) && !mb_id_in(gid, pc->owner_gids, pc->n_owner_gids))
         goto bypass;
     if ((pc->flags & POD_F_OWNER_EXCLUDE) && mb_id_in(gid, pc->owner_gids, pc->n_owner_gids))
         goto bypass;
+    *why = MB_WHY_DNS;
     if (port == MB_DNS_PORT_BE && mb_dns_target(pc, ip))
         return MB_CAPTURE_DNS;
+    *why = udp ? MB_WHY_UDP : MB_WHY_LOOPBACK_DST;
     if (udp || mb_is_host_loopback(ip))
         goto bypass;
     struct cidr_key ck = {};
@@ -164,12 +196,16 @@ static __always_inline int mb_should_capture(struct pod_config *pc, __u64 nc, co
     __builtin_memcpy(ck.ip, ip, 16);
     __u32 *ca = cidr_rules.lookup(&ck);
     __u32 crule = ca ? *ca : 0;
+    *why = MB_WHY_EXCLUDED_CIDR;
     if (crule == RULE_EXCLUDE)
         goto bypass;
+    *why = MB_WHY_INCLUDED_PORT;
     if (pa && *pa == RULE_INCLUDE)
         return MB_CAPTURE_PROXY;
+    *why = crule == RULE_INCLUDE ? MB_WHY_INCLUDED_CIDR : MB_WHY_INCLUDE_ALL;
     if (crule == RULE_INCLUDE || (pc->flags & POD_F_OUTBOUND_ALL))
         return MB_CAPTURE_PROXY;
+    *why = MB_WHY_NOT_INCLUDED;
 bypass:
     mb_count(COUNTER_BYPASS_RULE, 1);
     return 0;
