@@ -77,9 +77,10 @@ def daemon(pods_file, pin_prefix, cgroup_root, mode, splice, metrics_addr, resyn
     from .metrics import Metrics
     setup_logging(log_format)
     pin_prefix = pin_prefix or DEFAULT_PIN_PREFIX
-    # reconcile: iptables mode re-applies drifted rules in place (no window without them)
+    # reconcile: iptables mode re-applies drifted rules in place (no window without them);
+    # upgrade: pinned programs of another version (an older agent's) are replaced in place
     svc = NodeService(pin_prefix=pin_prefix, cgroup_root=cgroup_root, mode=mode, splice=splice,
-                      reconcile=True)
+                      reconcile=True, upgrade=True)
     metrics = Metrics(pin_prefix)
     metrics.serve(metrics_addr)
     Daemon(svc, pods_file, metrics=metrics, resync=resync, cleanup_on_exit=cleanup_on_exit).run()
