@@ -269,3 +269,25 @@ BULK_SOURCE = SCRIPT_HELPERS + textwrap.dedent(r"""
     assert digest == h.hexdigest(), "payload corrupted or reordered"
     print("ok", n)
 """)
+
+
+# New connections in a loop for SECONDS (an HTTP GET each); prints "<ok> <failed>" and each
+# error on stderr: argv HOST PORT SECONDS. Proves no connection fails while rules change.
+CONNECT_LOOP = textwrap.dedent("""
+    import socket, sys, time
+    host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    ok = fail = 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            s = socket.create_connection((host, port), timeout=5)
+            s.sendall(b"GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n")
+            while s.recv(65536):
+                pass
+            s.close()
+            ok += 1
+        except OSError as e:
+            fail += 1
+            print("error", e, file=sys.stderr)
+    print(ok, fail)
+""")

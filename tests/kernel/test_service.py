@@ -16,6 +16,7 @@ from meshbpf.config import InterceptConfig
 from meshbpf.ebpf import structs
 from meshbpf.ebpf.maps import Maps
 from meshbpf.testbed import Sandbox, pod_python
+from meshbpf.testbed.traffic import CONNECT_LOOP as LOOP
 from meshbpf.service import NodeService
 
 pytestmark = pytest.mark.kernel
@@ -111,24 +112,6 @@ def test_two_writers_on_one_prefix_leave_records_and_maps_consistent():
             svc.cleanup()
 
 
-LOOP = textwrap.dedent("""
-    import socket, sys, time
-    host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    ok = fail = 0
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            s = socket.create_connection((host, port), timeout=5)
-            s.sendall(b"GET / HTTP/1.0\\r\\nHost: x\\r\\n\\r\\n")
-            while s.recv(65536):
-                pass
-            s.close()
-            ok += 1
-        except OSError as e:
-            fail += 1
-            print("error", e, file=sys.stderr)
-    print(ok, fail)
-""")
 
 
 def test_reconfiguring_a_live_pod_never_lets_a_connection_bypass_or_fail():

@@ -18,8 +18,7 @@ from meshbpf.ebpf.maps import Maps
 from meshbpf.errors import UnsupportedError
 from meshbpf.service import NodeService
 from meshbpf.testbed import Sandbox, pod_python
-
-from .test_service import LOOP
+from meshbpf.testbed.traffic import CONNECT_LOOP as LOOP
 
 pytestmark = pytest.mark.kernel
 
