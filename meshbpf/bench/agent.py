@@ -364,8 +364,8 @@ def run_agent(pods=None, enrolled=None, quick=False, progress=None):
     from ..testbed import Sandbox
     t_start = time.monotonic()
     rows, resources, errors, restart = [], {}, [], {}
+    agents = []
     with Sandbox(name="benchagent") as sb:
-        agents = []
         try:
             t0 = time.perf_counter()
             far = sb.add_pod("far")
@@ -427,6 +427,7 @@ def run_agent(pods=None, enrolled=None, quick=False, progress=None):
     result = {"kind": "agent", "quick": quick, "pods": pods, "enrolled": enrolled,
               "mode": "ebpf", "first_connection": rows, "restart": restart,
               "resources": resources, "errors": errors,
+              "agent_pids": [a.proc.pid for a in agents],
               "seconds": time.monotonic() - t_start,
               "host": {"kernel": os.uname().release, "cpus": os.cpu_count()}}
     result["targets"] = agent_targets(result)
