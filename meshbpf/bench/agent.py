@@ -38,7 +38,10 @@ MAX_PODS = 500
 MAX_ENROLLED = 1000
 FAR_PORT = 9                     # nothing listens there in the far pod: a refused connect
 HIT_TIMEOUT = 5.0                # a pod not intercepted within this is a miss
-REST_SECONDS = 2.0
+RESYNC = 10.0                    # the daemon's default --resync, passed explicitly
+# At rest the agent still runs a drift-checking full reconcile every RESYNC seconds: a
+# window of one period (and a bit) averages exactly one of them in.
+REST_SECONDS = RESYNC + 0.5
 
 # Listens where the outbound hook redirects, connects to FAR in a loop; prints the
 # CLOCK_MONOTONIC time (shared by all processes of the machine) of the first connect
@@ -185,6 +188,8 @@ def agent_text(result):
                         f(v.get("seconds"), ".1f")] for k, v in result["resources"].items()]))
     out += ["", "targets:"] + [f"  {_verdict(t):<12} {t['name']}: {t['detail']}"
                                for t in result["targets"]]
+    for n in result.get("notes", []):
+        out.append(f"note: {n}")
     for e in result.get("errors", []):
         out.append(f"error: {e}")
     return "\n".join(out)
@@ -224,7 +229,8 @@ class _Agent:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshbpf", "daemon", "--pods-file", pods_file,
              "--pin-prefix", sb.pin_prefix, "--cgroup-root", sb.cgroup_root, "--mode", "ebpf",
-             "--metrics-addr", f"127.0.0.1:{self.port}", "--log-format", "json"],
+             "--metrics-addr", f"127.0.0.1:{self.port}", "--log-format", "json",
+             "--resync", str(RESYNC)],
             stdout=self.log, stderr=subprocess.STDOUT, env=env)
         import psutil
         self.ps = psutil.Process(self.proc.pid)
@@ -364,6 +370,9 @@ def run_agent(pods=None, enrolled=None, quick=False, progress=None):
     from ..testbed import Sandbox
     t_start = time.monotonic()
     rows, resources, errors, restart = [], {}, [], {}
+    notes = [f"at rest: {rest:.1f} s windows; the agent runs a drift-checking full reconcile "
+             f"every {RESYNC:.0f} s" + (", which a --quick window may miss" if quick else
+                                        ", so each window holds one")]
     agents = []
     with Sandbox(name="benchagent") as sb:
         try:
@@ -426,7 +435,7 @@ def run_agent(pods=None, enrolled=None, quick=False, progress=None):
                                os.path.dirname(os.path.abspath(__file__))))))
     result = {"kind": "agent", "quick": quick, "pods": pods, "enrolled": enrolled,
               "mode": "ebpf", "first_connection": rows, "restart": restart,
-              "resources": resources, "errors": errors,
+              "resources": resources, "errors": errors, "notes": notes, "resync_s": RESYNC,
               "agent_pids": [a.proc.pid for a in agents],
               "seconds": time.monotonic() - t_start,
               "host": {"kernel": os.uname().release, "cpus": os.cpu_count()}}
