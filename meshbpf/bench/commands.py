@@ -70,6 +70,10 @@ def _write_outputs(result, out_dir, kind):
     if kind in ("throughput", "soak"):
         png = None
         md = report.throughput_markdown(result)
+    elif kind == "agent":
+        from .agent import agent_markdown
+        png = None
+        md = agent_markdown(result)
     elif kind == "latency":
         charts.latency_chart(result, os.path.join(out_dir, png))
         md = report.latency_markdown(result, charts=[png])
@@ -91,6 +95,9 @@ def _emit(result, output, out_dir, kind):
             _progress(f"wrote {p}")
     if output == "json":
         click.echo(report.to_json(result))
+    elif kind == "agent":
+        from .agent import agent_text
+        click.echo(agent_text(result))
     else:
         render = {"latency": report.latency_text, "rules": report.rules_text}.get(
             kind, report.throughput_text)
@@ -132,6 +139,7 @@ def bench():
       meshbpf bench rules --n 100,1000,5000,20000 --pods 250 -o json
       meshbpf bench throughput --runs 3 --seconds 10
       meshbpf bench soak --seconds 60 --flows 4
+      meshbpf bench agent --pods 50 --enrolled 0,200
     """
 
 
@@ -230,3 +238,24 @@ def rules_cmd(quick, output, out_dir, rounds, n_opt, backends, no_dataplane, pod
     _emit(result, output, out_dir, "rules")
 
 
+
+
+@bench.command("agent")
+@click.option("--quick", is_flag=True, help="Short run (< 60 s): 10 pods measured, 0 and 20 enrolled.")
+@output_opt
+@out_opt
+@click.option("--pods", default=None, help="Pods added one at a time and timed, per enrolled "
+              "count (default 50; --quick 10).")
+@click.option("--enrolled", default=None, help="Comma list of pods already enrolled while "
+              "measuring (default 0,200; --quick 0,20). The largest is also the restart's.")
+def agent_cmd(quick, output, out_dir, pods, enrolled):
+    """The node agent: pods-file change to the pod's first intercepted connection (p50/p99),
+    restart to ready, and the agent's RSS and CPU at rest and during churn."""
+    from . import agent
+    if pods is not None:
+        pods = _parse_int(pods, "--pods", 1, agent.MAX_PODS)
+    enrolled = agent.parse_enrolled(enrolled) if enrolled is not None else None
+    _check_root()
+    with system.bpffs_for_run():
+        result = agent.run_agent(pods=pods, enrolled=enrolled, quick=quick, progress=_progress)
+    _emit(result, output, out_dir, "agent")
