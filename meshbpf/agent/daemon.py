@@ -37,6 +37,36 @@ _EVENT = "iIII"                     # struct inotify_event: wd, mask, cookie, le
 _EVENT_SIZE = struct.calcsize(_EVENT)
 
 
+_LOAD = """
+import json, sys
+from meshbpf.errors import MeshbpfError
+from meshbpf.service import NodeService
+kw = json.loads(sys.argv[1])
+svc = NodeService(**kw)
+try:
+    with svc.store.locked():
+        svc.backend("ebpf").adopt()
+except MeshbpfError as e:
+    print(e, file=sys.stderr)
+    sys.exit(e.exit_code)
+"""
+
+
+def load_in_child(svc):
+    """Load, adopt or upgrade the node's eBPF programs in a child process with `svc`'s
+    node options (the child compiles; this process keeps no compiler)."""
+    import subprocess
+    import sys
+    kw = dict(svc.options, pin_prefix=svc.pin_prefix, cgroup_root=svc.cgroup_root,
+              mode="ebpf", assume_kernel=svc.assume_kernel)
+    kw.pop("features", None)
+    r = subprocess.run([sys.executable, "-c", _LOAD, json.dumps(kw)], capture_output=True,
+                       text=True, timeout=600)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no message"])[-1]
+        raise MeshbpfError(f"loading the node's eBPF programs failed: {last}")
+
+
 class InotifyWatch:
     """Events on one file, watched through its directory; fileno() for select()."""
 
@@ -211,8 +241,11 @@ class Daemon:
             log.info("adopted %d pod record(s) (%d stale)", len(adopted["pods"]),
                      len(adopted["stale"]), extra={"action": "adopt"})
         if self.mode == "ebpf":
-            # Load (or adopt) the node programs now, not with the first pod: compiling
-            # them takes seconds, and a new pod is to be intercepted within 100 ms.
+            # Load (or upgrade) the node programs now, not with the first pod: compiling
+            # them takes seconds, and a new pod is to be intercepted within 100 ms. The
+            # compiling happens in a child, so bcc's LLVM (over 100 MB) never stays in the
+            # agent, which then only adopts the pins.
+            load_in_child(self.svc)
             with self.svc.store.locked():
                 self.svc.backend("ebpf").adopt()
         self.load()
