@@ -245,7 +245,10 @@ class Daemon:
             # them takes seconds, and a new pod is to be intercepted within 100 ms. The
             # compiling happens in a child, so bcc's LLVM (over 100 MB) never stays in the
             # agent, which then only adopts the pins.
-            load_in_child(self.svc)
+            ebpf = self.svc.backend("ebpf")
+            from ..ebpf import upgrade
+            if not upgrade.is_current(self.svc.pin_prefix, ebpf.features, ebpf.splice):
+                load_in_child(self.svc)
             with self.svc.store.locked():
                 self.svc.backend("ebpf").adopt()
         self.load()

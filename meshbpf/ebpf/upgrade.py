@@ -12,11 +12,28 @@ import os
 
 from .. import __version__, bpfsys
 from ..errors import ApplyError, UnsupportedError
+from . import loader
 from .loader import (PROGRAMS, SOCKHASH_MAP, _attached_ids, _check_cgroup_root, _compile, _has, _load_prog,
                      _pin, _safe_prefix, _unlink, cflags, module_map_layouts, pin_dirs,
                      pinned, read_meta, render_source, wanted_programs, write_meta)
 from .maps import Maps
 from .versions import compare_layouts, map_fingerprint, patch_map_fds, program_set_version
+
+
+def wanted(features=None, splice=True):
+    """(C text, its version, degraded programs) this code would load on this kernel."""
+    degraded = []
+    if splice and not _has(features, "splice_backpressure"):
+        splice = False
+        degraded.append("mb_sk_msg")
+    text = render_source(features, splice=splice)
+    return text, program_set_version(text, cflags(features, splice)), degraded, splice
+
+
+def is_current(pin_prefix, features=None, splice=True):
+    """Are programs of this code's version pinned (nothing to load or replace)?"""
+    return loader.is_loaded(pin_prefix) and \
+        read_meta(pin_prefix).get("version") == wanted(features, splice)[1]
 
 
 def upgrade_programs(pin_prefix, cgroup_root, features=None, splice=True, repoint=None):
@@ -34,12 +51,7 @@ def upgrade_programs(pin_prefix, cgroup_root, features=None, splice=True, repoin
     "created_maps", "degraded"}.
     """
     _safe_prefix(pin_prefix)
-    degraded = []
-    if splice and not _has(features, "splice_backpressure"):
-        splice = False
-        degraded.append("mb_sk_msg")
-    text = render_source(features, splice=splice)
-    version = program_set_version(text, cflags(features, splice))
+    text, version, degraded, splice = wanted(features, splice)
     meta = read_meta(pin_prefix)
     if meta.get("version") == version:
         return None
