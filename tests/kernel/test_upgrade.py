@@ -38,7 +38,8 @@ def _prog_ids(pin_prefix):
 
 def _maps(pin_prefix):
     """{map: (map id, {key: value})} for every pinned map but the per-connection ones
-    (connections of the loop come and go) and the counters."""
+    (connections of the loop come and go), the counters and the trace events (a ring
+    buffer has no keys: its id is compared)."""
     out = {}
     skip = {"orig_dst", "pairs", "sock_hash", "dns_orig", "counters", "pod_conns",
             "splice_dirs", "inbound_tw", "capture_listeners"}
@@ -48,7 +49,7 @@ def _maps(pin_prefix):
         try:
             info = bpfsys.map_get_info(fd)
             entries = {}
-            if name not in skip:
+            if name not in skip and info["type"] != bpfsys.BPF_MAP_TYPE_RINGBUF:
                 for k in bpfsys.map_keys(fd, info["key_size"]):
                     entries[k] = bpfsys.map_lookup_elem(fd, k, info["value_size"])
             out[name] = (info["id"], entries)
