@@ -179,7 +179,7 @@ class EbpfInterceptor(Interceptor):
 
         A changed rule set is written under a fresh pod index and switched to by the one
         update of the pod's `pods` entry: no connect ever sees old and new rules mixed."""
-        ctx = ctx or _LocalContext(self.pin_prefix)
+        ctx = ctx or _own_context(self.pin_prefix)
         self._check_pod_cgroup(pod)
         cookie = pod.netns_cookie
         with ctx.phase("addresses"):
@@ -357,7 +357,7 @@ class EbpfInterceptor(Interceptor):
     def detach(self, record, pod=None, ctx=None):
         """Remove what `record` lists, where it is still the pod's own; with no record
         (a pod meshbpf has no record of), whatever is keyed by its netns cookie."""
-        ctx = ctx or _LocalContext(self.pin_prefix)
+        ctx = ctx or _own_context(self.pin_prefix)
         if record is None:
             self._detach_unrecorded(pod)
             return
@@ -483,10 +483,9 @@ def _unhex(keys):
     return {name: {bytes.fromhex(k) for k in ks} for name, ks in (keys or {}).items()}
 
 
-class _LocalContext:
-    """The service's OpContext for a backend used on its own (tests of the backend)."""
-
-    def __new__(cls, pin_prefix):
-        from ..service import OpContext
-        from ..state import StateStore
-        return OpContext(StateStore(pin_prefix), None)
+def _own_context(pin_prefix):
+    """The service's OpContext, for this backend used without the service (its allocators
+    and records are the instance's all the same)."""
+    from ..service import OpContext
+    from ..state import StateStore
+    return OpContext(StateStore(pin_prefix), None)
