@@ -28,7 +28,7 @@ import time
 import urllib.request
 
 from ..errors import MeshbpfError, UsageError
-from . import stats
+from . import parse, stats
 
 DEFAULT_PODS = 50
 DEFAULT_ENROLLED = (0, 200)
@@ -83,21 +83,7 @@ print(f"miss tries={tries}", flush=True)
 
 def parse_enrolled(text):
     """'0,200' -> [0, 200] (sorted, unique)."""
-    out = set()
-    for item in str(text).split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            v = int(item)
-        except ValueError:
-            raise UsageError(f"--enrolled: {item!r} is not an integer")
-        if not 0 <= v <= MAX_ENROLLED:
-            raise UsageError(f"--enrolled: {v} is out of range (0..{MAX_ENROLLED})")
-        out.add(v)
-    if not out:
-        raise UsageError("--enrolled: give at least one number")
-    return sorted(out)
+    return sorted(set(parse.int_list(text, "--enrolled", 0, MAX_ENROLLED)))
 
 
 def check_pods(pods):

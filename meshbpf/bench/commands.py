@@ -13,33 +13,15 @@ import click
 from .. import system
 from ..clickutil import MeshGroup
 from ..errors import UsageError
-from . import report
+from . import parse, report
 
 
 def _progress(msg):
     click.echo(f"[{time.strftime('%H:%M:%S')}] {msg}", err=True)
 
 
-def _parse_ints(text, what, lo=1, hi=1 << 20):
-    out = []
-    for item in str(text).split(","):
-        item = item.strip()
-        if not item:
-            continue
-        try:
-            v = int(item)
-        except ValueError:
-            raise UsageError(f"{what}: {item!r} is not an integer")
-        if not lo <= v <= hi:
-            raise UsageError(f"{what}: {v} is out of range ({lo}..{hi})")
-        out.append(v)
-    if not out:
-        raise UsageError(f"{what}: give at least one value")
-    return out
-
-
 def _parse_int(text, what, lo, hi):
-    vals = _parse_ints(text, what, lo, hi)
+    vals = parse.int_list(text, what, lo, hi)
     if len(vals) != 1:
         raise UsageError(f"{what}: give one number")
     return vals[0]
@@ -198,7 +180,7 @@ def latency_cmd(quick, output, out_dir, rounds, sizes, modes, duration, n_opt, p
     if n_opt or pods:
         raise UsageError(f"{'--n' if n_opt else '--pods'} applies to `bench rules`, "
                          "not `bench latency`")
-    sizes = _parse_ints(sizes, "--sizes", 14, 65000) if sizes else None
+    sizes = parse.int_list(sizes, "--sizes", 14, 65000) if sizes else None
     modes = _parse_list(modes, latency.MODES, "--modes") if modes else None
     _check_root()
     with system.bpffs_for_run():

@@ -8,7 +8,7 @@ tools can exit 0 after failing.
 import json
 import re
 
-from ..errors import MeshbpfError
+from ..errors import MeshbpfError, UsageError
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _PCT = re.compile(r"--->\s*percentile\s+([0-9.]+)\s*=\s*([0-9.]+)")
@@ -118,3 +118,24 @@ def parse_count_line(text, key):
     if not found:
         raise BenchParseError(f"no {key}= in output: {text.strip()[-200:]!r}")
     return float(found[-1])
+
+
+def int_list(text, what, lo, hi, thousands=False):
+    """An option's comma list of integers in lo..hi, in the order given ('20k' is 20000
+    where `thousands`); UsageError naming the option for anything else."""
+    out = []
+    for item in str(text).split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        mult = 1000 if thousands and item.endswith("k") else 1
+        try:
+            v = int(item[:-1] if mult > 1 else item) * mult
+        except ValueError:
+            raise UsageError(f"{what}: {item!r} is not an integer")
+        if not lo <= v <= hi:
+            raise UsageError(f"{what}: {v} is out of range ({lo}..{hi})")
+        out.append(v)
+    if not out:
+        raise UsageError(f"{what}: give at least one value")
+    return out

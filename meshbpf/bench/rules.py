@@ -32,7 +32,7 @@ import time
 from .. import bpfsys, system
 from ..config import InterceptConfig
 from ..errors import MeshbpfError, UsageError
-from . import stats
+from . import parse, stats
 
 DEFAULT_NS = (100, 1000, 5000, 20000)
 QUICK_NS = (100, 20000)
@@ -70,22 +70,7 @@ def extra_cidr(k):
 
 def parse_ns(text):
     """'100,1000,20k' -> [100, 1000, 20000] (sorted, unique)."""
-    out = set()
-    for item in str(text).split(","):
-        item = item.strip().lower()
-        if not item:
-            continue
-        mult = 1000 if item.endswith("k") else 1
-        try:
-            n = int(float(item.rstrip("k")) * mult)
-        except ValueError:
-            raise UsageError(f"--n: {item!r} is not a number")
-        if not 1 <= n <= MAX_N:
-            raise UsageError(f"--n: {n} is out of range (1..{MAX_N})")
-        out.add(n)
-    if not out:
-        raise UsageError("--n: give at least one N")
-    return sorted(out)
+    return sorted(set(parse.int_list(text, "--n", 1, MAX_N, thousands=True)))
 
 
 def check_pods(pods):
@@ -363,17 +348,17 @@ def measure_conn_rate(client, host, port, seconds):
     Returns (connections per second, error or None). Failed connections (2 s timeout
     each) count against the rate and are reported; none succeeding raises MeshbpfError.
     """
-    from .parse import parse_count_line
     r = client.exec([sys.executable, "-c", _CONN_CLIENT, host, str(port), str(seconds)],
                     timeout=seconds + 60)
     if r.returncode != 0:
         raise MeshbpfError(f"connection client failed: {(r.stderr or r.stdout).strip()[-300:]}")
-    rate, errors = parse_count_line(r.stdout, "conn_per_s"), parse_count_line(r.stdout, "errors")
+    count = lambda key: parse.parse_count_line(r.stdout, key)
+    rate, errors = count("conn_per_s"), count("errors")
     if rate <= 0:
         raise MeshbpfError(f"no connection succeeded: {' '.join(r.stdout.split())}")
     err = None
     if errors:
-        err = (f"{int(errors)} of {int(errors + parse_count_line(r.stdout, 'conns'))} "
+        err = (f"{int(errors)} of {int(errors + count('conns'))} "
                f"connections failed ({r.stdout.strip().splitlines()[-1]})")
     return rate, err
 

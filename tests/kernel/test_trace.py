@@ -76,11 +76,7 @@ def test_trace_shows_a_redirected_and_excluded_connections_and_costs_nothing_unt
                  "--timeout", "60", "--pod", name, "--pin-prefix", sb.pin_prefix],
                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
-                end = time.monotonic() + 30
-                while trace.read_gate(sb.pin_prefix) != 1:
-                    assert proc.poll() is None, proc.communicate()
-                    assert time.monotonic() < end, "meshbpf trace never set trace_on"
-                    time.sleep(0.05)
+                _wait_for_follower(proc, sb.pin_prefix)
                 _connect(app, REDIRECTED, EXCL_CIDR, EXCL_PORT)
                 out, err = proc.communicate(timeout=60)
             finally:
@@ -105,6 +101,15 @@ def test_trace_shows_a_redirected_and_excluded_connections_and_costs_nothing_unt
             svc.cleanup()
 
 
+def _wait_for_follower(proc, pin_prefix):
+    """Until the `meshbpf trace` process `proc` has turned the gate on."""
+    end = time.monotonic() + 30
+    while trace.read_gate(pin_prefix) != 1:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < end, "meshbpf trace never set trace_on"
+        time.sleep(0.05)
+
+
 def test_trace_clears_the_gate_on_sigterm():
     with Sandbox(name="trterm") as sb:
         svc = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
@@ -115,11 +120,7 @@ def test_trace_clears_the_gate_on_sigterm():
                 [sys.executable, "-m", "meshbpf", "trace", "--pin-prefix", sb.pin_prefix],
                 cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
-                end = time.monotonic() + 30
-                while trace.read_gate(sb.pin_prefix) != 1:
-                    assert proc.poll() is None, proc.communicate()
-                    assert time.monotonic() < end, "meshbpf trace never set trace_on"
-                    time.sleep(0.05)
+                _wait_for_follower(proc, sb.pin_prefix)
                 proc.terminate()
                 _, err = proc.communicate(timeout=30)
             finally:
