@@ -188,7 +188,7 @@ class Handler:
     def _root(self):
         from .. import system
         try:
-            return self.daemon.svc.cgroup_root or system.cgroup2_mount()
+            return getattr(self.daemon.svc, "cgroup_root", None) or system.cgroup2_mount()
         except MeshbpfError:
             return None
 
