@@ -41,7 +41,8 @@ def setup_logging(fmt, level=logging.INFO):
 
 @click.command()
 @click.option("--pods-file", required=True, type=click.Path(dir_okay=False),
-              help="YAML or JSON: {pods: [{name, pid} | {name, netns, cgroup}, + id, config, host]}.")
+              help="YAML or JSON: {pods: [{name, pid} | {name, netns, cgroup} | {name: "
+                   "namespace/name} (its CNI ADD says where), + id, config, host]}.")
 @click.option("--pin-prefix", default=None, envvar="MESHBPF_PIN_PREFIX",
               help="bpffs directory for meshbpf's pinned programs and maps.")
 @click.option("--cgroup-root", type=click.Path(), default=None,

@@ -332,6 +332,7 @@ class Daemon:
             os.close(wfd)
         self.stop()
 
+    @_locked
     def stop(self):
         if self.cleanup_on_exit:
             log.info("--cleanup-on-exit: removing every pod's interception",

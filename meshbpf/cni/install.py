@@ -125,6 +125,11 @@ def plan_install(files, entry):
             raise UsageError(f"{first} has neither \"plugins\" nor \"type\": not a CNI configuration")
         target, new = _converted_name(first), chained(to_conflist(doc), entry)
         removes.append(first)
+    from .plugin import SUPPORTED_VERSIONS
+    if new.get("cniVersion") not in SUPPORTED_VERSIONS:
+        # chained into it, meshbpf-cni would fail every pod's ADD
+        raise UsageError(f"{first} has cniVersion {new.get('cniVersion')!r}; meshbpf-cni "
+                         f"speaks {', '.join(SUPPORTED_VERSIONS)}")
     if new == doc and target == first:
         return {}, []                            # already chained exactly so: nothing to write
     backup = first + BACKUP_SUFFIX

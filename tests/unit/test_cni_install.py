@@ -122,6 +122,7 @@ def test_uninstall_after_the_node_rewrote_its_file_only_removes_the_entry(root):
     ({"10-a.conflist": b"{nope"}, "not JSON"),
     ({"10-a.conf": b'{"name": "x"}'}, "not a CNI configuration"),
     ({"10-a.conflist": b'{"name": "x", "plugins": 3}'}, "not a CNI configuration"),
+    ({"10-a.conflist": b'{"name": "x", "cniVersion": "1.1.0", "plugins": []}'}, "1.1.0"),
 ])
 def test_bad_configuration_is_refused_and_nothing_changes(root, files, words):
     bin_dir, conf_dir = root
