@@ -18,7 +18,6 @@ file with a pending "shop/web-0" entry) and a real Envoy sidecar run as uid 1337
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
