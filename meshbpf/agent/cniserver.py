@@ -204,10 +204,15 @@ class Handler:
             want = self.lookup(req["namespace"], req["name"], req["uid"])
             cgroup = want.cgroup if want is not None and want.cgroup else \
                 pod_cgroup(req["uid"], self._root())
-            # on disk before the attach: an agent killed half way finds the pod again
-            d.bindings.bind(key, {"container_id": req["container_id"], "netns": req["netns"],
-                                  "ifname": req["ifname"], "uid": req["uid"], "cgroup": cgroup,
-                                  "network": req["network"]})
+            old = d.bindings.data.get(key)
+            if not (old and old.get("container_id") == req["container_id"]
+                    and old.get("netns") == req["netns"]):
+                # on disk before the attach: an agent killed half way finds the pod again.
+                # A second network's ADD for the same sandbox (Multus) keeps the first binding:
+                # the spec keys an attachment by (network, container id, interface).
+                d.bindings.bind(key, {"container_id": req["container_id"], "netns": req["netns"],
+                                      "ifname": req["ifname"], "uid": req["uid"],
+                                      "cgroup": cgroup, "network": req["network"]})
             if want is None:
                 return {"ok": True, "meshed": False, "message": f"{key} is not in the pod source"}
             if not want.pending:
@@ -235,6 +240,9 @@ class Handler:
             if b is None or b.get("container_id") != req["container_id"]:
                 # never bound, already deleted, or a newer sandbox of the pod owns the name
                 return {"ok": True, "meshed": False, "message": "nothing bound to this container"}
+            if any(req[k] and b.get(k) and req[k] != b[k] for k in ("network", "ifname")):
+                return {"ok": True, "meshed": False,
+                        "message": "another attachment of this container (network, interface)"}
             d.bindings.unbind(key)
             ns, _, name = key.partition("/")
             want = self.lookup(ns, name, b.get("uid"))

@@ -198,3 +198,14 @@ def test_a_handler_bug_is_an_answer_not_a_dead_agent(tmp_path):
         {"ok": False, "error": "add failed in the agent: bug"}
     assert cniserver.Server("/x", boom).answer(b"{nope") == {"ok": False,
                                                             "error": "the request is not JSON"}
+
+
+def test_a_second_network_of_the_same_sandbox_neither_rebinds_nor_detaches(daemon):
+    h = cniserver.Handler(daemon)
+    assert h(req(netns=daemon.netns))["meshed"]
+    assert h(req(netns=daemon.netns, network="macvlan-net", ifname="net1"))["ok"]
+    assert daemon.bindings.data["shop/web-0"]["network"] == "k8s"
+    r = h(req("del", netns=None, network="macvlan-net", ifname="net1"))
+    assert r["message"] == "another attachment of this container (network, interface)"
+    assert "shop:web-0" in daemon.records
+    assert h(req("del", netns=None))["ok"] and daemon.records == {}
