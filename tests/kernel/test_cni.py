@@ -255,6 +255,9 @@ def test_first_connection_after_add_goes_through_envoy_and_del_leaves_nothing(no
     results = rt.add(conflist, cid, web.netns, args)
     # ---- ADD has returned: nothing else has told the agent about this pod ----
     first = traffic.http_get(web, db.ip4, 8080)
+    took = [t for kind, cmd, rc, t in rt.calls if kind == "meshbpf-cni" and cmd == "ADD"][-1]
+    print(f"meshbpf-cni ADD (process start to exit, attach included): {took * 1000:.0f} ms")
+    assert took < 5, took          # a plugin that waited out a timeout would show here
     assert results[1] == results[0]                  # bridge's result, unchanged
     assert first["status"].endswith("200 OK") and first["reply"]["pod"] == "db"
     assert first["reply"]["local"][1] == 8080 and first["reply"]["local"][0].endswith(db.ip4)
