@@ -323,7 +323,8 @@ class Reconciler:
 
     def _set(self, pod_id, want, rec, state, **kw):
         cur = self.status.get(pod_id, {})
-        cur.update({"id": pod_id, "name": want.name if want else pod_id, "source": self.source,
+        cur.update({"id": pod_id, "name": want.name if want else pod_id,
+                    "source": want.source if want else cur.get("source", self.source),
                     "state": state, "mode": (rec or {}).get("mode") or cur.get("mode")})
         cur.setdefault("last_error", None)
         cur.pop("retry_in", None)
@@ -343,7 +344,7 @@ class Reconciler:
         """The pods as agent.json lists them: the served ones and the bad entries."""
         pods = [dict(self.status[i]) for i in sorted(self.status)]
         for e in self.entry_errors:
-            pods.append({"id": e.id, "name": e.name or f"entry #{e.index}", "source": self.source,
+            pods.append({"id": e.id, "name": e.name or f"entry #{e.index}", "source": e.source,
                          "state": "error", "mode": None, "last_error": e.reason,
                          "entry": e.index})
         return pods

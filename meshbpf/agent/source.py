@@ -57,6 +57,7 @@ class EntryError:
     name: str
     id: str
     reason: str
+    source: str = "pods-file"
 
     def to_dict(self):
         return dataclasses.asdict(self)

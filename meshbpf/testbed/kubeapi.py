@@ -87,6 +87,7 @@ class KubeAPIServer:
         self.drops = 0                    # bumped by drop_watches()
         self.failures = []                # status codes the next requests get
         self.requests = []                # (method, path, {query: value})
+        self.request_times = []           # time.monotonic() of each request
         self.open_watches = 0
         self.closed = False
         server = self
@@ -215,7 +216,7 @@ class KubeAPIServer:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     api = None                  # set per server
-    protocol_version = "HTTP/1.0"
+    protocol_version = "HTTP/1.1"        # a watch streams in chunks, as the real one does
 
     def log_message(self, fmt, *args):  # quiet
         pass
@@ -234,6 +235,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
         with api.lock:
             api.requests.append(("GET", url.path, query))
+            api.request_times.append(time.monotonic())
             code = api.failures.pop(0) if api.failures else None
         if code is not None:
             return self._send_json(code, _status(code, "InternalError" if code >= 500 else
@@ -271,7 +273,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                      "metadata": {"resourceVersion": str(rv)}, "items": items})
 
     def _line(self, kind, obj):
-        self.wfile.write(json.dumps({"type": kind, "object": obj}).encode() + b"\n")
+        data = json.dumps({"type": kind, "object": obj}).encode() + b"\n"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
     def _watch(self, namespace, terms, query):
@@ -289,7 +292,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                                                 f"invalid resourceVersion {rv_arg!r}"))
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        self.close_connection = True
+        try:
+            self._stream(namespace, terms, since, timeout, bookmarks)
+            self.wfile.write(b"0\r\n\r\n")           # the stream's clean end
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _stream(self, namespace, terms, since, timeout, bookmarks):
+        api = self.api
         end = time.monotonic() + timeout
         with api.lock:
             drops = api.drops
@@ -340,8 +354,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         ev = _filtered(kind, obj, old, terms, namespace)
                         if ev:
                             pending.append(ev)
-        except (BrokenPipeError, ConnectionResetError):
-            return
         finally:
             with api.lock:
                 api.open_watches -= 1
