@@ -171,6 +171,28 @@ def parse_entry(entry):
                       config=config)
 
 
+def union(parts):
+    """One desired state from several sources' (pods {id: DesiredPod}, [EntryError]): the
+    union; an id that two sources serve is an error for each (neither is served, since
+    either could be the one meant)."""
+    by_id = {}
+    errors = []
+    for pods, errs in parts:
+        errors.extend(errs)
+        for pod_id, p in pods.items():
+            by_id.setdefault(pod_id, []).append(p)
+    out = {}
+    for pod_id, ps in by_id.items():
+        if len(ps) == 1:
+            out[pod_id] = ps[0]
+            continue
+        for p in ps:
+            others = ", ".join(f"{o.name} ({o.source})" for o in ps if o is not p)
+            errors.append(EntryError(-1, p.name, pod_id, f"duplicate id {pod_id!r} "
+                                     f"(also {others})", source=p.source))
+    return out, errors
+
+
 def is_host_netns_path(path):
     return path in HOST_NETNS_PATHS
 

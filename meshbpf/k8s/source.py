@@ -184,8 +184,8 @@ class KubeSource:
                  watch_timeout=WATCH_TIMEOUT, rng=random.random):
         if not node_name:
             raise UsageError("the Kubernetes source needs this node's name",
-                             hint="--node-name NAME or the NODE_NAME environment variable "
-                                  "(the downward API's spec.nodeName)")
+                             hint="--node-name NAME, or NODE_NAME set from the downward API "
+                                  "(fieldRef spec.nodeName)")
         self.node_name = node_name
         self._api_client = api if api is not None else api_client(kubeconfig)
         self.classify = classify or _default_classify()

@@ -376,3 +376,19 @@ def test_daemon_serves_the_union_and_a_shared_id_is_an_error_for_both(api, tmp_p
     t.join()
     if errors:
         raise errors[0]
+
+
+@pytest.mark.parametrize("args, msg", [
+    ([], "at least one pod source"),
+    (["--pods-file", "/x/pods.yaml", "--kubeconfig", "/x/kc"], "--kubeconfig goes with --kube"),
+    (["--kube", "--kubeconfig", "/nonexistent/kc", "--node-name", "n"], "does not exist"),
+])
+def test_daemon_command_needs_a_usable_source(args, msg, tmp_path):
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.dirname(DATA))))
+    env.pop("NODE_NAME", None)
+    r = subprocess.run([sys.executable, "-m", "meshbpf", "daemon", "--pin-prefix",
+                        str(tmp_path / "pins"), *args], capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
