@@ -18,9 +18,9 @@ container of a pod joins the sandbox's netns, so any of them gives the same one.
 If they disagree (a process inside a container made its own netns with unshare/setns),
 the netns of the pod's oldest process is used: that is the sandbox (pause) process, which
 holds the pod's network namespace by definition; a warning names the others. Processes in
-the node's own netns are never chosen: CRI-O's conmon can live in the pod cgroup (its
-crio-conmon-<id> scope, which is skipped) and runs in the host's netns, and a pod must
-never resolve to the node's network.
+the node's own netns (host init's, and the agent's own: it runs with hostNetwork) are never
+chosen: CRI-O's conmon can live in the pod cgroup (its crio-conmon-<id> scope, which is
+skipped) and runs in the host's netns, and a pod must never resolve to the node's network.
 
 Pure path parsing (names, candidate paths, /proc/<pid>/stat and ns links) is separate
 from the filesystem walk, so both drivers and both runtimes are unit-tested on fake trees.
@@ -137,10 +137,12 @@ class Proc:
     netns: int            # netns inode
 
 
-def choose_netns(procs, host_netns):
-    """(chosen Proc, [Procs in other netns]) among `procs` not in `host_netns`; (None, [])
-    when none is left. The oldest process wins (the pod's sandbox)."""
-    procs = [p for p in procs if p.netns != host_netns]
+def choose_netns(procs, node_netns):
+    """(chosen Proc, [Procs in other netns]) among `procs` not in any of `node_netns` (the
+    node's own netns inodes); (None, []) when none is left. The oldest process wins (the
+    pod's sandbox)."""
+    node_netns = set(node_netns)
+    procs = [p for p in procs if p.netns not in node_netns]
     if not procs:
         return None, []
     chosen = min(procs, key=lambda p: (p.started, p.pid))
@@ -203,6 +205,26 @@ def pod_pids(pod_cgroup):
     return pids
 
 
+def node_netns(proc_root):
+    """The node's own netns inodes: the host init's (pid 1 of `proc_root`) and this
+    process's own (the agent runs with hostNetwork); either may be unreadable (pid 1 across
+    a user namespace), not both."""
+    found, errors = set(), []
+    for who in ("1", "self"):
+        try:
+            ident = netns_ident(os.readlink(os.path.join(proc_root, who, "ns", "net")))
+        except OSError as e:
+            errors.append(f"{who}: {e.strerror}")
+            continue
+        if ident is not None:
+            found.add(ident)
+    if not found:
+        raise MeshbpfError(f"cannot read the node's network namespace from {proc_root} "
+                           f"({'; '.join(errors) or 'no net namespace link'})",
+                           hint="the host's /proc and hostPID are needed")
+    return found
+
+
 def _is_monitor(name):
     c = parse_container_dir(name)
     return c is not None and c.monitor
@@ -231,11 +253,7 @@ def find_pod(uid, proc_root="/proc", cgroup_root=None):
     if cgroup_root is None:
         cgroup_root = detect_cgroup_root()
     cgroup = find_pod_cgroup(uid, cgroup_root)
-    try:
-        host = netns_ident(os.readlink(os.path.join(proc_root, "1", "ns", "net")))
-    except OSError as e:
-        raise MeshbpfError(f"cannot read the node's network namespace from {proc_root}/1/ns/net: "
-                           f"{e.strerror}", hint="the host's /proc and hostPID are needed")
+    host = node_netns(proc_root)
     procs = [p for p in (_read_proc(proc_root, pid) for pid in pod_pids(cgroup)) if p]
     chosen, others = choose_netns(procs, host)
     if chosen is None:

@@ -352,20 +352,17 @@ def _linkerd_config(ann, labels):
     # linkerd-cni's getAnnotationOverride does; an empty value counts as unset.
     inbound = [str(LINKERD_ADMIN_PORT), str(LINKERD_CONTROL_PORT)]
     outbound = []
-    subnets = []
     uid, gid = str(LINKERD_PROXY_UID), str(LINKERD_PROXY_UID)
     if ann.get(L_SKIP_IN):
         inbound = _linkerd_ports(ann[L_SKIP_IN], L_SKIP_IN)
     if ann.get(L_SKIP_OUT):
         outbound = _linkerd_ports(ann[L_SKIP_OUT], L_SKIP_OUT)
     if ann.get(L_SKIP_SUBNETS):
-        for item in ann[L_SKIP_SUBNETS].split(","):
-            if "/" not in item or item != item.strip():
-                raise _Invalid(f"annotation {L_SKIP_SUBNETS}: {item!r} is not a valid CIDR address")
-            try:
-                subnets.append(str(ipaddress.ip_interface(item).network))
-            except ValueError:
-                raise _Invalid(f"annotation {L_SKIP_SUBNETS}: {item!r} is not a valid CIDR address")
+        # proxy-init skips inbound traffic by *source* subnet (PROXY_INIT_REDIRECT
+        # -s <subnet> -j RETURN); InterceptConfig has no inbound source exclusion, and
+        # capturing that traffic anyway is not what the pod asked for.
+        raise _Invalid(f"annotation {L_SKIP_SUBNETS} (inbound traffic skipped by source "
+                       "subnet) has no equivalent in meshbpf: not intercepted")
     for key in (L_PROXY_UID, L_PROXY_GID):
         if ann.get(key):
             v = ann[key]
@@ -389,11 +386,9 @@ def _linkerd_config(ann, labels):
         "inbound_ports_exclude": ",".join(dict.fromkeys(inbound)),
         "outbound_ports_exclude": ",".join(dict.fromkeys(outbound)),
         "outbound_ip_ranges_include": "*",
-        "outbound_ip_ranges_exclude": ",".join(subnets),
     }
     return _build(fields, {"inbound_ports_exclude": L_SKIP_IN,
                            "outbound_ports_exclude": L_SKIP_OUT,
-                           "outbound_ip_ranges_exclude": L_SKIP_SUBNETS,
                            "proxy_uid": L_PROXY_UID, "proxy_gid": L_PROXY_GID})
 
 

@@ -79,9 +79,10 @@ def test_proc_text_parsing():
 def test_choose_netns_oldest_wins_and_host_never():
     sandbox, app, odd = Proc(10, 100, 7), Proc(11, 200, 7), Proc(12, 300, 8)
     conmon = Proc(9, 50, HOST_NS)
-    assert choose_netns([odd, app, conmon, sandbox], HOST_NS) == (sandbox, [odd])
-    assert choose_netns([conmon], HOST_NS) == (None, [])
-    assert choose_netns([], HOST_NS) == (None, [])
+    assert choose_netns([odd, app, conmon, sandbox], {HOST_NS}) == (sandbox, [odd])
+    assert choose_netns([odd, app, conmon, sandbox], {HOST_NS, 7}) == (odd, [])
+    assert choose_netns([conmon], {HOST_NS}) == (None, [])
+    assert choose_netns([], {HOST_NS}) == (None, [])
 
 
 # ---- fake trees -----------------------------------------------------------------------------
@@ -223,6 +224,21 @@ def test_walk_does_not_descend_into_other_pods(node, monkeypatch):
     node.cgroup(f"x/kubepods/pod{UID}")
     locate.find_pod_cgroup(UID, str(node.cg))
     assert os.path.dirname(other) not in seen
+
+
+def test_agent_own_netns_is_the_node_too(node):
+    # pid 1 unreadable (here: absent); the agent's own netns (hostNetwork) is the node's.
+    import shutil
+    shutil.rmtree(node.proc / "1")
+    node.process(77, HOST_NS, started=5)
+    os.symlink("77", node.proc / "self")
+    rel = f"kubepods/pod{UID}"
+    node.process(100, 4026532001, started=500)
+    node.cgroup(f"{rel}/{CID}", [77])
+    with pytest.raises(PodNotRunningError):
+        find_pod(UID, proc_root=str(node.proc), cgroup_root=str(node.cg))
+    node.cgroup(f"{rel}/{CID2}", [100])
+    assert find_pod(UID, proc_root=str(node.proc), cgroup_root=str(node.cg))[0].endswith("/100/ns/net")
 
 
 def test_no_host_proc_is_clear(node):

@@ -199,20 +199,26 @@ def test_linkerd_init_pod_left_alone():
 
 def test_linkerd_overrides():
     pod = copy.deepcopy(LINKERD["voting-7f4d8b9c5-q2w3e"])
-    pod["metadata"]["annotations"].update({mesh.L_PROXY_UID: "3000", mesh.L_PROXY_GID: "3001",
-                                           mesh.L_SKIP_SUBNETS: "10.1.0.0/16,192.168.0.0/24"})
+    pod["metadata"]["annotations"].update({mesh.L_PROXY_UID: "3000", mesh.L_PROXY_GID: "3001"})
     pod["metadata"]["labels"][mesh.L_CONTROL_PLANE] = "destination"
     cfg = classify(pod).config
     assert (cfg.proxy_uid, cfg.proxy_gid) == ("3000", "3001")
-    assert cfg.outbound_ip_ranges_exclude == "10.1.0.0/16,192.168.0.0/24"
+    assert cfg.outbound_ip_ranges_exclude == ""
     assert cfg.outbound_ports_exclude == "443,6443"
+
+
+def test_linkerd_skip_subnets_has_no_equivalent():
+    # linkerd-init skips inbound traffic by source subnet: not expressible, so not meshed.
+    pod = copy.deepcopy(LINKERD["voting-7f4d8b9c5-q2w3e"])
+    pod["metadata"]["annotations"][mesh.L_SKIP_SUBNETS] = "10.1.0.0/16"
+    m = classify(pod)
+    assert not m.meshed and m.config is None and mesh.L_SKIP_SUBNETS in m.reason
 
 
 @pytest.mark.parametrize("key,value", [
     (mesh.L_SKIP_IN, "80,abc"),
     (mesh.L_SKIP_IN, "5002-5000"),
     (mesh.L_SKIP_OUT, "70000"),
-    (mesh.L_SKIP_SUBNETS, "10.0.0.0"),
     (mesh.L_PROXY_UID, "linkerd"),
 ])
 def test_linkerd_invalid_annotation_named(key, value):
