@@ -64,7 +64,7 @@ def test_kube_pod_added_is_intercepted_deleted_is_detached(tmp_path):
             rec_path = os.path.join(sb.state_dir, "pods", f"{uid}.json")
             with open(rec_path) as f:
                 rec = yaml.safe_load(f)
-            assert rec["cgroup"] == a.cgroup and rec["config"]["proxy_uid"] == 1337
+            assert rec["cgroup"] == a.cgroup and str(rec["config"]["proxy_uid"]) == "1337"
             cookie = a.pod.netns_cookie
             assert map_entry(sb, cookie) is not None
             kube_src = [s for s in ag.doc()["sources"] if s["name"] == "kubernetes"][0]
