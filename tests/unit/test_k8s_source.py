@@ -392,3 +392,52 @@ def test_daemon_command_needs_a_usable_source(args, msg, tmp_path):
                         str(tmp_path / "pins"), *args], capture_output=True, text=True,
                        timeout=60, env=env)
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_daemon_acts_on_nothing_until_the_kube_source_has_listed(api, tmp_path, monkeypatch):
+    """An agent (re)started while the API server fails must not detach the pods it owns
+    (they would look removed): nothing is acted on, and it is not ready, until the list."""
+    from meshbpf.agent import daemon
+    from .test_agent_daemon import LoopService, _wait, _write
+    from .test_agent_reconciler import FakePod
+    import signal
+    import threading
+    monkeypatch.setattr(reconcile, "resolve", FakePod)
+    path = str(tmp_path / "pods.json")
+    _write(path, [{"name": "vm", "netns": "/run/netns/vm", "cgroup": "/sys/fs/cgroup/vm"}])
+    api.add(pod("a", "u-a"))
+    api.fail_next(1000)
+    loc = Locator()
+    loc.known["u-a"] = ("/run/netns/u-a", "/sys/fs/cgroup/kubepods/podu-a")
+    kube = ks.KubeSource(NODE, kubeconfig=api.kubeconfig, classify=classify, find_pod=loc,
+                         backoff_first=0.05, backoff_max=0.1)
+    svc = LoopService(str(tmp_path / "state"))
+    svc.store.recs["u-old"] = {"id": "u-old", "name": "bookinfo/old", "netns": "/x",
+                               "cgroup": "/y", "config": {}, "mode": "iptables"}
+    os.makedirs(str(tmp_path / "state"), exist_ok=True)
+    with open(str(tmp_path / "state" / "agent.json"), "w") as f:
+        json.dump({"owned": ["u-old"]}, f)          # what the previous agent managed
+    d = daemon.Daemon(svc, path, resync=30, sources=[kube])
+    errors = []
+
+    def script():
+        try:
+            _wait(lambda: kube.failures >= 3, 5)
+            time.sleep(0.2)
+            assert "u-old" in svc.store.recs and "vm" not in svc.store.recs
+            assert not d.ready
+            with api.lock:
+                api.failures.clear()
+            _wait(lambda: set(svc.store.recs) == {"vm", "u-a"}, 5)
+            _wait(lambda: d.ready, 2)
+        except BaseException as e:      # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=script)
+    t.start()
+    d.run()
+    t.join()
+    if errors:
+        raise errors[0]
