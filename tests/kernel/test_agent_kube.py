@@ -5,6 +5,8 @@ pod<uid> cgroup), a pod on another node is not, the pods file's pod is served be
 and a deleted pod object is detached leaving nothing behind."""
 
 import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -14,7 +16,7 @@ from meshbpf.ebpf.inbound import tc
 from meshbpf.testbed import Sandbox
 from meshbpf.testbed.kubeapi import KubeAPIServer
 
-from .test_agent import Agent, map_entry, through_sidecar, write_pods, entry
+from .test_agent import REPO, Agent, entry, map_entry, through_sidecar, write_pods
 
 pytestmark = pytest.mark.kernel
 
@@ -69,6 +71,12 @@ def test_kube_pod_added_is_intercepted_deleted_is_detached(tmp_path):
             assert map_entry(sb, cookie) is not None
             kube_src = [s for s in ag.doc()["sources"] if s["name"] == "kubernetes"][0]
             assert kube_src["synced"] and kube_src["error"] is None
+            text = subprocess.run([sys.executable, "-m", "meshbpf", "status", "--pin-prefix",
+                                   sb.pin_prefix, "--cgroup-root", sb.cgroup_root], cwd=REPO,
+                                  capture_output=True, text=True, timeout=60, check=True).stdout
+            assert f"{name}  id={uid}  source=kubernetes  state=attached" in text, text
+            assert "c  id=c  source=pods-file  state=attached" in text, text
+            assert "kubernetes (node node-a): listed" in text, text
 
             # the pod object is deleted: detached, nothing of it left; the file's pod stays
             api.delete("bookinfo", "reviews-v1-5c7f8d9b8-x2kq4")
@@ -83,9 +91,6 @@ def test_kube_pod_added_is_intercepted_deleted_is_detached(tmp_path):
         finally:
             if ag is not None and ag.proc.poll() is None:
                 ag.stop(9)
-            import subprocess
-            import sys
-            from .test_agent import REPO
             subprocess.run([sys.executable, "-m", "meshbpf", "cleanup", "--pin-prefix",
                             sb.pin_prefix, "--cgroup-root", sb.cgroup_root], cwd=REPO,
                            capture_output=True, timeout=60)
