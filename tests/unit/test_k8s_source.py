@@ -280,9 +280,10 @@ def test_500s_are_backed_off_doubling_to_the_cap(api, make_source):
     wait(lambda: "u-1" in served(src), timeout=10)
     t = api.request_times[:6]
     gaps = [round(b - a, 2) for a, b in zip(t, t[1:])]
-    # 0.1, 0.2, 0.4, 0.4 (capped), 0.4
+    # 0.1, 0.2, 0.4, then capped at 0.4 (never the 0.8 a further doubling would give);
+    # never shorter, a little longer on a busy machine
     for got, want in zip(gaps, [0.1, 0.2, 0.4, 0.4, 0.4]):
-        assert want <= got < want + 0.15, gaps
+        assert want - 0.01 <= got < want + 0.35, gaps
     assert src.last_error is None and src.failures == 0
     assert src.report()["synced"]
 
