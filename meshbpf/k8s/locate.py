@@ -108,8 +108,7 @@ def parse_container_dir(name):
                                      ("docker-", "docker", False)):
         if name.startswith(prefix):
             cid = name[len(prefix):]
-            if cid.endswith(".scope"):
-                cid = cid[:-len(".scope")]
+            cid = cid.removesuffix(".scope")
             return ContainerDir(runtime, cid, monitor) if cid else None
     if _HEX_ID.match(name):
         return ContainerDir("containerd", name)     # cgroupfs: the bare id

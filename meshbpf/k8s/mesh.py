@@ -268,7 +268,7 @@ def _build(fields, sources):
 # ---- Istio's validators (sidecar_redirect.go) ---------------------------------------------
 
 def _check_mode(v):
-    return None if v in ("REDIRECT", "TPROXY") else f"interception mode must be REDIRECT or TPROXY"
+    return None if v in ("REDIRECT", "TPROXY") else "interception mode must be REDIRECT or TPROXY"
 
 
 def _check_cidrs(v):

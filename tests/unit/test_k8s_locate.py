@@ -7,11 +7,26 @@ import os
 
 import pytest
 
-from meshbpf.errors import MeshbpfError, NotFoundError, PodNotFoundError, PodNotRunningError, UsageError
+from meshbpf.errors import (
+    MeshbpfError,
+    NotFoundError,
+    PodNotFoundError,
+    PodNotRunningError,
+    UsageError,
+)
 from meshbpf.k8s import locate
-from meshbpf.k8s.locate import (ContainerDir, Proc, candidate_paths, choose_netns, find_pod,
-                                netns_ident, parse_container_dir, pod_dir_names, start_time,
-                                uid_of_pod_dir)
+from meshbpf.k8s.locate import (
+    ContainerDir,
+    Proc,
+    candidate_paths,
+    choose_netns,
+    find_pod,
+    netns_ident,
+    parse_container_dir,
+    pod_dir_names,
+    start_time,
+    uid_of_pod_dir,
+)
 
 UID = "5f0c1b2a-7e3d-4c9b-8a61-0d2e4f6a8b1c"
 U_ = UID.replace("-", "_")
@@ -133,8 +148,8 @@ LAYOUTS = {
         [f"crio-{CID}.scope", f"crio-{CID2}.scope"]),
     # kind: kubelet's cgroups under the node container's own cgroup
     "nested-kind-systemd": (
-        f"kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/"
-        f"kubelet-kubepods-burstable-pod{U_}.slice", [f"cri-containerd-{CID}.scope"]),
+        (f"kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/"
+         f"kubelet-kubepods-burstable-pod{U_}.slice"), [f"cri-containerd-{CID}.scope"]),
     "nested-cgroupfs": (f"system.slice/containerd.service/kubepods/pod{UID}", [CID]),
 }
 
