@@ -79,11 +79,11 @@ def daemon(pods_file, kube, kubeconfig, node_name, pin_prefix, cgroup_root, mode
       meshbpf daemon --pods-file /etc/meshbpf/pods.yaml --log-format json
       NODE_NAME=node-a meshbpf daemon --kube --kubeconfig ~/.kube/config
     """
+    from ..errors import UsageError
     from ..interceptor import DEFAULT_PIN_PREFIX
     from ..service import NodeService
     from .daemon import Daemon
     from .metrics import Metrics
-    from ..errors import UsageError
     if not pods_file and not kube:
         raise UsageError("name at least one pod source: --pods-file PATH and/or --kube")
     if kubeconfig and not kube:

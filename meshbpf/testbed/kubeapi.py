@@ -229,7 +229,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         api = self.api
         url = urllib.parse.urlsplit(self.path)
         query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
@@ -278,7 +278,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _watch(self, namespace, terms, query):
-        api = self.api
         bookmarks = query.get("allowWatchBookmarks") in ("1", "true")
         try:
             timeout = float(query.get("timeoutSeconds", 1800))

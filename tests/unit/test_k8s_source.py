@@ -324,11 +324,13 @@ def test_half_known_pod_is_not_acted_on_until_complete(api, make_source):
 # ---- the daemon with two sources -----------------------------------------------------------
 def test_daemon_serves_the_union_and_a_shared_id_is_an_error_for_both(api, tmp_path,
                                                                       monkeypatch):
-    from meshbpf.agent import daemon
-    from .test_agent_daemon import LoopService, _wait, _write
-    from .test_agent_reconciler import FakePod
     import signal
     import threading
+
+    from meshbpf.agent import daemon
+
+    from .test_agent_daemon import LoopService, _wait, _write
+    from .test_agent_reconciler import FakePod
     monkeypatch.setattr(reconcile, "resolve", FakePod)
     path = str(tmp_path / "pods.json")
     _write(path, [{"name": "vm", "netns": "/run/netns/vm", "cgroup": "/sys/fs/cgroup/vm"}])
@@ -391,18 +393,20 @@ def test_daemon_command_needs_a_usable_source(args, msg, tmp_path):
     env.pop("NODE_NAME", None)
     r = subprocess.run([sys.executable, "-m", "meshbpf", "daemon", "--pin-prefix",
                         str(tmp_path / "pins"), *args], capture_output=True, text=True,
-                       timeout=60, env=env)
+                       timeout=60, env=env, check=False)
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_daemon_acts_on_nothing_until_the_kube_source_has_listed(api, tmp_path, monkeypatch):
     """An agent (re)started while the API server fails must not detach the pods it owns
     (they would look removed): nothing is acted on, and it is not ready, until the list."""
-    from meshbpf.agent import daemon
-    from .test_agent_daemon import LoopService, _wait, _write
-    from .test_agent_reconciler import FakePod
     import signal
     import threading
+
+    from meshbpf.agent import daemon
+
+    from .test_agent_daemon import LoopService, _wait, _write
+    from .test_agent_reconciler import FakePod
     monkeypatch.setattr(reconcile, "resolve", FakePod)
     path = str(tmp_path / "pods.json")
     _write(path, [{"name": "vm", "netns": "/run/netns/vm", "cgroup": "/sys/fs/cgroup/vm"}])
