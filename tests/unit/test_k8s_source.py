@@ -233,6 +233,16 @@ def test_dropped_watch_resumes_from_its_resource_version(api, make_source):
     wait(lambda: set(served(src)) == {"u-1", "u-2"})
 
 
+def test_a_watch_that_times_out_is_resumed_without_a_backoff_or_a_list(api, make_source):
+    src = make_source(watch_timeout=1, backoff_first=5)
+    wait(lambda: src.desired() is not None)
+    wait(lambda: len(api.watch_versions()) >= 3, timeout=6, what="watches renewed")
+    assert all(q.get("timeoutSeconds") == "1" for q in
+               [q for _m, _p, q in api.requests if q.get("watch") == "true"])
+    assert set(api.watch_versions()) == {src.resource_version}
+    assert len(api.lists()) == 1 and src.failures == 0
+
+
 def test_bookmark_moves_the_resume_point(api, make_source):
     src = make_source()
     wait(lambda: src.desired() is not None)
