@@ -44,8 +44,13 @@ def setup_logging(fmt, level=logging.INFO):
 @click.option("--pin-prefix", default=None, envvar="MESHBPF_PIN_PREFIX",
               help="bpffs directory for meshbpf's pinned programs and maps.")
 @click.option("--cgroup-root", type=click.Path(), default=None,
+              envvar="MESHBPF_CGROUP_ROOT",
               help="cgroup v2 directory the eBPF hooks attach to (default: the cgroup v2 "
-                   "mount's root). Every meshed pod must be below it.")
+                   "mount's root). Every meshed pod must be below it. On a Kubernetes node "
+                   "`kubepods`: the kubelet's kubepods cgroup (kubepods/ or kubepods.slice/, "
+                   "found under the cgroup v2 mount), below a CNI's socket load balancer at "
+                   "the root, so the sidecar sees the ClusterIP; `auto`: kubepods where there "
+                   "is one, else the root.")
 @click.option("--mode", type=click.Choice(["auto", "ebpf", "iptables"]), default="auto",
               show_default=True, help="auto: eBPF where the kernel allows it, else iptables.")
 @click.option("--splice/--no-splice", default=True, show_default=True,
@@ -75,7 +80,12 @@ def daemon(pods_file, pin_prefix, cgroup_root, mode, splice, metrics_addr, resyn
     from ..service import NodeService
     from .daemon import Daemon
     from .metrics import Metrics
+    from ..k8s.cgroups import KEYWORDS, resolve_cgroup_root
     setup_logging(log_format)
+    if cgroup_root in KEYWORDS:
+        asked, cgroup_root = cgroup_root, resolve_cgroup_root(cgroup_root)
+        logging.getLogger("meshbpf.agent").info(
+            "attach point %s (--cgroup-root %s)", cgroup_root or "the cgroup v2 root", asked)
     pin_prefix = pin_prefix or DEFAULT_PIN_PREFIX
     # reconcile: iptables mode re-applies drifted rules in place (no window without them);
     # upgrade: pinned programs of another version (an older agent's) are replaced in place

@@ -95,3 +95,50 @@ def test_resolve_keeps_paths_and_none_and_resolves_keywords(tmp_path):
     assert cgroups.resolve_cgroup_root("auto", base=plain) is None
     with pytest.raises(NotFoundError):
         cgroups.resolve_cgroup_root("kubepods", base=plain)
+
+
+def _daemon(args, monkeypatch, mount, tmp_path):
+    """`meshbpf daemon` up to the service it would start: (exit code, output, the
+    cgroup_root the service got or None)."""
+    from click.testing import CliRunner
+
+    import meshbpf.service
+    from meshbpf import system
+    from meshbpf.cli import main
+    from meshbpf.errors import MeshbpfError
+    got = {}
+
+    class Stop(MeshbpfError):
+        pass
+
+    def service(**kw):
+        got.update(kw)
+        raise Stop("stopped before starting anything")
+    monkeypatch.setattr(system, "cgroup2_mount", lambda: mount)
+    monkeypatch.setattr(meshbpf.service, "NodeService", service)
+    pods = tmp_path / "pods.yaml"
+    pods.write_text("pods: []\n")
+    r = CliRunner().invoke(main, ["daemon", "--pods-file", str(pods), *args])
+    return r.exit_code, r.output, got.get("cgroup_root", "not started")
+
+
+def test_daemon_cgroup_root_keywords(tmp_path, monkeypatch):
+    k8s = tree(tmp_path / "k8s", CGROUPFS)
+    code, out, root = _daemon(["--cgroup-root", "kubepods"], monkeypatch, k8s, tmp_path)
+    assert root == os.path.join(k8s, "kubepods"), out
+    code, out, root = _daemon(["--cgroup-root", "auto"], monkeypatch, k8s, tmp_path)
+    assert root == os.path.join(k8s, "kubepods"), out
+    code, out, root = _daemon([], monkeypatch, k8s, tmp_path)
+    assert root is None, out                            # no option: as before
+    code, out, root = _daemon(["--cgroup-root", "/sys/fs/cgroup/mine"], monkeypatch, k8s,
+                              tmp_path)
+    assert root == "/sys/fs/cgroup/mine", out           # a path: as given
+
+
+def test_daemon_kubepods_on_a_node_without_one_is_a_clear_error(tmp_path, monkeypatch):
+    plain = tree(tmp_path / "plain", ["system.slice", "user.slice"])
+    code, out, root = _daemon(["--cgroup-root", "kubepods"], monkeypatch, plain, tmp_path)
+    assert (code, root) == (3, "not started"), out
+    assert "no kubepods cgroup" in out and "Traceback" not in out
+    code, out, root = _daemon(["--cgroup-root", "auto"], monkeypatch, plain, tmp_path)
+    assert root is None, out                            # auto: the root, as without it
