@@ -10,9 +10,10 @@
  *
  * Inbound (mb_trace_in, from tc_inbound): one event per connection, not per packet: only a
  * SYN without ACK is traced, and only where tc decides it (a retransmitted SYN that the
- * kernel already holds a request socket for passes untraced). tc runs in softirq, on no
- * task of the pod: the event has no uid/gid (0), and its netns is the owner cookie recorded
- * in the pod's inbound_pods entry, the same cookie the cgroup hooks report for the pod.
+ * kernel already holds a request socket for passes untraced; one that tc drops because no
+ * capture listener is up yet is traced again: each is a failed attempt). tc runs in
+ * softirq, on no task of the pod: the event has no uid/gid (0), and its netns is the owner
+ * cookie recorded in the pod's inbound_pods entry, the cookie the cgroup hooks report.
  *
  * Kernels without BPF ring buffers (Linux < 5.8) get MB_NO_RINGBUF from the loader: the
  * maps and the event code compile out and the programs load as before.
@@ -32,7 +33,7 @@
 #define MB_TRACE_REFUSED 3       /* refused (EPERM): could not be recorded             */
 #define MB_TRACE_DROPPED 4       /* inbound SYN dropped (no capture listener yet)      */
 
-/* One decision. `rule` is an MB_WHY_* (policy.h). Mirrored by structs.TraceEvent. */
+/* One decision. `rule` is an MB_WHY_* (policy.h, inbound.h). Mirrored by structs.TraceEvent. */
 struct trace_event {
     __u64 netns;                 /* netns cookie of the socket (the pod)               */
     __u64 time_ns;               /* bpf_ktime_get_ns()                                 */
@@ -81,6 +82,7 @@ static __always_inline void mb_trace_out(struct pod_config *pc, __u64 nc, const 
     /* a full ring drops the event (the follower is behind), never the connection */
     trace_events.ringbuf_output(&ev, sizeof(ev), 0);
 }
+
 /* An inbound connection's first SYN to `pk`:`dport` (the pod address and port the client
  * dialled; network order), decided by the policy of `polk` (tc_inbound's mbi_policy_key;
  * `iface`: the filter's inbound_ifaces id, for a destination no pod owns). `why` 0: the
