@@ -142,36 +142,53 @@ def _wait_for_follower(proc, pin_prefix):
 
 
 def test_trace_shows_inbound_connections_with_their_verdicts():
-    """One event per inbound connection at the meshed pod's interface: to a captured port
-    with no capture listener yet (dropped), the same port once the listener is up
-    (redirected to 15006), and an excluded port (bypassed); the client pod is not meshed,
-    so its own connects make no events."""
+    """One event per inbound connection at a meshed pod's interface. Pod srv (include '*',
+    exclude 7070): a captured port with no capture listener yet (dropped), the same port
+    once the listener is up (redirected to 15006), the excluded port (bypassed). Pod srv2
+    (include 8080 only): its listed port (redirected) and another (bypassed, not included).
+    `--pod` keeps one pod's events (srv2's are made while srv's follower runs); the client
+    pod is not meshed, so its own connects make no events."""
     with Sandbox(name="trin") as sb:
         svc = NodeService(mode="ebpf", pin_prefix=sb.pin_prefix, cgroup_root=sb.cgroup_root)
-        srv = sb.add_pod("srv")
+        srv, srv2 = sb.add_pod("srv"), sb.add_pod("srvb")
         cli = sb.add_pod("cli")
         try:
             svc.attach(srv.pod, InterceptConfig(inbound_ports_exclude="7070"), pod_id="srv-id")
-            name = svc.store.load("srv-id")["name"]
+            svc.attach(srv2.pod, InterceptConfig(inbound_ports_include="8080"), pod_id="srv2-id")
+            name, name2 = (svc.store.load(i)["name"] for i in ("srv-id", "srv2-id"))
             captured, excluded = f"{srv.ip4}:8080", f"{srv.ip4}:7070"
-            proc = _start_trace(sb.pin_prefix, "-o", "json", "--count", "3", "--timeout", "60",
-                                "--pod", name)
-            try:
-                _wait_for_follower(proc, sb.pin_prefix)
-                _connect(cli, captured)
-                srv.spawn([pod_python(), "-c", LISTEN, "15006"], uid=1337)
-                srv.wait_port(15006, listening=True)
-                _connect(cli, captured, excluded)
-            finally:
-                out, err = _finish(proc)
-            assert proc.returncode == 0, err
-            got = [(e["pod"], e["pod_id"], e["direction"], e["destination"], e["verdict"],
-                    e["rule"], e["to_port"], e["uid"])
-                   for e in map(json.loads, out.splitlines())]
+            listed, unlisted = f"{srv2.ip4}:8080", f"{srv2.ip4}:9090"
+
+            def follow(pod, n, *connects):
+                proc = _start_trace(sb.pin_prefix, "-o", "json", "--count", str(n),
+                                    "--timeout", "60", "--pod", pod)
+                try:
+                    _wait_for_follower(proc, sb.pin_prefix)
+                    for step in connects:
+                        step()
+                finally:
+                    out, err = _finish(proc)
+                assert proc.returncode == 0, err
+                return [(e["pod"], e["pod_id"], e["direction"], e["destination"], e["verdict"],
+                         e["rule"], e["to_port"], e["uid"])
+                        for e in map(json.loads, out.splitlines())]
+
+            def listeners():
+                for p in (srv, srv2):
+                    p.spawn([pod_python(), "-c", LISTEN, "15006"], uid=1337)
+                    p.wait_port(15006, listening=True)
+
+            got = follow(name, 3, lambda: _connect(cli, captured), listeners,
+                         lambda: _connect(cli, unlisted, captured, excluded))
             assert got == [
                 (name, "srv-id", "in", captured, "dropped", "no_listener", None, None),
                 (name, "srv-id", "in", captured, "redirected", "in_include_all", 15006, None),
                 (name, "srv-id", "in", excluded, "bypassed", "in_excluded_port", None, None),
+            ]
+            got = follow(name2, 2, lambda: _connect(cli, listed, unlisted))
+            assert got == [
+                (name2, "srv2-id", "in", listed, "redirected", "in_included_port", 15006, None),
+                (name2, "srv2-id", "in", unlisted, "bypassed", "in_not_included", None, None),
             ]
             assert trace.read_gate(sb.pin_prefix) == 0
         finally:
