@@ -50,8 +50,13 @@ def setup_logging(fmt, level=logging.INFO):
 @click.option("--pin-prefix", default=None, envvar="MESHBPF_PIN_PREFIX",
               help="bpffs directory for meshbpf's pinned programs and maps.")
 @click.option("--cgroup-root", type=click.Path(), default=None,
+              envvar="MESHBPF_CGROUP_ROOT",
               help="cgroup v2 directory the eBPF hooks attach to (default: the cgroup v2 "
-                   "mount's root). Every meshed pod must be below it.")
+                   "mount's root; with --kube: auto). Every meshed pod must be below it. On a Kubernetes node "
+                   "`kubepods`: the kubelet's kubepods cgroup (kubepods/ or kubepods.slice/, "
+                   "found under the cgroup v2 mount), below a CNI's socket load balancer at "
+                   "the root, so the sidecar sees the ClusterIP; `auto`: kubepods where there "
+                   "is one, else the root.")
 @click.option("--mode", type=click.Choice(["auto", "ebpf", "iptables"]), default="auto",
               show_default=True, help="auto: eBPF where the kernel allows it, else iptables.")
 @click.option("--splice/--no-splice", default=True, show_default=True,
@@ -84,11 +89,20 @@ def daemon(pods_file, kube, kubeconfig, node_name, pin_prefix, cgroup_root, mode
     from ..service import NodeService
     from .daemon import Daemon
     from .metrics import Metrics
+    from ..k8s.cgroups import KEYWORDS, resolve_cgroup_root
     if not pods_file and not kube:
         raise UsageError("name at least one pod source: --pods-file PATH and/or --kube")
     if kubeconfig and not kube:
         raise UsageError("--kubeconfig goes with --kube")
     setup_logging(log_format)
+    if cgroup_root is None and kube:
+        # On a Kubernetes node attach below a CNI's socket load balancer at the root (so the
+        # sidecar sees the ClusterIP): the kubepods cgroup, or the root where there is none.
+        cgroup_root = "auto"
+    if cgroup_root in KEYWORDS:
+        asked, cgroup_root = cgroup_root, resolve_cgroup_root(cgroup_root)
+        logging.getLogger("meshbpf.agent").info(
+            "attach point %s (--cgroup-root %s)", cgroup_root or "the cgroup v2 root", asked)
     sources = []
     if kube:
         from ..k8s.source import KubeSource

@@ -181,9 +181,10 @@ MB_TRACE_IN = 2
 MB_TRACE_REDIRECTED = 1
 MB_TRACE_BYPASSED = 2
 MB_TRACE_REFUSED = 3
+MB_TRACE_DROPPED = 4
 TRACE_DIRECTIONS = {MB_TRACE_OUT: "out", MB_TRACE_IN: "in"}
 TRACE_VERDICTS = {MB_TRACE_REDIRECTED: "redirected", MB_TRACE_BYPASSED: "bypassed",
-                  MB_TRACE_REFUSED: "refused"}
+                  MB_TRACE_REFUSED: "refused", MB_TRACE_DROPPED: "dropped"}
 # MB_WHY_* code -> (name, what it means); the name is the C one without MB_WHY_, lowercased
 TRACE_RULES = {
     1: ("excluded_port", "outbound_ports_exclude"),
@@ -203,6 +204,13 @@ TRACE_RULES = {
     15: ("tproxy_inbound", "TPROXY: a proxy connect to a captured inbound port"),
     16: ("ipv6_off", "IPv6 destination without enable_ipv6"),
     17: ("map_full", "no room to record the connection: refused"),
+    # inbound (bpf/lib/inbound.h)
+    18: ("in_included_port", "inbound_ports_include"),
+    19: ("in_include_all", "inbound_ports_include '*'"),
+    20: ("in_excluded_port", "inbound_ports_exclude (or a port Istio always excludes)"),
+    21: ("in_not_included", "not in inbound_ports_include"),
+    22: ("not_meshed", "the destination is no enrolled pod's"),
+    23: ("no_listener", "the sidecar's inbound listener is not up: SYN dropped"),
 }
 
 

@@ -398,11 +398,12 @@ def test_getsockname_programs_follow_getpeername():
 
 
 def test_trace_constants_match_header():
-    """The trace event's codes (lib/trace.h) and rule names (MB_WHY_*, lib/policy.h) are the
-    C ones: a renumbered rule would make `meshbpf trace` name the wrong rule."""
+    """The trace event's codes (lib/trace.h) and rule names (MB_WHY_*, lib/policy.h and
+    lib/inbound.h) are the C ones: a renumbered rule would make `meshbpf trace` name the
+    wrong rule."""
     defines = _defines(_header())
     for name in ("MB_TRACE_OUT", "MB_TRACE_IN", "MB_TRACE_REDIRECTED", "MB_TRACE_BYPASSED",
-                 "MB_TRACE_REFUSED"):
+                 "MB_TRACE_REFUSED", "MB_TRACE_DROPPED"):
         assert _eval(name, defines) == getattr(structs, name), name
     why = {int(_eval(k, defines)): k[len("MB_WHY_"):].lower()
            for k in defines if k.startswith("MB_WHY_")}
