@@ -13,6 +13,7 @@ What is proved, per mode:
   connect hooks compare the caller's cgroup); iptables mode captures it, as Istio's VM mode
   does (its OUTPUT rules know no cgroup, only uid 1337);
 - inbound to the workload's port from another netns reaches Envoy's 15006;
+- SIGTERM leaves interception in place and a new agent adopts it without re-attaching;
 - removing the entry leaves nothing: no record, no map entry, no tc filter, no ISTIO chain;
 - bad host entries (another netns with "host": true; an interface list in iptables mode)
   are reported and change nothing.
@@ -205,6 +206,14 @@ def test_host_workload_through_its_sidecar_then_removed(bed, mode):
                 if h["direction"] == "ingress"] == ["eth0"]
     else:
         assert istio_chains(b.vm.netns)
+
+    # SIGTERM (what systemd sends the unit) leaves interception in place; a new agent adopts
+    assert ag.stop() == 0
+    assert delta(b.env, lambda: traffic.http_get(b.app, b.srv.ip4, 8080), OUT_CX)[0] == 1
+    ag = HostAgent(b.sb, b.vm.netns, b.pods_file, mode)
+    b.agents.append(ag)
+    ag.wait_state("vm", "attached")
+    assert '"action": "attach"' not in ag.output()      # in sync: nothing re-done
 
     # removal leaves nothing
     write_pods(b.pods_file, [])
