@@ -47,7 +47,7 @@ def plan(desired, records, owned=(), live=None):
         if cookie is not None and rec.get("netns_cookie") not in (None, cookie):
             actions.append(Action("attach", pod_id, "its network namespace was recreated"))
         elif _spec_changed(want, rec):
-            actions.append(Action("attach", pod_id, "its netns or cgroup changed"))
+            actions.append(Action("attach", pod_id, "its netns, cgroup or inbound interfaces changed"))
         elif not same_config(rec.get("config"), want.config_dict()):
             actions.append(Action("update", pod_id, "config changed"))
         elif facts.get("drift"):

@@ -217,6 +217,7 @@ class EbpfInterceptor(Interceptor):
                                                      addresses, local, prev, scope)
                 try:
                     inbound = self._attach_inbound(pod, config, maps, ctx, prev.get("inbound"))
+                    _unhook_dropped(pod, prev.get("inbound"), inbound)
                 except (MeshbpfError, OSError, ValueError) as e:
                     self._restore(maps, want, saved, index, prev.get("pod_index"), ctx)
                     if isinstance(e, MeshbpfError):
@@ -497,6 +498,29 @@ def _host_cgroup(pod):
     except OSError as e:
         raise UsageError(f"pod {pod.name}: cannot read its cgroup {path}: {e.strerror}")
     return ino, structs.cgroup_level(path, os.path.realpath(system.cgroup2_mount()))
+
+
+def _unhook_dropped(pod, old, new):
+    """A re-attach that steers fewer interfaces (a host entry's inbound_interfaces shrank)
+    takes meshbpf's filter off the others, and the clsact qdisc where meshbpf added it and
+    nothing else is left on it."""
+    def hooked(rec):
+        ifaces = rec.get("interfaces") if isinstance(rec, dict) else None
+        return {i["name"]: i for i in (ifaces or []) if isinstance(i, dict) and "name" in i}
+    gone = {n: i for n, i in hooked(old).items() if n not in hooked(new)}
+    if not gone:
+        return
+    from .inbound import tc
+    with system.in_netns(pod.netns), tc.netlink() as ipr:
+        for link in tc.links(ipr):
+            if link["name"] not in gone or not tc.has_clsact(ipr, link["index"]):
+                continue
+            if any(f["ours"] for f in tc.filters(ipr, link["index"], tc.TC_INGRESS_PARENT)):
+                tc.del_filter(ipr, link["index"], tc.TC_INGRESS_PARENT)
+            left = (tc.filters(ipr, link["index"], tc.TC_INGRESS_PARENT) +
+                    tc.filters(ipr, link["index"], tc.TC_EGRESS_PARENT))
+            if not left and gone[link["name"]].get("clsact_added"):
+                ipr.tc("del", "clsact", link["index"])
 
 
 def _host_interfaces(pod):

@@ -241,3 +241,31 @@ def test_iptables_mode_refuses_an_interface_list_for_a_host_workload(bed):
     assert istio_chains(b.vm.netns) == []
     assert delta(b.env, lambda: traffic.http_get(b.app, b.srv.ip4, 8080), OUT_CX)[0] == 0
     assert ag.stop() == 0
+
+
+def test_ebpf_fewer_inbound_interfaces_unhooks_the_dropped_one(bed):
+    """A host entry whose inbound_interfaces shrinks is attached again: the interface no
+    longer listed loses meshbpf's tc filter (and the clsact meshbpf added there)."""
+    b = bed
+    # a second Ethernet interface of the "host" (both veth ends stay in its netns)
+    system.run(["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"], netns=b.vm.netns)
+    system.run(["ip", "addr", "add", "10.251.0.1/24", "dev", "d0"], netns=b.vm.netns)
+    for dev in ("d0", "d1"):
+        system.run(["ip", "link", "set", dev, "up"], netns=b.vm.netns)
+    ag = HostAgent(b.sb, b.vm.netns, b.pods_file, "ebpf")
+    b.agents.append(ag)
+
+    def hooked():
+        return sorted(h["interface"] for h in tc.list_hooks(b.vm.pod) if h["direction"] == "ingress")
+
+    write_pods(b.pods_file, [host_entry(b, inbound_interfaces=["eth0", "d0"])])
+    ag.wait_state("vm", "attached")
+    assert hooked() == ["d0", "eth0"]
+    write_pods(b.pods_file, [host_entry(b, inbound_interfaces=["eth0"])])
+    ag.wait(lambda: hooked() == ["eth0"], 10, "d0 unhooked")
+    assert ag.pods()["vm"]["state"] == "attached"
+    assert delta(b.env, lambda: traffic.http_get(b.peer, b.vm.ip4, 8080), IN_CX)[0] == 1
+    write_pods(b.pods_file, [])
+    ag.wait(lambda: "vm" not in ag.pods(), 30, "detach")
+    assert tc.list_hooks(b.vm.pod) == []
+    assert ag.stop() == 0
