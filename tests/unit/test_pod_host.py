@@ -15,9 +15,8 @@ def test_own_netns_is_refused_except_for_a_host_workload():
     with podmod.host_netns_allowed():
         podmod.guard_netns("/proc/self/ns/net")          # a host workload's: allowed
         podmod.guard_netns(f"/proc/{os.getpid()}/ns/net")
-    with podmod.host_netns_allowed(False):
-        with pytest.raises(UsageError):
-            podmod.guard_netns("/proc/self/ns/net")
+    with podmod.host_netns_allowed(False), pytest.raises(UsageError):
+        podmod.guard_netns("/proc/self/ns/net")
     with pytest.raises(UsageError):                       # the allowance ended with the block
         podmod.guard_netns("/proc/self/ns/net")
 

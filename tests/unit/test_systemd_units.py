@@ -64,7 +64,7 @@ def test_units_pass_systemd_analyze_verify(verified_copies):
     exe = shutil.which("systemd-analyze")
     assert exe, "systemd-analyze is part of systemd (make setup installs it)"
     r = subprocess.run([exe, "verify", "--man=no", *verified_copies.values()],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     # Only complaints about the units themselves count (not about the machine's other units).
     ours = [l for l in (r.stdout + r.stderr).splitlines()
             if any(os.path.basename(p) in l for p in verified_copies.values())]
@@ -77,7 +77,7 @@ def test_verify_catches_a_missing_binary(tmp_path):
     path = tmp_path / "meshbpf-agent.service"
     path.write_text(_read("meshbpf-agent.service").replace("/usr/local/bin/meshbpf", missing))
     r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(path)],
-                       capture_output=True, text=True, timeout=120)
+                       capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode != 0 and missing in r.stdout + r.stderr
 
 
