@@ -19,13 +19,7 @@ import types
 from .. import pod as podmod
 from .. import system
 from ..config import InterceptConfig
-from ..errors import (
-    AddressInUseError,
-    ApplyError,
-    MeshbpfError,
-    UnsupportedError,
-    UsageError,
-)
+from ..errors import AddressInUseError, ApplyError, MeshbpfError, UnsupportedError, UsageError
 from ..interceptor import DEFAULT_PIN_PREFIX, Interceptor
 from ..state import StateStore
 from . import loader, structs
