@@ -16,7 +16,7 @@ import yaml
 
 from meshbpf.agent import reconcile
 from meshbpf.config import InterceptConfig
-from meshbpf.errors import NotFoundError
+from meshbpf.errors import PodNotFoundError
 from meshbpf.k8s import source as ks
 from meshbpf.testbed.kubeapi import KubeAPIServer
 
@@ -54,7 +54,7 @@ class Locator:
     def __call__(self, uid, cgroup_root=None):
         self.calls.append((uid, cgroup_root))
         if uid not in self.known:
-            raise NotFoundError(f"no cgroup pod{uid}")
+            raise PodNotFoundError(f"no cgroup pod{uid}")
         return self.known[uid]
 
 
@@ -133,7 +133,7 @@ def test_assess_never_serves_a_half_known_pod():
     assert ks.assess(unscheduled, classify) == ks.Verdict("wait", "not scheduled yet")
     unscheduled["spec"]["nodeName"] = NODE          # scheduled, sandbox not made yet
     v = ks.assess(unscheduled, classify)
-    assert v.kind == "wait" and "no container started" in v.reason
+    assert v.kind == "pending" and "no container started" in v.reason
     deleting = copy.deepcopy(full)
     deleting["metadata"]["deletionTimestamp"] = "2026-11-28T11:00:00Z"
     assert ks.assess(deleting, classify).kind == "drop"
@@ -154,11 +154,14 @@ def test_desired_pod_is_keyed_by_uid_named_namespace_slash_name():
     loc.known["u-1"] = ("/proc/42/ns/net", "/sys/fs/cgroup/kubepods/podu-1")
     pods, errors, waiting = ks.desired_state([pod("a", "u-1", **{EXCLUDE_PORTS: "9000"}),
                                               pod("b", "u-2")], classify, loc)
-    assert errors == [] and list(pods) == ["u-1"]
+    assert errors == [] and sorted(pods) == ["u-1", "u-2"]
     p = pods["u-1"]
-    assert (p.id, p.name, p.source, p.netns, p.cgroup) == (
-        "u-1", "bookinfo/a", "kubernetes", "/proc/42/ns/net", "/sys/fs/cgroup/kubepods/podu-1")
+    assert (p.id, p.name, p.source, p.netns, p.cgroup, p.by_cni) == (
+        "u-1", "bookinfo/a", "kubernetes", "/proc/42/ns/net", "/sys/fs/cgroup/kubepods/podu-1",
+        True)
     assert p.config.to_dict()["outbound_ports_exclude"] == "9000"
+    # not found on the node (yet): pending, its CNI ADD says where it is
+    assert pods["u-2"].pending and pods["u-2"].name == "bookinfo/b"
     assert "no cgroup podu-2" in waiting["bookinfo/b"]
 
 
@@ -314,17 +317,18 @@ def test_half_known_pod_is_not_acted_on_until_complete(api, make_source):
     src = make_source()
     uid = pending["metadata"]["uid"]
     wait(lambda: src.desired() is not None)
-    assert served(src) == {} and "no container started" in src.waiting["bookinfo/" +
-                                                                         pending["metadata"]["name"]]
+    # meshed, no container yet: pending (no netns: its CNI ADD says where it is)
+    assert list(served(src)) == [uid] and served(src)[uid].pending
+    assert "no container started" in src.waiting["bookinfo/" + pending["metadata"]["name"]]
     assert src.locator.calls == []                # not even looked for
-    # the sandbox is up but the pod is not found on the node yet: still not served
+    # the sandbox is up but the pod is not found on the node yet: still pending
     api.modify("bookinfo", pending["metadata"]["name"], lambda p: p["status"].update(
         phase="Pending", initContainerStatuses=[{"name": "istio-validation", "ready": False,
                                                  "state": {"running": {}}}]))
     wait(lambda: (served(src), src.locator.calls)[1], what="looked for")
-    assert served(src) == {}
+    assert served(src)[uid].pending
     in_netns(src, uid)
-    assert set(served(src)) == {uid}              # found on the next look (a resync)
+    assert served(src)[uid].netns == f"/run/netns/{uid}"     # found on the next look
     # being deleted: dropped (so the agent detaches) while the object still exists
     api.modify("bookinfo", pending["metadata"]["name"], lambda p: p["metadata"].update(
         deletionTimestamp="2026-11-28T11:00:00Z"))
