@@ -270,19 +270,22 @@ class KubeSource:
             obj = self.pods.get(key)
             if obj is None or (uid and _uid(obj) != uid):
                 obj = self.fetched.get(key)
-        if obj is None or (uid and _uid(obj) != uid):
+        got = obj is None or (uid and _uid(obj) != uid)
+        if got:
             obj = self._get(namespace, name)
             if obj is None or (uid and _uid(obj) != uid):
                 return None          # no such pod (any more): not meshed
             if (obj.get("spec") or {}).get("nodeName") != self.node_name:
                 return None
+        out, _errors, _waiting = desired_state([obj], self.classify, self._locate)
+        want = out.get(_uid(obj))
+        if got and want is not None:
             with self.lock:
                 if _uid(self.pods.get(key)) != _uid(obj):
                     self.fetched[key] = obj
             log.info("%s: CNI ADD before its watch event: got it from the API", key,
-                     extra={"pod": key, "pod_id": _uid(obj), "action": "get"})
-        out, _errors, _waiting = desired_state([obj], self.classify, self._locate)
-        return out.get(_uid(obj))
+                     extra={"pod": key, "pod_id": want.id, "action": "get"})
+        return want
 
     def _get(self, namespace, name):
         """The pod object from the API, or None (404); MeshbpfError if it cannot say."""
