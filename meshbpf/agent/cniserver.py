@@ -198,8 +198,10 @@ class Handler:
         desired state is then merged again, so it holds the pod). MeshbpfError: cannot say."""
         d = self.daemon
         want = self.lookup(namespace, name, uid)
-        if want is not None:
+        if want is not None and not (want.by_cni and uid and want.id != uid):
             return want
+        # (a by_cni pod of that name with another UID is another pod: a StatefulSet's pod
+        # recreated, or a static pod, whose runtime UID is not its mirror pod's)
         for s in getattr(d, "sources", ()):
             ask = getattr(s, "lookup", None)
             want = ask(namespace, name, uid) if ask is not None else None

@@ -294,3 +294,13 @@ def test_add_of_a_pod_its_source_does_not_mesh_is_not_meshed(kube_daemon):
     d.sources = [AskingSource(None)]
     r = cniserver.Handler(d)(req(netns=d.netns))
     assert r["ok"] and r["meshed"] is False and d.records == {} and d.passes == 0
+
+
+def test_add_for_another_uid_than_the_known_pod_of_that_name_asks_the_source(kube_daemon):
+    # the desired state has shop/web-0 with an older UID (a StatefulSet's pod recreated)
+    d = kube_daemon
+    d.desired = {"older-uid": kube_pod(id="older-uid")}
+    d.sources = [AskingSource(None)]
+    r = cniserver.Handler(d)(req(netns=d.netns))
+    assert r["ok"] and r["meshed"] is False and d.records == {}
+    assert d.sources[0].asked == [("shop", "web-0", UID)]
