@@ -12,6 +12,8 @@ host-local and meshbpf-cni invoked as a container runtime invokes a chained conf
   entry or pins.
 - The API server has the pod but the watch is held back: the ADD's GET of the pod enrolls it;
   the watch event, once released, changes nothing.
+- The API cannot answer that GET (503): the ADD fails with code 11 (try again later), nothing
+  is attached; the runtime's next ADD enrolls the pod.
 """
 
 import json
@@ -26,7 +28,7 @@ from meshbpf import system
 from meshbpf.testbed import traffic
 from meshbpf.testbed.kubeapi import KubeAPIServer
 
-from .cnirt import OUT_CX, Agent, cni_args, cni_node, map_entry, new_pod, pins
+from .cnirt import OUT_CX, Agent, CniFailed, cni_args, cni_node, map_entry, new_pod, pins
 
 pytestmark = pytest.mark.kernel
 
@@ -209,3 +211,24 @@ def test_add_before_the_watch_event_gets_the_pod_from_the_api(tmp_path):
 
         deleted_leaves_nothing(agent, sb, rt, conflist, api, web, uid, cid, args, results,
                                pins_before, env)
+
+
+def test_add_when_the_api_cannot_answer_fails_to_be_retried_then_enrolls(tmp_path):
+    with cni_node("cnikr") as (sb, rt, conflist, _pf, sock, _ipam, agents), \
+            KubeAPIServer() as api:
+        agent = start(tmp_path, sb, sock, api, agents)
+        db = server_pod(sb, rt, conflist)
+        web, uid, cid = web_pod(sb, rt)
+        env = web.start_envoy()
+        api.hold_watches()
+        api.add(pod_object(uid))
+        api.fail_next(1, 503)                        # the ADD's GET: the API cannot say
+        args = cni_args(NS, NAME, uid, cid)
+        with pytest.raises(CniFailed) as e:
+            rt.add(conflist, cid, web.netns, args)
+        assert e.value.plugin == "meshbpf-cni" and e.value.out["code"] == 11
+        assert "503" in e.value.out["details"]
+        assert not os.path.exists(os.path.join(sb.state_dir, "pods", f"{uid}.json"))
+        rt.delete(conflist, cid, web.netns, args, None)   # the runtime tears it down...
+        enrolled_at_add(sb, rt, conflist, web, uid, cid, db, env)   # ...and tries again
+        assert len(actions(agent, uid, "attach")) == 1
