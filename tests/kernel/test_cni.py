@@ -24,8 +24,17 @@ import pytest
 from meshbpf import system
 from meshbpf.testbed import traffic
 
-from .cnirt import (OUT_CX, Agent, CniFailed, cni_args, cni_node, links_on_bridge, map_entry,
-                    new_pod, pins)
+from .cnirt import (
+    OUT_CX,
+    Agent,
+    CniFailed,
+    cni_args,
+    cni_node,
+    links_on_bridge,
+    map_entry,
+    new_pod,
+    pins,
+)
 
 pytestmark = pytest.mark.kernel
 

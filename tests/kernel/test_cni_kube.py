@@ -28,7 +28,16 @@ from meshbpf import system
 from meshbpf.testbed import traffic
 from meshbpf.testbed.kubeapi import KubeAPIServer
 
-from .cnirt import OUT_CX, Agent, CniFailed, cni_args, cni_node, map_entry, new_pod, pins
+from .cnirt import (
+    OUT_CX,
+    Agent,
+    CniFailed,
+    cni_args,
+    cni_node,
+    map_entry,
+    new_pod,
+    pins,
+)
 
 pytestmark = pytest.mark.kernel
 

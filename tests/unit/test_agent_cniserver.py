@@ -261,7 +261,7 @@ def test_add_of_a_pod_only_its_source_can_find_enrolls_it_and_the_watch_changes_
     assert d.records[UID] == rec                  # nothing re-attached
     # DEL detaches; what the source finds while the sandbox goes is not served again
     r = h(req("del", netns=None))
-    assert r["ok"] and r["message"] == f"shop/web-0 detached" and UID not in d.records
+    assert r["ok"] and r["message"] == "shop/web-0 detached" and UID not in d.records
     assert source.complete(d.desired, d.bindings.data) == ({}, [d.desired[UID]])
     d.reconcile(False)
     assert UID not in d.records
