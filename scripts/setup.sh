@@ -9,6 +9,8 @@ say() { echo "setup: $*"; }
 
 pkgs=(bpfcc-tools python3-bpfcc bpftool iptables nftables iproute2 haproxy sockperf iperf3 curl
       python3-venv procps util-linux kmod ca-certificates)
+# the agent's container image: `make image`, tests/kernel/test_image.py
+pkgs+=(podman runc debootstrap)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 

@@ -1,0 +1,208 @@
+"""The agent's container image, built here (deploy/build-image.sh: podman, a local Debian
+base, cached by content) and run as the DaemonSet runs it: the rendered DaemonSet's
+hostPath mounts (with their propagation and read-only flags), its capabilities (all others
+dropped, not privileged), read-only root, host PID and network namespaces, its pods file
+mounted as the ConfigMap is. Against test-bed pods with a real Envoy sidecar on this host:
+a pod named in the pods file is intercepted, then detached when the entry goes. Only the
+test's own pin prefix, cgroup and netns are touched; the container, pins and records go
+also when the test fails."""
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests import deploy as D
+from meshbpf.testbed import Sandbox, traffic
+
+pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+
+OUT_CX = "tcp.outbound.downstream_cx_total"
+PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
+# this kind of machine refuses the runtime's default rlimits: set them explicitly
+ULIMITS = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768"]
+# CAP_* numbers (linux/capability.h) of the names the DaemonSet adds
+CAP_BITS = {"NET_RAW": 13, "NET_ADMIN": 12, "SYS_PTRACE": 19, "SYS_ADMIN": 21,
+            "SYS_RESOURCE": 24, "PERFMON": 38, "BPF": 39}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def image():
+    for tool in ("podman", "runc", "debootstrap"):
+        assert shutil.which(tool), f"{tool} is missing: scripts/setup.sh installs it"
+    out = subprocess.run(["bash", os.path.join(D.REPO, "deploy", "build-image.sh")],
+                         capture_output=True, text=True, timeout=3000)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def podman_args(ds, config_dir):
+    """`podman run` options that give a container what the kubelet gives the DaemonSet's
+    agent container: its mounts (hostPath as bind mounts with the same propagation, the
+    ConfigMap as a read-only directory, emptyDir as tmpfs), its security context, the
+    host's PID and network namespaces, NODE_NAME."""
+    spec = ds["spec"]["template"]["spec"]
+    (c,) = [c for c in spec["containers"] if c["name"] == "meshbpf"]
+    vols = {v["name"]: v for v in spec["volumes"]}
+    args = []
+    assert spec["hostPID"] and spec["hostNetwork"]
+    args += ["--pid", "host", "--network", "host"]
+    for m in c["volumeMounts"]:
+        v = vols[m["name"]]
+        ro = ",ro" if m.get("readOnly") else ""
+        if "hostPath" in v:
+            prop = {"HostToContainer": "rslave", "Bidirectional": "rshared"}.get(
+                m.get("mountPropagation"), "rprivate")
+            args += ["--mount", f"type=bind,src={v['hostPath']['path']},dst={m['mountPath']}"
+                                f",bind-propagation={prop}{ro}"]
+        elif "configMap" in v:
+            args += ["--mount", f"type=bind,src={config_dir},dst={m['mountPath']}{ro}"]
+        elif "emptyDir" in v:
+            args += ["--mount", f"type=tmpfs,dst={m['mountPath']}"]
+        else:
+            raise AssertionError(f"volume kind the test cannot give: {v}")
+    sc = c["securityContext"]
+    assert not sc.get("privileged")
+    args += ["--user", str(sc["runAsUser"])]
+    if sc["capabilities"]["drop"] == ["ALL"]:
+        args += ["--cap-drop", "all"]
+    for cap in sc["capabilities"]["add"]:
+        args += ["--cap-add", f"CAP_{cap}"]
+    if sc.get("readOnlyRootFilesystem"):
+        args += ["--read-only", "--read-only-tmpfs=false"]
+    # seccomp RuntimeDefault: podman's default profile, as containerd's, is applied
+    for e in c["env"]:
+        assert e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+        args += ["-e", f"{e['name']}={socket.gethostname()}"]
+    return args
+
+
+def agent_args(ds, image, sb, port):
+    """The DaemonSet's agent arguments, less what this test has no counterpart for: --kube
+    (no API server here) and the node-wide CNI socket and metrics port (this test's own)."""
+    (c,) = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "meshbpf"]
+    helptext = subprocess.run(PODMAN + ["run", "--rm", *ULIMITS, image, "daemon", "--help"],
+                              capture_output=True, text=True, timeout=120).stdout
+    out, args = [], list(c["args"])
+    while args:
+        a = args.pop(0)
+        if a == "--kube":
+            continue
+        if a in ("--cni-socket", "--metrics-addr"):
+            v = args.pop(0)
+            if a == "--cni-socket" and a in helptext:
+                out += [a, os.path.join(sb.state_dir, "cni.sock")]
+            elif a == "--metrics-addr":
+                out += [a, f"127.0.0.1:{port}"]
+            continue
+        out.append(a)
+    return out + ["--cgroup-root", sb.cgroup_root, "--mode", "ebpf"]
+
+
+def write_pods(config_dir, pods):
+    """As the kubelet updates a ConfigMap volume: new content, renamed over."""
+    tmp = os.path.join(config_dir, ".pods.yaml.tmp")
+    with open(tmp, "w") as f:
+        json.dump({"pods": pods}, f)
+    os.replace(tmp, os.path.join(config_dir, "pods.yaml"))
+
+
+def through_sidecar(env, pod, host):
+    before = env.stats().get(OUT_CX, 0)
+    traffic.http_get(pod, host, 8080)
+    return env.stats().get(OUT_CX, 0) - before
+
+
+def agent_doc(sb):
+    with contextlib.suppress(OSError, ValueError):
+        with open(os.path.join(sb.state_dir, "agent.json")) as f:
+            return json.load(f)
+    return None
+
+
+def pod_state(sb, name):
+    return {p["name"]: p for p in (agent_doc(sb) or {}).get("pods", [])}.get(name, {}).get("state")
+
+
+def wait(pred, timeout, what, logs):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}\n{logs()[-4000:]}")
+
+
+def test_agent_image_intercepts_a_pods_file_pod_with_the_daemonsets_mounts_and_caps(image):
+    docs, _ = D.render()
+    ds = D.daemonset(docs)
+    with Sandbox(name="image") as sb:
+        a, b = sb.add_pod("a"), sb.add_pod("b")
+        b.start_http_server(8080)
+        env = a.start_envoy()
+        config_dir = os.path.join(sb.tmpdir, "config")
+        os.makedirs(config_dir)
+        write_pods(config_dir, [])
+        port = _free_port()
+        name = f"meshbpf-test-{sb.id}"
+        run = PODMAN + ["run", "-d", "--name", name, *ULIMITS,
+                        "-e", f"MESHBPF_PIN_PREFIX={sb.pin_prefix}",
+                        *podman_args(ds, config_dir), image, *agent_args(ds, image, sb, port)]
+
+        def logs():
+            return subprocess.run(PODMAN + ["logs", name], capture_output=True, text=True,
+                                  timeout=60).stdout + " ".join(run)
+
+        try:
+            started = subprocess.run(run, capture_output=True, text=True, timeout=120)
+            assert started.returncode == 0, started.stderr
+            wait(lambda: agent_doc(sb), 120, "the agent's first reconcile", logs)
+            assert through_sidecar(env, a, b.ip4) == 0          # not listed yet
+
+            # the agent runs unprivileged, with exactly the DaemonSet's capabilities
+            pid = int(subprocess.run(PODMAN + ["inspect", "--format", "{{.State.Pid}}", name],
+                                     capture_output=True, text=True, timeout=60).stdout)
+            with open(f"/proc/{pid}/status") as f:
+                capeff = int([l for l in f if l.startswith("CapEff:")][0].split()[1], 16)
+            want = sum(1 << CAP_BITS[c] for c in
+                       ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+                       ["capabilities"]["add"])
+            assert capeff == want, (hex(capeff), hex(want))
+
+            write_pods(config_dir, [{"name": "a", "netns": a.netns, "cgroup": a.cgroup}])
+            wait(lambda: pod_state(sb, "a") == "attached", 30, "pod a attached", logs)
+            assert through_sidecar(env, a, b.ip4) == 1
+            ready = urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5)
+            assert ready.status == 200
+            # pinned where the host sees them (bpffs mounted from the host, not the container's)
+            assert os.path.isdir(sb.pin_prefix) and os.listdir(sb.pin_prefix)
+
+            write_pods(config_dir, [])
+            wait(lambda: pod_state(sb, "a") is None and agent_doc(sb) is not None, 30,
+                 "pod a detached", logs)
+            assert through_sidecar(env, a, b.ip4) == 0
+            stop = subprocess.run(PODMAN + ["stop", "-t", "20", name], capture_output=True,
+                                  text=True, timeout=60)
+            assert stop.returncode == 0, stop.stderr
+            assert '"level": "error"' not in logs().split(" podman ")[0], logs()
+        finally:
+            subprocess.run(PODMAN + ["rm", "-f", "-t", "0", name], capture_output=True,
+                           timeout=60)
+            subprocess.run([sys.executable, "-m", "meshbpf", "cleanup", "--pin-prefix",
+                            sb.pin_prefix, "--cgroup-root", sb.cgroup_root],
+                           cwd=D.REPO, capture_output=True, timeout=60)
+        assert subprocess.run(PODMAN + ["container", "exists", name]).returncode == 1
