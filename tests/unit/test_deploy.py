@@ -17,7 +17,8 @@ from tests import deploy as D
 
 VERSIONS = [f"1.{m}.0" for m in range(28, 38)]
 VALIDATE = os.path.join(os.path.dirname(sys.executable), "kubernetes-validate")
-CAPS = {"BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_RESOURCE", "SYS_PTRACE"}
+CAPS = {"BPF", "PERFMON", "NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_RESOURCE", "SYS_PTRACE",
+        "DAC_OVERRIDE"}
 HOST_PATHS = {"/sys/fs/bpf", "/sys/fs/cgroup", "/proc", "/run/netns", "/run/meshbpf",
               "/opt/cni/bin", "/etc/cni/net.d", "/lib/modules", "/usr/src"}
 
