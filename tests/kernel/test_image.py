@@ -225,3 +225,39 @@ def test_agent_image_intercepts_a_pods_file_pod_with_the_daemonsets_mounts_and_c
                             sb.pin_prefix, "--cgroup-root", sb.cgroup_root],
                            cwd=D.REPO, capture_output=True, timeout=60)
         assert subprocess.run(PODMAN + ["container", "exists", name]).returncode == 1
+
+
+def _mounts_at(path):
+    with open("/proc/self/mountinfo") as f:
+        return [line.split(" - ")[1].split()[0] for line in f if line.split()[4] == path]
+
+
+def test_the_bpffs_init_step_mounts_bpffs_for_the_host_and_is_a_no_op_the_second_time(
+        image, tmp_path):
+    """The mount-bpffs init container, as its manifest says (privileged, Bidirectional), on a
+    test directory standing in for the node's /sys/fs/bpf: the bpffs it mounts is the host's
+    and outlives the container (pins survive agent restarts); a second run changes nothing."""
+    docs, _ = D.render()
+    spec = D.daemonset(docs)["spec"]["template"]["spec"]
+    (init,) = [c for c in spec["initContainers"] if c["name"] == "mount-bpffs"]
+    assert init["securityContext"]["privileged"] is True
+    (m,) = init["volumeMounts"]
+    assert m["mountPropagation"] == "Bidirectional"
+    node_bpffs = str(tmp_path / "bpffs")
+    os.makedirs(node_bpffs)
+    # a kubelet's hostPath for Bidirectional must be a shared mount: make the test directory one
+    subprocess.run(["mount", "--bind", node_bpffs, node_bpffs], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", node_bpffs], check=True)
+        run = PODMAN + ["run", "--rm", *ULIMITS, "--privileged", "--mount",
+                        f"type=bind,src={node_bpffs},dst={m['mountPath']},bind-propagation=rshared",
+                        "--entrypoint", init["command"][0], image, *init["command"][1:],
+                        *init["args"]]
+        for attempt in (1, 2):
+            out = subprocess.run(run, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stderr
+            assert _mounts_at(node_bpffs)[-1] == "bpf", (attempt, _mounts_at(node_bpffs))
+            assert _mounts_at(node_bpffs).count("bpf") == 1, attempt   # not mounted twice
+    finally:
+        while _mounts_at(node_bpffs):
+            subprocess.run(["umount", node_bpffs], check=True)

@@ -89,7 +89,8 @@ def test_only_the_bpffs_mount_step_is_privileged_and_bidirectional_only_there(re
     cs = _containers(docs)
     privileged = {n for n, c in cs.items() if c.get("securityContext", {}).get("privileged")}
     assert privileged == {"mount-bpffs"}
-    assert cs["mount-bpffs"]["args"] == ["mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf"]
+    assert cs["mount-bpffs"]["args"] == [
+        '[ "$(stat -f -c %T /sys/fs/bpf)" = bpf_fs ] || mount -t bpf bpf /sys/fs/bpf']
     # Kubernetes allows Bidirectional propagation in privileged containers only
     for n, c in cs.items():
         for m in c.get("volumeMounts", []):
