@@ -8,7 +8,8 @@ say() { echo "setup: $*"; }
 [ "$(id -u)" = 0 ] || { echo "setup: must run as root (it installs Debian packages)"; exit 1; }
 
 pkgs=(bpfcc-tools python3-bpfcc bpftool iptables nftables iproute2 haproxy sockperf iperf3 curl
-      python3-venv procps util-linux kmod ca-certificates)
+      python3-venv procps util-linux kmod ca-certificates
+      containernetworking-plugins)   # the CNI reference plugins tests chain meshbpf-cni behind
 # the agent's container image: `make image`, tests/kernel/test_image.py
 pkgs+=(podman runc debootstrap)
 missing=()

@@ -15,16 +15,18 @@ records, pins and rules are the state, and the next agent adopts them and reconc
 import ctypes
 import ctypes.util
 import errno
+import functools
 import json
 import logging
 import os
 import select
 import signal
 import struct
+import threading
 import time
 
 from ..errors import MeshbpfError
-from . import source
+from . import cniserver, source
 from .reconcile import Reconciler
 
 log = logging.getLogger("meshbpf.agent")
@@ -142,8 +144,18 @@ def watch(path):
         return StatWatch(path)
 
 
+def _locked(method):
+    """One at a time with the CNI server's requests (they run in its threads)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class Daemon:
-    def __init__(self, svc, pods_file, metrics=None, resync=10.0, cleanup_on_exit=False):
+    def __init__(self, svc, pods_file, metrics=None, resync=10.0, cleanup_on_exit=False,
+                 cni_socket=None):
         self.svc, self.pods_file = svc, os.path.abspath(pods_file)
         self.metrics, self.resync = metrics, resync
         self.cleanup_on_exit = cleanup_on_exit
@@ -154,8 +166,13 @@ class Daemon:
         self.started = time.time()
         self.mode = None
         self.ready = False       # after the first full reconcile
+        self.lock = threading.RLock()
+        # CNI: what each pod's ADD said (completes pending entries) and the socket it comes on
+        self.bindings = cniserver.Bindings(os.path.join(svc.store.instance_dir, "cni.json"))
+        self.cni_socket, self.cni = cni_socket, None
 
     # ---- the pods file ---------------------------------------------------------------------
+    @_locked
     def load(self):
         """Read the pods file; on success it becomes the desired state. Returns whether it
         did (a missing or unusable file keeps the last good state)."""
@@ -190,7 +207,8 @@ class Daemon:
     def write_state(self, running=True):
         doc = {"pid": os.getpid(), "running": running, "started": self.started,
                "updated": time.time(), "pods_file": self.pods_file, "mode": self.mode,
-               "file_error": self.file_error, "pods": self.reconciler.report(),
+               "file_error": self.file_error,
+               "pods": self.reconciler.report() + self._waiting_for_cni(),
                "owned": sorted(self.reconciler.owned)}
         os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
         tmp = f"{self.state_path}.{os.getpid()}.tmp"
@@ -205,13 +223,26 @@ class Daemon:
         except (OSError, ValueError, AttributeError):
             return set()
 
+    # ---- CNI ---------------------------------------------------------------------------------
+    def served(self):
+        """The desired pods the reconciler acts on: pending entries completed by their CNI
+        ADD's binding (a binding whose netns is gone is dropped first)."""
+        self.bindings.prune()
+        return source.complete(self.desired, self.bindings.data)[0]
+
+    def _waiting_for_cni(self):
+        return [{"id": p.id, "name": p.name, "source": p.source, "state": "pending",
+                 "mode": None, "last_error": None, "waiting_for": "its CNI ADD"}
+                for p in source.complete(self.desired, self.bindings.data)[1]]
+
     # ---- the loop ----------------------------------------------------------------------------
+    @_locked
     def reconcile(self, check_drift):
         """One pass; a pass that fails as a whole (not one pod) is logged and retried in
         a second rather than ending the agent."""
         if self.desired is not None:
             try:
-                due = self.reconciler.run(self.desired, self.entry_errors,
+                due = self.reconciler.run(self.served(), self.entry_errors,
                                           check_drift=check_drift)
             except Exception as e:  # noqa: BLE001 - the loop outlives one bad pass
                 log.exception("reconcile failed: %s", e, extra={"action": "reconcile",
@@ -236,6 +267,7 @@ class Daemon:
             self.metrics.set_features(report)
             self.metrics.set_mode(self.mode)
         self.reconciler.owned = self._read_owned()
+        self.bindings.load()
         if self.svc.store.ids():
             adopted = self.svc.adopt()
             log.info("adopted %d pod record(s) (%d stale)", len(adopted["pods"]),
@@ -263,6 +295,8 @@ class Daemon:
         w = watch(self.pods_file)
         try:
             due_at = _at(self.start())
+            if self.cni_socket:
+                self.cni = cniserver.Server(self.cni_socket, cniserver.Handler(self)).start()
             next_resync = time.monotonic() + self.resync
             while not stop:
                 wake = min(next_resync, due_at if due_at is not None else next_resync)
@@ -288,6 +322,8 @@ class Daemon:
                     due_at = _at(self.reconcile(check_drift=False))
             log.info("stopping on %s", signal.Signals(stop[0]).name, extra={"action": "stop"})
         finally:
+            if self.cni is not None:
+                self.cni.stop()
             w.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -296,6 +332,7 @@ class Daemon:
             os.close(wfd)
         self.stop()
 
+    @_locked
     def stop(self):
         if self.cleanup_on_exit:
             log.info("--cleanup-on-exit: removing every pod's interception",
@@ -304,6 +341,7 @@ class Daemon:
                 os.unlink(self.state_path)
             except FileNotFoundError:
                 pass
+            self.bindings.remove_file()
             self.svc.cleanup()
             return
         log.info("interception stays in place for %d pod(s)", len(self.reconciler.owned),
