@@ -49,13 +49,15 @@ def image():
     return out.stdout.strip().splitlines()[-1]
 
 
-def podman_args(ds, config_dir):
-    """`podman run` options that give a container what the kubelet gives the DaemonSet's
-    agent container: its mounts (hostPath as bind mounts with the same propagation, the
-    ConfigMap as a read-only directory, emptyDir as tmpfs), its security context, the
-    host's PID and network namespaces, NODE_NAME."""
+def podman_args(ds, config_dir=None, container="meshbpf", host_paths=None):
+    """`podman run` options that give a container what the kubelet gives one of the
+    DaemonSet's containers: its mounts (hostPath as bind mounts with the same propagation,
+    or from a test directory standing in for that host path in `host_paths`; the ConfigMap
+    as a read-only directory, emptyDir as tmpfs), its security context, the host's PID and
+    network namespaces, its environment."""
     spec = ds["spec"]["template"]["spec"]
-    (c,) = [c for c in spec["containers"] if c["name"] == "meshbpf"]
+    (c,) = [c for c in spec["containers"] + spec["initContainers"] if c["name"] == container]
+    host_paths = host_paths or {}
     vols = {v["name"]: v for v in spec["volumes"]}
     args = []
     assert spec["hostPID"] and spec["hostNetwork"]
@@ -66,7 +68,8 @@ def podman_args(ds, config_dir):
         if "hostPath" in v:
             prop = {"HostToContainer": "rslave", "Bidirectional": "rshared"}.get(
                 m.get("mountPropagation"), "rprivate")
-            args += ["--mount", f"type=bind,src={v['hostPath']['path']},dst={m['mountPath']}"
+            src = host_paths.get(v["hostPath"]["path"], v["hostPath"]["path"])
+            args += ["--mount", f"type=bind,src={src},dst={m['mountPath']}"
                                 f",bind-propagation={prop}{ro}"]
         elif "configMap" in v:
             args += ["--mount", f"type=bind,src={config_dir},dst={m['mountPath']}{ro}"]
@@ -79,12 +82,14 @@ def podman_args(ds, config_dir):
     args += ["--user", str(sc["runAsUser"])]
     if sc["capabilities"]["drop"] == ["ALL"]:
         args += ["--cap-drop", "all"]
-    for cap in sc["capabilities"]["add"]:
+    for cap in sc["capabilities"].get("add", []):
         args += ["--cap-add", f"CAP_{cap}"]
     if sc.get("readOnlyRootFilesystem"):
         args += ["--read-only", "--read-only-tmpfs=false"]
+    if sc.get("allowPrivilegeEscalation") is False:
+        args += ["--security-opt", "no-new-privileges"]
     # seccomp RuntimeDefault: podman's default profile, as containerd's, is applied
-    for e in c["env"]:
+    for e in c.get("env", []):
         assert e["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
         args += ["-e", f"{e['name']}={socket.gethostname()}"]
     return args
@@ -261,3 +266,49 @@ def test_the_bpffs_init_step_mounts_bpffs_for_the_host_and_is_a_no_op_the_second
     finally:
         while _mounts_at(node_bpffs):
             subprocess.run(["umount", node_bpffs], check=True)
+
+
+CONFLIST = {"cniVersion": "1.0.0", "name": "podnet", "plugins": [
+    {"type": "bridge", "bridge": "cni0", "isGateway": True,
+     "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.7.0/24"}]]}},
+    {"type": "portmap", "capabilities": {"portMappings": True}}]}
+
+
+def test_the_install_cni_step_chains_meshbpf_cni_as_its_manifest_runs_it(image, tmp_path):
+    """The install-cni init container with its manifest's security context (every capability
+    dropped, no privilege escalation, read-only root) and mounts, on test directories standing
+    in for the node's /opt/cni/bin and /etc/cni/net.d: the plugin lands in the bin dir, runs
+    on this host's Python, is chained last into the node's conflist; a second run (a
+    restarted pod) changes no byte."""
+    docs, _ = D.render()
+    ds = D.daemonset(docs)
+    (init,) = [c for c in ds["spec"]["template"]["spec"]["initContainers"]
+               if c["name"] == "install-cni"]
+    bin_dir, conf_dir = tmp_path / "bin", tmp_path / "net.d"
+    bin_dir.mkdir()
+    conf_dir.mkdir()
+    (conf_dir / "10-podnet.conflist").write_text(json.dumps(CONFLIST, indent=2))
+    run = PODMAN + ["run", "--rm", *ULIMITS,
+                    *podman_args(ds, container="install-cni",
+                                 host_paths={"/opt/cni/bin": str(bin_dir),
+                                             "/etc/cni/net.d": str(conf_dir)}),
+                    "--entrypoint", init["command"][0], image, *init["args"]]
+
+    def snapshot():
+        return {str(p.relative_to(tmp_path)): p.read_bytes()
+                for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+
+    out = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    chained = json.loads((conf_dir / "10-podnet.conflist").read_text())
+    assert [p["type"] for p in chained["plugins"]] == ["bridge", "portmap", "meshbpf-cni"]
+    plugin = bin_dir / "meshbpf-cni"
+    assert os.access(plugin, os.X_OK)
+    ver = subprocess.run([str(plugin)], input="{}", capture_output=True, text=True,
+                         timeout=30, env={"CNI_COMMAND": "VERSION", "PATH": "/usr/bin:/bin"})
+    assert ver.returncode == 0, ver.stderr
+    assert "1.0.0" in json.loads(ver.stdout)["supportedVersions"]
+    first = snapshot()
+    out = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert snapshot() == first
