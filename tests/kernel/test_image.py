@@ -3,7 +3,9 @@ base, cached by content) and run as the DaemonSet runs it: the rendered DaemonSe
 hostPath mounts (with their propagation and read-only flags), its capabilities (all others
 dropped, not privileged), read-only root, host PID and network namespaces, its pods file
 mounted as the ConfigMap is. Against test-bed pods with a real Envoy sidecar on this host:
-a pod named in the pods file is intercepted, then detached when the entry goes. Only the
+a pod named in the pods file is intercepted, then detached when the entry goes; a pending
+entry is enrolled by meshbpf-cni's ADD on the host through the agent's socket in the
+DaemonSet's /run/meshbpf mount, and detached by its DEL. Only the
 test's own pin prefix, cgroup and netns are touched; the container, pins and records go
 also when the test fails."""
 
@@ -95,12 +97,10 @@ def podman_args(ds, config_dir=None, container="meshbpf", host_paths=None):
     return args
 
 
-def agent_args(ds, image, sb, port):
-    """The DaemonSet's agent arguments, less what this test has no counterpart for: --kube
-    (no API server here) and the node-wide CNI socket and metrics port (this test's own)."""
+def agent_args(ds, sb, port):
+    """The DaemonSet's agent arguments, less --kube (no API server here), with this test's
+    own CNI socket and metrics port for the node-wide ones."""
     (c,) = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "meshbpf"]
-    helptext = subprocess.run(PODMAN + ["run", "--rm", *ULIMITS, image, "daemon", "--help"],
-                              capture_output=True, text=True, timeout=120).stdout
     out, args = [], list(c["args"])
     while args:
         a = args.pop(0)
@@ -108,13 +108,30 @@ def agent_args(ds, image, sb, port):
             continue
         if a in ("--cni-socket", "--metrics-addr"):
             v = args.pop(0)
-            if a == "--cni-socket" and a in helptext:
+            if a == "--cni-socket":
                 out += [a, os.path.join(sb.state_dir, "cni.sock")]
             elif a == "--metrics-addr":
                 out += [a, f"127.0.0.1:{port}"]
             continue
         out.append(a)
     return out + ["--cgroup-root", sb.cgroup_root, "--mode", "ebpf"]
+
+
+def cni(sb, command, pod, sock):
+    """meshbpf-cni run on the host as a runtime runs the last plugin of a chain."""
+    import meshbpf.cni.plugin
+    prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": pod.netns}],
+            "ips": [{"address": f"{pod.ip4}/16", "interface": 0}]}
+    conf = {"cniVersion": "1.0.0", "name": "podnet", "type": "meshbpf-cni",
+            "agent_socket": sock, "prevResult": prev}
+    env = {"CNI_COMMAND": command, "CNI_CONTAINERID": "c0ffee" + sb.id.replace("-", ""),
+           "CNI_NETNS": pod.netns, "CNI_IFNAME": "eth0", "CNI_PATH": "/opt/cni/bin",
+           "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=a;"
+                       "K8S_POD_UID=0b5e1d2c-3f4a-4b6c-8d7e-9f0a1b2c3d4e",
+           "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    return subprocess.run(["/usr/bin/python3", "-I", meshbpf.cni.plugin.__file__],
+                          input=json.dumps(conf), env=env, capture_output=True, text=True,
+                          timeout=60)
 
 
 def capabilities(pid, field):
@@ -180,7 +197,7 @@ def test_agent_image_intercepts_a_pods_file_pod_with_the_daemonsets_mounts_and_c
         name = f"meshbpf-test-{sb.id}"
         run = PODMAN + ["run", "-d", "--name", name, *ULIMITS,
                         "-e", f"MESHBPF_PIN_PREFIX={sb.pin_prefix}",
-                        *podman_args(ds, config_dir), image, *agent_args(ds, image, sb, port)]
+                        *podman_args(ds, config_dir), image, *agent_args(ds, sb, port)]
 
         def logs():
             out = subprocess.run(PODMAN + ["logs", name], capture_output=True, text=True,
@@ -218,6 +235,23 @@ def test_agent_image_intercepts_a_pods_file_pod_with_the_daemonsets_mounts_and_c
             write_pods(config_dir, [])
             wait(lambda: pod_state(sb, "a") is None and agent_doc(sb) is not None, 30,
                  "pod a detached", logs, name)
+            assert through_sidecar(env, a, b.ip4) == 0
+
+            # the same pod enrolled by meshbpf-cni on the host, through the agent's socket
+            # in the DaemonSet's /run/meshbpf mount (a pending entry the ADD completes)
+            sock = os.path.join(sb.state_dir, "cni.sock")
+            write_pods(config_dir, [{"name": "shop/a", "cgroup": a.cgroup}])
+            wait(lambda: pod_state(sb, "shop/a") == "pending" and os.path.exists(sock),
+                 30, "the pending entry and the CNI socket", logs, name)
+            added = cni(sb, "ADD", a, sock)
+            assert added.returncode == 0, added.stdout + added.stderr
+            assert json.loads(added.stdout)["ips"][0]["address"] == f"{a.ip4}/16"
+            assert pod_state(sb, "shop/a") == "attached"
+            assert through_sidecar(env, a, b.ip4) == 1
+            deleted = cni(sb, "DEL", a, sock)
+            assert deleted.returncode == 0, deleted.stdout + deleted.stderr
+            wait(lambda: pod_state(sb, "shop/a") == "pending", 10, "shop/a detached", logs,
+                 name)
             assert through_sidecar(env, a, b.ip4) == 0
             stop = subprocess.run(PODMAN + ["stop", "-t", "20", name], capture_output=True,
                                   text=True, timeout=60)
