@@ -16,7 +16,7 @@ unit: setup
 
 # The node agent's container image (deploy/Containerfile), built with podman from a local
 # Debian base (no registry): localhost/meshbpf:<version>. Cached by content.
-image:
+image: setup
 	@bash deploy/build-image.sh
 
 demo: setup
