@@ -9,7 +9,8 @@ say() { echo "setup: $*"; }
 
 pkgs=(bpfcc-tools python3-bpfcc bpftool iptables nftables iproute2 haproxy sockperf iperf3 curl
       python3-venv procps util-linux kmod ca-certificates
-      containernetworking-plugins)   # the CNI reference plugins tests chain meshbpf-cni behind
+      containernetworking-plugins   # the CNI reference plugins tests chain meshbpf-cni behind
+      systemd)   # systemd-analyze verifies deploy/systemd/ (tests/unit/test_systemd_units.py)
 # the agent's container image: `make image`, tests/kernel/test_image.py
 pkgs+=(podman runc debootstrap)
 missing=()

@@ -19,10 +19,15 @@ keeps every pod an ADD enrolled; a binding whose netns is gone (a DEL the agent 
 dropped and its pod detached. A binding is kept for every pod, meshed or not, so an entry
 added to the pods file later is completed by it too.
 
-What the server needs of a pod source is one call, `lookup(namespace, name, uid)` ->
-DesiredPod or None (see meshbpf.agent.source.lookup, the pods file's; a Kubernetes source
-answers by UID). A pending DesiredPod (no netns yet) is completed by the binding
-(source.complete); a pod not in the source is answered "not meshed" (success, nothing done).
+What the server needs of the pod sources: the daemon's desired state (the union of its
+sources) holds every pod meshed on this node, those not started yet as *pending*
+DesiredPods (no pid, no netns) named "namespace/name"; `lookup(namespace, name, uid)` ->
+DesiredPod or None answers from it (meshbpf.agent.source.lookup: by name, else by UID, the
+Kubernetes source's pod id), and `source.complete` gives a pending pod the netns its ADD
+bound. A pod not in the desired state is answered "not meshed" (success, nothing done).
+The pods file's pending entries do this today; the Kubernetes source serves a pod only
+once its netns is found on the node, so its pods are answered "not meshed" at their ADD
+until it lists meshed pods that have no container yet as pending DesiredPods.
 """
 
 import contextlib

@@ -1,5 +1,11 @@
-"""The agent's loop: watch the pods file, reconcile on every change and every `resync`
-seconds, write agent.json, stop on SIGTERM/SIGINT.
+"""The agent's loop: watch its pod sources (the pods file, the Kubernetes source), reconcile
+on every change and every `resync` seconds, write agent.json, stop on SIGTERM/SIGINT.
+
+The desired state is the union of the sources (an id two sources serve is an error for
+both); nothing is acted on until every source has said what it wants once (a Kubernetes
+source that has not listed yet would otherwise detach its pods). A source is an object with
+`fileno()` (readable when it changed; None: polled every `interval`), `changed()`,
+`desired()` ((pods, errors), or None while unknown), `report()`, `start()` and `close()`.
 
 The file is watched through its directory (inotify IN_CLOSE_WRITE, IN_MOVED_TO,
 IN_CREATE, IN_DELETE via ctypes), so an editor's or a config manager's atomic rename is
@@ -154,9 +160,13 @@ def _locked(method):
 
 
 class Daemon:
-    def __init__(self, svc, pods_file, metrics=None, resync=10.0, cleanup_on_exit=False,
-                 cni_socket=None):
-        self.svc, self.pods_file = svc, os.path.abspath(pods_file)
+    def __init__(self, svc, pods_file=None, metrics=None, resync=10.0, cleanup_on_exit=False,
+                 sources=(), cni_socket=None):
+        self.svc = svc
+        self.pods_file = os.path.abspath(pods_file) if pods_file else None
+        self.sources = list(sources)           # besides the pods file (e.g. Kubernetes)
+        self.file_state = None                 # the pods file's last good (pods, errors)
+        self.source_state = {}                 # source -> its last known (pods, errors)
         self.metrics, self.resync = metrics, resync
         self.cleanup_on_exit = cleanup_on_exit
         self.reconciler = Reconciler(svc, metrics)
@@ -190,12 +200,31 @@ class Daemon:
             self._file_problem(str(e))
             return False
         self.file_error = None
-        self.desired, self.entry_errors = pods, errors
+        self.file_state = (pods, errors)
+        self.merge()
         for e in errors:
             log.error("%s: bad entry #%d in the pods file: %s", e.name or f"entry #{e.index}",
                       e.index, e.reason, extra={"pod": e.name, "pod_id": e.id, "action": "parse",
                                                 "error": e.reason})
         return True
+
+    @_locked
+    def merge(self):
+        """The desired state from every source's last known state (None while one has
+        never said)."""
+        parts = []
+        if self.pods_file is not None:
+            if self.file_state is None:
+                return
+            parts.append(self.file_state)
+        for s in self.sources:
+            now = s.desired()
+            if now is not None:
+                self.source_state[s] = now
+            if s not in self.source_state:
+                return
+            parts.append(self.source_state[s])
+        self.desired, self.entry_errors = source.union(parts)
 
     def _file_problem(self, msg):
         if msg != self.file_error:
@@ -209,6 +238,9 @@ class Daemon:
                "updated": time.time(), "pods_file": self.pods_file, "mode": self.mode,
                "file_error": self.file_error,
                "pods": self.reconciler.report() + self._waiting_for_cni(),
+               "sources": ([{"name": "pods-file", "path": self.pods_file,
+                             "error": self.file_error}] if self.pods_file else []) +
+               [s.report() for s in self.sources],
                "owned": sorted(self.reconciler.owned)}
         os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
         tmp = f"{self.state_path}.{os.getpid()}.tmp"
@@ -251,7 +283,7 @@ class Daemon:
         else:
             due = None
         self.write_state()
-        if check_drift and not self.ready:
+        if check_drift and not self.ready and (self.desired is not None or not self.sources):
             self.ready = True
             if self.metrics is not None:
                 self.metrics.set_ready(True)
@@ -283,7 +315,9 @@ class Daemon:
                 load_in_child(self.svc)
             with self.svc.store.locked():
                 self.svc.backend("ebpf").adopt()
-        self.load()
+        if self.pods_file is not None:
+            self.load()
+        self.merge()
         return self.reconcile(check_drift=True)
 
     def run(self):
@@ -292,7 +326,9 @@ class Daemon:
         stop = []
         handlers = {s: signal.signal(s, lambda signum, _f: stop.append(signum))
                     for s in (signal.SIGTERM, signal.SIGINT)}
-        w = watch(self.pods_file)
+        w = watch(self.pods_file) if self.pods_file is not None else _NoWatch()
+        for s in self.sources:
+            s.start()
         try:
             due_at = _at(self.start())
             if self.cni_socket:
@@ -303,7 +339,8 @@ class Daemon:
                 timeout = wake - time.monotonic()
                 if w.fileno() is None:
                     timeout = min(timeout, w.interval)
-                fds = [rfd] + ([w.fileno()] if w.fileno() is not None else [])
+                fds = [rfd] + ([w.fileno()] if w.fileno() is not None else []) + \
+                    [s.fileno() for s in self.sources]
                 ready, _, _ = select.select(fds, [], [], max(0.0, timeout))
                 if rfd in ready:
                     with _suppress_again():
@@ -314,8 +351,12 @@ class Daemon:
                     else False
                 if file_changed:
                     self.load()
+                if [s for s in self.sources if s.fileno() in ready and s.changed()]:
+                    self.merge()
+                    file_changed = True
                 now = time.monotonic()
-                if now >= next_resync:
+                if now >= next_resync or (not self.ready and file_changed):
+                    self.merge()          # also looks again for pods not found on the node
                     due_at = _at(self.reconcile(check_drift=True))
                     next_resync = now + self.resync
                 elif file_changed or (due_at is not None and now >= due_at):
@@ -325,6 +366,8 @@ class Daemon:
             if self.cni is not None:
                 self.cni.stop()
             w.close()
+            for s in self.sources:
+                s.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
             signal.set_wakeup_fd(old_wakeup)
@@ -347,6 +390,23 @@ class Daemon:
         log.info("interception stays in place for %d pod(s)", len(self.reconciler.owned),
                  extra={"action": "stop"})
         self.write_state(running=False)
+
+
+class _NoWatch:
+    """No pods file: nothing to watch."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe2(os.O_CLOEXEC)       # never written: select() waits on
+
+    def fileno(self):
+        return self.r
+
+    def changed(self):
+        return False
+
+    def close(self):
+        os.close(self.r)
+        os.close(self.w)
 
 
 def _at(delay):
