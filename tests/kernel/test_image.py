@@ -97,14 +97,17 @@ def podman_args(ds, config_dir=None, container="meshbpf", host_paths=None):
     return args
 
 
-def agent_args(ds, sb, port):
-    """The DaemonSet's agent arguments, less --kube (no API server here), with this test's
-    own CNI socket and metrics port for the node-wide ones."""
+def agent_args(ds, sb, port, kubeconfig=None):
+    """The DaemonSet's agent arguments, with this test's own CNI socket and metrics port for
+    the node-wide ones; --kube with a kubeconfig for the local API server (the DaemonSet's
+    in-cluster config needs a cluster), or without --kube."""
     (c,) = [c for c in ds["spec"]["template"]["spec"]["containers"] if c["name"] == "meshbpf"]
     out, args = [], list(c["args"])
     while args:
         a = args.pop(0)
         if a == "--kube":
+            if kubeconfig:
+                out += [a, "--kubeconfig", kubeconfig]
             continue
         if a in ("--cni-socket", "--metrics-addr"):
             v = args.pop(0)
@@ -346,3 +349,75 @@ def test_the_install_cni_step_chains_meshbpf_cni_as_its_manifest_runs_it(image, 
     out = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert snapshot() == first
+
+
+def test_agent_image_intercepts_a_pod_from_the_kubernetes_api(image, tmp_path):
+    """The agent in the image with the DaemonSet's --kube, its NODE_NAME, mounts and
+    capabilities, against the local API server (meshbpf.testbed.kubeapi) on this host: a pod
+    object for this node is intercepted (found by its UID through the kubelet-like pod<uid>
+    cgroup), one for another node is not, a deleted one is detached."""
+    import uuid
+
+    import yaml
+
+    from meshbpf.testbed.kubeapi import KubeAPIServer
+
+    data = os.path.join(D.REPO, "tests", "data", "k8s", "watch-istio-running.yaml")
+    node = socket.gethostname()                     # what podman_args gives as NODE_NAME
+
+    def pod_object(name, uid, on=node):
+        with open(data) as f:
+            p = yaml.safe_load(f)
+        p["metadata"].update(name=name, uid=uid)
+        p["spec"]["nodeName"] = on
+        return p
+
+    docs, _ = D.render()
+    ds = D.daemonset(docs)
+    uid = f"{uuid.uuid4().hex[:8]}-7e57-4b1d-9c0d"
+    with Sandbox(name="imgkube") as sb, KubeAPIServer() as api:
+        a, b = sb.add_pod(f"pod{uid}"), sb.add_pod("b")
+        b.start_http_server(8080)
+        env = a.start_envoy()
+        config_dir, kube_dir = os.path.join(sb.tmpdir, "config"), str(tmp_path / "kube")
+        os.makedirs(config_dir)
+        os.makedirs(kube_dir)
+        write_pods(config_dir, [])
+        api.write_kubeconfig(os.path.join(kube_dir, "kubeconfig"))
+        port = _free_port()
+        name = f"meshbpf-test-{sb.id}"
+        run = PODMAN + ["run", "-d", "--name", name, *ULIMITS,
+                        "-e", f"MESHBPF_PIN_PREFIX={sb.pin_prefix}",
+                        "--mount", f"type=bind,src={kube_dir},dst=/etc/meshbpf-kube,ro",
+                        *podman_args(ds, config_dir), image,
+                        *agent_args(ds, sb, port, kubeconfig="/etc/meshbpf-kube/kubeconfig")]
+
+        def logs():
+            out = subprocess.run(PODMAN + ["logs", name], capture_output=True, text=True,
+                                 timeout=60)
+            return f"{out.stdout}{out.stderr}\n{' '.join(run)}"
+
+        try:
+            started = subprocess.run(run, capture_output=True, text=True, timeout=120)
+            assert started.returncode == 0, started.stderr
+            wait(lambda: agent_doc(sb), 120, "the agent's first reconcile", logs, name)
+            api.wait_watches(1, timeout=60)
+            assert through_sidecar(env, a, b.ip4) == 0
+            api.add(pod_object("reviews-elsewhere", uid, on="node-b"))
+            api.add(pod_object("reviews-v1-5c7f8d9b8-x2kq4", uid))
+            pod = "bookinfo/reviews-v1-5c7f8d9b8-x2kq4"
+            wait(lambda: pod_state(sb, pod) == "attached", 30, "the API's pod attached", logs,
+                 name)
+            assert pod_state(sb, "bookinfo/reviews-elsewhere") is None
+            assert through_sidecar(env, a, b.ip4) == 1
+            api.delete("bookinfo", "reviews-v1-5c7f8d9b8-x2kq4")
+            wait(lambda: pod_state(sb, pod) is None, 30, "the API's pod detached", logs, name)
+            assert through_sidecar(env, a, b.ip4) == 0
+            assert not os.path.exists(os.path.join(sb.state_dir, "pods", f"{uid}.json"))
+        finally:
+            subprocess.run(PODMAN + ["rm", "-f", "-t", "0", name], capture_output=True,
+                           timeout=60)
+            subprocess.run([sys.executable, "-m", "meshbpf", "cleanup", "--pin-prefix",
+                            sb.pin_prefix, "--cgroup-root", sb.cgroup_root],
+                           cwd=D.REPO, capture_output=True, timeout=60)
+        assert subprocess.run(PODMAN + ["container", "exists", name]).returncode == 1
