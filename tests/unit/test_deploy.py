@@ -195,3 +195,31 @@ def test_image_tag_is_the_package_version(rendered):
         version = re.search(r'^version = "([^"]+)"', f.read(), re.M).group(1)
     images = {c["image"] for c in _containers(docs).values()}
     assert images == {f"localhost/meshbpf:{version}"}
+
+
+def test_the_manifests_commands_are_what_the_cli_accepts(rendered):
+    # parsed by the real commands (nothing run): a renamed or missing option fails here,
+    # not in a crash-looping pod
+    import warnings
+
+    import click
+
+    from meshbpf.cli import main as cli
+
+    def rest(ctx):                      # Click 8.2 deprecates protected_args, 9 drops it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return list(getattr(ctx, "protected_args", [])) + list(ctx.args)
+
+    docs, _ = rendered
+    for name in ("meshbpf", "install-cni"):
+        c = _containers(docs)[name]
+        assert c["command"] == ["meshbpf"]
+        ctx = cli.make_context("meshbpf", list(c["args"]))
+        group, args = ctx.command, rest(ctx)
+        while isinstance(group, click.Group):
+            sub = group.get_command(ctx, args[0])
+            assert sub is not None, (name, args[0])
+            ctx = sub.make_context(args[0], args[1:], parent=ctx)
+            group, args = sub, rest(ctx)
+        assert not args, (name, args)
