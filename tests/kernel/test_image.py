@@ -24,7 +24,8 @@ import pytest
 from tests import deploy as D
 from meshbpf.testbed import Sandbox, traffic
 
-pytestmark = [pytest.mark.kernel, pytest.mark.slow]
+# the first test may build the image (debootstrap, apt, pip: minutes on a fresh machine)
+pytestmark = [pytest.mark.kernel, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 OUT_CX = "tcp.outbound.downstream_cx_total"
 PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
