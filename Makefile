@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test unit demo clean
+.PHONY: setup test unit demo clean image
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,11 @@ test: setup
 
 unit: setup
 	$(PY) -m pytest -ra -p no:cacheprovider -m "not kernel" $(PYTEST_ARGS)
+
+# The node agent's container image (deploy/Containerfile), built with podman from a local
+# Debian base (no registry): localhost/meshbpf:<version>. Cached by content.
+image: setup
+	@bash deploy/build-image.sh
 
 demo: setup
 	$(VENV)/bin/meshbpf demo

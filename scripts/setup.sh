@@ -11,6 +11,8 @@ pkgs=(bpfcc-tools python3-bpfcc bpftool iptables nftables iproute2 haproxy sockp
       python3-venv procps util-linux kmod ca-certificates
       containernetworking-plugins   # the CNI reference plugins tests chain meshbpf-cni behind
       systemd)   # systemd-analyze verifies deploy/systemd/ (tests/unit/test_systemd_units.py)
+# the agent's container image: `make image`, tests/kernel/test_image.py
+pkgs+=(podman runc debootstrap)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 
