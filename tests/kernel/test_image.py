@@ -111,7 +111,7 @@ def agent_args(ds, sb, port, kubeconfig=None):
                 out += [a, "--kubeconfig", kubeconfig]
             continue
         if a in ("--cni-socket", "--metrics-addr"):
-            v = args.pop(0)
+            args.pop(0)  # the DaemonSet's value; the test's own follows
             if a == "--cni-socket":
                 out += [a, os.path.join(sb.state_dir, "cni.sock")]
             elif a == "--metrics-addr":
