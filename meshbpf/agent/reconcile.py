@@ -159,21 +159,18 @@ def observe(svc, records, pods):
     """{id: {"cookie", "drift"}} for recorded pods: what the kernel says of each.
 
     pods: {id: meshbpf.pod.Pod} resolved now. eBPF pods: pins loaded, the pods-map entry
-    under the record's cookie, a tc filter on every interface the record hooked. iptables
-    pods: the ISTIO_* chains as the record's config makes them (the backend's verify).
+    under the record's cookie, meshbpf's tc filter on every interface the record hooked
+    (one visit of the pod's netns for its cookie and filters: meshbpf.agent.kernel).
+    iptables pods: the ISTIO_* chains as the record's config makes them (the backend's
+    verify).
     """
     out = {}
     ebpf = [r for r in records.values() if r.get("mode") == "ebpf"]
     ipt = [r for r in records.values() if r.get("mode") == "iptables"]
     for pod_id, rec in records.items():
-        pod = pods.get(pod_id)
-        cookie = None
-        if pod is not None:
-            try:
-                cookie = pod.netns_cookie
-            except MeshbpfError:
-                cookie = None
-        out[pod_id] = {"cookie": cookie, "drift": []}
+        out[pod_id] = {"cookie": None, "drift": []}
+        if rec.get("mode") != "ebpf" and pods.get(pod_id) is not None:
+            out[pod_id]["cookie"] = _cookie(pods[pod_id])
     if ebpf:
         _observe_ebpf(svc, ebpf, pods, out)
     if ipt:
@@ -190,8 +187,31 @@ def observe(svc, records, pods):
 
 def _observe_ebpf(svc, records, pods, out):
     from ..ebpf import loader, structs
-    from ..ebpf.inbound import tc
     from ..ebpf.maps import Maps
+    from . import kernel
+    for rec in records:
+        pod = pods.get(rec["id"])
+        if pod is None:
+            continue
+        hooked = {i["index"]: i["name"] for i in
+                  ((rec.get("inbound") or {}).get("interfaces") or [])
+                  if i.get("hook") == "tc" and isinstance(i.get("index"), int)}
+        if not hooked:
+            out[rec["id"]]["cookie"] = _cookie(pod)
+            continue
+        try:
+            cookie, ours = kernel.pod_facts(pod.netns, sorted(hooked))
+        except (MeshbpfError, OSError) as e:
+            out[rec["id"]]["cookie"] = _cookie(pod)
+            out[rec["id"]]["drift"].append(f"cannot list tc filters: {e}")
+            continue
+        out[rec["id"]]["cookie"] = cookie
+        if cookie != rec.get("netns_cookie"):
+            out[rec["id"]]["drift"] = []         # another netns: attached again, not repaired
+            continue
+        missing = [hooked[i] for i in sorted(hooked) if not ours.get(i)]
+        if missing:
+            out[rec["id"]]["drift"].append(f"tc filter missing on {', '.join(missing)}")
     if not loader.is_loaded(svc.pin_prefix):
         for rec in records:
             out[rec["id"]]["drift"].append("pinned programs or maps missing")
@@ -201,20 +221,6 @@ def _observe_ebpf(svc, records, pods, out):
             cookie = rec.get("netns_cookie")
             if cookie is None or maps["pods"].lookup(structs.U64(cookie)) is None:
                 out[rec["id"]]["drift"].append("pods map entry missing")
-    for rec in records:
-        pod = pods.get(rec["id"])
-        hooked = [i["name"] for i in ((rec.get("inbound") or {}).get("interfaces") or [])
-                  if i.get("hook") == "tc"]
-        if pod is None or not hooked or out[rec["id"]]["cookie"] != rec.get("netns_cookie"):
-            continue
-        try:
-            have = {h["interface"] for h in tc.list_hooks(pod) if h["direction"] == "ingress"}
-        except (MeshbpfError, OSError) as e:
-            out[rec["id"]]["drift"].append(f"cannot list tc filters: {e}")
-            continue
-        missing = [n for n in hooked if n not in have]
-        if missing:
-            out[rec["id"]]["drift"].append(f"tc filter missing on {', '.join(missing)}")
 
 
 class Reconciler:
