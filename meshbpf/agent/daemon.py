@@ -53,7 +53,10 @@ kw = json.loads(sys.argv[1])
 svc = NodeService(**kw)
 try:
     with svc.store.locked():
-        svc.backend("ebpf").adopt()
+        res = svc.backend("ebpf").adopt()
+    up = res.get("upgraded") or {}
+    print(json.dumps({"from": up.get("from"), "to": up.get("to"),
+                      "replaced": len(up.get("replaced") or [])} if up else {}))
 except MeshbpfError as e:
     print(e, file=sys.stderr)
     sys.exit(e.exit_code)
@@ -62,7 +65,8 @@ except MeshbpfError as e:
 
 def load_in_child(svc):
     """Load, adopt or upgrade the node's eBPF programs in a child process with `svc`'s
-    node options (the child compiles; this process keeps no compiler)."""
+    node options (the child compiles; this process keeps no compiler). Returns the
+    upgrade ({"from", "to", "replaced"}) if pinned programs were replaced, else None."""
     import subprocess
     import sys
     kw = dict(svc.options, pin_prefix=svc.pin_prefix, cgroup_root=svc.cgroup_root,
@@ -73,6 +77,10 @@ def load_in_child(svc):
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["no message"])[-1]
         raise MeshbpfError(f"loading the node's eBPF programs failed: {last}")
+    try:
+        return json.loads((r.stdout.strip().splitlines() or ["{}"])[-1]) or None
+    except ValueError:
+        return None
 
 
 class InotifyWatch:
@@ -260,10 +268,6 @@ class Daemon:
             self.metrics.set_features(report)
             self.metrics.set_mode(self.mode)
         self.reconciler.owned = self._read_owned()
-        if self.svc.store.ids():
-            adopted = self.svc.adopt()
-            log.info("adopted %d pod record(s) (%d stale)", len(adopted["pods"]),
-                     len(adopted["stale"]), extra={"action": "adopt"})
         if self.mode == "ebpf":
             # Load (or upgrade) the node programs now, not with the first pod: compiling
             # them takes seconds, and a new pod is to be intercepted within 100 ms. The
@@ -272,9 +276,19 @@ class Daemon:
             ebpf = self.svc.backend("ebpf")
             from ..ebpf import upgrade
             if not upgrade.is_current(self.svc.pin_prefix, ebpf.features, ebpf.splice):
-                load_in_child(self.svc)
+                up = load_in_child(self.svc)
+                if up:
+                    log.info("node programs upgraded in place from version %s to %s (%d "
+                             "replaced)", up["from"], up["to"], up["replaced"],
+                             extra={"action": "upgrade"})
             with self.svc.store.locked():
                 self.svc.backend("ebpf").adopt()
+        # After the programs are this code's: adopting the records adopts the pins too,
+        # and with pins of another version that would compile here, in the agent.
+        if self.svc.store.ids():
+            adopted = self.svc.adopt()
+            log.info("adopted %d pod record(s) (%d stale)", len(adopted["pods"]),
+                     len(adopted["stale"]), extra={"action": "adopt"})
         self.load()
         return self.reconcile(check_drift=True)
 

@@ -48,7 +48,7 @@ def _free_port():
 
 
 class Agent:
-    def __init__(self, sb, pods_file, *flags, mode="ebpf"):
+    def __init__(self, sb, pods_file, *flags, mode="ebpf", env=None):
         self.sb, self.pods_file = sb, pods_file
         self.port = _free_port()
         self.state = os.path.join(sb.state_dir, "agent.json")
@@ -57,7 +57,7 @@ class Agent:
             [sys.executable, "-c", RUN, STUB, "daemon", "--pods-file", pods_file,
              "--pin-prefix", sb.pin_prefix, "--cgroup-root", sb.cgroup_root, "--mode", mode,
              "--metrics-addr", f"127.0.0.1:{self.port}", "--log-format", "json", *flags],
-            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def output(self):
         self.log.flush()
