@@ -39,7 +39,7 @@ MAX_ENROLLED = 1000
 FAR_PORT = 9                     # nothing listens there in the far pod: a refused connect
 HIT_TIMEOUT = 5.0                # a pod not intercepted within this is a miss
 RESYNC = 10.0                    # the daemon's default --resync, passed explicitly
-# At rest the agent still runs a drift-checking full reconcile every RESYNC seconds: a
+# At rest the agent still checks every pod for drift every RESYNC seconds: a
 # window of one period (and a bit) averages exactly one of them in.
 REST_SECONDS = RESYNC + 0.5
 
@@ -356,7 +356,7 @@ def run_agent(pods=None, enrolled=None, quick=False, progress=None):
     from ..testbed import Sandbox
     t_start = time.monotonic()
     rows, resources, errors, restart = [], {}, [], {}
-    notes = [f"at rest: {rest:.1f} s windows; the agent runs a drift-checking full reconcile "
+    notes = [f"at rest: {rest:.1f} s windows; the agent checks every pod for drift (in slices) "
              f"every {RESYNC:.0f} s" + (", which a --quick window may miss" if quick else
                                         ", so each window holds one")]
     agents = []
