@@ -170,6 +170,15 @@ def _print_status(st):
                    f", {agent.get('pods_file')}): {len(agent.get('pods', []))} pod(s)")
         if agent.get("file_error"):
             click.echo(f"  pods file: {agent['file_error']}")
+        for src in agent.get("sources", []):
+            if src.get("name") != "kubernetes":
+                continue
+            click.echo(f"  kubernetes (node {src.get('node')}): "
+                       f"{'listed' if src.get('synced') else 'not listed yet'}, "
+                       f"resourceVersion {src.get('resource_version')}"
+                       + (f", error: {src['error']}" if src.get("error") else ""))
+            for name, why in (src.get("waiting") or {}).items():
+                click.echo(f"    {name}  not served: {why}")
         for p in agent.get("pods", []):
             err = f"  last error: {p['last_error']}" if p.get("last_error") else ""
             click.echo(f"  {p.get('name')}  id={p.get('id')}  source={p.get('source')}  "

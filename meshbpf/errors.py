@@ -48,3 +48,12 @@ class ApplyError(MeshbpfError):
     """Applying to the kernel failed; whatever was half-applied has been rolled back."""
 
     exit_code = 5
+
+
+class PodNotFoundError(NotFoundError):
+    """No cgroup for a pod UID on this node (not scheduled here, or not created yet)."""
+
+
+class PodNotRunningError(NotFoundError):
+    """The pod's cgroup exists but none of its processes runs (yet, or any more), so its
+    network namespace cannot be read: try again when its sandbox has started."""

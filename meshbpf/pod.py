@@ -4,6 +4,8 @@
 the kernel objects both interceptors work on, with a clear error when one is missing.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import ipaddress
 import os
@@ -35,6 +37,12 @@ class Pod:
     name: str = None           # how status shows it
     pid: int = None            # a process of the pod, when the pod was named by one
     id: str = None             # stable id its caller gives (Kubernetes UID, name); see pod_id
+    # A host workload (a VM or bare-metal service): its netns is the caller's own, the
+    # machine's; only `cgroup` tells its sockets from the rest of the host's.
+    host: bool = False
+    # Where inbound is captured for a host workload: a list of interface names, or "*" for
+    # every non-loopback Ethernet interface. None for a pod (its own interfaces).
+    inbound_interfaces: object = None
 
     def __post_init__(self):
         if not os.path.exists(self.netns):
@@ -170,6 +178,13 @@ class Pod:
     def describe(self):
         return {"name": self.name, "netns": self.netns, "cgroup": self.cgroup}
 
+    def host_fields(self):
+        """What a record keeps of a host workload ({} for a pod): detach and status in
+        any later process must know the netns is the machine's on purpose."""
+        if not self.host:
+            return {}
+        return {"host": True, "inbound_interfaces": self.inbound_interfaces}
+
 
 def _interfaces(names, addrs):
     return [Interface(name=name, index=idx, addresses=addrs.get(idx, []))
@@ -209,13 +224,43 @@ def _in_netns(pids, netns):
     return out
 
 
+# Set (host_netns_allowed) only around a backend's work on a host workload's record or
+# Pod: guard_netns then lets the caller's own netns through. A context variable, so a
+# thread or task working on a pod at the same time is not affected.
+_HOST_ALLOWED = contextvars.ContextVar("meshbpf_host_netns_allowed", default=False)
+
+
+@contextlib.contextmanager
+def host_netns_allowed(allowed=True):
+    """Within this block guard_netns accepts the caller's own network namespace (a host
+    workload's, named with "host": true), never another process's (pid 1's, when the caller
+    runs elsewhere: a test netns)."""
+    token = _HOST_ALLOWED.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _HOST_ALLOWED.reset(token)
+
+
+def is_own_netns(netns):
+    """Is `netns` the caller's own network namespace (for the agent: the host's)?"""
+    try:
+        a, b = os.stat(netns), os.stat("/proc/self/ns/net")
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def guard_netns(netns):
     """Refuse the machine's own network namespace (the one meshbpf runs in, or init's):
-    meshbpf only ever changes pods' namespaces."""
+    meshbpf only ever changes pods' namespaces, and the caller's own one only for a host
+    workload (inside host_netns_allowed)."""
     try:
         target = os.stat(netns)
     except FileNotFoundError:
         raise NotFoundError(f"network namespace {netns} does not exist")
+    if _HOST_ALLOWED.get() and is_own_netns(netns):
+        return
     own = set()
     for path in ("/proc/self/ns/net", "/proc/1/ns/net"):
         try:
@@ -225,7 +270,9 @@ def guard_netns(netns):
             pass
     if (target.st_dev, target.st_ino) in own:
         raise UsageError(f"{netns} is the machine's own network namespace; meshbpf only "
-                         "changes pods' namespaces", hint="name the pod's netns or a pod process")
+                         "changes pods' namespaces, and the host's only for a host workload "
+                         '(a pods-file entry with "host": true)',
+                         hint="name the pod's netns or a pod process")
 
 
 def ensure_inbound_v6_address(netns):

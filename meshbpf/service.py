@@ -170,7 +170,7 @@ class NodeService:
             body = self.backend("iptables").attach(pod, config, previous=None, ctx=ctx)
         record = dict(body, id=pod_id, name=pod.name, netns=pod.netns, cgroup=pod.cgroup,
                       netns_cookie=cookie, mode=mode, reason=reason,
-                      fallback=fallback)
+                      fallback=fallback, **_host_fields(pod))
         with ctx.phase("records"):
             record = self.store.save(pod_id, dict(record, timings=None))
         ctx.timings["total"] = time.perf_counter() - t0
@@ -184,7 +184,8 @@ class NodeService:
         rec = self.store.load(pod_id)
         if rec is None:
             raise NotFoundError(f"no attached pod with id {pod_id!r}")
-        pod = Pod(netns=rec["netns"], cgroup=rec.get("cgroup"), name=rec.get("name"), id=pod_id)
+        pod = Pod(netns=rec["netns"], cgroup=rec.get("cgroup"), name=rec.get("name"), id=pod_id,
+                  host=bool(rec.get("host")), inbound_interfaces=rec.get("inbound_interfaces"))
         saved, self.mode = self.mode, rec["mode"]
         try:
             return self.attach(pod, config, pod_id=pod_id)
@@ -209,7 +210,9 @@ class NodeService:
             if pod is None and rec.get("netns") and os.path.exists(rec["netns"]):
                 from .pod import Pod
                 with contextlib.suppress(MeshbpfError):
-                    live = Pod(netns=rec["netns"], name=rec.get("name"), id=pod_id)
+                    live = Pod(netns=rec["netns"], name=rec.get("name"), id=pod_id,
+                               host=bool(rec.get("host")),
+                               inbound_interfaces=rec.get("inbound_interfaces"))
                     if live.netns_cookie == rec.get("netns_cookie"):
                         pod = live
             result = self._detach_record(rec, pod, OpContext(self.store, pod_id))
@@ -340,3 +343,9 @@ def _cookie_of(netns):
         return system.netns_cookie(netns)
     except (MeshbpfError, OSError):
         return None
+
+
+def _host_fields(pod):
+    """A host workload's record says so (detach, status and cleanup then allow its netns)."""
+    fields = getattr(pod, "host_fields", None)
+    return fields() if fields is not None else {}

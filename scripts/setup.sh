@@ -8,7 +8,8 @@ say() { echo "setup: $*"; }
 [ "$(id -u)" = 0 ] || { echo "setup: must run as root (it installs Debian packages)"; exit 1; }
 
 pkgs=(bpfcc-tools python3-bpfcc bpftool iptables nftables iproute2 haproxy sockperf iperf3 curl
-      python3-venv procps util-linux kmod ca-certificates)
+      python3-venv procps util-linux kmod ca-certificates
+      systemd)   # systemd-analyze verifies deploy/systemd/ (tests/unit/test_systemd_units.py)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 

@@ -39,13 +39,24 @@ def setup_logging(fmt, level=logging.INFO):
 
 
 @click.command()
-@click.option("--pods-file", required=True, type=click.Path(dir_okay=False),
+@click.option("--pods-file", type=click.Path(dir_okay=False),
               help="YAML or JSON: {pods: [{name, pid} | {name, netns, cgroup}, + id, config, host]}.")
+@click.option("--kube", is_flag=True,
+              help="Serve this node's meshed pods from the Kubernetes API (list + watch).")
+@click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
+              help="With --kube: the kubeconfig (default: in-cluster, else $KUBECONFIG).")
+@click.option("--node-name", envvar="NODE_NAME", default=None,
+              help="With --kube: this node's name (default: $NODE_NAME).")
 @click.option("--pin-prefix", default=None, envvar="MESHBPF_PIN_PREFIX",
               help="bpffs directory for meshbpf's pinned programs and maps.")
 @click.option("--cgroup-root", type=click.Path(), default=None,
+              envvar="MESHBPF_CGROUP_ROOT",
               help="cgroup v2 directory the eBPF hooks attach to (default: the cgroup v2 "
-                   "mount's root). Every meshed pod must be below it.")
+                   "mount's root; with --kube: auto). Every meshed pod must be below it. On a Kubernetes node "
+                   "`kubepods`: the kubelet's kubepods cgroup (kubepods/ or kubepods.slice/, "
+                   "found under the cgroup v2 mount), below a CNI's socket load balancer at "
+                   "the root, so the sidecar sees the ClusterIP; `auto`: kubepods where there "
+                   "is one, else the root.")
 @click.option("--mode", type=click.Choice(["auto", "ebpf", "iptables"]), default="auto",
               show_default=True, help="auto: eBPF where the kernel allows it, else iptables.")
 @click.option("--splice/--no-splice", default=True, show_default=True,
@@ -58,9 +69,10 @@ def setup_logging(fmt, level=logging.INFO):
               help="On SIGTERM/SIGINT remove every pod's interception (default: leave it).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
-def daemon(pods_file, pin_prefix, cgroup_root, mode, splice, metrics_addr, resync,
-           cleanup_on_exit, log_format):
-    """Run the node agent: keep every pod the pods file names intercepted.
+def daemon(pods_file, kube, kubeconfig, node_name, pin_prefix, cgroup_root, mode, splice,
+           metrics_addr, resync, cleanup_on_exit, log_format):
+    """Run the node agent: keep every pod the pods file names, and with --kube every
+    meshed pod Kubernetes schedules on this node, intercepted.
 
     Level-triggered: attaches new pods, applies changed configs, detaches removed pods and
     repairs drift (every --resync seconds), each pod on its own (backoff per pod). A
@@ -70,12 +82,31 @@ def daemon(pods_file, pin_prefix, cgroup_root, mode, splice, metrics_addr, resyn
     \b
     Example:
       meshbpf daemon --pods-file /etc/meshbpf/pods.yaml --log-format json
+      NODE_NAME=node-a meshbpf daemon --kube --kubeconfig ~/.kube/config
     """
+    from ..errors import UsageError
     from ..interceptor import DEFAULT_PIN_PREFIX
     from ..service import NodeService
     from .daemon import Daemon
     from .metrics import Metrics
+    from ..k8s.cgroups import KEYWORDS, resolve_cgroup_root
+    if not pods_file and not kube:
+        raise UsageError("name at least one pod source: --pods-file PATH and/or --kube")
+    if kubeconfig and not kube:
+        raise UsageError("--kubeconfig goes with --kube")
     setup_logging(log_format)
+    if cgroup_root is None and kube:
+        # On a Kubernetes node attach below a CNI's socket load balancer at the root (so the
+        # sidecar sees the ClusterIP): the kubepods cgroup, or the root where there is none.
+        cgroup_root = "auto"
+    if cgroup_root in KEYWORDS:
+        asked, cgroup_root = cgroup_root, resolve_cgroup_root(cgroup_root)
+        logging.getLogger("meshbpf.agent").info(
+            "attach point %s (--cgroup-root %s)", cgroup_root or "the cgroup v2 root", asked)
+    sources = []
+    if kube:
+        from ..k8s.source import KubeSource
+        sources.append(KubeSource(node_name, kubeconfig=kubeconfig, cgroup_root=cgroup_root))
     pin_prefix = pin_prefix or DEFAULT_PIN_PREFIX
     # reconcile: iptables mode re-applies drifted rules in place (no window without them);
     # upgrade: pinned programs of another version (an older agent's) are replaced in place
@@ -83,4 +114,5 @@ def daemon(pods_file, pin_prefix, cgroup_root, mode, splice, metrics_addr, resyn
                       reconcile=True, upgrade=True)
     metrics = Metrics(pin_prefix)
     metrics.serve(metrics_addr)
-    Daemon(svc, pods_file, metrics=metrics, resync=resync, cleanup_on_exit=cleanup_on_exit).run()
+    Daemon(svc, pods_file, metrics=metrics, resync=resync, cleanup_on_exit=cleanup_on_exit,
+           sources=sources).run()

@@ -1,10 +1,17 @@
-"""The agent's loop: watch the pods file, act on every change, check every pod for drift
-every `resync` seconds, write agent.json, stop on SIGTERM/SIGINT.
+"""The agent's loop: watch its pod sources (the pods file, the Kubernetes source), act on
+every change, check every pod for drift every `resync` seconds, write agent.json, stop on
+SIGTERM/SIGINT.
 
-A file change is never kept waiting behind the drift check: a change touches only the
-entries that changed (and pods whose backoff is over), and the drift check runs in
-slices of DRIFT_CHUNK pods with the file looked at between two slices. The first full
-reconcile (every pod, drift checks included) runs at start; /readyz says ready after it.
+The desired state is the union of the sources (an id two sources serve is an error for
+both); nothing is acted on until every source has said what it wants once (a Kubernetes
+source that has not listed yet would otherwise detach its pods). A source is an object with
+`fileno()` (readable when it changed; None: polled every `interval`), `changed()`,
+`desired()` ((pods, errors), or None while unknown), `report()`, `start()` and `close()`.
+
+A change is never kept waiting behind the drift check: a change touches only the entries
+that changed (and pods whose backoff is over), and the drift check runs in slices of
+DRIFT_CHUNK pods with the sources looked at between two slices. The first full reconcile
+(every pod, drift checks included) runs at start; /readyz says ready after it.
 
 The file is watched through its directory (inotify IN_CLOSE_WRITE, IN_MOVED_TO,
 IN_CREATE, IN_DELETE via ctypes), so an editor's or a config manager's atomic rename is
@@ -159,8 +166,13 @@ def watch(path):
 
 
 class Daemon:
-    def __init__(self, svc, pods_file, metrics=None, resync=10.0, cleanup_on_exit=False):
-        self.svc, self.pods_file = svc, os.path.abspath(pods_file)
+    def __init__(self, svc, pods_file=None, metrics=None, resync=10.0, cleanup_on_exit=False,
+                 sources=()):
+        self.svc = svc
+        self.pods_file = os.path.abspath(pods_file) if pods_file else None
+        self.sources = list(sources)           # besides the pods file (e.g. Kubernetes)
+        self.file_state = None                 # the pods file's last good (pods, errors)
+        self.source_state = {}                 # source -> its last known (pods, errors)
         self.metrics, self.resync = metrics, resync
         self.cleanup_on_exit = cleanup_on_exit
         self.reconciler = Reconciler(svc, metrics)
@@ -189,12 +201,30 @@ class Daemon:
             self._file_problem(str(e))
             return False
         self.file_error = None
-        self.desired, self.entry_errors = pods, errors
+        self.file_state = (pods, errors)
+        self.merge()
         for e in errors:
             log.error("%s: bad entry #%d in the pods file: %s", e.name or f"entry #{e.index}",
                       e.index, e.reason, extra={"pod": e.name, "pod_id": e.id, "action": "parse",
                                                 "error": e.reason})
         return True
+
+    def merge(self):
+        """The desired state from every source's last known state (None while one has
+        never said)."""
+        parts = []
+        if self.pods_file is not None:
+            if self.file_state is None:
+                return
+            parts.append(self.file_state)
+        for s in self.sources:
+            now = s.desired()
+            if now is not None:
+                self.source_state[s] = now
+            if s not in self.source_state:
+                return
+            parts.append(self.source_state[s])
+        self.desired, self.entry_errors = source.union(parts)
 
     def _file_problem(self, msg):
         if msg != self.file_error:
@@ -207,6 +237,9 @@ class Daemon:
         doc = {"pid": os.getpid(), "running": running, "started": self.started,
                "updated": time.time(), "pods_file": self.pods_file, "mode": self.mode,
                "file_error": self.file_error, "pods": self.reconciler.report(),
+               "sources": ([{"name": "pods-file", "path": self.pods_file,
+                             "error": self.file_error}] if self.pods_file else []) +
+               [s.report() for s in self.sources],
                "owned": sorted(self.reconciler.owned)}
         os.makedirs(os.path.dirname(self.state_path), exist_ok=True)
         tmp = f"{self.state_path}.{os.getpid()}.tmp"
@@ -243,9 +276,9 @@ class Daemon:
 
     def reconcile(self, check_drift):
         """A full pass over every pod (with drift checks: a full reconcile, after which
-        the agent is ready)."""
+        the agent is ready, once every source has said what it wants)."""
         due = self.sync(None, check_drift=check_drift)
-        if check_drift and not self.ready:
+        if check_drift and not self.ready and (self.desired is not None or not self.sources):
             self.ready = True
             if self.metrics is not None:
                 self.metrics.set_ready(True)
@@ -289,7 +322,9 @@ class Daemon:
             adopted = self.svc.adopt()
             log.info("adopted %d pod record(s) (%d stale)", len(adopted["pods"]),
                      len(adopted["stale"]), extra={"action": "adopt"})
-        self.load()
+        if self.pods_file is not None:
+            self.load()
+        self.merge()
         return self.reconcile(check_drift=True)
 
     def run(self):
@@ -298,7 +333,9 @@ class Daemon:
         stop = []
         handlers = {s: signal.signal(s, lambda signum, _f: stop.append(signum))
                     for s in (signal.SIGTERM, signal.SIGINT)}
-        w = watch(self.pods_file)
+        w = watch(self.pods_file) if self.pods_file is not None else _NoWatch()
+        for s in self.sources:
+            s.start()
         try:
             due_at = _at(self.start())
             if self.mode == "ebpf":
@@ -313,7 +350,8 @@ class Daemon:
                     timeout = wake - time.monotonic()
                 if w.fileno() is None:
                     timeout = min(timeout, w.interval)
-                fds = [rfd] + ([w.fileno()] if w.fileno() is not None else [])
+                fds = [rfd] + ([w.fileno()] if w.fileno() is not None else []) + \
+                    [s.fileno() for s in self.sources]
                 ready, _, _ = select.select(fds, [], [], max(0.0, timeout))
                 if rfd in ready:
                     with _suppress_again():
@@ -323,25 +361,35 @@ class Daemon:
                 file_changed = w.changed() if (w.fileno() is None or w.fileno() in ready) \
                     else False
                 if file_changed:
-                    if self.load():
-                        due_at = _at(self.sync(self.reconciler.changed(self.desired)))
-                    else:
+                    if not self.load():
                         self.write_state()          # the file's problem is reported
+                if [s for s in self.sources if s.fileno() in ready and s.changed()]:
+                    self.merge()
+                    file_changed = True
                 now = time.monotonic()
-                if due_at is not None and now >= due_at and self.desired is not None:
+                if not self.ready and file_changed:
+                    self.merge()          # every source has said: the first full reconcile
+                    due_at = _at(self.reconcile(check_drift=True))
+                elif (file_changed or (due_at is not None and now >= due_at)) and \
+                        self.desired is not None:
                     due_at = _at(self.sync(self.reconciler.changed(self.desired)))
                 if not cycle and now >= next_resync:
+                    self.merge()          # also looks again for pods not found on the node
                     cycle = self.reconciler.drift_ids(self.desired or {})
                     self.reconciler.busy = 0.0
                 if cycle:
                     chunk, cycle = cycle[:DRIFT_CHUNK], cycle[DRIFT_CHUNK:]
                     due_at = _at(self.sync(chunk, check_drift=True))
                 if not cycle and now >= next_resync:
+                    if not self.ready:
+                        self.reconcile(check_drift=True)
                     self._drift_checked()
                     next_resync = time.monotonic() + self.resync
             log.info("stopping on %s", signal.Signals(stop[0]).name, extra={"action": "stop"})
         finally:
             w.close()
+            for s in self.sources:
+                s.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
             signal.set_wakeup_fd(old_wakeup)
@@ -372,6 +420,23 @@ def _warm_attach_path():
     from ..ebpf.inbound import attach  # noqa: F401
     with IPRoute():             # its first use loads the rest (a socket in our netns only)
         pass
+
+
+class _NoWatch:
+    """No pods file: nothing to watch."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe2(os.O_CLOEXEC)       # never written: select() waits on
+
+    def fileno(self):
+        return self.r
+
+    def changed(self):
+        return False
+
+    def close(self):
+        os.close(self.r)
+        os.close(self.w)
 
 
 def _at(delay):

@@ -47,7 +47,7 @@ def plan(desired, records, owned=(), live=None):
         if cookie is not None and rec.get("netns_cookie") not in (None, cookie):
             actions.append(Action("attach", pod_id, "its network namespace was recreated"))
         elif _spec_changed(want, rec):
-            actions.append(Action("attach", pod_id, "its netns or cgroup changed"))
+            actions.append(Action("attach", pod_id, "its netns, cgroup or inbound interfaces changed"))
         elif not same_config(rec.get("config"), want.config_dict()):
             actions.append(Action("update", pod_id, "config changed"))
         elif facts.get("drift"):
@@ -72,12 +72,22 @@ def same_config(applied, wanted):
 def _spec_changed(want, rec):
     """A pod named by netns whose record names another netns or cgroup (a pod named by pid
     is checked by its netns cookie instead: the pid's paths are /proc ones)."""
+    if _host_spec(want.host, want.inbound_interfaces) != \
+            _host_spec(rec.get("host"), rec.get("inbound_interfaces")):
+        return True
     if want.netns is None:
         return False
     if rec.get("netns") != want.netns:
         return True
     return want.cgroup is not None and rec.get("cgroup") not in (
         want.cgroup, os.path.realpath(want.cgroup))
+
+
+def _host_spec(host, interfaces):
+    """A host workload's inbound interfaces as compared (None: not a host workload)."""
+    if not host:
+        return None
+    return interfaces if interfaces == "*" else tuple(interfaces or ())
 
 
 class Backoff:
@@ -129,18 +139,33 @@ def resolve(want):
         pod = Pod.from_pid(want.pid, name=want.name, pod_id=want.id)
     else:
         pod = Pod.from_netns(want.netns, cgroup=want.cgroup, name=want.name, pod_id=want.id)
+    if want.host:
+        return _host_workload(want, pod)
     if _is_host_netns(pod.netns):
-        from ..errors import UnsupportedError, UsageError
-        if not want.host:
-            raise UsageError(f"{pod.netns} is the host's network namespace; a host workload "
-                             'needs "host": true')
-        # Not attached yet: eBPF mode would put its inbound tc filter on the machine's own
-        # interfaces (node-wide, not scoped to the workload's cgroup) and iptables mode
-        # refuses the machine's netns (meshbpf.pod.guard_netns). Until the backends have a
-        # cgroup-scoped host path, the entry is reported, never half-applied.
-        raise UnsupportedError(f"pod {want.name}: host workloads (the machine's own network "
-                               "namespace) are validated but not attached yet",
-                               hint="run the workload in its own netns, or use the CLI per pod")
+        from ..errors import UsageError
+        raise UsageError(f"{pod.netns} is the host's network namespace; a host workload "
+                         'needs "host": true')
+    return pod
+
+
+def _host_workload(want, pod):
+    """A host entry as the backends attach it: the agent's own netns (the host's: pid 1's
+    in production; in a test the netns the agent was started in), scoped by its cgroup."""
+    from .. import system
+    from ..errors import UsageError
+    from ..pod import is_own_netns
+    if not is_own_netns(pod.netns):
+        raise UsageError(f'pod {want.name}: "host": true is for a workload in the agent\'s own '
+                         f"network namespace (the host's), and {pod.netns} is another one",
+                         hint='drop "host" for a pod with its own network namespace')
+    if pod.cgroup is None or os.path.realpath(pod.cgroup) == os.path.realpath(system.cgroup2_mount()):
+        raise UsageError(f"pod {want.name}: a host workload needs a cgroup of its own (e.g. "
+                         "/sys/fs/cgroup/app.slice): the cgroup root holds every process of "
+                         "the machine",
+                         hint="run the workload in its own slice or service and name that cgroup")
+    pod.host = True
+    ifaces = want.inbound_interfaces
+    pod.inbound_interfaces = ifaces if ifaces == "*" else list(ifaces)
     return pod
 
 
@@ -368,7 +393,8 @@ class Reconciler:
 
     def _set(self, pod_id, want, rec, state, **kw):
         cur = dict(self.status.get(pod_id, {}))
-        cur.update({"id": pod_id, "name": want.name if want else pod_id, "source": self.source,
+        cur.update({"id": pod_id, "name": want.name if want else pod_id,
+                    "source": want.source if want else cur.get("source", self.source),
                     "state": state, "mode": (rec or {}).get("mode") or cur.get("mode")})
         cur.setdefault("last_error", None)
         cur.pop("retry_in", None)
@@ -390,7 +416,7 @@ class Reconciler:
         """The pods as agent.json lists them: the served ones and the bad entries."""
         pods = [dict(self.status[i]) for i in sorted(self.status)]
         for e in self.entry_errors:
-            pods.append({"id": e.id, "name": e.name or f"entry #{e.index}", "source": self.source,
+            pods.append({"id": e.id, "name": e.name or f"entry #{e.index}", "source": e.source,
                          "state": "error", "mode": None, "last_error": e.reason,
                          "entry": e.index})
         return pods

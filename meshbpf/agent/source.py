@@ -4,7 +4,7 @@
               {"name": "db", "netns": "/run/netns/db", "cgroup": "/sys/fs/cgroup/.../db",
                "id": "7f3c-uid", "config": {"outbound_ip_ranges_exclude": "10.96.0.0/12"}},
               {"name": "vm-app", "netns": "/proc/1/ns/net", "cgroup": "/sys/fs/cgroup/app.slice",
-               "host": true}]}
+               "host": true, "inbound_interfaces": ["eth0"]}]}
 
 YAML or JSON (JSON is YAML). A file that does not parse as a whole, or whose top level is
 not {"pods": [...]}, is an error for the file: the caller keeps its last good desired state
@@ -14,7 +14,9 @@ both errors: neither is served, since either could be the one meant.
 
 The host network namespace (a VM or bare-metal workload whose sidecar is a system
 service) is only accepted with an explicit "host": true; the daemon also compares the
-named netns with its own by inode (a side effect, not done here).
+named netns with its own by inode (a side effect, not done here). A host entry must say
+where its inbound traffic is captured, since that is the whole machine's:
+"inbound_interfaces" lists interface names, or is "*" for every non-loopback one.
 """
 
 import dataclasses
@@ -25,7 +27,8 @@ from ..state import valid_pod_id
 
 # Paths that name the machine's own network namespace whatever the pid namespace.
 HOST_NETNS_PATHS = ("/proc/1/ns/net", "/proc/self/ns/net", "/proc/thread-self/ns/net")
-ENTRY_KEYS = {"name", "id", "pid", "netns", "cgroup", "config", "host"}
+ENTRY_KEYS = {"name", "id", "pid", "netns", "cgroup", "config", "host", "inbound_interfaces"}
+IFNAMSIZ = 16
 
 
 class PodsFileError(UsageError):
@@ -41,11 +44,12 @@ class DesiredPod:
     cgroup: str = None
     host: bool = False
     config: object = None          # meshbpf.config.InterceptConfig
+    inbound_interfaces: object = None  # host entries: tuple of names, or "*"
     source: str = "pods-file"
 
     def spec(self):
         """What identifies the pod's kernel objects: a change means attach again."""
-        return (self.pid, self.netns, self.cgroup, self.host)
+        return (self.pid, self.netns, self.cgroup, self.host, self.inbound_interfaces)
 
     def config_dict(self):
         return self.config.to_dict()
@@ -57,6 +61,7 @@ class EntryError:
     name: str
     id: str
     reason: str
+    source: str = "pods-file"
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -157,6 +162,7 @@ def parse_entry(entry):
         if is_host_netns_path(netns) and not host:
             raise UsageError(f"{netns} is the host's network namespace; a VM or bare-metal "
                              'workload whose sidecar is a system service needs "host": true')
+    ifaces = inbound_interfaces(entry.get("inbound_interfaces"), host)
     cfg = entry.get("config", {})
     if not isinstance(cfg, dict):
         raise UsageError('"config" must be an object of InterceptConfig fields')
@@ -167,7 +173,58 @@ def parse_entry(entry):
     except MeshbpfError as e:
         raise UsageError(f"config: {e}")
     return DesiredPod(id=pod_id, name=name, pid=pid, netns=netns, cgroup=cgroup, host=host,
-                      config=config)
+                      config=config, inbound_interfaces=ifaces)
+
+
+def inbound_interfaces(value, host):
+    """An entry's "inbound_interfaces" as kept: a tuple of names, "*", or None (a pod).
+
+    Only a host entry has one, and it must: tc (eBPF mode) or PREROUTING (iptables mode)
+    on the host's interfaces takes every inbound connection of the machine, so where is
+    never a default."""
+    if not host:
+        if value is not None:
+            raise UsageError('"inbound_interfaces" is for host entries ("host": true); a '
+                             "pod's inbound traffic is captured on its own interfaces")
+        return None
+    if value is None:
+        raise UsageError('a host entry must say where its inbound traffic is captured: '
+                         '"inbound_interfaces": ["eth0", ...], or "*" for every '
+                         "non-loopback interface of the machine")
+    if value == "*":
+        return "*"
+    if not isinstance(value, list) or not value:
+        raise UsageError('"inbound_interfaces" must be a non-empty list of interface names, or "*"')
+    for n in value:
+        if not isinstance(n, str) or not 0 < len(n) < IFNAMSIZ or "/" in n or \
+                any(c.isspace() for c in n) or n in (".", "..", "lo"):
+            raise UsageError(f'"inbound_interfaces": {n!r} is not an interface name '
+                             "(lo is never captured)")
+    if len(set(value)) != len(value):
+        raise UsageError('"inbound_interfaces" names an interface twice')
+    return tuple(value)
+
+
+def union(parts):
+    """One desired state from several sources' (pods {id: DesiredPod}, [EntryError]): the
+    union; an id that two sources serve is an error for each (neither is served, since
+    either could be the one meant)."""
+    by_id = {}
+    errors = []
+    for pods, errs in parts:
+        errors.extend(errs)
+        for pod_id, p in pods.items():
+            by_id.setdefault(pod_id, []).append(p)
+    out = {}
+    for pod_id, ps in by_id.items():
+        if len(ps) == 1:
+            out[pod_id] = ps[0]
+            continue
+        for p in ps:
+            others = ", ".join(f"{o.name} ({o.source})" for o in ps if o is not p)
+            errors.append(EntryError(-1, p.name, pod_id, f"duplicate id {pod_id!r} "
+                                     f"(also {others})", source=p.source))
+    return out, errors
 
 
 def is_host_netns_path(path):

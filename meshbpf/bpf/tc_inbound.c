@@ -44,6 +44,9 @@
  *
  * Maps (lib/maps.h): inbound_pods, inbound_ports, inbound_ifaces, inbound_tw; the policy
  * lookup mbi_policy() is lib/inbound.h's, shared with sk_lookup.c.
+ *
+ * `meshbpf trace`: each SYN decided here (steered, left alone, dropped) is one event
+ * (mb_trace_in, lib/trace.h), at the cost of one array lookup while nobody follows.
  */
 
 #include <uapi/linux/pkt_cls.h>
@@ -53,6 +56,7 @@
 #include "lib/counters.h"
 #include "lib/addr.h"
 #include "lib/inbound.h"
+#include "lib/trace.h"
 
 #ifndef TC_ACT_OK
 #define TC_ACT_OK 0
@@ -199,8 +203,12 @@ int tc_inbound_ingress(struct __sk_buff *skb)
     if (via_iface)      /* sk_lookup keys its policy by the destination: not for this one */
         pod_flags &= ~INBOUND_POD_SK_LOOKUP;
     if (verdict <= 0) {
-        if (verdict < 0 && syn)
-            mb_count(COUNTER_INBOUND_BYPASS, 1);
+        if (syn) {
+            if (verdict < 0)
+                mb_count(COUNTER_INBOUND_BYPASS, 1);
+            mb_trace_in(&pk, &polk, ports[1], skb->tc_classid & 0xffff, MB_TRACE_BYPASSED,
+                        0, 0);
+        }
         return TC_ACT_OK;
     }
     if (tuple_len == sizeof(tuple.ipv4)) {
@@ -234,6 +242,7 @@ int tc_inbound_ingress(struct __sk_buff *skb)
              * TIME_WAIT to expire). */
             if (pod_flags & INBOUND_POD_SK_LOOKUP) {
                 mb_count(COUNTER_REDIRECT_IN, 1);
+                mb_trace_in(&pk, &polk, ports[1], 0, MB_TRACE_REDIRECTED, 0, capture_port);
                 return mbi_to_sk_lookup(&tk);
             }
         } else if (state != BPF_TCP_LISTEN) {
@@ -281,16 +290,21 @@ int tc_inbound_ingress(struct __sk_buff *skb)
         if (syn) {
             mb_count(COUNTER_REDIRECT_IN, 1);
             mb_count(COUNTER_INBOUND_SK_LOOKUP, 1);
+            mb_trace_in(&pk, &polk, ports[1], 0, MB_TRACE_REDIRECTED, 0, capture_port);
         }
         return mbi_to_sk_lookup(&tk);
     }
-    if (syn)
+    if (syn) {
         mb_count(COUNTER_REDIRECT_IN, 1);
+        mb_trace_in(&pk, &polk, ports[1], 0, MB_TRACE_REDIRECTED, 0, capture_port);
+    }
     return TC_ACT_OK;
 
 no_listener:
     /* 3. Never let a captured port reach the app around the sidecar. */
-    if (syn)
+    if (syn) {
         mb_count(COUNTER_INBOUND_NO_LISTENER, 1);
+        mb_trace_in(&pk, &polk, ports[1], 0, MB_TRACE_DROPPED, MB_WHY_NO_LISTENER, 0);
+    }
     return TC_ACT_SHOT;
 }

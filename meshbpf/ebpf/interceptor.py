@@ -19,7 +19,7 @@ import types
 from .. import pod as podmod
 from .. import system
 from ..config import InterceptConfig
-from ..errors import AddressInUseError, ApplyError, MeshbpfError, UsageError
+from ..errors import AddressInUseError, ApplyError, MeshbpfError, UnsupportedError, UsageError
 from ..interceptor import DEFAULT_PIN_PREFIX, Interceptor
 from ..state import StateStore
 from . import loader, structs
@@ -189,6 +189,7 @@ class EbpfInterceptor(Interceptor):
         idmap = pod.user_namespace() if hasattr(pod, "user_namespace") else None
         # Pure part first: a config eBPF mode cannot express fails before anything changes.
         pc = structs.pod_struct(config, 0, idmap)
+        scope = _host_cgroup(pod)
         rules = structs.pod_rules(config)
         prev = previous or {}
         added_v6 = bool(prev.get("added_inbound_v6_address"))
@@ -197,7 +198,8 @@ class EbpfInterceptor(Interceptor):
         # bind it (no init container does this in eBPF mode).
         if config.enable_ipv6:
             try:
-                added_v6_now = podmod.ensure_inbound_v6_address(pod.netns)
+                with podmod.host_netns_allowed(getattr(pod, "host", False)):
+                    added_v6_now = podmod.ensure_inbound_v6_address(pod.netns)
             except MeshbpfError as e:
                 warnings.append(f"could not add ::6/128 to lo (IPv6 inbound passthrough): {e}")
         node = None
@@ -206,11 +208,16 @@ class EbpfInterceptor(Interceptor):
                 node = self._ensure_node()
             with Maps(self.pin_prefix) as maps:
                 with ctx.phase("maps"):
+                    if scope is not None and not maps.exists("pod_cgroups"):
+                        raise UnsupportedError(
+                            f"pod {pod.name}: the pinned programs predate host workloads",
+                            hint="run the agent with the upgrade on, or `meshbpf cleanup` first")
                     self._check_addresses(maps, pod, cookie, addresses, ctx)
                     index, want, saved = self._write(maps, ctx, cookie, pc, rules,
-                                                     addresses, local, prev)
+                                                     addresses, local, prev, scope)
                 try:
                     inbound = self._attach_inbound(pod, config, maps, ctx, prev.get("inbound"))
+                    _unhook_dropped(pod, prev.get("inbound"), inbound)
                 except (MeshbpfError, OSError, ValueError) as e:
                     self._restore(maps, want, saved, index, prev.get("pod_index"), ctx)
                     if isinstance(e, MeshbpfError):
@@ -267,7 +274,7 @@ class EbpfInterceptor(Interceptor):
                 "still running; refused, nothing changed",
                 hint="detach the other pod first, or give this pod another address")
 
-    def _write(self, maps, ctx, cookie, pc, rules, addresses, local, prev):
+    def _write(self, maps, ctx, cookie, pc, rules, addresses, local, prev, scope=None):
         """Write the pod's entries, the `pods` entry last; returns (index, written entries,
         the values they replaced). A changed rule set goes under a fresh index. On failure
         the maps are as they were."""
@@ -278,7 +285,7 @@ class EbpfInterceptor(Interceptor):
             if index is None:
                 raise ApplyError(f"this node already has {structs.MB_MAX_PODS} meshed pods")
         pc.pod_index = index
-        want = structs.pod_entries(cookie, index, pc, rules, addresses, local)
+        want = structs.pod_entries(cookie, index, pc, rules, addresses, local, scope)
         saved = {name: {k: maps[name].lookup_raw(k) for k in want[name]}
                  for name in structs.SHARED_ENTRY_MAPS}
         try:
@@ -339,7 +346,8 @@ class EbpfInterceptor(Interceptor):
         previous = previous if isinstance(previous, dict) else None
         try:
             return mod.attach_pod(
-                pod, config, maps, progs, owner_alive=ctx.owner_alive, previous=previous,
+                pod, config, maps, progs, interfaces=_host_interfaces(pod),
+                owner_alive=ctx.owner_alive, previous=previous,
                 iface_ids=lambda: ctx.iface_ids.allocate(ctx.pod_id, limit=mod.IFACE_MAX_ID + 1),
                 phase=ctx.phase) if progs else None
         finally:
@@ -478,6 +486,49 @@ class EbpfInterceptor(Interceptor):
         if errors:
             raise ApplyError("cleanup finished with errors: " + "; ".join(errors))
         return {"mode": self.mode, "cleaned": True}
+
+
+def _host_cgroup(pod):
+    """(cgroup id, level) that scopes a host workload's outbound (None for a pod): the
+    cgroup v2 id is its directory's inode. The agent must see the machine's cgroup tree
+    (no cgroup namespace of its own) for the level to be the kernel's."""
+    if not getattr(pod, "host", False):
+        return None
+    path = os.path.realpath(pod.cgroup)
+    try:
+        ino = os.stat(path).st_ino
+    except OSError as e:
+        raise UsageError(f"pod {pod.name}: cannot read its cgroup {path}: {e.strerror}")
+    return ino, structs.cgroup_level(path, os.path.realpath(system.cgroup2_mount()))
+
+
+def _unhook_dropped(pod, old, new):
+    """A re-attach that steers fewer interfaces (a host entry's inbound_interfaces shrank)
+    takes meshbpf's filter off the others, and the clsact qdisc where meshbpf added it and
+    nothing else is left on it."""
+    def hooked(rec):
+        ifaces = rec.get("interfaces") if isinstance(rec, dict) else None
+        return {i["name"]: i for i in (ifaces or []) if isinstance(i, dict) and "name" in i}
+    gone = {n: i for n, i in hooked(old).items() if n not in hooked(new)}
+    if not gone:
+        return
+    from .inbound import tc
+    with system.in_netns(pod.netns), tc.netlink() as ipr:
+        for link in tc.links(ipr):
+            if link["name"] not in gone or not tc.has_clsact(ipr, link["index"]):
+                continue
+            if any(f["ours"] for f in tc.filters(ipr, link["index"], tc.TC_INGRESS_PARENT)):
+                tc.del_filter(ipr, link["index"], tc.TC_INGRESS_PARENT)
+            left = (tc.filters(ipr, link["index"], tc.TC_INGRESS_PARENT) +
+                    tc.filters(ipr, link["index"], tc.TC_EGRESS_PARENT))
+            if not left and gone[link["name"]].get("clsact_added"):
+                ipr.tc("del", "clsact", link["index"])
+
+
+def _host_interfaces(pod):
+    """The interfaces a host workload's inbound is steered on (None: the pod's own, all)."""
+    ifaces = getattr(pod, "inbound_interfaces", None)
+    return None if ifaces in (None, "*") else list(ifaces)
 
 
 def _unhex(keys):

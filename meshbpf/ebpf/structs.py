@@ -27,6 +27,7 @@ POD_F_DNS = 1 << 5
 POD_F_DNS_ALL = 1 << 6
 POD_F_LOOPBACK_INCLUDED = 1 << 7
 POD_F_TPROXY = 1 << 8
+POD_F_CGROUP_SCOPED = 1 << 9
 MB_DNS_SCOPE = 0x80000000
 MB_IPV6_SCOPE = 0x40000000      # IPv6 ranges apart from IPv4 ones (see bpf/lib/types.h)
 
@@ -107,6 +108,10 @@ class NetnsSrc(ctypes.Structure):
     _fields_ = [("v4", u8 * 16), ("v6", u8 * 16), ("ll4", u8 * 16)]
 
 
+class PodCgroup(ctypes.Structure):
+    _fields_ = [("id", u64), ("level", u32), ("pad", u32)]
+
+
 class NodeConfig(ctypes.Structure):
     _fields_ = [("flags", u32), ("splice_limit", u32), ("pod_conn_limit", u32), ("pad", u32)]
 
@@ -181,9 +186,10 @@ MB_TRACE_IN = 2
 MB_TRACE_REDIRECTED = 1
 MB_TRACE_BYPASSED = 2
 MB_TRACE_REFUSED = 3
+MB_TRACE_DROPPED = 4
 TRACE_DIRECTIONS = {MB_TRACE_OUT: "out", MB_TRACE_IN: "in"}
 TRACE_VERDICTS = {MB_TRACE_REDIRECTED: "redirected", MB_TRACE_BYPASSED: "bypassed",
-                  MB_TRACE_REFUSED: "refused"}
+                  MB_TRACE_REFUSED: "refused", MB_TRACE_DROPPED: "dropped"}
 # MB_WHY_* code -> (name, what it means); the name is the C one without MB_WHY_, lowercased
 TRACE_RULES = {
     1: ("excluded_port", "outbound_ports_exclude"),
@@ -203,6 +209,13 @@ TRACE_RULES = {
     15: ("tproxy_inbound", "TPROXY: a proxy connect to a captured inbound port"),
     16: ("ipv6_off", "IPv6 destination without enable_ipv6"),
     17: ("map_full", "no room to record the connection: refused"),
+    # inbound (bpf/lib/inbound.h)
+    18: ("in_included_port", "inbound_ports_include"),
+    19: ("in_include_all", "inbound_ports_include '*'"),
+    20: ("in_excluded_port", "inbound_ports_exclude (or a port Istio always excludes)"),
+    21: ("in_not_included", "not in inbound_ports_include"),
+    22: ("not_meshed", "the destination is no enrolled pod's"),
+    23: ("no_listener", "the sidecar's inbound listener is not up: SYN dropped"),
 }
 
 
@@ -222,6 +235,7 @@ MIRRORS = {
     "ip_key": IpKey,
     "netns_addr_key": NetnsAddrKey,
     "netns_src": NetnsSrc,
+    "pod_cgroup": PodCgroup,
     "node_config": NodeConfig,
     "orig_dst": OrigDst,
     "splice_dir": SpliceDir,
@@ -522,11 +536,12 @@ def decode_capture_listener_key(raw):
 
 # The maps a pod's enrollment writes, in write order: rules (scoped by pod index, unread
 # until the `pods` entry points at the index) first, the `pods` entry last.
-ENTRY_MAPS = ("cidr_rules", "port_rules", "local_ips", "netns_addrs", "netns_src", "pods")
+ENTRY_MAPS = ("cidr_rules", "port_rules", "local_ips", "netns_addrs", "netns_src", "pod_cgroups",
+              "pods")
 RULE_MAPS = ("cidr_rules", "port_rules")
 # Keys not scoped by the pod index: an update overwrites them in place, so their old
 # values are kept to roll back.
-SHARED_ENTRY_MAPS = ("local_ips", "netns_addrs", "netns_src", "pods")
+SHARED_ENTRY_MAPS = ("local_ips", "netns_addrs", "netns_src", "pod_cgroups", "pods")
 
 
 def pod_rules(config):
@@ -535,9 +550,10 @@ def pod_rules(config):
     return tuple(cidr_rules(config)), tuple(dns_rules(config)), tuple(port_rules(config))
 
 
-def pod_entries(netns_cookie, pod_index, pc, rules, addresses, local):
+def pod_entries(netns_cookie, pod_index, pc, rules, addresses, local, cgroup=None):
     """{map name: {key bytes: value bytes}}: every entry a pod with `rules` (pod_rules),
-    pods value `pc`, own `addresses` and netns addresses `local` has under `pod_index`."""
+    pods value `pc`, own `addresses` and netns addresses `local` has under `pod_index`;
+    a host workload's `cgroup` ((id, level), see pod_cgroup) scopes it (POD_F_CGROUP_SCOPED)."""
     cidrs, dns, ports = rules
     out = {name: {} for name in ENTRY_MAPS}
     for net, rule in cidrs:
@@ -551,5 +567,19 @@ def pod_entries(netns_cookie, pod_index, pc, rules, addresses, local):
     for a in local:
         out["netns_addrs"][bytes(netns_addr_key(netns_cookie, a))] = u32_bytes(pod_index)
     out["netns_src"][u64_bytes(netns_cookie)] = bytes(netns_src(addresses, local))
+    if cgroup is not None:
+        pc.flags |= POD_F_CGROUP_SCOPED
+        out["pod_cgroups"][u64_bytes(netns_cookie)] = bytes(PodCgroup(id=cgroup[0],
+                                                                      level=cgroup[1]))
     out["pods"][u64_bytes(netns_cookie)] = bytes(pc)
     return out
+
+
+def cgroup_level(path, mount):
+    """Pure: the depth of cgroup directory `path` below the cgroup2 `mount` (0: the root),
+    what bpf_get_current_ancestor_cgroup_id takes."""
+    root, path = mount.rstrip("/"), path.rstrip("/")
+    if path != root and not path.startswith(root + "/"):
+        raise UsageError(f"{path} is not under the cgroup2 mount {mount}")
+    rel = path[len(root):].strip("/")
+    return len(rel.split("/")) if rel else 0

@@ -1,9 +1,16 @@
 """`meshbpf trace`: follow the data path's interception decisions as they happen.
 
 The connect hooks write one event per decision (bpf/lib/trace.h) into the pinned BPF ring
-buffer `trace_events`, but only while the pinned gate `trace_on[0]` is 1: this command sets
-it while it runs and clears it when it exits (also on Ctrl-C and SIGTERM), so nobody
-following costs one array lookup per decision.
+buffer `trace_events`, and the inbound tc program one per inbound connection (its first
+SYN), but only while the pinned gate `trace_on[0]` is 1: this command sets it while it runs
+and clears it when it exits (also on Ctrl-C and SIGTERM), so nobody following costs one
+array lookup per decision.
+
+One follower at a time per pin prefix: the ring buffer has one consumer position and the
+gate one value, so a second reader would take half the events and the first to exit would
+turn tracing off for the other. A follower holds an exclusive flock on the pinned maps
+directory (released by the kernel however it exits, SIGKILL included); a second one is
+refused with FollowerBusyError.
 
 The ring buffer is read without bcc, from its pin (RingReader): the kernel maps a ring
 buffer map as one consumer page (read-write, offset 0: consumer_pos) and, from offset
@@ -16,6 +23,7 @@ bytes. The walk over records (walk_records), the decoding (decode_event) and the
 
 import contextlib
 import ctypes
+import fcntl
 import ipaddress
 import json
 import mmap
@@ -29,7 +37,7 @@ import time
 import click
 
 from .. import bpfsys
-from ..errors import NotFoundError, UnsupportedError, UsageError
+from ..errors import MeshbpfError, NotFoundError, UnsupportedError, UsageError
 from ..interceptor import DEFAULT_PIN_PREFIX
 from . import structs
 
@@ -39,6 +47,10 @@ GATE_MAP = "trace_on"
 RINGBUF_BUSY_BIT = 1 << 31       # the producer has reserved the record, not committed it
 RINGBUF_DISCARD_BIT = 1 << 30    # committed as discarded: skip it
 RINGBUF_HDR_SZ = 8
+
+
+class FollowerBusyError(MeshbpfError):
+    """Another `meshbpf trace` already follows this pin prefix."""
 
 
 # ---- pure ------------------------------------------------------------------------------
@@ -76,6 +88,8 @@ def decode_event(raw, pods=None):
     port = structs.ntohs(ev.port)
     pod_id, name = (pods or {}).get(ev.netns, (None, None))
     rule_name, rule_text = structs.TRACE_RULES.get(ev.rule, (f"rule_{ev.rule}", "unknown rule"))
+    # an inbound decision is made in softirq (tc), on no task of the pod: no uid/gid
+    inbound = ev.direction == structs.MB_TRACE_IN
     return {
         "time_ns": ev.time_ns,
         "netns_cookie": ev.netns,
@@ -91,8 +105,8 @@ def decode_event(raw, pods=None):
         "rule": rule_name,
         "rule_detail": rule_text,
         "to_port": structs.ntohs(ev.to_port) or None,
-        "uid": ev.uid,
-        "gid": ev.gid,
+        "uid": None if inbound else ev.uid,
+        "gid": None if inbound else ev.gid,
     }
 
 
@@ -100,9 +114,9 @@ def format_text(e):
     """One line for a decoded event."""
     pod = e["pod"] or f"netns:{e['netns_cookie']}"
     what = f"-> :{e['to_port']}" if e["verdict"] == "redirected" else ""
+    ids = f" uid={e['uid']} gid={e['gid']}" if e["uid"] is not None else ""
     return (f"{pod} {e['direction']} {e['protocol']} {e['destination']} {e['verdict']}"
-            f"{' ' + what if what else ''} rule={e['rule']} ({e['rule_detail']}) "
-            f"uid={e['uid']} gid={e['gid']}")
+            f"{' ' + what if what else ''} rule={e['rule']} ({e['rule_detail']}){ids}")
 
 
 def matches(e, pod=None, pod_id=None):
@@ -179,6 +193,24 @@ class RingReader:
             self.fd = None
 
 
+def claim_follower(pin_prefix):
+    """An fd holding the exclusive follower lock of `pin_prefix` (close it to release);
+    FollowerBusyError if another follower holds it."""
+    maps = os.path.join(pin_prefix, "maps")
+    fd = os.open(maps, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FollowerBusyError(f"another `meshbpf trace` already follows {pin_prefix}: one "
+                                "follower at a time (the ring buffer has one reader)",
+                                hint="stop it, or read its output")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def set_gate(pin_prefix, on):
     """Set trace_on[0] (1 while somebody follows, 0 otherwise)."""
     fd = bpfsys.obj_get(os.path.join(pin_prefix, "maps", GATE_MAP))
@@ -226,7 +258,12 @@ def follow(pin_prefix, emit, pod=None, pod_id=None, count=None, timeout=None, na
     events or `timeout` seconds, clear the gate (whatever ends it). Returns events emitted.
     `names(cookie)` -> (pod id, name) or (None, None)."""
     check_traceable(pin_prefix)
-    reader = RingReader(os.path.join(pin_prefix, "maps", EVENTS_MAP))
+    lock = claim_follower(pin_prefix)
+    try:
+        reader = RingReader(os.path.join(pin_prefix, "maps", EVENTS_MAP))
+    except BaseException:
+        os.close(lock)
+        raise
     cache = {}
 
     def pods_of(cookie):
@@ -261,6 +298,7 @@ def follow(pin_prefix, emit, pod=None, pod_id=None, count=None, timeout=None, na
             set_gate(pin_prefix, False)
         signal.signal(signal.SIGTERM, old_term)
         reader.close()
+        os.close(lock)
     return n
 
 
@@ -276,9 +314,11 @@ def follow(pin_prefix, emit, pod=None, pod_id=None, count=None, timeout=None, na
               help="bpffs directory of meshbpf's pinned programs and maps.")
 def trace_command(pod, pod_id, output, count, timeout, pin_prefix):
     """Follow interception decisions as they happen: one line per connection (pod,
-    direction, original destination, verdict and the rule that decided).
+    direction, original destination, verdict and the rule that decided), outbound
+    (connect) and inbound (the connection's first SYN, at the pod's interface).
 
     Costs nothing while nobody follows: the data path writes events only while this runs.
+    One follower at a time per pin prefix: a second `meshbpf trace` is refused.
 
     \b
     Examples:

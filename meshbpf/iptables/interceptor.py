@@ -17,10 +17,21 @@ Options (keyword arguments, from meshbpf.backends.backend("iptables", **options)
                    the config they were applied with, to find non-jump rules
 """
 
+import contextlib
+
 from . import apply as ops
 from ..config import InterceptConfig
-from ..errors import MeshbpfError, NotFoundError
+from ..errors import MeshbpfError, NotFoundError, UsageError
 from ..interceptor import DEFAULT_PIN_PREFIX, Interceptor
+from ..pod import host_netns_allowed
+
+
+def _host_scope(pod=None, rec=None):
+    """Around work on a host workload (its Pod or its record says "host"): the agent's own
+    netns is then allowed (meshbpf.pod.guard_netns); on anything else, nothing changes."""
+    if getattr(pod, "host", False) or (rec or {}).get("host"):
+        return host_netns_allowed()
+    return contextlib.nullcontext()
 
 
 class IptablesInterceptor(Interceptor):
@@ -48,6 +59,20 @@ class IptablesInterceptor(Interceptor):
     # ---- Interceptor --------------------------------------------------------------
 
     def attach(self, pod, config, previous=None, ctx=None):
+        """A host workload gets Istio's VM-mode rules: the whole host netns is captured
+        (uid/gid 1337 excluded), whatever the workload's cgroup; PREROUTING takes every
+        interface but the config's exclude_interfaces."""
+        if getattr(pod, "host", False) and pod.inbound_interfaces != "*":
+            raise UsageError(f"pod {pod.name}: iptables mode captures a host workload's inbound "
+                             "traffic on every interface (Istio's rules have no interface "
+                             f"list), not only on {', '.join(pod.inbound_interfaces or [])}",
+                             hint='set "inbound_interfaces": "*" (the config\'s '
+                                  "exclude_interfaces leaves some out), or run the node in "
+                                  "eBPF mode")
+        with _host_scope(pod, previous):
+            return self._attach(pod, config, previous)
+
+    def _attach(self, pod, config, previous):
         cfg = self._effective_config(pod, config)
         families = self._families(cfg)
         old = previous
@@ -101,6 +126,10 @@ class IptablesInterceptor(Interceptor):
     def detach(self, record, pod=None, ctx=None):
         """Remove the rules `record` lists; with no record, the rules Istio's config
         (`cleanup_config`, or the default) would have put in `pod`'s netns."""
+        with _host_scope(pod, record):
+            return self._detach(record, pod)
+
+    def _detach(self, record, pod):
         rec = record or {}
         netns = pod.netns if pod is not None else rec.get("netns")
         cfg = InterceptConfig.from_dict(rec["config"]) if record else self.cleanup_config
@@ -123,8 +152,9 @@ class IptablesInterceptor(Interceptor):
             live = {}
             try:
                 cfg = InterceptConfig.from_dict(rec["config"])
-                res = ops.verify(rec["netns"], cfg, families=rec.get("families", [4]),
-                                 force=rec.get("backend"), group_file=self.group_file)
+                with _host_scope(rec=rec):
+                    res = ops.verify(rec["netns"], cfg, families=rec.get("families", [4]),
+                                     force=rec.get("backend"), group_file=self.group_file)
                 live["in_sync"] = all(r["in_sync"] for r in res.values())
                 live["drift"] = [f"IPv{f}: {d}" for f, r in res.items() for d in r["drift"]]
             except (MeshbpfError, OSError) as e:
@@ -139,12 +169,14 @@ class IptablesInterceptor(Interceptor):
         for rec in records:
             try:
                 cfg = InterceptConfig.from_dict(rec["config"])
-                ops.cleanup(rec["netns"], cfg, families=(4, 6), force=self.force or rec.get("backend"),
-                            group_file=self.group_file, recorded=rec.get("builtin"),
-                            created_tables=rec.get("created_tables"))
-                if rec.get("added_inbound_v6_address"):
-                    ops.remove_inbound_v6_address(rec["netns"])
-                ops.remove_routes(rec["netns"], rec.get("added_routes"))
+                with _host_scope(rec=rec):
+                    ops.cleanup(rec["netns"], cfg, families=(4, 6),
+                                force=self.force or rec.get("backend"),
+                                group_file=self.group_file, recorded=rec.get("builtin"),
+                                created_tables=rec.get("created_tables"))
+                    if rec.get("added_inbound_v6_address"):
+                        ops.remove_inbound_v6_address(rec["netns"])
+                    ops.remove_routes(rec["netns"], rec.get("added_routes"))
             except NotFoundError:
                 pass  # the pod's netns is gone, and its rules with it
             except MeshbpfError as e:

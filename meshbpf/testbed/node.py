@@ -153,10 +153,12 @@ class Sandbox:
             raise
         return self
 
-    def add_pod(self, name, ip4=None, ip6=None):
+    def add_pod(self, name, ip4=None, ip6=None, cgroup=None):
         """Create pod `name` (netns, veth on br0, addresses, cgroup leaf). Its addresses are
         the next free pair (pod_addresses) unless `ip4`/`ip6` choose them, e.g. another
-        pod's, to reuse an address. Chosen ones must lie in the sandbox's ranges."""
+        pod's, to reuse an address. Chosen ones must lie in the sandbox's ranges. `cgroup`:
+        its cgroup's path below the sandbox's test cgroup (default `name`), e.g.
+        "node/kubepods/app" for a node-like tree; missing parents are made."""
         if not self._up:
             raise MeshbpfError("the sandbox is not started (use `with Sandbox() as sb`)")
         if not _NAME_RE.match(name or "") or name == "node":
@@ -170,7 +172,12 @@ class Sandbox:
                 inside = False
             if not inside:
                 raise UsageError(f"pod address {ip!r} must be an address in {net}")
-        pod = SandboxPod(self, name, self._next_index, ip4=ip4, ip6=ip6)
+        if cgroup is not None:
+            parts = cgroup.split("/")
+            if cgroup.startswith("/") or not all(_NAME_RE.match(p) for p in parts):
+                raise UsageError(f"pod cgroup {cgroup!r} must be a relative path of short "
+                                 "lowercase names")
+        pod = SandboxPod(self, name, self._next_index, ip4=ip4, ip6=ip6, cgroup=cgroup)
         self._next_index += 1
         self.pods[name] = pod
         try:

@@ -45,13 +45,13 @@ def run_ip(args, netns=None, check=True):
 class SandboxPod:
     """A pod of a sandbox: netns + eth0 on the node bridge + addresses + cgroup leaf."""
 
-    def __init__(self, sandbox, name, index, ip4=None, ip6=None):
+    def __init__(self, sandbox, name, index, ip4=None, ip6=None, cgroup=None):
         self.sandbox = sandbox
         self.name = name
         self.index = index
         self.netns_name = f"{sandbox.id}-{name}"
         self.netns = os.path.join(NETNS_DIR, self.netns_name)
-        self.cgroup = os.path.join(sandbox.cgroup_root, name)
+        self.cgroup = os.path.join(sandbox.cgroup_root, cgroup or name)
         self.ip4, self.ip6 = pod_addresses(index)
         self.ip4, self.ip6 = ip4 or self.ip4, ip6 or self.ip6
         self.userns_base = USERNS_BASE + (index - 1) * USERNS_SIZE
@@ -72,7 +72,7 @@ class SandboxPod:
         node = self.sandbox.node_netns_name
         os.makedirs(self.tmpdir, mode=0o755, exist_ok=True)
         os.chmod(self.tmpdir, 0o755)
-        os.mkdir(self.cgroup)
+        os.makedirs(self.cgroup)
         run_ip(["netns", "add", self.netns_name])
         # The veth is created inside the node netns and its eth0 end goes straight into
         # the pod: neither end ever exists in the machine's own namespace.

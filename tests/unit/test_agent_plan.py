@@ -102,18 +102,43 @@ def test_ipv6_turned_on_by_the_backend_for_a_dual_stack_pod_is_not_a_change():
         == ["update"]
 
 
-def test_a_host_entry_is_reported_not_attached():
-    """resolve() only reads /proc and the cgroup mount: the machine's netns with host: true
-    is refused as unsupported (nothing is changed), without host: true as bad input."""
+def test_a_host_entry_resolves_to_the_agents_own_netns_scoped_by_its_cgroup(tmp_path):
+    """resolve() only reads /proc and the cgroup mount: "host": true means the agent's own
+    netns (here: this process's); a host entry on the cgroup root, on another netns, or the
+    machine's netns without "host": true are refused, nothing changed."""
+    import dataclasses
+    import os
     import pytest
     from meshbpf import system
     from meshbpf.agent.reconcile import resolve
-    from meshbpf.errors import UnsupportedError, UsageError
-    entry = {"name": "vm", "netns": "/proc/self/ns/net", "cgroup": system.cgroup2_mount(),
-             "host": True}
+    from meshbpf.errors import UsageError
+    mine = tmp_path / "app.slice"         # Pod checks only that cgroup.procs is there
+    mine.mkdir()
+    (mine / "cgroup.procs").write_text("")
+    mine = str(mine)
+    entry = {"name": "vm", "netns": "/proc/self/ns/net", "cgroup": mine, "host": True,
+             "inbound_interfaces": ["eth0"]}
     want = _desired(entry)["vm"]
-    with pytest.raises(UnsupportedError, match="host workloads"):
-        resolve(want)
-    import dataclasses
+    pod = resolve(want)
+    assert pod.host is True and pod.inbound_interfaces == ["eth0"]
+    assert pod.host_fields() == {"host": True, "inbound_interfaces": ["eth0"]}
+    with pytest.raises(UsageError, match="cgroup of its own"):
+        resolve(dataclasses.replace(want, cgroup=system.cgroup2_mount()))
     with pytest.raises(UsageError, match="host"):
-        resolve(dataclasses.replace(want, host=False, netns=f"/proc/{__import__('os').getpid()}/ns/net"))
+        resolve(dataclasses.replace(want, host=False, inbound_interfaces=None,
+                                    netns=f"/proc/{os.getpid()}/ns/net"))
+    other = tmp_path / "ns"        # any file that is not our netns
+    other.write_text("")
+    with pytest.raises(UsageError, match="another one"):
+        resolve(dataclasses.replace(want, netns=str(other)))
+
+
+def test_changed_host_interfaces_attach_again():
+    e = {"name": "vm", "pid": 1, "host": True, "inbound_interfaces": ["eth0"]}
+    old = _desired(e)["vm"]
+    rec = _record(old, host=True, inbound_interfaces=["eth0"])
+    assert plan({"vm": old}, {"vm": rec}, live={"vm": {"cookie": 100}}) == []
+    new = _desired(dict(e, inbound_interfaces="*"))
+    assert [a.kind for a in plan(new, {"vm": rec}, live={"vm": {"cookie": 100}})] == ["attach"]
+    assert [a.kind for a in plan({"vm": old}, {"vm": _record(old)},
+                                 live={"vm": {"cookie": 100}})] == ["attach"]

@@ -95,8 +95,41 @@ def test_duplicate_ids_and_names_are_errors_for_every_entry_concerned():
 def test_the_host_netns_needs_host_true(entry):
     pods, errors = _parse({"pods": [entry]})
     assert pods == {} and "host" in errors[0].reason
-    pods, errors = _parse({"pods": [dict(entry, host=True)]})
+    pods, errors = _parse({"pods": [dict(entry, host=True, inbound_interfaces=["eth0"])]})
     assert errors == [] and pods["vm"].host is True
+    assert pods["vm"].inbound_interfaces == ("eth0",)
+
+
+@pytest.mark.parametrize("extra, reason", [
+    ({}, "must say where its inbound traffic is captured"),
+    ({"inbound_interfaces": []}, "non-empty list"),
+    ({"inbound_interfaces": "eth0"}, "non-empty list"),
+    ({"inbound_interfaces": ["lo"]}, "not an interface name"),
+    ({"inbound_interfaces": ["a" * 16]}, "not an interface name"),
+    ({"inbound_interfaces": ["eth0", "eth0"]}, "twice"),
+    ({"inbound_interfaces": [3]}, "not an interface name"),
+])
+def test_a_host_entry_names_where_inbound_is_captured(extra, reason):
+    """Inbound capture on the host is the whole machine's: never a default."""
+    entry = dict({"name": "vm", "netns": "/proc/1/ns/net", "cgroup": "/sys/fs/cgroup/app.slice",
+                  "host": True}, **extra)
+    pods, errors = _parse({"pods": [entry]})
+    assert pods == {} and reason in errors[0].reason
+    pods, errors = _parse({"pods": [dict(entry, inbound_interfaces="*")]})
+    assert errors == [] and pods["vm"].inbound_interfaces == "*"
+
+
+def test_inbound_interfaces_only_with_host():
+    pods, errors = _parse({"pods": [{"name": "p", "netns": "p", "cgroup": "/c",
+                                     "inbound_interfaces": ["eth0"]}]})
+    assert pods == {} and "for host entries" in errors[0].reason
+
+
+def test_changed_inbound_interfaces_change_the_spec():
+    e = {"name": "vm", "pid": 1, "host": True}
+    a, _ = _parse({"pods": [dict(e, inbound_interfaces=["eth0"])]})
+    b, _ = _parse({"pods": [dict(e, inbound_interfaces="*")]})
+    assert a["vm"].spec() != b["vm"].spec()
 
 
 def test_spec_and_config_identify_what_changed():

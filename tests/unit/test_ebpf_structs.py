@@ -82,7 +82,7 @@ def test_flag_constants_match_header():
     defines = _defines(_header())
     for name in ("POD_F_OUTBOUND_ALL", "POD_F_IPV6", "POD_F_OWNER_INCLUDE",
                  "POD_F_OWNER_EXCLUDE", "POD_F_DNS", "POD_F_DNS_ALL",
-                 "POD_F_LOOPBACK_INCLUDED", "POD_F_TPROXY", "MB_DNS_SCOPE", "MB_IPV6_SCOPE", "RULE_INCLUDE",
+                 "POD_F_LOOPBACK_INCLUDED", "POD_F_TPROXY", "POD_F_CGROUP_SCOPED", "MB_DNS_SCOPE", "MB_IPV6_SCOPE", "RULE_INCLUDE",
                  "RULE_EXCLUDE", "NODE_F_SPLICE", "ORIG_F_ANSWERED", "ORIG_F_CONNECTED",
                  "MB_MAX_IDS", "MB_MAX_PODS", "INBOUND_POD_WILDCARD", "INBOUND_POD_CAPTURES",
                  "INBOUND_POD_SK_LOOKUP", "INBOUND_PORT_CAPTURE", "INBOUND_PORT_BYPASS",
@@ -398,12 +398,40 @@ def test_getsockname_programs_follow_getpeername():
 
 
 def test_trace_constants_match_header():
-    """The trace event's codes (lib/trace.h) and rule names (MB_WHY_*, lib/policy.h) are the
-    C ones: a renumbered rule would make `meshbpf trace` name the wrong rule."""
+    """The trace event's codes (lib/trace.h) and rule names (MB_WHY_*, lib/policy.h and
+    lib/inbound.h) are the C ones: a renumbered rule would make `meshbpf trace` name the
+    wrong rule."""
     defines = _defines(_header())
     for name in ("MB_TRACE_OUT", "MB_TRACE_IN", "MB_TRACE_REDIRECTED", "MB_TRACE_BYPASSED",
-                 "MB_TRACE_REFUSED"):
+                 "MB_TRACE_REFUSED", "MB_TRACE_DROPPED"):
         assert _eval(name, defines) == getattr(structs, name), name
     why = {int(_eval(k, defines)): k[len("MB_WHY_"):].lower()
            for k in defines if k.startswith("MB_WHY_")}
     assert why == {code: name for code, (name, _) in structs.TRACE_RULES.items()}
+
+
+def test_a_host_workload_is_scoped_by_its_cgroup():
+    """A host entry's pods value carries POD_F_CGROUP_SCOPED and its pod_cgroups entry is
+    written before the pods entry (connect4 never sees the flag without the cgroup)."""
+    cfg = InterceptConfig()
+    rules = structs.pod_rules(cfg)
+    plain = structs.pod_entries(7, 1, structs.pod_struct(cfg, 1), rules, [], [])
+    assert plain["pod_cgroups"] == {}
+    assert not structs.from_bytes(structs.PodConfig, plain["pods"][structs.u64_bytes(7)]).flags \
+        & structs.POD_F_CGROUP_SCOPED
+    host = structs.pod_entries(7, 1, structs.pod_struct(cfg, 1), rules, [], [], (4242, 3))
+    cg = structs.from_bytes(structs.PodCgroup, host["pod_cgroups"][structs.u64_bytes(7)])
+    assert (cg.id, cg.level) == (4242, 3)
+    assert structs.from_bytes(structs.PodConfig, host["pods"][structs.u64_bytes(7)]).flags \
+        & structs.POD_F_CGROUP_SCOPED
+    order = structs.ENTRY_MAPS
+    assert order.index("pod_cgroups") < order.index("pods")
+    assert "pod_cgroups" in structs.SHARED_ENTRY_MAPS
+
+
+def test_cgroup_level_counts_directories_below_the_mount():
+    assert structs.cgroup_level("/sys/fs/cgroup", "/sys/fs/cgroup") == 0
+    assert structs.cgroup_level("/sys/fs/cgroup/app.slice", "/sys/fs/cgroup/") == 1
+    assert structs.cgroup_level("/sys/fs/cgroup/a/b/c", "/sys/fs/cgroup") == 3
+    with pytest.raises(UsageError):
+        structs.cgroup_level("/sys/fs/cgroupx/a", "/sys/fs/cgroup")

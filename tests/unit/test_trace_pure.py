@@ -70,7 +70,7 @@ def event(**kw):
     ev.port = socket.htons(kw.get("port", 80))
     ev.family = structs.MB_AF_INET6 if ":" in kw.get("ip", "") else structs.MB_AF_INET
     ev.to_port = socket.htons(kw.get("to_port", 0))
-    ev.direction = structs.MB_TRACE_OUT
+    ev.direction = kw.get("direction", structs.MB_TRACE_OUT)
     ev.verdict = kw.get("verdict", structs.MB_TRACE_REDIRECTED)
     ev.rule = kw.get("rule", 12)
     ev.proto = 6
@@ -106,6 +106,27 @@ def test_format_text_names_pod_destination_verdict_and_rule():
     line = trace.format_text(trace.decode_event(
         event(port=9000, verdict=structs.MB_TRACE_BYPASSED, rule=1)))
     assert line.startswith("netns:4242 out tcp 10.1.2.3:9000 bypassed rule=excluded_port")
+
+
+def test_decode_and_format_inbound_decisions_without_ids():
+    """tc decides inbound in softirq: the uid/gid fields mean nothing there, so they are
+    not shown; the rule names are the inbound ones of lib/inbound.h."""
+    pods = {4242: ("i", "web")}
+    e = trace.decode_event(event(direction=structs.MB_TRACE_IN, port=8080, to_port=15006,
+                                 rule=19, uid=0), pods)
+    assert (e["direction"], e["destination"], e["verdict"], e["rule"], e["to_port"]) == \
+        ("in", "10.1.2.3:8080", "redirected", "in_include_all", 15006)
+    assert e["uid"] is None and e["gid"] is None
+    assert trace.format_text(e) == ("web in tcp 10.1.2.3:8080 redirected -> :15006 "
+                                    "rule=in_include_all (inbound_ports_include '*')")
+    e = trace.decode_event(event(direction=structs.MB_TRACE_IN, port=22,
+                                 verdict=structs.MB_TRACE_BYPASSED, rule=20), pods)
+    assert (e["verdict"], e["rule"], e["to_port"]) == ("bypassed", "in_excluded_port", None)
+    e = trace.decode_event(event(direction=structs.MB_TRACE_IN, port=9090,
+                                 verdict=structs.MB_TRACE_DROPPED, rule=23), pods)
+    assert trace.format_text(e).startswith("web in tcp 10.1.2.3:9090 dropped rule=no_listener")
+    assert [structs.TRACE_RULES[r][0] for r in (18, 21, 22)] == \
+        ["in_included_port", "in_not_included", "not_meshed"]
 
 
 def test_matches_filters_by_name_or_id():

@@ -30,6 +30,16 @@
 
 #include "maps.h"
 
+/* Which rule decided an inbound connection, for `meshbpf trace` (trace.h's events; the
+ * outbound codes 1..17 are policy.h's, and a number never changes meaning: structs.py
+ * TRACE_RULES mirrors them). */
+#define MB_WHY_IN_INCLUDED_PORT 18 /* inbound_ports_include lists the port              */
+#define MB_WHY_IN_INCLUDE_ALL 19   /* inbound_ports_include '*'                          */
+#define MB_WHY_IN_EXCLUDED_PORT 20 /* inbound_ports_exclude (or a port Istio never takes) */
+#define MB_WHY_IN_NOT_INCLUDED 21  /* not in inbound_ports_include                       */
+#define MB_WHY_NOT_MESHED 22       /* the destination is no enrolled pod's               */
+#define MB_WHY_NO_LISTENER 23      /* captured, but no capture listener: SYN dropped     */
+
 /* 1 and *capture_port, *pod_flags if the pod's policy steers `dport`; -1 if the destination
  * is an enrolled pod IP whose policy leaves the port alone; 0 if it is no enrolled pod IP.
  * Ports in network order. (tc_inbound.c, sk_lookup.c, and policy.h's TPROXY case) */
@@ -52,6 +62,23 @@ static __always_inline int mbi_policy(struct inbound_pod_key *pk, __be16 dport,
     *capture_port = pod->capture_port;
     *pod_flags = pod->flags;
     return 1;
+}
+
+/* The MB_WHY_IN_* / MB_WHY_NOT_MESHED that mbi_policy's answer for (`pk`, `dport`) came
+ * from. Separate from mbi_policy so that only a traced decision pays its lookups again. */
+static __always_inline int mbi_why(struct inbound_pod_key *pk, __be16 dport)
+{
+    struct inbound_pod_val *pod = inbound_pods.lookup(pk);
+    if (!pod)
+        return MB_WHY_NOT_MESHED;
+    struct inbound_port_key k = {};
+    __builtin_memcpy(k.ip, pk->ip, sizeof(k.ip));
+    k.port = dport;
+    __u32 *action = inbound_ports.lookup(&k);
+    if (action)
+        return *action == INBOUND_PORT_CAPTURE ? MB_WHY_IN_INCLUDED_PORT
+                                               : MB_WHY_IN_EXCLUDED_PORT;
+    return (pod->flags & INBOUND_POD_WILDCARD) ? MB_WHY_IN_INCLUDE_ALL : MB_WHY_IN_NOT_INCLUDED;
 }
 
 #endif /* MESHBPF_LIB_INBOUND_H */

@@ -16,6 +16,7 @@
  *   netns_addrs   connect4/6, sendmsg4/6, getsockname4/6 (is an address one of the socket's
  *                 netns's own, i.e. reached over `lo`?) — written by Python
  *   netns_src     connect4/6, getsockname4/6 (the address the kernel picks as source) — Python
+ *   pod_cgroups   connect4/6, sendmsg4/6 (is the caller in a host workload's cgroup?) — Python
  *   node_cfg      sockops (splice on/off)                      — written by Python
  *   orig_dst      connect4/6 write, getpeername4/6 read, sockops copy + delete,
  *                 sock_release delete
@@ -59,6 +60,8 @@ BPF_HASH(dns_orig, __u64, struct orig_dst, MB_MAX_CONNS);
 BPF_HASH(pod_conns, __u64, __u64, MB_MAX_PODS);
 BPF_HASH(netns_addrs, struct netns_addr_key, __u32, 65536);
 BPF_HASH(netns_src, __u64, struct netns_src, MB_MAX_PODS);
+/* netns cookie -> the host workload's cgroup (types.h); one host netns per node */
+BPF_HASH(pod_cgroups, __u64, struct pod_cgroup, 64);
 
 BPF_HASH(splice_dirs, struct sock_key, struct splice_dir, MB_MAX_CONNS);
 

@@ -52,6 +52,22 @@ static __always_inline void mb_sa_to_loopback(struct bpf_sock_addr *ctx, int v6s
     ctx->user_port = (__u32)port;
 }
 
+/* Is the calling process part of the meshed workload? Always for a pod (its netns is its
+ * own); for a host workload only when it runs in the workload's cgroup or below: the host
+ * netns also holds the agent, sshd and everything else of the machine, which istio-iptables
+ * in a VM captures too but meshbpf need not. sock_addr hooks run in the context of the task
+ * calling connect()/sendmsg(), so "current" is that process. (The helper exists for these
+ * hooks since Linux 5.7, as bpf_get_netns_cookie does.) */
+static __always_inline int mb_in_workload(const struct pod_config *pc, __u64 nc)
+{
+    if (!(pc->flags & POD_F_CGROUP_SCOPED))
+        return 1;
+    struct pod_cgroup *cg = pod_cgroups.lookup(&nc);
+    if (!cg)
+        return 0;                /* written before the pods entry: a half-made enrollment */
+    return bpf_get_current_ancestor_cgroup_id(cg->level) == cg->id;
+}
+
 /* cgroup/connect4, connect6: see connect4.c and connect6.c. */
 static __always_inline int mb_connect(struct bpf_sock_addr *ctx, int v6sock)
 {
@@ -60,7 +76,7 @@ static __always_inline int mb_connect(struct bpf_sock_addr *ctx, int v6sock)
         return 1;
     __u64 nc = bpf_get_netns_cookie(ctx);
     struct pod_config *pc = pods.lookup(&nc);
-    if (!pc)
+    if (!pc || !mb_in_workload(pc, nc))
         return 1;
     if (udp && (__u16)ctx->user_port != MB_DNS_PORT_BE)
         goto udp_direct;         /* the only UDP Istio's rules redirect is DNS */
@@ -113,7 +129,7 @@ static __always_inline int mb_sendmsg(struct bpf_sock_addr *ctx, int v6sock)
         return 1;
     __u64 nc = bpf_get_netns_cookie(ctx);
     struct pod_config *pc = pods.lookup(&nc);
-    if (!pc || !(pc->flags & POD_F_DNS))
+    if (!pc || !(pc->flags & POD_F_DNS) || !mb_in_workload(pc, nc))
         return 1;
     __u32 ip[4];
     mb_sa_dst(ctx, v6sock, ip);

@@ -8,6 +8,13 @@
  * A ring buffer (not a perf buffer) so user space can read the PINNED map by mmap without
  * bcc: one buffer for all CPUs, records in order.
  *
+ * Inbound (mb_trace_in, from tc_inbound): one event per connection, not per packet: only a
+ * SYN without ACK is traced, and only where tc decides it (a retransmitted SYN that the
+ * kernel already holds a request socket for passes untraced; one that tc drops because no
+ * capture listener is up yet is traced again: each is a failed attempt). tc runs in
+ * softirq, on no task of the pod: the event has no uid/gid (0), and its netns is the owner
+ * cookie recorded in the pod's inbound_pods entry, the cookie the cgroup hooks report.
+ *
  * Kernels without BPF ring buffers (Linux < 5.8) get MB_NO_RINGBUF from the loader: the
  * maps and the event code compile out and the programs load as before.
  */
@@ -16,14 +23,17 @@
 
 #include "types.h"
 #include "addr.h"
+#include "maps.h"
+#include "inbound.h"
 
 #define MB_TRACE_OUT 1           /* trace_event.direction: a connect (outbound)        */
 #define MB_TRACE_IN 2            /* an inbound connection (tc)                         */
 #define MB_TRACE_REDIRECTED 1    /* trace_event.verdict: sent to a sidecar listener    */
 #define MB_TRACE_BYPASSED 2      /* left to go where it was addressed                  */
 #define MB_TRACE_REFUSED 3       /* refused (EPERM): could not be recorded             */
+#define MB_TRACE_DROPPED 4       /* inbound SYN dropped (no capture listener yet)      */
 
-/* One decision. `rule` is an MB_WHY_* (policy.h). Mirrored by structs.TraceEvent. */
+/* One decision. `rule` is an MB_WHY_* (policy.h, inbound.h). Mirrored by structs.TraceEvent. */
 struct trace_event {
     __u64 netns;                 /* netns cookie of the socket (the pod)               */
     __u64 time_ns;               /* bpf_ktime_get_ns()                                 */
@@ -72,7 +82,48 @@ static __always_inline void mb_trace_out(struct pod_config *pc, __u64 nc, const 
     /* a full ring drops the event (the follower is behind), never the connection */
     trace_events.ringbuf_output(&ev, sizeof(ev), 0);
 }
+
+/* An inbound connection's first SYN to `pk`:`dport` (the pod address and port the client
+ * dialled; network order), decided by the policy of `polk` (tc_inbound's mbi_policy_key;
+ * `iface`: the filter's inbound_ifaces id, for a destination no pod owns). `why` 0: the
+ * policy's rule (mbi_why). Everything past the gate is paid only while somebody follows. */
+static __always_inline void mb_trace_in(struct inbound_pod_key *pk, struct inbound_pod_key *polk,
+                                        __u16 dport, __u32 iface, int verdict, int why,
+                                        __u16 to_port)
+{
+    __u32 k = 0;
+    __u32 *on = trace_on.lookup(&k);
+    if (!on || !*on)
+        return;
+    struct trace_event ev = {};
+    struct inbound_pod_val *pod = inbound_pods.lookup(polk);
+    if (pod) {
+        ev.netns = pod->owner;
+    } else if (iface) {
+        struct inbound_iface_val *v = inbound_ifaces.lookup(&iface);
+        if (v)
+            ev.netns = v->netns;
+    }
+    struct pod_config *pc = pods.lookup(&ev.netns);
+    if (pc)
+        ev.pod_index = pc->pod_index;
+    ev.time_ns = bpf_ktime_get_ns();
+    __builtin_memcpy(ev.ip, pk->ip, 16);
+    ev.port = dport;
+    ev.family = mb_is_mapped(pk->ip) ? MB_AF_INET : MB_AF_INET6;
+    ev.to_port = to_port;
+    ev.direction = MB_TRACE_IN;
+    ev.verdict = verdict;
+    ev.rule = why ? why : mbi_why(polk, dport);
+    ev.proto = 6;
+    trace_events.ringbuf_output(&ev, sizeof(ev), 0);
+}
 #else
+static __always_inline void mb_trace_in(struct inbound_pod_key *pk, struct inbound_pod_key *polk,
+                                        __u16 dport, __u32 iface, int verdict, int why,
+                                        __u16 to_port)
+{
+}
 static __always_inline void mb_trace_out(struct pod_config *pc, __u64 nc, const __u32 *ip,
                                          __u16 port, int udp, int verdict, int rule,
                                          __u16 to_port)

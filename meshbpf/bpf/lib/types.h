@@ -55,6 +55,8 @@
 #define POD_F_LOOPBACK_INCLUDED (1u << 7) /* an include range is a loopback address: Istio
                                             then writes no `-o lo ! --uid-owner -j RETURN` */
 #define POD_F_TPROXY         (1u << 8)  /* inbound_interception_mode TPROXY             */
+#define POD_F_CGROUP_SCOPED  (1u << 9)  /* a host workload: only pod_cgroups[netns]'s
+                                            processes are meshed                       */
 
 /* cidr_rules scope of a pod's DNS servers (dns_servers_v4/v6): pod_index | MB_DNS_SCOPE */
 #define MB_DNS_SCOPE 0x80000000u
@@ -118,6 +120,17 @@ struct netns_src {
     __u32 v4[4];                 /* v4-mapped */
     __u32 v6[4];
     __u32 ll4[4];                /* v4-mapped */
+};
+
+/* The cgroup of a host workload (pods[netns] has POD_F_CGROUP_SCOPED). Its netns is the
+ * machine's, where every process of the host lives: the cgroup, not the netns, says whose
+ * connect() is the workload's. id: the cgroup v2 id (the inode of its directory); level: its
+ * depth below the cgroup2 root, the level bpf_get_current_ancestor_cgroup_id compares at,
+ * so processes in sub-cgroups of the workload's (a slice's services) count too. */
+struct pod_cgroup {
+    __u64 id;
+    __u32 level;
+    __u32 pad;
 };
 
 #define NODE_F_SPLICE (1u << 0)

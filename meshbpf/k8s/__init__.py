@@ -1,0 +1,1 @@
+"""Kubernetes: pod objects, their meshing, their place on the node."""
