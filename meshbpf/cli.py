@@ -232,12 +232,13 @@ def cleanup(pin_prefix, cgroup_root, output):
 def _register_subcommands():
     from .agent.command import daemon
     from .bench.commands import bench
+    from .cni.commands import cni
     from .demo import demo
     from .ebpf.commands import ebpf
     from .ebpf.trace import trace_command
     from .iptables.commands import iptables
     from .probe import probe_command
-    for cmd in (probe_command, iptables, ebpf, trace_command, bench, demo, daemon):
+    for cmd in (probe_command, iptables, ebpf, trace_command, bench, demo, daemon, cni):
         main.add_command(cmd)
 
 

@@ -9,6 +9,7 @@ say() { echo "setup: $*"; }
 
 pkgs=(bpfcc-tools python3-bpfcc bpftool iptables nftables iproute2 haproxy sockperf iperf3 curl
       python3-venv procps util-linux kmod ca-certificates
+      containernetworking-plugins   # the CNI reference plugins tests chain meshbpf-cni behind
       systemd)   # systemd-analyze verifies deploy/systemd/ (tests/unit/test_systemd_units.py)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

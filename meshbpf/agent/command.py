@@ -3,6 +3,7 @@ the pod's name; JSON lines with --log-format json)."""
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -40,7 +41,8 @@ def setup_logging(fmt, level=logging.INFO):
 
 @click.command()
 @click.option("--pods-file", type=click.Path(dir_okay=False),
-              help="YAML or JSON: {pods: [{name, pid} | {name, netns, cgroup}, + id, config, host]}.")
+              help="YAML or JSON: {pods: [{name, pid} | {name, netns, cgroup} | {name: "
+                   "namespace/name} (its CNI ADD says where), + id, config, host]}.")
 @click.option("--kube", is_flag=True,
               help="Serve this node's meshed pods from the Kubernetes API (list + watch).")
 @click.option("--kubeconfig", type=click.Path(dir_okay=False), default=None,
@@ -69,8 +71,12 @@ def setup_logging(fmt, level=logging.INFO):
               help="On SIGTERM/SIGINT remove every pod's interception (default: leave it).")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
               show_default=True)
+@click.option("--cni-socket", default=None, metavar="PATH",
+              help="Unix socket where meshbpf-cni has pods enrolled at their CNI ADD "
+                   "(default /run/meshbpf/cni.sock; with another --pin-prefix, cni.sock in "
+                   "that instance's state directory; 'none': no socket).")
 def daemon(pods_file, kube, kubeconfig, node_name, pin_prefix, cgroup_root, mode, splice,
-           metrics_addr, resync, cleanup_on_exit, log_format):
+           metrics_addr, resync, cleanup_on_exit, log_format, cni_socket):
     """Run the node agent: keep every pod the pods file names, and with --kube every
     meshed pod Kubernetes schedules on this node, intercepted.
 
@@ -114,5 +120,9 @@ def daemon(pods_file, kube, kubeconfig, node_name, pin_prefix, cgroup_root, mode
                       reconcile=True, upgrade=True)
     metrics = Metrics(pin_prefix)
     metrics.serve(metrics_addr)
+    from .cniserver import default_socket
+    if cni_socket is None:
+        cni_socket = default_socket(pin_prefix, svc.store.instance_dir)
     Daemon(svc, pods_file, metrics=metrics, resync=resync, cleanup_on_exit=cleanup_on_exit,
-           sources=sources).run()
+           sources=sources,
+           cni_socket=None if cni_socket == "none" else os.path.abspath(cni_socket)).run()

@@ -27,16 +27,18 @@ records, pins and rules are the state, and the next agent adopts them and reconc
 import ctypes
 import ctypes.util
 import errno
+import functools
 import json
 import logging
 import os
 import select
 import signal
 import struct
+import threading
 import time
 
 from ..errors import MeshbpfError
-from . import source
+from . import cniserver, source
 from .reconcile import Reconciler
 
 log = logging.getLogger("meshbpf.agent")
@@ -165,9 +167,18 @@ def watch(path):
         return StatWatch(path)
 
 
+def _locked(method):
+    """One at a time with the CNI server's requests (they run in its threads)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class Daemon:
     def __init__(self, svc, pods_file=None, metrics=None, resync=10.0, cleanup_on_exit=False,
-                 sources=()):
+                 sources=(), cni_socket=None):
         self.svc = svc
         self.pods_file = os.path.abspath(pods_file) if pods_file else None
         self.sources = list(sources)           # besides the pods file (e.g. Kubernetes)
@@ -182,8 +193,13 @@ class Daemon:
         self.started = time.time()
         self.mode = None
         self.ready = False       # after the first full reconcile
+        self.lock = threading.RLock()
+        # CNI: what each pod's ADD said (completes pending entries) and the socket it comes on
+        self.bindings = cniserver.Bindings(os.path.join(svc.store.instance_dir, "cni.json"))
+        self.cni_socket, self.cni = cni_socket, None
 
     # ---- the pods file ---------------------------------------------------------------------
+    @_locked
     def load(self):
         """Read the pods file; on success it becomes the desired state. Returns whether it
         did (a missing or unusable file keeps the last good state)."""
@@ -209,6 +225,7 @@ class Daemon:
                                                 "error": e.reason})
         return True
 
+    @_locked
     def merge(self):
         """The desired state from every source's last known state (None while one has
         never said)."""
@@ -236,7 +253,8 @@ class Daemon:
     def write_state(self, running=True):
         doc = {"pid": os.getpid(), "running": running, "started": self.started,
                "updated": time.time(), "pods_file": self.pods_file, "mode": self.mode,
-               "file_error": self.file_error, "pods": self.reconciler.report(),
+               "file_error": self.file_error,
+               "pods": self.reconciler.report() + self._waiting_for_cni(),
                "sources": ([{"name": "pods-file", "path": self.pods_file,
                              "error": self.file_error}] if self.pods_file else []) +
                [s.report() for s in self.sources],
@@ -254,14 +272,27 @@ class Daemon:
         except (OSError, ValueError, AttributeError):
             return set()
 
+    # ---- CNI ---------------------------------------------------------------------------------
+    def served(self):
+        """The desired pods the reconciler acts on: pending entries completed by their CNI
+        ADD's binding (a binding whose netns is gone is dropped first)."""
+        self.bindings.prune()
+        return source.complete(self.desired, self.bindings.data)[0]
+
+    def _waiting_for_cni(self):
+        return [{"id": p.id, "name": p.name, "source": p.source, "state": "pending",
+                 "mode": None, "last_error": None, "waiting_for": "its CNI ADD"}
+                for p in source.complete(self.desired, self.bindings.data)[1]]
+
     # ---- the loop ----------------------------------------------------------------------------
-    def sync(self, ids=None, check_drift=False):
+    @_locked
+    def sync(self, ids=None, check_drift=False, write=False):
         """One pass over `ids` (None: every pod); agent.json is written when a pod's state
-        changed or the pass was a full one. A pass that fails as a whole (not one pod) is
-        logged and retried in a second rather than ending the agent."""
+        changed, the pass was a full one or `write`. A pass that fails as a whole (not one
+        pod) is logged and retried in a second rather than ending the agent."""
         if self.desired is not None:
             try:
-                due = self.reconciler.run(self.desired, self.entry_errors,
+                due = self.reconciler.run(self.served(), self.entry_errors,
                                           check_drift=check_drift, ids=ids)
             except Exception as e:  # noqa: BLE001 - the loop outlives one bad pass
                 log.exception("reconcile failed: %s", e, extra={"action": "reconcile",
@@ -269,11 +300,29 @@ class Daemon:
                 return 1.0
         else:
             due = None
-        if ids is None or self.reconciler.dirty:
+        if ids is None or write or self.reconciler.dirty:
             self.reconciler.dirty = False
             self.write_state()
         return due
 
+    @_locked
+    def sync_changed(self):
+        """A pass over what changed since the last pass over each pod (and pods whose
+        backoff is over)."""
+        if self.desired is None:
+            self.write_state()          # e.g. the file's problem is reported
+            return None
+        # written also when no pod's state changed: entries pending their CNI ADD show
+        return self.sync(self.reconciler.changed(self.served()), write=True)
+
+    @_locked
+    def drift_ids(self):
+        """Every pod one drift check covers (also looks again for pods not found on the
+        node)."""
+        self.merge()
+        return self.reconciler.drift_ids(self.served() if self.desired is not None else {})
+
+    @_locked
     def reconcile(self, check_drift):
         """A full pass over every pod (with drift checks: a full reconcile, after which
         the agent is ready, once every source has said what it wants)."""
@@ -284,6 +333,7 @@ class Daemon:
                 self.metrics.set_ready(True)
         return due
 
+    @_locked
     def _drift_checked(self):
         """A drift check went over every pod: its time is one full reconcile's."""
         if self.metrics is not None:
@@ -301,6 +351,7 @@ class Daemon:
             self.metrics.set_features(report)
             self.metrics.set_mode(self.mode)
         self.reconciler.owned = self._read_owned()
+        self.bindings.load()
         if self.mode == "ebpf":
             # Load (or upgrade) the node programs now, not with the first pod: compiling
             # them takes seconds, and a new pod is to be intercepted within 100 ms. The
@@ -340,6 +391,8 @@ class Daemon:
             due_at = _at(self.start())
             if self.mode == "ebpf":
                 _warm_attach_path()     # after ready: a restart is not slowed by it
+            if self.cni_socket:
+                self.cni = cniserver.Server(self.cni_socket, cniserver.Handler(self)).start()
             next_resync = time.monotonic() + self.resync
             cycle = []                  # pods the running drift check has still to look at
             while not stop:
@@ -370,12 +423,10 @@ class Daemon:
                 if not self.ready and file_changed:
                     self.merge()          # every source has said: the first full reconcile
                     due_at = _at(self.reconcile(check_drift=True))
-                elif (file_changed or (due_at is not None and now >= due_at)) and \
-                        self.desired is not None:
-                    due_at = _at(self.sync(self.reconciler.changed(self.desired)))
+                elif file_changed or (due_at is not None and now >= due_at):
+                    due_at = _at(self.sync_changed())
                 if not cycle and now >= next_resync:
-                    self.merge()          # also looks again for pods not found on the node
-                    cycle = self.reconciler.drift_ids(self.desired or {})
+                    cycle = self.drift_ids()
                     self.reconciler.busy = 0.0
                 if cycle:
                     chunk, cycle = cycle[:DRIFT_CHUNK], cycle[DRIFT_CHUNK:]
@@ -387,6 +438,8 @@ class Daemon:
                     next_resync = time.monotonic() + self.resync
             log.info("stopping on %s", signal.Signals(stop[0]).name, extra={"action": "stop"})
         finally:
+            if self.cni is not None:
+                self.cni.stop()
             w.close()
             for s in self.sources:
                 s.close()
@@ -397,6 +450,7 @@ class Daemon:
             os.close(wfd)
         self.stop()
 
+    @_locked
     def stop(self):
         if self.cleanup_on_exit:
             log.info("--cleanup-on-exit: removing every pod's interception",
@@ -405,6 +459,7 @@ class Daemon:
                 os.unlink(self.state_path)
             except FileNotFoundError:
                 pass
+            self.bindings.remove_file()
             self.svc.cleanup()
             return
         log.info("interception stays in place for %d pod(s)", len(self.reconciler.owned),

@@ -17,6 +17,16 @@ service) is only accepted with an explicit "host": true; the daemon also compare
 named netns with its own by inode (a side effect, not done here). A host entry must say
 where its inbound traffic is captured, since that is the whole machine's:
 "inbound_interfaces" lists interface names, or is "*" for every non-loopback one.
+
+A "pending" entry names a Kubernetes pod by "namespace/name" and nothing else (no pid, no
+netns; a "cgroup" may be given): the container runtime's CNI ADD for that pod (meshbpf-cni,
+served by meshbpf.agent.cniserver) tells the agent its netns before any container starts,
+and `complete()` turns the entry into a served pod with it. Its id defaults to the name
+with "/" as ":" ("shop/web-0" -> "shop:web-0"). Until its ADD the entry is only reported.
+
+What the CNI server asks of a pod source is `lookup(namespace, name, uid)`: the desired
+pod the runtime's identity names, or None (not meshed). For the pods file that is
+`lookup(pods, ...)` below; a Kubernetes source answers by the pod's UID.
 """
 
 import dataclasses
@@ -46,6 +56,11 @@ class DesiredPod:
     config: object = None          # meshbpf.config.InterceptConfig
     inbound_interfaces: object = None  # host entries: tuple of names, or "*"
     source: str = "pods-file"
+
+    @property
+    def pending(self):
+        """Named only by "namespace/name": waiting for its CNI ADD to say its netns."""
+        return self.pid is None and self.netns is None
 
     def spec(self):
         """What identifies the pod's kernel objects: a change means attach again."""
@@ -133,7 +148,7 @@ def parse_entry(entry):
     name = entry.get("name")
     if not isinstance(name, str) or not name:
         raise UsageError('"name" (a non-empty string) is required')
-    pod_id = entry.get("id", name)
+    pod_id = entry.get("id", default_id(name))
     if not valid_pod_id(pod_id):
         raise UsageError(f"id {pod_id!r} is not usable: letters, digits and ._:@- only, "
                          "starting with a letter or digit" +
@@ -142,9 +157,15 @@ def parse_entry(entry):
     if not isinstance(host, bool):
         raise UsageError('"host" must be true or false')
     pid, netns, cgroup = entry.get("pid"), entry.get("netns"), entry.get("cgroup")
-    if (pid is None) == (netns is None):
-        raise UsageError('name the pod with exactly one of "pid" or "netns" (+ "cgroup")')
-    if pid is not None:
+    if pid is not None and netns is not None:
+        raise UsageError('name the pod with exactly one of "pid" or "netns" (+ "cgroup"), '
+                         'or neither ("namespace/name": its CNI ADD says where it is)')
+    if pid is None and netns is None:
+        if host:
+            raise UsageError('a host workload has no CNI ADD: name it with "pid" or "netns"')
+        if cgroup is not None and not (isinstance(cgroup, str) and cgroup.startswith("/")):
+            raise UsageError('"cgroup" must be an absolute cgroup v2 directory')
+    elif pid is not None:
         if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
             raise UsageError(f'"pid" must be a positive integer, not {pid!r}')
         if cgroup is not None:
@@ -225,6 +246,44 @@ def union(parts):
             errors.append(EntryError(-1, p.name, pod_id, f"duplicate id {pod_id!r} "
                                      f"(also {others})", source=p.source))
     return out, errors
+
+
+def default_id(name):
+    """The id of an entry that gives none: its name, "/" (namespace/name) written ":"."""
+    return name.replace("/", ":")
+
+
+def lookup(pods, namespace, name, uid=None):
+    """The desired pod (of `pods`, {id: DesiredPod}) a CNI ADD's identity names: the entry
+    named "namespace/name", else the one whose id is the pod's UID; None if there is none
+    (the pod is not meshed)."""
+    if not namespace or not name:
+        return None
+    key = f"{namespace}/{name}"
+    for p in (pods or {}).values():
+        if p.name == key:
+            return p
+    if uid and uid in (pods or {}):
+        return pods[uid]
+    return None
+
+
+def complete(pods, bindings):
+    """(served {id: DesiredPod}, waiting [DesiredPod]): every pending pod that a CNI ADD
+    bound (`bindings`: {"namespace/name": {"netns", "cgroup", ...}}) gets that netns (and
+    that cgroup, unless its entry names one); a pending pod without a binding waits."""
+    served, waiting = {}, []
+    for pod_id, p in (pods or {}).items():
+        if not p.pending:
+            served[pod_id] = p
+            continue
+        b = (bindings or {}).get(p.name)
+        if b is None or not b.get("netns"):
+            waiting.append(p)
+            continue
+        served[pod_id] = dataclasses.replace(p, netns=b["netns"],
+                                             cgroup=p.cgroup or b.get("cgroup"))
+    return served, waiting
 
 
 def is_host_netns_path(path):

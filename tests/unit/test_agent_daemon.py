@@ -122,3 +122,41 @@ def test_polling_fallback_and_cleanup_on_exit(tmp_path, monkeypatch):
     svc, d = _run(tmp_path, monkeypatch, script, cleanup_on_exit=True)
     assert seen["latency"] < 0.1
     assert svc.cleaned and not os.path.exists(d.state_path)
+
+
+def test_a_pending_entry_waits_for_its_cni_add_and_del_detaches_it(tmp_path, monkeypatch):
+    from meshbpf.cni import plugin
+    sock = str(tmp_path / "run" / "cni.sock")
+    netns = tmp_path / "netns-cni-1"          # a binding whose netns is gone is dropped
+    netns.write_text("")
+    seen = {}
+
+    def req(op, cid="c1"):
+        return {"op": op, "container_id": cid, "netns": str(netns) if op != "del" else None,
+                "ifname": "eth0", "namespace": "shop", "name": "web-0", "uid": "u1", "network": "n"}
+
+    def script(svc, path, d):
+        assert _wait(lambda: os.path.exists(d.state_path))
+        _write(path, [{"name": "shop/web-0"}])
+
+        def pending():
+            with contextlib.suppress(OSError, ValueError):
+                return any(p["state"] == "pending" for p in json.load(open(d.state_path))["pods"])
+        assert _wait(pending)
+        assert _wait(lambda: os.path.exists(sock))
+        assert svc.calls == []                                     # nothing to attach yet
+        seen["add"] = plugin.call_agent(sock, req("add"), 5)
+        seen["recs_after_add"] = sorted(svc.store.recs)
+        seen["state"] = {p["name"]: p["state"] for p in json.load(open(d.state_path))["pods"]}
+        seen["del_other"] = plugin.call_agent(sock, req("del", cid="older"), 5)
+        seen["del"] = plugin.call_agent(sock, req("del"), 5)
+        seen["recs_after_del"] = sorted(svc.store.recs)
+
+    svc, d = _run(tmp_path, monkeypatch, script, cni_socket=sock)
+    assert seen["add"]["ok"] and seen["add"]["meshed"] and seen["add"]["id"] == "shop:web-0", seen
+    assert seen["recs_after_add"] == ["shop:web-0"]                # attached before the answer
+    assert svc.store.recs == {} and seen["recs_after_del"] == []
+    assert seen["state"] == {"shop/web-0": "attached"}
+    assert seen["del_other"]["message"] == "nothing bound to this container"
+    assert seen["del"]["ok"] and svc.calls == [("attach", "shop:web-0"), ("detach", "shop:web-0")]
+    assert not os.path.exists(sock)                                # removed on stop

@@ -41,7 +41,8 @@ pods:
 
 @pytest.mark.parametrize("entry, words", [
     ({"pid": 1}, "name"),
-    ({"name": "x"}, "exactly one"),
+    ({"name": "x", "host": True}, "host workload"),
+    ({"name": "ns/x", "cgroup": "relative"}, "cgroup"),
     ({"name": "x", "pid": 5, "netns": "/run/netns/x", "cgroup": "/c"}, "exactly one"),
     ({"name": "x", "pid": "5"}, "positive integer"),
     ({"name": "x", "pid": True}, "positive integer"),
@@ -138,3 +139,32 @@ def test_spec_and_config_identify_what_changed():
                              "config": {"outbound_ports_exclude": "22"}}]})
     assert a["x"].spec() == b["x"].spec()
     assert a["x"].config_dict() != b["x"].config_dict()
+
+
+def test_a_pending_entry_is_completed_by_its_cni_binding_only():
+    pods, errors = _parse({"pods": [{"name": "shop/web-0"},
+                                    {"name": "shop/db-0", "cgroup": "/sys/fs/cgroup/db"},
+                                    {"name": "web", "pid": 42}]})
+    assert errors == []
+    assert sorted(pods) == ["shop:db-0", "shop:web-0", "web"]   # "/" becomes ":" in the id
+    assert pods["shop:web-0"].pending and not pods["web"].pending
+    served, waiting = source.complete(pods, {})
+    assert sorted(served) == ["web"] and sorted(p.name for p in waiting) == ["shop/db-0", "shop/web-0"]
+    bind = {"shop/web-0": {"netns": "/run/netns/cni-1", "cgroup": "/sys/fs/cgroup/k/pod1"},
+            "shop/db-0": {"netns": "/run/netns/cni-2", "cgroup": "/sys/fs/cgroup/k/pod2"},
+            "other/x": {"netns": "/run/netns/cni-3"}}
+    served, waiting = source.complete(pods, bind)
+    assert waiting == [] and sorted(served) == ["shop:db-0", "shop:web-0", "web"]
+    assert served["shop:web-0"].netns == "/run/netns/cni-1"
+    assert served["shop:web-0"].cgroup == "/sys/fs/cgroup/k/pod1"
+    assert served["shop:db-0"].cgroup == "/sys/fs/cgroup/db"     # the entry's own cgroup wins
+    assert served["web"] is pods["web"]
+
+
+def test_lookup_by_namespace_name_or_uid():
+    pods, _ = _parse({"pods": [{"name": "shop/web-0"}, {"name": "api", "id": "uid-7", "pid": 3}]})
+    assert source.lookup(pods, "shop", "web-0", "u1").id == "shop:web-0"
+    assert source.lookup(pods, "shop", "api", "uid-7").id == "uid-7"
+    assert source.lookup(pods, "shop", "nope", "u2") is None
+    assert source.lookup(pods, None, "web-0") is None
+    assert source.lookup(None, "shop", "web-0") is None
