@@ -389,10 +389,11 @@ class Daemon:
             s.start()
         try:
             due_at = _at(self.start())
-            if self.mode == "ebpf":
-                _warm_attach_path()     # after ready: a restart is not slowed by it
             if self.cni_socket:
                 self.cni = cniserver.Server(self.cni_socket, cniserver.Handler(self)).start()
+            if self.mode == "ebpf":
+                # after ready and after the CNI socket listens: neither waits for it
+                _warm_attach_path()
             next_resync = time.monotonic() + self.resync
             cycle = []                  # pods the running drift check has still to look at
             while not stop:
