@@ -77,8 +77,15 @@ def test_a_change_resolves_only_the_entries_that_changed(tmp_path, monkeypatch):
         _write(path, [_entry(i) for i in range(1, N)] + [_entry(N)])   # p0 out, pN in
         assert _wait(lambda: f"p{N}" in svc.store.recs and "p0" not in svc.store.recs, 5)
         seen["resolved"] = sorted(resolved)
-        doc = json.load(open(d.state_path))
-        seen["reported"] = sorted(p["name"] for p in doc["pods"])
+
+        def reported():                 # agent.json is written when the pass has ended
+            try:
+                return sorted(p["name"] for p in json.load(open(d.state_path))["pods"])
+            except (OSError, ValueError):
+                return None
+        want = sorted(f"p{i}" for i in range(1, N + 1))
+        _wait(lambda: reported() == want, 5)
+        seen["reported"] = reported()
 
     svc, d = _run(tmp_path, monkeypatch, script)
     assert seen["resolved"] == [f"p{N}"], seen["resolved"][:10]
