@@ -24,10 +24,16 @@ sources) holds every pod meshed on this node, those not started yet as *pending*
 DesiredPods (no pid, no netns) named "namespace/name"; `lookup(namespace, name, uid)` ->
 DesiredPod or None answers from it (meshbpf.agent.source.lookup: by name, else by UID, the
 Kubernetes source's pod id), and `source.complete` gives a pending pod the netns its ADD
-bound. A pod not in the desired state is answered "not meshed" (success, nothing done).
-The pods file's pending entries do this today; the Kubernetes source serves a pod only
-once its netns is found on the node, so its pods are answered "not meshed" at their ADD
-until it lists meshed pods that have no container yet as pending DesiredPods.
+bound. An ADD whose pod is not in the desired state asks each source that has a
+`lookup(namespace, name, uid)` of its own (the Kubernetes source: a GET of a pod its watch
+has not delivered yet); a MeshbpfError there fails the ADD with "retry" (the runtime tries
+again), None is "not meshed" (success, nothing done). DEL and CHECK ask the desired state
+only.
+
+A `by_cni` pod (the Kubernetes source's) is enrolled and detached by its ADD and DEL even
+when its source found it on the node itself; its DEL leaves a tombstone binding
+({"deleted": true}, dropped with its netns) so the pod is not served again from what its
+source finds while its sandbox is torn down.
 """
 
 import contextlib
@@ -187,6 +193,23 @@ class Handler:
         # the one thing asked of the pod source (see the module's docstring)
         self.lookup = lookup or (lambda ns, name, uid: source.lookup(daemon.desired, ns, name, uid))
 
+    def find(self, namespace, name, uid):
+        """ADD's lookup: the desired state, else a source that can ask its authority (the
+        desired state is then merged again, so it holds the pod). MeshbpfError: cannot say."""
+        d = self.daemon
+        want = self.lookup(namespace, name, uid)
+        if want is not None and not (want.by_cni and uid and want.id != uid):
+            return want
+        # (a by_cni pod of that name with another UID is another pod: a StatefulSet's pod
+        # recreated, or a static pod, whose runtime UID is not its mirror pod's)
+        for s in getattr(d, "sources", ()):
+            ask = getattr(s, "lookup", None)
+            want = ask(namespace, name, uid) if ask is not None else None
+            if want is not None:
+                d.merge()
+                return want
+        return None
+
     def __call__(self, req):
         return {"add": self.add, "del": self.delete, "check": self.check}[req["op"]](req)
 
@@ -206,12 +229,15 @@ class Handler:
             if d.desired is None:
                 return {"ok": False, "error": "the agent has no usable pod source yet"
                         + (f" ({d.file_error})" if d.file_error else "")}
-            want = self.lookup(req["namespace"], req["name"], req["uid"])
+            try:
+                want = self.find(req["namespace"], req["name"], req["uid"])
+            except MeshbpfError as e:
+                return {"ok": False, "retry": True, "error": f"{key}: {e}"}
             cgroup = want.cgroup if want is not None and want.cgroup else \
                 pod_cgroup(req["uid"], self._root())
             old = d.bindings.data.get(key)
             if not (old and old.get("container_id") == req["container_id"]
-                    and old.get("netns") == req["netns"]):
+                    and old.get("netns") == req["netns"] and not old.get("deleted")):
                 # on disk before the attach: an agent killed half way finds the pod again.
                 # A second network's ADD for the same sandbox (Multus) keeps the first binding:
                 # the spec keys an attachment by (network, container id, interface).
@@ -220,7 +246,7 @@ class Handler:
                                       "cgroup": cgroup, "network": req["network"]})
             if want is None:
                 return {"ok": True, "meshed": False, "message": f"{key} is not in the pod source"}
-            if not want.pending:
+            if not want.cni_enrolled:
                 rec = d.svc.store.load(want.id)
                 return {"ok": True, "meshed": rec is not None, "id": want.id,
                         "message": f"{key}: its pods-file entry names its netns itself; "
@@ -242,7 +268,7 @@ class Handler:
         with d.lock:
             key = identity(req) or d.bindings.of_container(req["container_id"])
             b = d.bindings.data.get(key) if key else None
-            if b is None or b.get("container_id") != req["container_id"]:
+            if b is None or b.get("container_id") != req["container_id"] or b.get("deleted"):
                 # never bound, already deleted, or a newer sandbox of the pod owns the name
                 return {"ok": True, "meshed": False, "message": "nothing bound to this container"}
             if any(req[k] and b.get(k) and req[k] != b[k] for k in ("network", "ifname")):
@@ -251,8 +277,11 @@ class Handler:
             d.bindings.unbind(key)
             ns, _, name = key.partition("/")
             want = self.lookup(ns, name, b.get("uid"))
-            if want is None or not want.pending:
+            if want is None or not want.cni_enrolled:
                 return {"ok": True, "meshed": False, "message": f"{key}: unbound"}
+            if want.by_cni:
+                # not served again from what its source finds while the sandbox goes
+                d.bindings.bind(key, dict(b, deleted=True))
             d.reconcile(check_drift=False)
             if d.svc.store.load(want.id) is not None:
                 # not owned by this agent (its agent.json was lost): the ADD made it, DEL undoes it
@@ -266,10 +295,10 @@ class Handler:
         d, key = self.daemon, identity(req)
         with d.lock:
             want = self.lookup(req["namespace"], req["name"], req["uid"]) if key else None
-            if want is None or not want.pending:
+            if want is None or not want.cni_enrolled:
                 return {"ok": True, "meshed": False, "message": "not enrolled through CNI"}
             b = d.bindings.data.get(key)
-            if b is None or b.get("container_id") != req["container_id"]:
+            if b is None or b.get("container_id") != req["container_id"] or b.get("deleted"):
                 return {"ok": False, "error": f"{key}: no ADD recorded for container "
                         f"{req['container_id'][:12]}"}
             rec = d.svc.store.load(want.id)

@@ -56,11 +56,20 @@ class DesiredPod:
     config: object = None          # meshbpf.config.InterceptConfig
     inbound_interfaces: object = None  # host entries: tuple of names, or "*"
     source: str = "pods-file"
+    # The CNI ADD's binding (same name, same pod UID as the id) says where the pod is, also
+    # once the source finds it itself (Kubernetes: the runtime's netns path and the one read
+    # from /proc name one netns; keeping the binding's means a later watch event is no change)
+    by_cni: bool = False
 
     @property
     def pending(self):
         """Named only by "namespace/name": waiting for its CNI ADD to say its netns."""
         return self.pid is None and self.netns is None
+
+    @property
+    def cni_enrolled(self):
+        """Does a CNI ADD enroll this pod (and its DEL detach it)?"""
+        return self.pending or self.by_cni
 
     def spec(self):
         """What identifies the pod's kernel objects: a change means attach again."""
@@ -271,13 +280,25 @@ def lookup(pods, namespace, name, uid=None):
 def complete(pods, bindings):
     """(served {id: DesiredPod}, waiting [DesiredPod]): every pending pod that a CNI ADD
     bound (`bindings`: {"namespace/name": {"netns", "cgroup", ...}}) gets that netns (and
-    that cgroup, unless its entry names one); a pending pod without a binding waits."""
+    that cgroup, unless its entry names one); a pending pod without a binding waits. A
+    `by_cni` pod takes only a binding of its own UID, and takes it even when its source
+    found it on the node; after its DEL (a "deleted" binding) it waits."""
     served, waiting = {}, []
     for pod_id, p in (pods or {}).items():
+        b = (bindings or {}).get(p.name)
+        if b is not None and p.by_cni and b.get("uid") != p.id:
+            b = None            # another pod of that name (a StatefulSet's earlier web-0)
+        if b is not None and b.get("deleted"):
+            if p.by_cni:        # its DEL came: not served again while its sandbox goes
+                waiting.append(p)
+                continue
+            b = None
         if not p.pending:
+            if p.by_cni and b is not None and b.get("netns"):
+                p = dataclasses.replace(p, pid=None, netns=b["netns"],
+                                        cgroup=b.get("cgroup") or p.cgroup)
             served[pod_id] = p
             continue
-        b = (bindings or {}).get(p.name)
         if b is None or not b.get("netns"):
             waiting.append(p)
             continue

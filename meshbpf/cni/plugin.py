@@ -218,7 +218,9 @@ def handle(inv, conf, agent, log=None):
                        "understand", json.dumps(reply)[:500])
         return _refused(inv, conf, op, who, err, log)
     if not reply["ok"]:
-        err = CniError(E_AGENT_REFUSED, f"meshbpf: {op} of pod {who or inv.container_id} failed",
+        # "retry": the agent cannot say yet (its pod source's API is unreachable): try again
+        err = CniError(E_TRY_AGAIN if reply.get("retry") is True else E_AGENT_REFUSED,
+                       f"meshbpf: {op} of pod {who or inv.container_id} failed",
                        str(reply.get("error") or "no reason given"))
         return _refused(inv, conf, op, who, err, log)
     log("info", f"{op} {who or inv.container_id}: {reply.get('message') or 'ok'}")

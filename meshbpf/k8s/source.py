@@ -17,8 +17,18 @@ Which pods are acted on is decided on the daemon's side, from the pods as last k
 (`desired()`): `assess()` (pure) never serves a half-known pod (no uid, not scheduled yet,
 no container started yet) and drops a pod that is being deleted or has finished, so the
 agent detaches it; the mesh's own rules (`classify`) say whether and how a pod is meshed;
-`find_pod` finds its netns and cgroup on this node (a pod not found yet waits: it is looked
-for again on the next change or resync).
+`find_pod` finds its netns and cgroup on this node.
+
+A meshed pod whose netns is not there yet (no container started, or find_pod says its cgroup
+has no process or is not made yet) is a *pending* DesiredPod (no netns): the runtime's CNI
+ADD (meshbpf.agent.cniserver) completes it with the netns it made, before any container of
+the pod starts. Every pod of this source is `by_cni`: once an ADD has bound its UID, the
+binding says where it is, so the watch's later event (containers started, the pod now found
+through /proc) changes nothing, and after its DEL it is not served again from /proc.
+
+An ADD can come before the watch has delivered its pod: `lookup()` then GETs that one pod
+from the API (short timeout) and keeps it (`fetched`) until the watch has caught up with it;
+an API that cannot answer makes the ADD fail, so the runtime retries.
 """
 
 import dataclasses
@@ -30,7 +40,7 @@ import threading
 import time
 
 from ..agent.source import DesiredPod, EntryError
-from ..errors import MeshbpfError, UsageError
+from ..errors import MeshbpfError, PodNotFoundError, PodNotRunningError, UsageError
 from ..state import valid_pod_id
 
 log = logging.getLogger("meshbpf.agent.kube")
@@ -39,13 +49,16 @@ SOURCE = "kubernetes"
 BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
 WATCH_TIMEOUT = 300          # seconds a watch asks the server to stay open
 HTTP_GONE = 410
+HTTP_NOT_FOUND = 404
+GET_TIMEOUT = (3, 5)         # (connect, read) seconds of a CNI ADD's GET of its pod
 
 
 # ---- pure: one pod object, what to do with it ----------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    kind: str            # serve | wait (half-known) | drop (not meshed, left alone, going)
+    kind: str            # serve | pending (no netns yet) | wait (half-known) | drop (not
+    #                      meshed, left alone, going)
     reason: str
     meshing: object = None
 
@@ -74,9 +87,9 @@ def assess(pod, classify):
     if not meshing.meshed:
         return Verdict("drop", f"not meshed: {meshing.reason}", meshing)
     # The pod's sandbox (and so its netns) exists once kubelet reports a container of it;
-    # before that there is nothing to attach to (the CNI plugin covers that window).
+    # before that it is pending: its CNI ADD says where its netns is.
     if not status.get("containerStatuses") and not status.get("initContainerStatuses"):
-        return Verdict("wait", f"{phase or 'Pending'}: no container started yet")
+        return Verdict("pending", f"{phase or 'Pending'}: no container started yet", meshing)
     return Verdict("serve", "meshed", meshing)
 
 
@@ -89,13 +102,15 @@ def desired_pod(pod, meshing, netns, cgroup):
     elif isinstance(cfg, dict):
         cfg = InterceptConfig.from_dict(cfg)
     return DesiredPod(id=pod["metadata"]["uid"], name=pod_name(pod), netns=netns,
-                      cgroup=cgroup, config=cfg, source=SOURCE)
+                      cgroup=cgroup, config=cfg, source=SOURCE, by_cni=True)
 
 
 def desired_state(pods, classify, locate):
     """(pods {id: DesiredPod}, [EntryError], {name: why waiting or left alone}) from the
     pods as last known. `locate(uid) -> (netns, cgroup)` raises MeshbpfError (or returns
-    None) while the pod is not found on this node."""
+    None) while the pod is not found on this node. A meshed pod with no container started,
+    or whose cgroup has no process (PodNotRunningError) or is not made yet
+    (PodNotFoundError), is pending (no netns): its CNI ADD says where it is."""
     out, errors, waiting = {}, [], {}
     for pod in pods:
         name = pod_name(pod)
@@ -108,19 +123,24 @@ def desired_state(pods, classify, locate):
         if v.kind == "wait" or (v.kind == "drop" and v.meshing is not None
                                 and v.meshing.left_alone):
             waiting[name] = v.reason
-        if v.kind != "serve":
+        if v.kind not in ("serve", "pending"):
             continue
         if not valid_pod_id(uid):
             errors.append(EntryError(-1, name, uid, f"uid {uid!r} is not usable as a pod id",
                                      source=SOURCE))
             continue
-        try:
-            found = locate(uid)
-        except MeshbpfError as e:
-            found, why = None, str(e)
-        else:
-            why = "not found on this node"
-        if not found:
+        found, why = None, "not found on this node"
+        if v.kind == "serve":
+            try:
+                found = locate(uid)
+            except (PodNotFoundError, PodNotRunningError) as e:
+                v = Verdict("pending", str(e), v.meshing)
+            except MeshbpfError as e:
+                why = str(e)
+        if v.kind == "pending":
+            found = (None, None)
+            waiting[name] = f"pending: its CNI ADD says where it is ({v.reason})"
+        elif not found:
             waiting[name] = f"waiting for its netns and cgroup: {why}"
             continue
         try:
@@ -203,6 +223,9 @@ class KubeSource:
         self.lists = 0
         self.waiting = {}             # name -> why it is not served yet (the last desired())
         self._located = {}            # uid -> (netns, cgroup) found before
+        self.fetched = {}             # "namespace/name" -> pod GET for a CNI ADD, until the
+        #                               watch has caught up with it
+        self.get_timeout = GET_TIMEOUT
         self._stop = threading.Event()
         self._watch = None
         self._thread = None
@@ -229,11 +252,65 @@ class KubeSource:
         with self.lock:
             if not self.synced:
                 return None
-            pods = list(self.pods.values())
+            pods = list(self.pods.values()) + [
+                p for n, p in self.fetched.items()
+                if _uid(self.pods.get(n)) != _uid(p)]
         out, errors, self.waiting = desired_state(pods, self.classify, self._locate)
         for uid in set(self._located) - set(out):
             del self._located[uid]
         return out, errors
+
+    def lookup(self, namespace, name, uid=None):
+        """The DesiredPod of the pod a CNI ADD names ("namespace/name", and its UID when
+        given), or None if it is not meshed here. A pod the watch has not delivered yet is
+        fetched from the API (one GET) and kept until the watch has it; MeshbpfError when
+        the API cannot say (the ADD fails, the runtime retries)."""
+        key = f"{namespace}/{name}"
+        with self.lock:
+            obj = self.pods.get(key)
+            if obj is None or (uid and _uid(obj) != uid):
+                obj = self.fetched.get(key)
+        got = obj is None or (uid and _uid(obj) != uid)
+        if got:
+            obj = self._get(namespace, name)
+            if obj is None or (uid and _uid(obj) != uid):
+                return None          # no such pod (any more): not meshed
+            if (obj.get("spec") or {}).get("nodeName") != self.node_name:
+                return None
+        out, _errors, _waiting = desired_state([obj], self.classify, self._locate)
+        want = out.get(_uid(obj))
+        if got and want is not None:
+            with self.lock:
+                if _uid(self.pods.get(key)) != _uid(obj):
+                    self.fetched[key] = obj
+            log.info("%s: CNI ADD before its watch event: got it from the API", key,
+                     extra={"pod": key, "pod_id": want.id, "action": "get"})
+        return want
+
+    def _get(self, namespace, name):
+        """The pod object from the API, or None (404); MeshbpfError if it cannot say."""
+        from kubernetes.client.exceptions import ApiException
+        key = f"{namespace}/{name}"
+        try:
+            resp = self._core().read_namespaced_pod(name, namespace, _preload_content=False,
+                                                    _request_timeout=self.get_timeout)
+            return json.loads(resp.data)
+        except ApiException as e:
+            if e.status == HTTP_NOT_FOUND:
+                return None
+            raise MeshbpfError(f"cannot get pod {key} from the Kubernetes API: "
+                               f"{e.status} {e.reason}")
+        except Exception as e:  # noqa: BLE001 - unreachable, timed out, not JSON: cannot say
+            raise MeshbpfError(f"cannot get pod {key} from the Kubernetes API: "
+                               f"{type(e).__name__}: {_one_line(e)}")
+
+    def _caught_up(self, rv, names=()):
+        """Forget fetched pods the watch now knows: named by an event, or older than the
+        resourceVersion it has reached (etcd's revisions are numbers; if not, a list)."""
+        for n in list(self.fetched):
+            mine = (self.fetched[n].get("metadata") or {}).get("resourceVersion")
+            if n in names or (rv is not None and _not_newer(mine, rv)):
+                del self.fetched[n]
 
     def _locate(self, uid):
         hit = self._located.get(uid)
@@ -334,6 +411,7 @@ class KubeSource:
             self.synced = True
             self.resource_version = (doc.get("metadata") or {}).get("resourceVersion")
             self.lists += 1
+            self._caught_up(self.resource_version)
         self._ok()
         log.info("listed %d pod(s) on node %s at resourceVersion %s", len(pods),
                  self.node_name, self.resource_version, extra={"action": "list"})
@@ -381,8 +459,21 @@ class KubeSource:
                 return
             if rv:
                 self.resource_version = rv
+            self._caught_up(rv, (name,))
         log.debug("%s %s at %s", kind, name, rv)
         self._wake()
+
+
+def _uid(pod):
+    return ((pod or {}).get("metadata") or {}).get("uid")
+
+
+def _not_newer(mine, rv):
+    """Is resourceVersion `mine` at or below `rv`? True when either is not a number."""
+    try:
+        return int(mine) <= int(rv)
+    except (TypeError, ValueError):
+        return True
 
 
 def _default_classify():

@@ -15,7 +15,8 @@ DELETED, as the real API server filters. Every change bumps the one resourceVers
 
 Test controls: add/modify/delete pods, bookmark(), drop_watches() (close every open watch
 stream), compact() (an older resourceVersion gets 410), fail_next(n, code) (the next n
-requests get that error Status). `requests` records every request (path and query) and
+requests get that error Status), hold_watches(True/False) (open watches deliver nothing until
+released, as a slow watch or a lagging API server cache does: a GET still sees the pod). `requests` records every request (path and query) and
 `watch_versions()` the resourceVersion each watch asked for. `write_kubeconfig(path)`.
 """
 
@@ -89,6 +90,7 @@ class KubeAPIServer:
         self.requests = []                # (method, path, {query: value})
         self.request_times = []           # time.monotonic() of each request
         self.open_watches = 0
+        self.held = False                 # hold_watches(): open watches deliver nothing
         self.closed = False
         server = self
 
@@ -184,6 +186,13 @@ class KubeAPIServer:
         idle timeout does)."""
         with self.lock:
             self.drops += 1
+            self.lock.notify_all()
+
+    def hold_watches(self, held=True):
+        """Hold back (True) or release (False) every watch's events; lists and GETs are
+        answered as before."""
+        with self.lock:
+            self.held = held
             self.lock.notify_all()
 
     def compact(self):
@@ -328,6 +337,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             api.lock.notify_all()
         try:
             while True:
+                with api.lock:
+                    while pending and api.held:          # hold_watches(): not yet
+                        if api.closed or api.drops != drops or time.monotonic() >= end:
+                            return
+                        api.lock.wait(min(max(end - time.monotonic(), 0.01), 1.0))
                 for kind, obj in pending:
                     self._line(kind, obj)
                 pending = []
@@ -336,7 +350,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         if api.closed or api.drops != drops:
                             return
                         new = [e for e in api.events if e[0] > seq]
-                        if new:
+                        if new and not api.held:
                             break
                         left = end - time.monotonic()
                         if left <= 0:

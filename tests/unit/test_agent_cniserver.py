@@ -209,3 +209,98 @@ def test_a_second_network_of_the_same_sandbox_neither_rebinds_nor_detaches(daemo
     assert r["message"] == "another attachment of this container (network, interface)"
     assert "shop:web-0" in daemon.records
     assert h(req("del", netns=None))["ok"] and daemon.records == {}
+
+
+# ---- a source that answers for pods it only learns of at their ADD (Kubernetes) ------------
+class AskingSource:
+    """A pod source with a lookup of its own (the Kubernetes source's GET): `answer` is the
+    DesiredPod (or an exception) it gives; `merge` on the daemon takes its pod in."""
+
+    def __init__(self, answer):
+        self.answer, self.asked = answer, []
+
+    def lookup(self, namespace, name, uid):
+        self.asked.append((namespace, name, uid))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def kube_pod(**kw):
+    from meshbpf.config import InterceptConfig
+    return source.DesiredPod(**dict(dict(id=UID, name="shop/web-0", config=InterceptConfig(),
+                                         source="kubernetes", by_cni=True), **kw))
+
+
+@pytest.fixture
+def kube_daemon(tmp_path, daemon):
+    daemon.desired = {}                           # the watch has not delivered the pod
+
+    def merge():
+        want = daemon.sources[0].answer
+        daemon.desired = {want.id: want}
+    daemon.merge = merge
+    return daemon
+
+
+def test_add_of_a_pod_only_its_source_can_find_enrolls_it_and_the_watch_changes_nothing(
+        kube_daemon):
+    d = kube_daemon
+    d.sources = [AskingSource(kube_pod())]
+    h = cniserver.Handler(d)
+    r = h(req(netns=d.netns))
+    assert r["ok"] and r["meshed"] and r["id"] == UID and d.passes == 1
+    assert d.sources[0].asked == [("shop", "web-0", UID)]
+    rec = dict(d.records[UID])
+    assert rec["netns"] == d.netns and rec["cgroup"].endswith(f"/kubepods/pod{UID}")
+    # the watch's event: containers started, the pod found on the node through /proc
+    d.desired = {UID: kube_pod(netns="/proc/4242/ns/net", cgroup=rec["cgroup"])}
+    served = source.complete(d.desired, d.bindings.data)[0]
+    assert served[UID].netns == d.netns and served[UID].cgroup == rec["cgroup"]
+    d.reconcile(False)
+    assert d.records[UID] == rec                  # nothing re-attached
+    # DEL detaches; what the source finds while the sandbox goes is not served again
+    r = h(req("del", netns=None))
+    assert r["ok"] and r["message"] == "shop/web-0 detached" and UID not in d.records
+    assert source.complete(d.desired, d.bindings.data) == ({}, [d.desired[UID]])
+    d.reconcile(False)
+    assert UID not in d.records
+    assert h(req("del", netns=None))["message"] == "nothing bound to this container"
+    assert h(req("check", netns=d.netns))["ok"] is False
+    # a new sandbox of the pod (its ADD) is enrolled again
+    assert h(req(netns=d.netns, container_id="def456"))["meshed"] and UID in d.records
+
+
+def test_a_binding_of_another_pod_of_that_name_is_not_taken(kube_daemon):
+    d = kube_daemon
+    d.bindings.bind("shop/web-0", {"container_id": "old", "netns": d.netns, "uid": "older-uid"})
+    d.desired = {UID: kube_pod()}
+    assert source.complete(d.desired, d.bindings.data) == ({}, [kube_pod()])
+
+
+def test_add_when_the_source_cannot_say_asks_the_runtime_to_retry(kube_daemon):
+    from meshbpf.errors import MeshbpfError
+    d = kube_daemon
+    d.sources = [AskingSource(MeshbpfError("cannot get pod shop/web-0 from the Kubernetes "
+                                           "API: 503 Service Unavailable"))]
+    r = cniserver.Handler(d)(req(netns=d.netns))
+    assert r == {"ok": False, "retry": True, "error": "shop/web-0: cannot get pod shop/web-0 "
+                 "from the Kubernetes API: 503 Service Unavailable"}
+    assert d.records == {} and d.passes == 0
+
+
+def test_add_of_a_pod_its_source_does_not_mesh_is_not_meshed(kube_daemon):
+    d = kube_daemon
+    d.sources = [AskingSource(None)]
+    r = cniserver.Handler(d)(req(netns=d.netns))
+    assert r["ok"] and r["meshed"] is False and d.records == {} and d.passes == 0
+
+
+def test_add_for_another_uid_than_the_known_pod_of_that_name_asks_the_source(kube_daemon):
+    # the desired state has shop/web-0 with an older UID (a StatefulSet's pod recreated)
+    d = kube_daemon
+    d.desired = {"older-uid": kube_pod(id="older-uid")}
+    d.sources = [AskingSource(None)]
+    r = cniserver.Handler(d)(req(netns=d.netns))
+    assert r["ok"] and r["meshed"] is False and d.records == {}
+    assert d.sources[0].asked == [("shop", "web-0", UID)]

@@ -261,3 +261,12 @@ def test_plugin_imports_only_the_standard_library():
     r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=REPO),
                        capture_output=True, text=True, timeout=30, check=True)
     assert json.loads(r.stdout.replace("'", '"')) == ["meshbpf", "meshbpf.cni", "meshbpf.cni.plugin"]
+
+
+def test_add_the_agent_cannot_answer_yet_is_try_again_unless_fail_open():
+    # the agent's pod source cannot say (its API server is down): the runtime retries
+    later = lambda r: {"ok": False, "retry": True, "error": "cannot get pod shop/web-0"}  # noqa: E731
+    rc, out, _ = run(ENV, conf(), agent=later)
+    assert rc == 1 and out["code"] == 11 and out["details"] == "cannot get pod shop/web-0"
+    rc, out, _ = run(ENV, conf(fail_open=True), agent=later)
+    assert rc == 0 and out == PREV

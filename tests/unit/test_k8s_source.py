@@ -16,7 +16,7 @@ import yaml
 
 from meshbpf.agent import reconcile
 from meshbpf.config import InterceptConfig
-from meshbpf.errors import NotFoundError
+from meshbpf.errors import MeshbpfError, PodNotFoundError
 from meshbpf.k8s import source as ks
 from meshbpf.testbed.kubeapi import KubeAPIServer
 
@@ -54,7 +54,7 @@ class Locator:
     def __call__(self, uid, cgroup_root=None):
         self.calls.append((uid, cgroup_root))
         if uid not in self.known:
-            raise NotFoundError(f"no cgroup pod{uid}")
+            raise PodNotFoundError(f"no cgroup pod{uid}")
         return self.known[uid]
 
 
@@ -133,7 +133,7 @@ def test_assess_never_serves_a_half_known_pod():
     assert ks.assess(unscheduled, classify) == ks.Verdict("wait", "not scheduled yet")
     unscheduled["spec"]["nodeName"] = NODE          # scheduled, sandbox not made yet
     v = ks.assess(unscheduled, classify)
-    assert v.kind == "wait" and "no container started" in v.reason
+    assert v.kind == "pending" and "no container started" in v.reason
     deleting = copy.deepcopy(full)
     deleting["metadata"]["deletionTimestamp"] = "2026-11-28T11:00:00Z"
     assert ks.assess(deleting, classify).kind == "drop"
@@ -154,11 +154,14 @@ def test_desired_pod_is_keyed_by_uid_named_namespace_slash_name():
     loc.known["u-1"] = ("/proc/42/ns/net", "/sys/fs/cgroup/kubepods/podu-1")
     pods, errors, waiting = ks.desired_state([pod("a", "u-1", **{EXCLUDE_PORTS: "9000"}),
                                               pod("b", "u-2")], classify, loc)
-    assert errors == [] and list(pods) == ["u-1"]
+    assert errors == [] and sorted(pods) == ["u-1", "u-2"]
     p = pods["u-1"]
-    assert (p.id, p.name, p.source, p.netns, p.cgroup) == (
-        "u-1", "bookinfo/a", "kubernetes", "/proc/42/ns/net", "/sys/fs/cgroup/kubepods/podu-1")
+    assert (p.id, p.name, p.source, p.netns, p.cgroup, p.by_cni) == (
+        "u-1", "bookinfo/a", "kubernetes", "/proc/42/ns/net", "/sys/fs/cgroup/kubepods/podu-1",
+        True)
     assert p.config.to_dict()["outbound_ports_exclude"] == "9000"
+    # not found on the node (yet): pending, its CNI ADD says where it is
+    assert pods["u-2"].pending and pods["u-2"].name == "bookinfo/b"
     assert "no cgroup podu-2" in waiting["bookinfo/b"]
 
 
@@ -314,21 +317,107 @@ def test_half_known_pod_is_not_acted_on_until_complete(api, make_source):
     src = make_source()
     uid = pending["metadata"]["uid"]
     wait(lambda: src.desired() is not None)
-    assert served(src) == {} and "no container started" in src.waiting["bookinfo/" +
-                                                                         pending["metadata"]["name"]]
+    # meshed, no container yet: pending (no netns: its CNI ADD says where it is)
+    assert list(served(src)) == [uid] and served(src)[uid].pending
+    assert "no container started" in src.waiting["bookinfo/" + pending["metadata"]["name"]]
     assert src.locator.calls == []                # not even looked for
-    # the sandbox is up but the pod is not found on the node yet: still not served
+    # the sandbox is up but the pod is not found on the node yet: still pending
     api.modify("bookinfo", pending["metadata"]["name"], lambda p: p["status"].update(
         phase="Pending", initContainerStatuses=[{"name": "istio-validation", "ready": False,
                                                  "state": {"running": {}}}]))
     wait(lambda: (served(src), src.locator.calls)[1], what="looked for")
-    assert served(src) == {}
+    assert served(src)[uid].pending
     in_netns(src, uid)
-    assert set(served(src)) == {uid}              # found on the next look (a resync)
+    assert served(src)[uid].netns == f"/run/netns/{uid}"     # found on the next look
     # being deleted: dropped (so the agent detaches) while the object still exists
     api.modify("bookinfo", pending["metadata"]["name"], lambda p: p["metadata"].update(
         deletionTimestamp="2026-11-28T11:00:00Z"))
     wait(lambda: served(src) == {}, what="dropped while deleting")
+
+
+# ---- a CNI ADD's lookup ----------------------------------------------------------------------
+def no_container(name, uid, node=NODE, **ann):
+    """Scheduled here, meshed, no container started: what the API has at the pod's ADD."""
+    p = pod(name, uid, node, **ann)
+    p["status"] = {"phase": "Pending"}
+    return p
+
+
+def gets(api):
+    """The requests for one pod (GET /api/v1/namespaces/NS/pods/NAME)."""
+    return [p for _m, p, _q in list(api.requests) if len(p.strip("/").split("/")) == 6]
+
+
+def synced(make_source, api):
+    src = make_source()
+    wait(lambda: src.desired() is not None, what="listed")
+    api.wait_watches(1)
+    return src
+
+
+def test_lookup_of_a_pod_the_watch_has_is_pending_and_asks_nothing(api, make_source):
+    api.add(no_container("a", "u-a", **{EXCLUDE_PORTS: "9000"}))
+    src = synced(make_source, api)
+    want = src.lookup("bookinfo", "a", "u-a")
+    assert (want.id, want.name, want.pending, want.by_cni, want.source) == (
+        "u-a", "bookinfo/a", True, True, "kubernetes")
+    assert want.config.to_dict()["outbound_ports_exclude"] == "9000"
+    assert served(src) == {"u-a": want}           # the daemon's desired state has it too
+    assert gets(api) == [] and src.locator.calls == []
+
+
+def test_lookup_gets_a_pod_the_watch_has_not_delivered_until_the_watch_has_it(api, make_source):
+    src = synced(make_source, api)
+    api.hold_watches()                            # the ADD races the watch event
+    api.add(no_container("b", "u-b", **{EXCLUDE_PORTS: "7000"}))
+    time.sleep(0.2)
+    assert served(src) == {}
+    want = src.lookup("bookinfo", "b", "u-b")
+    assert want.pending and want.id == "u-b" and want.name == "bookinfo/b"
+    assert want.config.to_dict()["outbound_ports_exclude"] == "7000"
+    assert gets(api) == ["/api/v1/namespaces/bookinfo/pods/b"]
+    assert served(src) == {"u-b": want}           # kept: the daemon merges it in
+    assert src.lookup("bookinfo", "b", "u-b") == want and len(gets(api)) == 1
+    api.hold_watches(False)
+    wait(lambda: "bookinfo/b" in src.pods, what="the watch event")
+    assert src.fetched == {} and served(src) == {"u-b": want}
+    api.delete("bookinfo", "b")                   # the watch is the authority again
+    wait(lambda: served(src) == {}, what="deleted")
+
+
+def test_lookup_when_the_api_cannot_say_is_an_error(api, make_source, tmp_path):
+    src = synced(make_source, api)
+    api.fail_next(1, 503)
+    with pytest.raises(MeshbpfError, match="cannot get pod bookinfo/c .*503"):
+        src.lookup("bookinfo", "c", "u-c")
+    assert src.fetched == {}
+    dead = KubeAPIServer().start()                # nobody listens there any more
+    kubeconfig = dead.write_kubeconfig(str(tmp_path / "dead"))
+    dead.stop()
+    down = ks.KubeSource(NODE, kubeconfig=kubeconfig, classify=classify, find_pod=Locator())
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(MeshbpfError, match="cannot get pod bookinfo/c"):
+            down.lookup("bookinfo", "c", "u-c")
+    finally:
+        down.close()
+    assert time.monotonic() - t0 < 15
+
+
+def test_lookup_of_a_pod_not_meshed_elsewhere_gone_or_replaced_is_none(api, make_source):
+    src = synced(make_source, api)
+    api.hold_watches()
+    plain = no_container("plain", "u-p")
+    plain["spec"]["containers"] = plain["spec"]["containers"][:1]      # no sidecar
+    api.add(plain)
+    api.add(no_container("far", "u-f", node="node-b"))
+    api.add(no_container("web-0", "u-new"))
+    assert src.lookup("bookinfo", "plain", "u-p") is None
+    assert src.lookup("bookinfo", "far", "u-f") is None
+    assert src.lookup("bookinfo", "nosuch", "u-n") is None             # 404
+    assert src.lookup("bookinfo", "web-0", "u-old") is None            # another pod now
+    assert len(gets(api)) == 4
+    assert src.fetched == {} and served(src) == {}      # nothing kept of any of them
 
 
 # ---- the daemon with two sources -----------------------------------------------------------
