@@ -190,7 +190,7 @@ def _print_status(st):
     if eb.get("error"):
         click.echo(f"ebpf: {eb['error']}")
         return
-    click.echo("ebpf programs:")
+    click.echo(f"ebpf programs (version {eb.get('version') or 'unknown'}):")
     for prog in eb.get("programs", []):
         click.echo(f"  {prog.get('name'):<24} id={prog.get('id')}  {prog.get('attach', '')}")
     counters = eb.get("counters", {})

@@ -17,6 +17,8 @@ from .errors import MeshbpfError, NotFoundError, UnsupportedError
 
 CLONE_NEWNET = 0x40000000
 SO_NETNS_COOKIE = 71
+NS_GET_NSTYPE = 0xB703                 # _IO(0xb7, 3)
+NS_GET_ID = 0x8008B70D                 # _IOR(0xb7, 13, __u64), Linux 6.18
 BPFFS = "/sys/fs/bpf"
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -142,7 +144,48 @@ def in_netns(path):
 
 
 def netns_cookie(path=None):
-    """The kernel's cookie for a network namespace (what bpf_get_netns_cookie() returns)."""
+    """The kernel's cookie for a network namespace (what bpf_get_netns_cookie() returns).
+
+    Where the kernel's namespace id (NS_GET_ID) is the netns cookie (Linux 6.18 unified
+    them), it is read from the netns file without entering the namespace: the agent asks
+    for every pod's cookie on each drift check. That it is the cookie is checked once per
+    process against SO_NETNS_COOKIE (on our own netns and the first other one asked)."""
+    global _ns_id_is_cookie
+    if path and _ns_id_is_cookie is not False:
+        fast = _ns_id(path)
+        if fast is not None:
+            if _ns_id_is_cookie:
+                return fast
+            slow = _cookie_inside(path)
+            _ns_id_is_cookie = slow == fast and _ns_id("/proc/thread-self/ns/net") == \
+                _cookie_inside(None)
+            return slow
+    return _cookie_inside(path)
+
+
+_ns_id_is_cookie = None          # None: not known yet
+
+
+def _ns_id(path):
+    """The namespace id of the netns file at `path` (None: no such ioctl, or not a netns)."""
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None                    # the slow path says what is wrong
+    try:
+        if fcntl.ioctl(fd, NS_GET_NSTYPE) != CLONE_NEWNET:
+            return None
+        buf = bytearray(8)
+        fcntl.ioctl(fd, NS_GET_ID, buf)
+        return int.from_bytes(buf, "little")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _cookie_inside(path):
     ctx = in_netns(path) if path else contextlib.nullcontext()
     with ctx:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -259,6 +259,11 @@ class Metrics:
         """A full reconcile took `seconds`; `pods_by_state` {(mode, state): n} replaces the
         pod counts (a mode/state seen before and absent now reads 0, not a stale value)."""
         self.reconcile_seconds.observe(seconds)
+        self.pods_changed(pods_by_state)
+
+    def pods_changed(self, pods_by_state):
+        """A pass over some pods (a file change, a retry, a slice of the drift check) is
+        done: the pod counts as `reconcile_done` sets them, and a heartbeat."""
         now = {(str(m), str(s)): n for (m, s), n in pods_by_state.items()}
         for key in self._pod_labels - set(now):
             self.pods.labels(*key).set(0)

@@ -116,6 +116,10 @@ class Backoff:
             return 0.0
         return max(0.0, st[1] - now)
 
+    def due(self, now):
+        """The pods whose wait is over."""
+        return {i for i, st in self._state.items() if st[1] <= now}
+
     def next_due(self, now):
         due = [st[1] - now for st in self._state.values()]
         return max(0.0, min(due)) if due else None
@@ -184,21 +188,18 @@ def observe(svc, records, pods):
     """{id: {"cookie", "drift"}} for recorded pods: what the kernel says of each.
 
     pods: {id: meshbpf.pod.Pod} resolved now. eBPF pods: pins loaded, the pods-map entry
-    under the record's cookie, a tc filter on every interface the record hooked. iptables
-    pods: the ISTIO_* chains as the record's config makes them (the backend's verify).
+    under the record's cookie, meshbpf's tc filter on every interface the record hooked
+    (one visit of the pod's netns for its cookie and filters: meshbpf.agent.kernel).
+    iptables pods: the ISTIO_* chains as the record's config makes them (the backend's
+    verify).
     """
     out = {}
     ebpf = [r for r in records.values() if r.get("mode") == "ebpf"]
     ipt = [r for r in records.values() if r.get("mode") == "iptables"]
     for pod_id, rec in records.items():
-        pod = pods.get(pod_id)
-        cookie = None
-        if pod is not None:
-            try:
-                cookie = pod.netns_cookie
-            except MeshbpfError:
-                cookie = None
-        out[pod_id] = {"cookie": cookie, "drift": []}
+        out[pod_id] = {"cookie": None, "drift": []}
+        if rec.get("mode") != "ebpf" and pods.get(pod_id) is not None:
+            out[pod_id]["cookie"] = _cookie(pods[pod_id])
     if ebpf:
         _observe_ebpf(svc, ebpf, pods, out)
     if ipt:
@@ -215,8 +216,31 @@ def observe(svc, records, pods):
 
 def _observe_ebpf(svc, records, pods, out):
     from ..ebpf import loader, structs
-    from ..ebpf.inbound import tc
     from ..ebpf.maps import Maps
+    from . import kernel
+    for rec in records:
+        pod = pods.get(rec["id"])
+        if pod is None:
+            continue
+        hooked = {i["index"]: i["name"] for i in
+                  ((rec.get("inbound") or {}).get("interfaces") or [])
+                  if i.get("hook") == "tc" and isinstance(i.get("index"), int)}
+        if not hooked:
+            out[rec["id"]]["cookie"] = _cookie(pod)
+            continue
+        try:
+            cookie, ours = kernel.pod_facts(pod.netns, sorted(hooked))
+        except (MeshbpfError, OSError) as e:
+            out[rec["id"]]["cookie"] = _cookie(pod)
+            out[rec["id"]]["drift"].append(f"cannot list tc filters: {e}")
+            continue
+        out[rec["id"]]["cookie"] = cookie
+        if cookie != rec.get("netns_cookie"):
+            out[rec["id"]]["drift"] = []         # another netns: attached again, not repaired
+            continue
+        missing = [hooked[i] for i in sorted(hooked) if not ours.get(i)]
+        if missing:
+            out[rec["id"]]["drift"].append(f"tc filter missing on {', '.join(missing)}")
     if not loader.is_loaded(svc.pin_prefix):
         for rec in records:
             out[rec["id"]]["drift"].append("pinned programs or maps missing")
@@ -226,20 +250,6 @@ def _observe_ebpf(svc, records, pods, out):
             cookie = rec.get("netns_cookie")
             if cookie is None or maps["pods"].lookup(structs.U64(cookie)) is None:
                 out[rec["id"]]["drift"].append("pods map entry missing")
-    for rec in records:
-        pod = pods.get(rec["id"])
-        hooked = [i["name"] for i in ((rec.get("inbound") or {}).get("interfaces") or [])
-                  if i.get("hook") == "tc"]
-        if pod is None or not hooked or out[rec["id"]]["cookie"] != rec.get("netns_cookie"):
-            continue
-        try:
-            have = {h["interface"] for h in tc.list_hooks(pod) if h["direction"] == "ingress"}
-        except (MeshbpfError, OSError) as e:
-            out[rec["id"]]["drift"].append(f"cannot list tc filters: {e}")
-            continue
-        missing = [n for n in hooked if n not in have]
-        if missing:
-            out[rec["id"]]["drift"].append(f"tc filter missing on {', '.join(missing)}")
 
 
 class Reconciler:
@@ -252,15 +262,28 @@ class Reconciler:
         self.entry_errors = []    # source.EntryError of the last good file
         self.owned = set()
         self.checkpoint = None    # called before acting (the daemon writes agent.json)
+        self.seen = {}            # id -> the DesiredPod the last pass over it planned for
+        self.dirty = False        # a pod's reported state changed since the daemon wrote it
+        self.busy = 0.0           # seconds spent in passes (the daemon sums a drift cycle)
 
-    def run(self, desired, entry_errors=(), check_drift=False):
-        """One pass. Returns seconds until a pod in backoff is due (None: none is)."""
+    def run(self, desired, entry_errors=(), check_drift=False, ids=None):
+        """One pass over the pods `ids` (None: every desired pod and every record). Only
+        their records are read and only they are resolved, observed and acted on, so a
+        pass over the few entries a file change touched costs the same with 0 or 1000
+        pods enrolled. Returns seconds until a pod in backoff is due (None: none is)."""
         t0 = time.perf_counter()
         now = self.clock()
         self.entry_errors = list(entry_errors)
-        records = {r["id"]: r for r in self.svc.store.all()}
+        if ids is None:
+            records = {r["id"]: r for r in self.svc.store.all()}
+            scope = set(desired) | set(records)
+        else:
+            scope = set(ids)
+            records = {i: r for i, r in ((i, self.svc.store.load(i)) for i in sorted(scope))
+                       if r is not None}
+        wanted = {i: w for i, w in desired.items() if i in scope}
         pods, resolve_errors = {}, {}
-        for pod_id, want in desired.items():
+        for pod_id, want in wanted.items():
             try:
                 pods[pod_id] = resolve(want)
             except MeshbpfError as e:
@@ -270,7 +293,7 @@ class Reconciler:
                              type(e).__name__, time.perf_counter())
         live = observe(self.svc, {i: r for i, r in records.items() if i in pods}, pods) \
             if check_drift else {i: {"cookie": _cookie(p), "drift": []} for i, p in pods.items()}
-        actions = plan({i: w for i, w in desired.items() if i in pods}, records,
+        actions = plan({i: w for i, w in wanted.items() if i in pods}, records,
                        self.owned - set(resolve_errors), live)
         for pod_id, err in resolve_errors.items():
             want = desired[pod_id]
@@ -294,18 +317,40 @@ class Reconciler:
                 continue
             self._do(a, want, pods.get(a.id), records.get(a.id), now)
         acted = {a.id for a in actions}
-        for pod_id, want in desired.items():
+        for pod_id, want in wanted.items():
             if pod_id not in acted and pod_id not in resolve_errors and pod_id in records:
                 self.backoff.succeeded(pod_id)
-                self._set(pod_id, want, self.svc.store.load(pod_id), "attached", last_error=None)
+                self._set(pod_id, want, records[pod_id], "attached", last_error=None)
         for pod_id in list(self.status):
             if pod_id not in desired:
                 del self.status[pod_id]
+                self.dirty = True
         self.backoff.forget(set(desired))
-        self.owned = (self.owned & set(records)) | set(desired)
+        gone = self.owned - set(records) if ids is None else scope - set(records)
+        self.owned = (self.owned - gone) | set(desired)
+        for pod_id in scope:
+            if pod_id in desired:
+                self.seen[pod_id] = desired[pod_id]
+            else:
+                self.seen.pop(pod_id, None)
+        self.busy += time.perf_counter() - t0
         if self.metrics is not None:
-            self.metrics.reconcile_done(time.perf_counter() - t0, self.pods_by_state())
+            if ids is None:
+                self.metrics.reconcile_done(time.perf_counter() - t0, self.pods_by_state())
+            else:
+                self.metrics.pods_changed(self.pods_by_state())
         return self.backoff.next_due(self.clock())
+
+    def changed(self, desired):
+        """The ids a new desired state touches: new, changed or removed entries (against
+        what the last pass over each saw) and pods whose backoff is over."""
+        out = {i for i, w in desired.items() if self.seen.get(i) != w}
+        out |= set(self.seen) - set(desired)
+        return out | self.backoff.due(self.clock())
+
+    def drift_ids(self, desired):
+        """Every pod a full drift check covers: the desired ones and the owned records."""
+        return sorted(set(desired) | self.owned)
 
     def _do(self, action, want, pod, rec, now):
         t0 = time.perf_counter()
@@ -347,13 +392,15 @@ class Reconciler:
         self._set(want.id, want, rec, "error", last_error=err, retry_in=delay)
 
     def _set(self, pod_id, want, rec, state, **kw):
-        cur = self.status.get(pod_id, {})
+        cur = dict(self.status.get(pod_id, {}))
         cur.update({"id": pod_id, "name": want.name if want else pod_id,
                     "source": want.source if want else cur.get("source", self.source),
                     "state": state, "mode": (rec or {}).get("mode") or cur.get("mode")})
         cur.setdefault("last_error", None)
         cur.pop("retry_in", None)
         cur.update(kw)
+        if self.status.get(pod_id) != cur:
+            self.dirty = True
         self.status[pod_id] = cur
 
     def pods_by_state(self):

@@ -440,6 +440,8 @@ class EbpfInterceptor(Interceptor):
         if not out["loaded"]:
             return out
         out["programs"] = loader.attachments(self.pin_prefix, self.root)
+        # the pinned set's version: which programs run, e.g. after an agent's upgrade
+        out["version"] = loader.read_meta(self.pin_prefix).get("version")
         with Maps(self.pin_prefix) as maps:
             out["counters"] = maps.counters()
             ncfg = maps["node_cfg"].lookup(structs.U32(0))

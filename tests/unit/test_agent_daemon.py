@@ -54,7 +54,8 @@ def _run(tmp_path, monkeypatch, script, **kw):
     path = str(tmp_path / "pods.json")
     _write(path, [])
     svc = LoopService(str(tmp_path / "state"))
-    d = daemon.Daemon(svc, path, resync=30, **kw)
+    kw.setdefault("resync", 30)
+    d = daemon.Daemon(svc, path, **kw)
     errors = []
 
     def body():

@@ -86,6 +86,15 @@ def test_nothing_measured_is_not_measured():
     assert verdicts(r) == [None, None]
 
 
+def test_the_drift_checks_count_is_read_from_metrics():
+    page = ("# HELP meshbpf_reconcile_duration_seconds ...\n"
+            'meshbpf_reconcile_duration_seconds_bucket{le="0.1"} 3.0\n'
+            "meshbpf_reconcile_duration_seconds_count 4.0\n"
+            "meshbpf_reconcile_duration_seconds_sum 0.2\n")
+    assert agent.parse_reconcile_count(page) == 4
+    assert agent.parse_reconcile_count("meshbpf_mode 1\n") is None
+
+
 def test_text_and_markdown_list_every_figure_and_target(tmp_path):
     r = result()
     r["targets"] = agent.agent_targets(r)

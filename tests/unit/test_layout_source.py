@@ -59,14 +59,15 @@ def test_istio_numbers_are_written_only_in_the_constants_module():
 
 
 def test_one_python_mirror_of_the_c_structs():
-    # bpfsys.py lays out the kernel's union bpf_attr, not bpf/lib/types.h's structs
+    # bpfsys.py lays out the kernel's union bpf_attr and agent/kernel.py rtnetlink's
+    # nlmsghdr/tcmsg, not bpf/lib/types.h's structs
     found = []
     for rel, path in _product_modules():
         with open(path) as f:
             text = f.read()
         if re.search(r"\bstruct\.Struct\(|ctypes\.Structure\)", text):
             found.append(rel)
-    assert sorted(found) == ["bpfsys.py", "ebpf/structs.py"]
+    assert sorted(found) == ["agent/kernel.py", "bpfsys.py", "ebpf/structs.py"]
 
 
 def test_bpf_link_detach_is_written_once():
