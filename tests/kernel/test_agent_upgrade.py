@@ -34,7 +34,7 @@ def _status(sb):
         timeout=60, check=True).stdout)
 
 
-def test_an_agent_with_other_programs_takes_over_while_the_app_connects(node, monkeypatch):
+def test_an_agent_with_other_programs_takes_over_while_the_app_connects(node, monkeypatch):  # noqa: F811
     sb, a, b, env, pods_file, agents = node
     monkeypatch.delenv(loader.EXTRA_CFLAGS_ENV, raising=False)
     write_pods(pods_file, [entry(a)])

@@ -47,16 +47,13 @@ def test_a_file_change_is_handled_while_a_drift_check_runs(tmp_path, monkeypatch
         base = len(checked)
         assert _wait(lambda: len(checked) > base, 5)          # a drift check has begun
         seen["base"] = base
-        t0 = time.monotonic()
         _write(path, [_entry(i) for i in range(N)] + [_entry(N)])
         assert _wait(lambda: f"p{N}" in svc.attached_at, 5)
-        seen["latency"] = svc.attached_at[f"p{N}"] - t0
         assert _wait(lambda: len(checked) >= base + N, 5)     # and it still covers all
 
     svc, d = _run(tmp_path, monkeypatch, script, resync=0.3)
     # the change was acted on with most of the drift check still to do
     assert seen["checked_at_attach"] - seen["base"] < N / 2, seen
-    assert seen["latency"] < N * PER_POD / 2, seen
     assert sorted(svc.store.recs) == sorted(f"p{i}" for i in range(N + 1))
 
 
