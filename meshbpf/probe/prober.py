@@ -17,7 +17,7 @@ import sys
 import threading
 
 from .. import bpfsys as B
-from .. import system
+from .. import memlock, system
 from ..errors import MeshbpfError, UnsupportedError
 from . import inbound
 from .features import (ASSUME_ENV, BY_NAME, FEATURES, assumed_absent, build_report,
@@ -363,6 +363,9 @@ def probe(assume_kernel=None):
     if os.geteuid() != 0:
         raise UnsupportedError("meshbpf probe needs root: it loads BPF programs and creates "
                                "a throwaway cgroup", hint="run it with sudo")
+    # Before 5.11 every load past 64 KiB of BPF memory fails with EPERM, which would read as
+    # missing features; the inbound probe's child inherits the raised limit.
+    memlock.raise_memlock()
     results = {}
     prober = _Prober()
     try:
