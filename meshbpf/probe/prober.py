@@ -265,10 +265,18 @@ class _Prober:
         return check_kernel_headers()
 
     def check_iptables_nft(self):
-        return check_iptables("iptables-nft")
+        return check_iptables(_iptables_binary("nft"))
 
     def check_iptables_legacy(self):
-        return check_iptables("iptables-legacy")
+        return check_iptables(_iptables_binary("legacy"))
+
+
+def _iptables_binary(variant):
+    """iptables-<variant>, or plain iptables where that is the variant (iptables < 1.8,
+    e.g. CentOS 7's 1.4.21, has no suffixed names)."""
+    from ..iptables import backend
+    found = backend.binaries(variant, 4)
+    return found[1][: -len("-restore")] if found else f"iptables-{variant}"
 
 
 def _run(cmd, timeout=60):
