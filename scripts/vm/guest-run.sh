@@ -14,6 +14,8 @@ mkdir -p "$results"
 rm -f "$results/rc"
 cd "$repo" || exit 1
 export PYTHONPATH="$repo" PYTHONDONTWRITEBYTECODE=1 MESHBPF_REQUIRE_KERNEL=1
+# bcc compiles take minutes in an emulated (TCG) guest.
+export MESHBPF_PROBE_INBOUND_TIMEOUT="${MESHBPF_PROBE_INBOUND_TIMEOUT:-900}"
 
 echo "guest: kernel $(uname -r), $($python --version 2>&1), bcc $($python -c 'import bcc; print(bcc.__version__)' 2>&1 | tail -1)"
 start=$(date +%s)

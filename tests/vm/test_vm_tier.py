@@ -16,7 +16,8 @@ import pytest
 
 from meshbpf import vm
 
-pytestmark = pytest.mark.vm
+# A TCG guest runs the smoke tier in minutes, not seconds.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
 
 SMOKE = ("check_guest_probe", "test_outbound_goes_through_the_sidecar_to_the_original_destination",
          "test_inbound_from_a_non_meshed_pod", "test_splice_skips_tcp_for_app_to_sidecar_bytes",
