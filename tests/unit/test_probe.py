@@ -386,3 +386,12 @@ def test_syscall_number(monkeypatch):
     monkeypatch.setattr(B.platform, "machine", lambda: "s390x")
     with pytest.raises(UnsupportedError):
         B.syscall_nr()
+
+
+def test_netns_cookie_in_sockopt_is_not_assumed_on_510():
+    # The 5.10 VM guest (Debian 11's kernel) rejects bpf_get_netns_cookie in cgroup/getsockopt
+    # programs; 6.1 accepts it. The table said 5.8, so --assume-kernel 5.10 claimed it.
+    assert P.BY_NAME["netns_cookie_sockopt"].mainline == (5, 15)
+    mode, reason = P.decide(all_ok(), assume_kernel="5.10")
+    assert mode == "iptables"
+    assert "bpf_get_netns_cookie in cgroup/getsockopt" in reason
