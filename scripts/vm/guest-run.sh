@@ -27,6 +27,7 @@ if [ "${MESHBPF_VM_PROBE:-1}" = 1 ]; then
   "$python" -c 'import json, sys; from meshbpf.probe.command import render_text
 print(render_text(json.load(open(sys.argv[1]))))' "$results/probe.json" > "$results/probe.txt" 2>&1
   cat "$results/probe.txt" "$results/probe.err"
+  export MESHBPF_VM_PROBE_JSON="$results/probe.json"
 fi
 "$python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["mode"])' \
   "$results/probe.json" > "$results/mode" 2>/dev/null || echo unknown > "$results/mode"
