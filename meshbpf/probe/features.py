@@ -47,7 +47,9 @@ FEATURES = (
             "from tc; without it they go through sk_lookup",
             "the sidecar's inbound listener must not use SO_REUSEPORT",
             covered_by=("sk_lookup_reuseport",)),
-    Feature("sk_lookup_reuseport", "sk_lookup to SO_REUSEPORT listeners", (5, 9), INFO,
+    # sk_lookup itself is 5.9, but meshbpf keys capture listeners by the pod's netns cookie,
+    # read with SO_NETNS_COOKIE (5.14): the 5.10 VM guest cannot take this path.
+    Feature("sk_lookup_reuseport", "sk_lookup to SO_REUSEPORT listeners", (5, 14), INFO,
             "hand inbound connections to a SO_REUSEPORT listener where bpf_sk_assign cannot "
             "(tried for real: tc_inbound leaving the SYN to mb_sk_lookup)"),
     Feature("sock_ops", "sock_ops programs", (4, 13), REQUIRED,

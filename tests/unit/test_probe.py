@@ -395,3 +395,10 @@ def test_netns_cookie_in_sockopt_is_not_assumed_on_510():
     mode, reason = P.decide(all_ok(), assume_kernel="5.10")
     assert mode == "iptables"
     assert "bpf_get_netns_cookie in cgroup/getsockopt" in reason
+
+
+def test_sk_lookup_to_reuseport_listeners_needs_so_netns_cookie():
+    # meshbpf's sk_lookup path keys listeners by netns cookie (SO_NETNS_COOKIE, 5.14); the
+    # 5.10 VM guest's probe finds it missing, so the table must not claim 5.9.
+    assert P.BY_NAME["sk_lookup_reuseport"].mainline == P.BY_NAME["so_netns_cookie"].mainline
+    assert P.inbound_reuseport(all_ok(), assume_kernel="5.10") is None
