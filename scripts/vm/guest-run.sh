@@ -16,6 +16,7 @@ cd "$repo" || exit 1
 export PYTHONPATH="$repo" PYTHONDONTWRITEBYTECODE=1 MESHBPF_REQUIRE_KERNEL=1
 # bcc compiles take minutes in an emulated (TCG) guest.
 export MESHBPF_PROBE_INBOUND_TIMEOUT="${MESHBPF_PROBE_INBOUND_TIMEOUT:-900}"
+export MESHBPF_TEST_TIMEOUT_SCALE="${MESHBPF_TEST_TIMEOUT_SCALE:-6}"
 
 echo "guest: kernel $(uname -r), $($python --version 2>&1), bcc $($python -c 'import bcc; print(bcc.__version__)' 2>&1 | tail -1)"
 start=$(date +%s)
