@@ -48,3 +48,8 @@ def test_userland_features_are_present(report):
     for name in ("bcc", "kernel_headers", "cgroup2", "bpffs"):
         assert report["features"][name]["ok"], report["features"][name]["detail"]
     assert any(report["features"][n]["ok"] for n in ("iptables_nft", "iptables_legacy"))
+
+
+def test_probe_chooses_ebpf(report):
+    # What issue 13 asks of every guest; expected to fail where expectations.py says why.
+    assert report["mode"] == "ebpf", report["reason"]
