@@ -18,6 +18,8 @@ export PYTHONPATH="$repo" PYTHONDONTWRITEBYTECODE=1 MESHBPF_REQUIRE_KERNEL=1
 export MESHBPF_PROBE_INBOUND_TIMEOUT="${MESHBPF_PROBE_INBOUND_TIMEOUT:-900}"
 export MESHBPF_TEST_TIMEOUT_SCALE="${MESHBPF_TEST_TIMEOUT_SCALE:-6}"
 
+# shellcheck disable=SC3045 # ulimit -l: dash, busybox and bash all have it
+echo "guest: RLIMIT_MEMLOCK $(ulimit -l) KiB before meshbpf raises it"
 echo "guest: kernel $(uname -r), $($python --version 2>&1), bcc $($python -c 'import bcc; print(bcc.__version__)' 2>&1 | tail -1)"
 start=$(date +%s)
 probe_rc=0
