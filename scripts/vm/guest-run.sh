@@ -37,6 +37,7 @@ fi
 echo "guest: probe rc=$probe_rc mode=$(cat "$results/mode") ($(( $(date +%s) - start ))s)"
 
 smoke="tests/vm/guest/check_guest_probe.py
+tests/vm/guest/check_memlock.py
 tests/kernel/test_e2e.py::test_outbound_goes_through_the_sidecar_to_the_original_destination
 tests/kernel/test_e2e.py::test_inbound_from_a_non_meshed_pod
 tests/kernel/test_ebpf_datapath.py::test_splice_skips_tcp_for_app_to_sidecar_bytes

@@ -19,7 +19,7 @@ from meshbpf import vm
 # A TCG guest runs the smoke tier in minutes, not seconds.
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
 
-SMOKE = ("check_guest_probe", "test_outbound_goes_through_the_sidecar_to_the_original_destination",
+SMOKE = ("check_guest_probe", "check_memlock", "test_outbound_goes_through_the_sidecar_to_the_original_destination",
          "test_inbound_from_a_non_meshed_pod", "test_splice_skips_tcp_for_app_to_sidecar_bytes",
          "test_interceptor_moves_traffic_through_envoy_and_detaches_cleanly")
 
