@@ -230,8 +230,12 @@ def build_initramfs(tree, out_path):
         names.append(name)
         entries.append((f"modules/{name}", f, _read_module(os.path.join(mdir, m))))
     entries.append(("modules.order", f, "\n".join(names) + "\n"))
-    with open(out_path, "wb") as fh:
+    # Written aside and renamed: a guest booting from the cache (another session's) never
+    # reads a half-written archive.
+    tmp = f"{out_path}.{os.getpid()}"
+    with open(tmp, "wb") as fh:
         fh.write(cpio_newc(entries))
+    os.replace(tmp, out_path)
     return out_path
 
 
