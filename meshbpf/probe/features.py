@@ -165,6 +165,9 @@ def _missing_phrase(f, results):
     """Why eBPF mode cannot have `f`, in words."""
     detail = results.get(f.name, {}).get("detail") or "not probed"
     assumed = detail.startswith("assumed absent")
+    if detail.startswith("not tried"):
+        # e.g. the inbound probe without a usable bcc: no verdict on the kernel.
+        return f"{f.title} could not be checked ({detail}), needed to {f.enables}"
     if f.mainline is not None and (f.fix is None or assumed):
         why = f"mainline {fmt_version(f.mainline)}"
         if not assumed:

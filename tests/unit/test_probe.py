@@ -402,3 +402,13 @@ def test_sk_lookup_to_reuseport_listeners_needs_so_netns_cookie():
     # 5.10 VM guest's probe finds it missing, so the table must not claim 5.9.
     assert P.BY_NAME["sk_lookup_reuseport"].mainline == P.BY_NAME["so_netns_cookie"].mainline
     assert P.inbound_reuseport(all_ok(), assume_kernel="5.10") is None
+
+
+def test_a_feature_not_tried_is_not_blamed_on_the_kernel():
+    # Debian 11 userland (bcc 0.18) on 5.10: the inbound probe needs bcc, so tc_sk_assign
+    # was never tried; the reason must not say the kernel lacks it.
+    r = with_missing("bcc", "tc_sk_assign", detail="not tried: bcc 0.18.0 is older than 0.25")
+    mode, reason = P.decide(r)
+    assert mode == "iptables"
+    assert "kernel lacks bpf_sk_assign" not in reason
+    assert "bpf_sk_assign from tc could not be checked (not tried: bcc 0.18.0" in reason
