@@ -6,8 +6,10 @@ set -euo pipefail
 cache=${MESHBPF_VM_CACHE:-/var/cache/meshbpf-vm}
 root=$cache/debian11-root
 mirror=${MESHBPF_VM_MIRROR:-http://deb.debian.org/debian}
-# meshbpf's dependencies come from Debian 11 itself (what a node there would have).
-pkgs=python3,python3-bpfcc,bpfcc-tools,iptables,iproute2,python3-click,python3-pyroute2,python3-psutil,python3-yaml,python3-prometheus-client,python3-pytest,python3-pytest-timeout,curl,procps,util-linux,kmod,iperf3,haproxy
+# meshbpf's dependencies come from Debian 11 itself (what a node there would have), with
+# nftables as `make setup` installs it: without the nft CLI, detach cannot delete the empty
+# table iptables-nft leaves behind (seen in this guest before nftables was added).
+pkgs=python3,python3-bpfcc,bpfcc-tools,iptables,nftables,iproute2,python3-click,python3-pyroute2,python3-psutil,python3-yaml,python3-prometheus-client,python3-pytest,python3-pytest-timeout,curl,procps,util-linux,kmod,iperf3,haproxy
 if [ ! -e "$root/.complete" ]; then
   rm -rf "$root.tmp"
   debootstrap --variant=minbase --include="$pkgs" bullseye "$root.tmp" "$mirror" >&2
