@@ -10,8 +10,11 @@ say() { echo "setup: $*"; }
 pkgs=(bpfcc-tools python3-bpfcc bpftool iptables nftables iproute2 haproxy sockperf iperf3 curl
       python3-venv procps util-linux kmod ca-certificates
       containernetworking-plugins   # the CNI reference plugins tests chain meshbpf-cni behind
-      systemd)   # systemd-analyze verifies deploy/systemd/ (tests/unit/test_systemd_units.py)
-# the agent's container image: `make image`, tests/kernel/test_image.py
+      systemd    # systemd-analyze verifies deploy/systemd/ (tests/unit/test_systemd_units.py)
+      # the VM tier (make vm-test-local) and vagrant/ checks
+      qemu-system-x86 busybox-static shellcheck vagrant)
+# the agent's container image: `make image`, tests/kernel/test_image.py (and the VM tier's
+# Debian 11 userland: debootstrap)
 pkgs+=(podman runc debootstrap)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

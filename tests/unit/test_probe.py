@@ -386,3 +386,29 @@ def test_syscall_number(monkeypatch):
     monkeypatch.setattr(B.platform, "machine", lambda: "s390x")
     with pytest.raises(UnsupportedError):
         B.syscall_nr()
+
+
+def test_netns_cookie_in_sockopt_is_not_assumed_on_510():
+    # The 5.10 VM guest (Debian 11's kernel) rejects bpf_get_netns_cookie in cgroup/getsockopt
+    # programs; 6.1 accepts it. The table said 5.8, so --assume-kernel 5.10 claimed it.
+    assert P.BY_NAME["netns_cookie_sockopt"].mainline == (5, 15)
+    mode, reason = P.decide(all_ok(), assume_kernel="5.10")
+    assert mode == "iptables"
+    assert "bpf_get_netns_cookie in cgroup/getsockopt" in reason
+
+
+def test_sk_lookup_to_reuseport_listeners_needs_so_netns_cookie():
+    # meshbpf's sk_lookup path keys listeners by netns cookie (SO_NETNS_COOKIE, 5.14); the
+    # 5.10 VM guest's probe finds it missing, so the table must not claim 5.9.
+    assert P.BY_NAME["sk_lookup_reuseport"].mainline == P.BY_NAME["so_netns_cookie"].mainline
+    assert P.inbound_reuseport(all_ok(), assume_kernel="5.10") is None
+
+
+def test_a_feature_not_tried_is_not_blamed_on_the_kernel():
+    # Debian 11 userland (bcc 0.18) on 5.10: the inbound probe needs bcc, so tc_sk_assign
+    # was never tried; the reason must not say the kernel lacks it.
+    r = with_missing("bcc", "tc_sk_assign", detail="not tried: bcc 0.18.0 is older than 0.25")
+    mode, reason = P.decide(r)
+    assert mode == "iptables"
+    assert "kernel lacks bpf_sk_assign" not in reason
+    assert "bpf_sk_assign from tc could not be checked (not tried: bcc 0.18.0" in reason
