@@ -9,7 +9,6 @@ the reason) only where QEMU cannot run.
 """
 
 import os
-import shutil
 import tempfile
 
 import pytest

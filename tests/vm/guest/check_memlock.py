@@ -2,7 +2,6 @@
 limit, a process that creates ~1 MiB of BPF maps gets EPERM on kernels before 5.11 unless
 meshbpf.memlock lifts the limit; with the helper it works on every kernel."""
 
-import os
 import subprocess
 import sys
 
