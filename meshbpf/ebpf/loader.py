@@ -21,6 +21,7 @@ import re
 
 from .. import __version__, bpfsys, system
 from ..errors import ApplyError, MeshbpfError, UnsupportedError, UsageError
+from ..probe.features import disabled_features
 from . import btf, structs
 from .versions import (META_PIN, META_VALUE_SIZE, decode_meta, encode_meta, map_fingerprint,
                        program_set_version)
@@ -85,7 +86,7 @@ CORE_SOURCES = ("connect4.c", "connect6.c", "getpeername4.c", "getpeername6.c",
 DNS_PROGRAMS = ("mb_sendmsg4", "mb_sendmsg6", "mb_recvmsg4", "mb_recvmsg6")
 MAP_NAMES = ("pods", "cidr_rules", "port_rules", "local_ips", "node_cfg", "orig_dst",
              "pairs", "sock_hash", "dns_orig", "counters", "pod_conns", "netns_addrs",
-             "netns_src")
+             "netns_src", "netns_ino")
 # Overrides the per-node connection capacity (bpf/lib/types.h MB_MAX_CONNS) at load time, so
 # a test can fill the maps in its own pin prefix. Unset: the header's default.
 MAX_CONNS_ENV = "MESHBPF_MAX_CONNS"
@@ -98,7 +99,9 @@ SOCKHASH_MAP = "sock_hash"
 
 def _has(features, name):
     """Feature present? `features`: None (assume a modern kernel), {name: bool} or a probe
-    report ({"features": {name: {"ok": ...}}})."""
+    report ({"features": {name: {"ok": ...}}}). MESHBPF_DISABLE_FEATURES wins over both."""
+    if name and name in disabled_features():
+        return False
     if not name or features is None:
         return True
     feats = features.get("features", features) if isinstance(features, dict) else {}
@@ -121,11 +124,30 @@ def splice_defines(btf_path=btf.VMLINUX):
             f"-DMB_TCP_WRITE_SEQ_OFF={off['write_seq']}"]
 
 
+def netns_defines(btf_path=btf.VMLINUX):
+    """The -D values sock_ops and sk_msg need to find a socket's netns without
+    bpf_get_netns_cookie (lib/conn.h, MB_NO_NC_SOCKOPS): where struct net sits in a socket
+    and its inode number in struct net, from the running kernel's BTF."""
+    try:
+        off = btf.netns_offsets(btf_path)
+    except btf.BtfError as e:
+        raise UnsupportedError("this kernel has no bpf_get_netns_cookie in sock_ops, and "
+                               f"the way around it needs the kernel's BTF: {e}",
+                               hint="use a kernel built with CONFIG_DEBUG_INFO_BTF (5.10 or "
+                                    "later), or iptables mode")
+    return [f"-DMB_SK_NET_OFF={off['skc_net']}", f"-DMB_NET_INUM_OFF={off['inum']}"]
+
+
 def cflags(features=None, splice=False):
     """Compiler flags for the features present (documentation for the C as much as gates)."""
     flags = []
     if splice:
         flags += splice_defines()
+    if not _has(features, "netns_cookie_sock_ops"):
+        flags.append("-DMB_NO_NC_SOCKOPS")   # sock_ops/sk_msg: netns via BTF + netns_ino
+        flags += netns_defines()
+    if not _has(features, "netns_cookie_sockopt"):
+        flags.append("-DMB_NO_NC_SOCKOPT")   # getsockopt: loopback keys by 4-tuple alone
     if not _has(features, "cgroup_sock_release"):
         flags.append("-DMB_NO_SOCK_RELEASE")
     if not _has(features, "ringbuf"):

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from ..errors import UsageError
 
 ASSUME_ENV = "MESHBPF_ASSUME_KERNEL"
+# Comma list of feature names to treat as absent although the kernel has them, so this
+# machine can load and test the variant an older kernel gets (e.g. 5.10's data path:
+# netns_cookie_sock_ops,netns_cookie_sockopt). Applied by the probe and by the loader.
+DISABLE_ENV = "MESHBPF_DISABLE_FEATURES"
 
 REQUIRED = "required"    # absent: the node uses iptables
 DEGRADES = "degrades"    # absent: eBPF mode loses `capability`
@@ -76,8 +80,6 @@ FEATURES = (
     Feature("bpf_link", "bpf_link for cgroup hooks", (5, 7), DEGRADES,
             "attach through bpf_link",
             "bpf_link attachment unavailable (BPF_F_ALLOW_MULTI is used)"),
-    Feature("netns_cookie_sockopt", "bpf_get_netns_cookie in cgroup/getsockopt", (5, 8),
-            REQUIRED, "keep loopback connections of different pods apart"),
     Feature("cgroup_getpeername4", "cgroup/getpeername4", (5, 8), DEGRADES,
             "show apps the IPv4 peer they dialled", "apps see the sidecar as peer"),
     Feature("cgroup_getpeername6", "cgroup/getpeername6", (5, 8), DEGRADES,
@@ -91,8 +93,19 @@ FEATURES = (
             "expires"),
     Feature("so_netns_cookie", "SO_NETNS_COOKIE", (5, 14), REQUIRED,
             "learn a pod's netns cookie from user space"),
-    Feature("netns_cookie_sock_ops", "bpf_get_netns_cookie in sock_ops", (5, 15), REQUIRED,
-            "key per-connection state by network namespace"),
+    # Without it sock_ops and sk_msg find the netns through the socket's BTF (tcp_sock ->
+    # struct net -> ns.inum, mapped to the cookie by netns_ino), which splice_backpressure's
+    # check proves: bpf_skc_to_tcp_sock + BTF loads in those programs (5.10 has both).
+    Feature("netns_cookie_sock_ops", "bpf_get_netns_cookie in sock_ops and sk_msg", (5, 15),
+            REQUIRED, "key per-connection state by network namespace",
+            covered_by=("splice_backpressure",)),
+    # Without it getsockopt keys loopback connections by their 4-tuple alone (sock_ops
+    # copies each entry there at the sidecar's accept, two pods' equal tuples fail closed).
+    Feature("netns_cookie_sockopt", "bpf_get_netns_cookie in cgroup/getsockopt", (5, 15),
+            DEGRADES, "keep loopback connections of different pods apart in getsockopt",
+            "SO_ORIGINAL_DST fails closed (no answer) for a loopback connection whose 4-tuple "
+            "another pod's sidecar has at the same moment, and is not answered for loopback "
+            "connections the sidecar did not capture"),
     Feature("cgroup2", "cgroup v2", (4, 5), REQUIRED,
             "attach programs that see the pods' sockets",
             fix="mount it: mount -t cgroup2 none /sys/fs/cgroup/unified"),
@@ -140,9 +153,25 @@ def assumed_absent(feature, assume_kernel):
     return f"assumed absent: kernel {fmt_version(have)} < mainline {fmt_version(feature.mainline)}"
 
 
-def apply_assumption(results, assume_kernel):
-    """A copy of `results` with every feature newer than `assume_kernel` marked not ok."""
+def disabled_features(environ=None):
+    """The feature names MESHBPF_DISABLE_FEATURES names (a set; UsageError for an unknown
+    name, so a typo never silently tests the wrong variant)."""
+    import os
+    raw = (os.environ if environ is None else environ).get(DISABLE_ENV, "")
+    names = {n.strip() for n in raw.split(",") if n.strip()}
+    unknown = sorted(names - set(BY_NAME))
+    if unknown:
+        raise UsageError(f"{DISABLE_ENV}: unknown feature {', '.join(unknown)}",
+                         hint="names as in `meshbpf probe -o json` (features)")
+    return names
+
+
+def apply_assumption(results, assume_kernel, environ=None):
+    """A copy of `results` with every feature newer than `assume_kernel`, and every feature
+    MESHBPF_DISABLE_FEATURES names, marked not ok."""
     out = {k: dict(v) for k, v in results.items()}
+    for name in disabled_features(environ):
+        out[name] = {"ok": False, "detail": f"disabled by {DISABLE_ENV}"}
     if assume_kernel is None:
         return out
     for f in FEATURES:
@@ -203,7 +232,8 @@ def decide(results, assume_kernel=None):
     results = apply_assumption(results, assume_kernel)
     prefix = f"assuming kernel {fmt_version(parse_kernel_version(assume_kernel))}: " \
         if assume_kernel is not None else ""
-    missing = [f for f in FEATURES if f.role == REQUIRED and not _ok(results, f.name)]
+    missing = [f for f in FEATURES if f.role == REQUIRED and not _ok(results, f.name)
+               and not (f.covered_by and all(_ok(results, n) for n in f.covered_by))]
     # The reason names the features people recognise first.
     missing.sort(key=lambda f: REASON_ORDER.index(f.name) if f.name in REASON_ORDER
                  else len(REASON_ORDER))
