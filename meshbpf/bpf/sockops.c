@@ -36,15 +36,49 @@ static __always_inline void mb_want_cb(struct bpf_sock_ops *skops, int flags)
 }
 #define mb_want_state_cb(skops) mb_want_cb(skops, BPF_SOCK_OPS_STATE_CB_FLAG)
 
+#ifdef MB_NO_NC_SOCKOPT
+/* getsockopt cannot tell pods apart here (no bpf_get_netns_cookie there before 5.15), so
+ * at the sidecar's accept (`k`: its own tuple, loopback, with the netns) the app's entry
+ * moves to the app's tuple without netns, which getsockopt looks up. Two pods' sockets
+ * with the same loopback 4-tuple at once would share that key: the second marks the entry
+ * ambiguous and getsockopt answers neither (fail closed, never another pod's
+ * destination). The sidecar's end deletes the entry when it closes (mb_closed). */
+static __always_inline void mb_pair_to_sockopt(struct sock_key *k)
+{
+    struct sock_key app = {};
+    mb_key_reverse(&app, k);
+    struct orig_dst *o = pairs.lookup(&app);
+    if (!o)
+        return;
+    struct orig_dst copy = {};
+    mb_copy_ip(copy.ip, o->ip);
+    copy.port = o->port;
+    copy.family = o->family;
+    pairs.delete(&app);
+    app.netns = 0;
+    if (pairs.insert(&app, &copy) == 0)
+        return;
+    struct orig_dst *other = pairs.lookup(&app);
+    if (other)
+        other->flags |= ORIG_F_AMBIGUOUS;
+    else
+        mb_count(COUNTER_PAIRS_FULL, 1);   /* getsockopt answers nothing, not 15001 */
+}
+#endif
+
 static __always_inline void mb_established(struct bpf_sock_ops *skops)
 {
-    __u64 nc = bpf_get_netns_cookie(skops);
+    __u64 nc = mb_ops_netns(skops);
     struct pod_config *pc = pods.lookup(&nc);
     __u64 ck = mb_socket_cookie(skops);
     struct orig_dst *o = orig_dst.lookup(&ck);
     struct sock_key k = {};
     if (mb_ops_key(skops, &k, nc) < 0)
         return;
+#ifdef MB_NO_NC_SOCKOPT
+    if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && k.netns)
+        mb_pair_to_sockopt(&k);
+#endif
     if (o) {
         struct orig_dst copy = {};
         mb_copy_ip(copy.ip, o->ip);
@@ -95,7 +129,7 @@ static __always_inline void mb_ops_publish_copied(struct bpf_sock_ops *skops)
     if (!skops->is_fullsock || !sk)
         return;
     struct sock_key k = {};
-    if (mb_ops_key(skops, &k, bpf_get_netns_cookie(skops)) < 0)
+    if (mb_ops_key(skops, &k, mb_ops_netns(skops)) < 0)
         return;
     mb_splice_publish(&k, sk);
 #endif
@@ -104,7 +138,7 @@ static __always_inline void mb_ops_publish_copied(struct bpf_sock_ops *skops)
 static __always_inline void mb_closed(struct bpf_sock_ops *skops)
 {
     __u64 ck = mb_socket_cookie(skops);
-    __u64 nc = bpf_get_netns_cookie(skops);
+    __u64 nc = mb_ops_netns(skops);
     mb_forget(&ck, &nc);
     struct sock_key k = {};
     if (mb_ops_key(skops, &k, nc) < 0)
@@ -118,6 +152,13 @@ static __always_inline void mb_closed(struct bpf_sock_ops *skops)
     struct sock_key sw = {};
     mb_key_reverse(&sw, &k);
     pairs.delete(&sw);
+#ifdef MB_NO_NC_SOCKOPT
+    if (sw.netns) {              /* and its copy for getsockopt (mb_pair_to_sockopt) */
+        sw.netns = 0;
+        pairs.delete(&sw);
+        mb_key_reverse(&sw, &k);
+    }
+#endif
     splice_dirs.delete(&k);
     splice_dirs.delete(&sw);
     mb_count(COUNTER_CLOSED, 1);
@@ -130,7 +171,7 @@ static __always_inline void mb_closed(struct bpf_sock_ops *skops)
  * here. */
 static __always_inline void mb_listen(struct bpf_sock_ops *skops)
 {
-    __u64 nc = bpf_get_netns_cookie(skops);
+    __u64 nc = mb_ops_netns(skops);
     struct pod_config *pc = pods.lookup(&nc);
     if (!pc || bpf_htons((__u16)skops->local_port) != pc->inbound_port)
         return;

@@ -25,6 +25,7 @@ MAP_TYPES = {
     "dns_orig": (structs.U64, structs.OrigDst),
     "netns_addrs": (structs.NetnsAddrKey, structs.U32),
     "netns_src": (structs.U64, structs.NetnsSrc),
+    "netns_ino": (structs.U32, structs.U64),
     "counters": (structs.U32, structs.U64),
     "pod_conns": (structs.U64, structs.U64),
 }

@@ -37,6 +37,7 @@ NODE_F_SPLICE = 1 << 0
 NODE_F_INBOUND_SK_LOOKUP = 1 << 1
 ORIG_F_ANSWERED = 1
 ORIG_F_CONNECTED = 2
+ORIG_F_AMBIGUOUS = 4
 
 # enum mb_counter, in order (index = position); COUNTER_MAX slots in the per-CPU array.
 COUNTERS = [
@@ -522,11 +523,12 @@ def decode_capture_listener_key(raw):
 
 # The maps a pod's enrollment writes, in write order: rules (scoped by pod index, unread
 # until the `pods` entry points at the index) first, the `pods` entry last.
-ENTRY_MAPS = ("cidr_rules", "port_rules", "local_ips", "netns_addrs", "netns_src", "pods")
+ENTRY_MAPS = ("cidr_rules", "port_rules", "local_ips", "netns_addrs", "netns_src", "netns_ino",
+              "pods")
 RULE_MAPS = ("cidr_rules", "port_rules")
 # Keys not scoped by the pod index: an update overwrites them in place, so their old
 # values are kept to roll back.
-SHARED_ENTRY_MAPS = ("local_ips", "netns_addrs", "netns_src", "pods")
+SHARED_ENTRY_MAPS = ("local_ips", "netns_addrs", "netns_src", "netns_ino", "pods")
 
 
 def pod_rules(config):
@@ -535,9 +537,11 @@ def pod_rules(config):
     return tuple(cidr_rules(config)), tuple(dns_rules(config)), tuple(port_rules(config))
 
 
-def pod_entries(netns_cookie, pod_index, pc, rules, addresses, local):
+def pod_entries(netns_cookie, pod_index, pc, rules, addresses, local, netns_ino=None):
     """{map name: {key bytes: value bytes}}: every entry a pod with `rules` (pod_rules),
-    pods value `pc`, own `addresses` and netns addresses `local` has under `pod_index`."""
+    pods value `pc`, own `addresses` and netns addresses `local` has under `pod_index`;
+    with `netns_ino` (its netns's inode number) the netns_ino entry sock_ops and sk_msg find
+    the cookie by on kernels without bpf_get_netns_cookie there."""
     cidrs, dns, ports = rules
     out = {name: {} for name in ENTRY_MAPS}
     for net, rule in cidrs:
@@ -551,5 +555,7 @@ def pod_entries(netns_cookie, pod_index, pc, rules, addresses, local):
     for a in local:
         out["netns_addrs"][bytes(netns_addr_key(netns_cookie, a))] = u32_bytes(pod_index)
     out["netns_src"][u64_bytes(netns_cookie)] = bytes(netns_src(addresses, local))
+    if netns_ino is not None:
+        out["netns_ino"][u32_bytes(netns_ino)] = u64_bytes(netns_cookie)
     out["pods"][u64_bytes(netns_cookie)] = bytes(pc)
     return out

@@ -62,7 +62,8 @@ def test_missing_getsockopt_drops_to_iptables_and_says_why():
     assert "using iptables" in reason and "iptables-nft" in reason
 
 
-@pytest.mark.parametrize("name", [f.name for f in P.FEATURES if f.role == P.REQUIRED])
+@pytest.mark.parametrize("name", [f.name for f in P.FEATURES
+                                  if f.role == P.REQUIRED and not f.covered_by])
 def test_each_required_feature_alone_forces_iptables(name):
     mode, reason = P.decide(with_missing(name))
     assert mode == "iptables"
@@ -202,7 +203,7 @@ def test_assume_310_chooses_iptables_and_says_why():
 @pytest.mark.parametrize("version,mode,first", [
     ("4.19", "iptables", "cgroup/getsockopt"),
     ("5.4", "iptables", "bpf_get_netns_cookie in cgroup/connect hooks"),
-    ("5.10", "iptables", "bpf_get_netns_cookie in sock_ops"),   # also SO_NETNS_COOKIE 5.14
+    ("5.10", "iptables", "SO_NETNS_COOKIE"),   # sock_ops' netns cookie: BTF covers it
     ("5.15", "ebpf", None),
     ("6.1", "ebpf", None),
 ])
@@ -225,7 +226,41 @@ def test_assume_515_keeps_optional_features():
     # 5.8 has getpeername and bpf_link, not sk_lookup nor bpf_skc_to_tcp_sock (5.9)
     assert sorted(P.degraded(all_ok(), assume_kernel="5.8")) == sorted([
         P.BY_NAME["sk_lookup"].capability, P.BY_NAME["tc_sk_assign_reuseport"].capability,
-        P.BY_NAME["splice_backpressure"].capability])
+        P.BY_NAME["splice_backpressure"].capability,
+        P.BY_NAME["netns_cookie_sockopt"].capability])
+
+
+def test_netns_cookie_in_sock_ops_is_covered_by_btf_access_and_sockopt_only_degrades():
+    # 5.10: sock_ops and sk_msg find the netns through BTF (splice_backpressure's check)
+    mode, reason = P.decide(with_missing("netns_cookie_sock_ops", "netns_cookie_sockopt"))
+    assert mode == "ebpf"
+    assert P.degraded(with_missing("netns_cookie_sock_ops", "netns_cookie_sockopt")) == [
+        P.BY_NAME["netns_cookie_sockopt"].capability]
+    assert "fails closed" in reason
+    # without that BTF access too, nothing can tell pods apart in sock_ops: iptables
+    mode, reason = P.decide(with_missing("netns_cookie_sock_ops", "splice_backpressure"))
+    assert mode == "iptables"
+    assert "bpf_get_netns_cookie in sock_ops" in reason
+
+
+def test_disable_features_env_marks_them_absent_and_refuses_unknown_names():
+    env = {P.DISABLE_ENV: "netns_cookie_sock_ops, netns_cookie_sockopt"}
+    assert P.disabled_features(env) == {"netns_cookie_sock_ops", "netns_cookie_sockopt"}
+    out = P.apply_assumption(all_ok(), None, env)
+    assert out["netns_cookie_sockopt"] == {"ok": False,
+                                           "detail": f"disabled by {P.DISABLE_ENV}"}
+    assert out["sock_ops"]["ok"]
+    assert P.disabled_features({}) == set()
+    with pytest.raises(UsageError, match="unknown feature nope"):
+        P.disabled_features({P.DISABLE_ENV: "ringbuf,nope"})
+
+
+def test_disable_features_env_reaches_the_report(monkeypatch):
+    monkeypatch.setenv(P.DISABLE_ENV, "netns_cookie_sockopt")
+    report = P.build_report("6.18.0", all_ok())
+    assert report["mode"] == "ebpf"
+    assert report["features"]["netns_cookie_sockopt"]["ok"] is False
+    assert report["degraded"] == [P.BY_NAME["netns_cookie_sockopt"].capability]
 
 
 def test_apply_assumption_does_not_change_its_input():

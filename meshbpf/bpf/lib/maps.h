@@ -16,6 +16,7 @@
  *   netns_addrs   connect4/6, sendmsg4/6, getsockname4/6 (is an address one of the socket's
  *                 netns's own, i.e. reached over `lo`?) — written by Python
  *   netns_src     connect4/6, getsockname4/6 (the address the kernel picks as source) — Python
+ *   netns_ino     sockops, sk_msg on kernels without their netns cookie (conn.h) — Python
  *   node_cfg      sockops (splice on/off)                      — written by Python
  *   orig_dst      connect4/6 write, getpeername4/6 read, sockops copy + delete,
  *                 sock_release delete
@@ -59,6 +60,9 @@ BPF_HASH(dns_orig, __u64, struct orig_dst, MB_MAX_CONNS);
 BPF_HASH(pod_conns, __u64, __u64, MB_MAX_PODS);
 BPF_HASH(netns_addrs, struct netns_addr_key, __u32, 65536);
 BPF_HASH(netns_src, __u64, struct netns_src, MB_MAX_PODS);
+/* netns inode number -> netns cookie of each enrolled pod (Python). sock_ops and sk_msg read
+ * it where the kernel has no bpf_get_netns_cookie for them (MB_NO_NC_SOCKOPS, conn.h). */
+BPF_HASH(netns_ino, __u32, __u64, MB_MAX_PODS);
 
 BPF_HASH(splice_dirs, struct sock_key, struct splice_dir, MB_MAX_CONNS);
 
