@@ -79,18 +79,21 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
     mb_addr(family, &sk->src_ip4, sk->src_ip6, k.remote_ip);
     k.local_port = (__u16)sk->dst_port;
     k.remote_port = bpf_htons((__u16)sk->src_port);
-#ifndef MB_NO_NC_SOCKOPT
     if (mb_is_loopback(k.local_ip) || mb_is_loopback(k.remote_ip))
+#ifdef MB_NO_NC_SOCKOPT
+        k.netns = 1;             /* only "loopback": no pod can be told apart here */
+#else
         k.netns = bpf_get_netns_cookie(ctx);
 #endif
 
     __u32 ip[4];
     __u16 port;
+#ifdef MB_NO_NC_SOCKOPT
+    /* A loopback tuple says nothing about the pod here: its entry is on the socket. */
+    struct orig_dst *o = k.netns ? sk_orig.sk_storage_get(sk, 0, 0) : pairs.lookup(&k);
+#else
     struct orig_dst *o = pairs.lookup(&k);
-    if (o && (o->flags & ORIG_F_AMBIGUOUS)) {
-        mb_count(COUNTER_ORIG_DST_MISS, 1);   /* two pods' tuples met: answer neither */
-        return mb_pass(ctx);
-    }
+#endif
     if (o) {
         mb_copy_ip(ip, o->ip);
         port = o->port;

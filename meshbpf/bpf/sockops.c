@@ -37,32 +37,30 @@ static __always_inline void mb_want_cb(struct bpf_sock_ops *skops, int flags)
 #define mb_want_state_cb(skops) mb_want_cb(skops, BPF_SOCK_OPS_STATE_CB_FLAG)
 
 #ifdef MB_NO_NC_SOCKOPT
-/* getsockopt cannot tell pods apart here (no bpf_get_netns_cookie there before 5.15), so
- * at the sidecar's accept (`k`: its own tuple, loopback, with the netns) the app's entry
- * moves to the app's tuple without netns, which getsockopt looks up. Two pods' sockets
- * with the same loopback 4-tuple at once would share that key: the second marks the entry
- * ambiguous and getsockopt answers neither (fail closed, never another pod's
- * destination). The sidecar's end deletes the entry when it closes (mb_closed). */
-static __always_inline void mb_pair_to_sockopt(struct sock_key *k)
+/* getsockopt cannot tell pods apart (no bpf_get_netns_cookie there before 5.15), and two
+ * pods' loopback connections may have the same 4-tuple: at the sidecar's accept (`k`: its
+ * own tuple, loopback, with the netns) the app's entry moves onto the accepted socket
+ * itself (sk_orig), where getsockopt finds it without any key. */
+static __always_inline void mb_pair_to_sockopt(struct bpf_sock_ops *skops, struct sock_key *k)
 {
+    struct bpf_sock *sk = skops->sk;
+    if (!sk)
+        return;
     struct sock_key app = {};
     mb_key_reverse(&app, k);
     struct orig_dst *o = pairs.lookup(&app);
     if (!o)
         return;
-    struct orig_dst copy = {};
-    mb_copy_ip(copy.ip, o->ip);
-    copy.port = o->port;
-    copy.family = o->family;
-    pairs.delete(&app);
-    app.netns = 0;
-    if (pairs.insert(&app, &copy) == 0)
-        return;
-    struct orig_dst *other = pairs.lookup(&app);
-    if (other)
-        other->flags |= ORIG_F_AMBIGUOUS;
-    else
+    struct orig_dst *so = sk_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!so) {
         mb_count(COUNTER_PAIRS_FULL, 1);   /* getsockopt answers nothing, not 15001 */
+        return;
+    }
+    mb_copy_ip(so->ip, o->ip);
+    so->port = o->port;
+    so->family = o->family;
+    so->flags = 0;
+    pairs.delete(&app);
 }
 #endif
 
@@ -77,7 +75,7 @@ static __always_inline void mb_established(struct bpf_sock_ops *skops)
         return;
 #ifdef MB_NO_NC_SOCKOPT
     if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && k.netns)
-        mb_pair_to_sockopt(&k);
+        mb_pair_to_sockopt(skops, &k);
 #endif
     if (o) {
         struct orig_dst copy = {};
@@ -152,13 +150,6 @@ static __always_inline void mb_closed(struct bpf_sock_ops *skops)
     struct sock_key sw = {};
     mb_key_reverse(&sw, &k);
     pairs.delete(&sw);
-#ifdef MB_NO_NC_SOCKOPT
-    if (sw.netns) {              /* and its copy for getsockopt (mb_pair_to_sockopt) */
-        sw.netns = 0;
-        pairs.delete(&sw);
-        mb_key_reverse(&sw, &k);
-    }
-#endif
     splice_dirs.delete(&k);
     splice_dirs.delete(&sw);
     mb_count(COUNTER_CLOSED, 1);

@@ -37,7 +37,6 @@ NODE_F_SPLICE = 1 << 0
 NODE_F_INBOUND_SK_LOOKUP = 1 << 1
 ORIG_F_ANSWERED = 1
 ORIG_F_CONNECTED = 2
-ORIG_F_AMBIGUOUS = 4
 
 # enum mb_counter, in order (index = position); COUNTER_MAX slots in the per-CPU array.
 COUNTERS = [

@@ -99,13 +99,12 @@ FEATURES = (
     Feature("netns_cookie_sock_ops", "bpf_get_netns_cookie in sock_ops and sk_msg", (5, 15),
             REQUIRED, "key per-connection state by network namespace",
             covered_by=("splice_backpressure",)),
-    # Without it getsockopt keys loopback connections by their 4-tuple alone (sock_ops
-    # copies each entry there at the sidecar's accept, two pods' equal tuples fail closed).
+    # Without it getsockopt cannot tell pods' equal loopback 4-tuples apart: sock_ops puts
+    # the original destination on the sidecar's accepted socket (socket storage) instead.
     Feature("netns_cookie_sockopt", "bpf_get_netns_cookie in cgroup/getsockopt", (5, 15),
-            DEGRADES, "keep loopback connections of different pods apart in getsockopt",
-            "SO_ORIGINAL_DST fails closed (no answer) for a loopback connection whose 4-tuple "
-            "another pod's sidecar has at the same moment, and is not answered for loopback "
-            "connections the sidecar did not capture"),
+            DEGRADES, "answer SO_ORIGINAL_DST for loopback connections nobody redirected",
+            "SO_ORIGINAL_DST is not answered for a loopback connection the sidecar did not "
+            "capture (conntrack answers its own address there)"),
     Feature("cgroup2", "cgroup v2", (4, 5), REQUIRED,
             "attach programs that see the pods' sockets",
             fix="mount it: mount -t cgroup2 none /sys/fs/cgroup/unified"),

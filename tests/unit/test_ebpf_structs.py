@@ -84,7 +84,6 @@ def test_flag_constants_match_header():
                  "POD_F_OWNER_EXCLUDE", "POD_F_DNS", "POD_F_DNS_ALL",
                  "POD_F_LOOPBACK_INCLUDED", "POD_F_TPROXY", "MB_DNS_SCOPE", "MB_IPV6_SCOPE", "RULE_INCLUDE",
                  "RULE_EXCLUDE", "NODE_F_SPLICE", "ORIG_F_ANSWERED", "ORIG_F_CONNECTED",
-                 "ORIG_F_AMBIGUOUS",
                  "MB_MAX_IDS", "MB_MAX_PODS", "INBOUND_POD_WILDCARD", "INBOUND_POD_CAPTURES",
                  "INBOUND_POD_SK_LOOKUP", "INBOUND_PORT_CAPTURE", "INBOUND_PORT_BYPASS",
                  "MB_AF_INET", "MB_AF_INET6"):

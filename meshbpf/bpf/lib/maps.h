@@ -17,6 +17,7 @@
  *                 netns's own, i.e. reached over `lo`?) — written by Python
  *   netns_src     connect4/6, getsockname4/6 (the address the kernel picks as source) — Python
  *   netns_ino     sockops, sk_msg on kernels without their netns cookie (conn.h) — Python
+ *   sk_orig       sockops write, getsockopt read (only MB_NO_NC_SOCKOPT; not pinned)
  *   node_cfg      sockops (splice on/off)                      — written by Python
  *   orig_dst      connect4/6 write, getpeername4/6 read, sockops copy + delete,
  *                 sock_release delete
@@ -63,6 +64,12 @@ BPF_HASH(netns_src, __u64, struct netns_src, MB_MAX_PODS);
 /* netns inode number -> netns cookie of each enrolled pod (Python). sock_ops and sk_msg read
  * it where the kernel has no bpf_get_netns_cookie for them (MB_NO_NC_SOCKOPS, conn.h). */
 BPF_HASH(netns_ino, __u32, __u64, MB_MAX_PODS);
+#ifdef MB_NO_NC_SOCKOPT
+/* The sidecar's accepted end of a redirected loopback connection -> what the app dialled,
+ * where getsockopt cannot tell pods' equal loopback 4-tuples apart (no netns cookie there
+ * before 5.15): sockops puts it on the socket itself at accept; it goes with the socket. */
+BPF_SK_STORAGE(sk_orig, struct orig_dst);
+#endif
 
 BPF_HASH(splice_dirs, struct sock_key, struct splice_dir, MB_MAX_CONNS);
 

@@ -141,8 +141,6 @@ struct orig_dst {
 };
 #define ORIG_F_ANSWERED 1        /* the sidecar has read it (getsockopt)               */
 #define ORIG_F_CONNECTED 2       /* dns_orig: the UDP socket is connect()ed to it      */
-#define ORIG_F_AMBIGUOUS 4       /* pairs without netns (MB_NO_NC_SOCKOPT): two pods'
-                                  * sockets had this 4-tuple at once; never answered    */
 
 /* A socket's identity: also the SOCKHASH key. */
 struct sock_key {
