@@ -7,6 +7,7 @@ scoped (a context manager or a child process).
 
 import contextlib
 import ctypes
+import errno
 import os
 import shutil
 import socket
@@ -141,18 +142,34 @@ def in_netns(path):
             os.close(own)
 
 
-def netns_cookie(path=None):
-    """The kernel's cookie for a network namespace (what bpf_get_netns_cookie() returns)."""
+def netns_cookie(path=None, fallback=True):
+    """The kernel's cookie for a network namespace (what bpf_get_netns_cookie() returns).
+    Without SO_NETNS_COOKIE (before 5.14, or named in MESHBPF_DISABLE_FEATURES) and with
+    `fallback`, read through bpf_get_netns_cookie itself (meshbpf.netnscookie)."""
+    from .probe.features import disabled_features
+    if fallback and "so_netns_cookie" in disabled_features():
+        return _netns_cookie_bpf(path)
     ctx = in_netns(path) if path else contextlib.nullcontext()
     with ctx:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
         except OSError as e:
-            raise UnsupportedError(f"kernel cannot report netns cookies (SO_NETNS_COOKIE): {e.strerror}")
+            if fallback and e.errno == errno.ENOPROTOOPT:
+                raw = None
+            else:
+                raise UnsupportedError("kernel cannot report netns cookies (SO_NETNS_COOKIE): "
+                                       f"{e.strerror}")
         finally:
             s.close()
+    if raw is None:
+        return _netns_cookie_bpf(path)
     return int.from_bytes(raw, "little")
+
+
+def _netns_cookie_bpf(path):
+    from . import netnscookie
+    return netnscookie.netns_cookie(path or "/proc/thread-self/ns/net", cgroup2_mount())
 
 
 def netns_inode(path):

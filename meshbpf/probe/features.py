@@ -91,8 +91,11 @@ FEATURES = (
             "hand a new connection that reuses a TIME_WAIT 4-tuple to the sidecar",
             "no sk_lookup: inbound connections reusing a TIME_WAIT 4-tuple stall until it "
             "expires"),
-    Feature("so_netns_cookie", "SO_NETNS_COOKIE", (5, 14), REQUIRED,
-            "learn a pod's netns cookie from user space"),
+    # Without it user space asks bpf_get_netns_cookie in a throwaway cgroup/connect4
+    # program (meshbpf/netnscookie.py), which netns_cookie_sock_addr already requires.
+    Feature("so_netns_cookie", "SO_NETNS_COOKIE", (5, 14), INFO,
+            "learn a pod's netns cookie from user space directly (without it: through a "
+            "throwaway cgroup/connect4 program)"),
     # Without it sock_ops and sk_msg find the netns through the socket's BTF (tcp_sock ->
     # struct net -> ns.inum, mapped to the cookie by netns_ino), which splice_backpressure's
     # check proves: bpf_skc_to_tcp_sock + BTF loads in those programs (5.10 has both).

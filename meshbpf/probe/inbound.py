@@ -62,9 +62,8 @@ try:
     link = bpfsys.link_create(skl.fd, nsfd, bpfsys.BPF_SK_LOOKUP)
     with IPRoute() as ipr:
         tc.add_filter(ipr, lo, tc.TC_INGRESS_PARENT, fn2.fd)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little")  # SO_NETNS_COOKIE
-    s.close()
+    from meshbpf import system as _system
+    cookie = _system.netns_cookie()      # SO_NETNS_COOKIE, or through BPF before 5.14
     bpfsys.map_update_elem(b2[b"node_cfg"].map_fd, structs.u32_bytes(0),
                            bytes(structs.node_config(False, inbound_sk_lookup=True)))
     srv = socket.socket()

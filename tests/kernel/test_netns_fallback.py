@@ -21,7 +21,7 @@ from meshbpf.testbed import Sandbox, traffic
 pytestmark = pytest.mark.kernel
 
 APP_UID = 1000
-VARIANT = "netns_cookie_sock_ops,netns_cookie_sockopt"
+VARIANT = "netns_cookie_sock_ops,netns_cookie_sockopt,so_netns_cookie"
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,19 @@ def _maps_used(pin_prefix, prog):
         return names
     finally:
         os.close(fd)
+
+
+def test_netns_cookie_through_bpf_is_the_one_so_netns_cookie_reports(node, monkeypatch):
+    """5.10 has no SO_NETNS_COOKIE: the cookie comes from a throwaway connect4 program."""
+    sb, a, b, _ = node
+    monkeypatch.setenv(DISABLE_ENV, "so_netns_cookie")
+    for pod in (a, b):
+        want = system.netns_cookie(pod.pod.netns, fallback=False)    # SO_NETNS_COOKIE
+        assert system.netns_cookie(pod.pod.netns) == want
+    assert system.netns_cookie() == system.netns_cookie(fallback=False)
+    assert a.pod.netns_cookie != b.pod.netns_cookie
+    mount = system.cgroup2_mount()
+    assert not [n for n in os.listdir(mount) if n.endswith("-cookie")]   # nothing left
 
 
 def test_variant_is_loaded_and_outbound_reaches_the_original_destination(node, service):

@@ -90,3 +90,25 @@ def test_enrolled_pod_gets_its_netns_inode_mapped_to_its_cookie():
     assert structs.pod_entries(77, 3, pc, structs.pod_rules(cfg), addrs, addrs)["netns_ino"] == {}
     assert "netns_ino" in loader.MAP_NAMES
     assert structs.ENTRY_MAPS.index("netns_ino") < structs.ENTRY_MAPS.index("pods")
+
+
+def test_cookie_program_stores_the_helpers_result_in_map_slot_0():
+    import struct
+    from meshbpf import bpfsys as B
+    from meshbpf import netnscookie
+    code = B.assemble(netnscookie.program(7))
+    insns = [struct.unpack_from("<BBhi", code, i) for i in range(0, len(code), 8)]
+    assert insns[0] == (0x85, 0, 0, B.BPF_FUNC_get_netns_cookie)        # r0 = cookie
+    assert insns[1] == (0x7b, 0x0a, -8, 0)                               # fp[-8] = r0
+    assert insns[3][0] == B.BPF_LD_IMM64 and insns[3][3] == 7            # r1 = map fd 7
+    assert (0x85, 0, 0, 2) in insns                                      # map_update_elem
+    assert insns[-2:] == [(0xb7, 0, 0, 1), (0x95, 0, 0, 0)]              # allow the connect
+
+
+def test_5_10_is_ebpf_with_only_the_sockopt_capability_degraded():
+    report = P.build_report("5.10.0", {f.name: {"ok": True, "detail": "fine"}
+                                       for f in P.FEATURES}, "5.10")
+    assert report["mode"] == "ebpf"
+    assert P.BY_NAME["netns_cookie_sockopt"].capability in report["degraded"]
+    assert not report["features"]["so_netns_cookie"]["ok"]
+    assert P.BY_NAME["so_netns_cookie"].role == P.INFO
