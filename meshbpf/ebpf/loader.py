@@ -331,11 +331,43 @@ def _compile(text):
                                hint="kernel headers missing? see `meshbpf probe`")
 
 
-def _load_prog(b, spec):
+# Set (to anything): load the programs that need an expected attach type through
+# meshbpf's own bpf(2) path even where bcc could (tests the old-bcc path on a new bcc).
+OWN_LOAD_ENV = "MESHBPF_OWN_PROG_LOAD"
+
+
+def bcc_sets_attach_type(load_func):
+    """Can this bcc's BPF.load_func set expected_attach_type (bcc 0.25+)? Without it the
+    kernel refuses cgroup/connect4, cgroup/getsockopt, sk_lookup..."""
+    import inspect
     try:
-        fn = b.load_func(spec.name.encode(), spec.prog_type,
-                         attach_type=spec.attach_type if spec.target in ("cgroup", "netns")
-                         else -1)
+        return "attach_type" in inspect.signature(load_func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _own_load(b, spec, attach_type):
+    """Load `spec` from the bytecode bcc compiled (bcc wrote its maps' fds into the
+    instructions already: BPF_PSEUDO_MAP_FD loads) with BPF_PROG_LOAD, setting the expected
+    attach type an old bcc cannot. Kept in b.funcs like bcc's own loads."""
+    from bcc import BPF, libbcc
+    name = spec.name.encode()
+    if name in b.funcs:
+        return b.funcs[name].fd
+    lic = libbcc.lib.bpf_module_license(b.module)
+    fd = bpfsys.prog_load(spec.prog_type, b.dump_func(name), expected_attach_type=attach_type,
+                          license=lic.decode() if lic else "GPL", name=spec.name[:15])
+    b.funcs[name] = BPF.Function(b, name, fd)
+    return fd
+
+
+def _load_prog(b, spec):
+    attach_type = spec.attach_type if spec.target in ("cgroup", "netns") else -1
+    try:
+        if attach_type >= 0 and (os.environ.get(OWN_LOAD_ENV)
+                                 or not bcc_sets_attach_type(b.load_func)):
+            return _own_load(b, spec, attach_type)
+        fn = b.load_func(spec.name.encode(), spec.prog_type, attach_type=attach_type)
     except Exception as e:  # bcc raises bare Exception with the verifier's verdict
         raise ApplyError(f"the kernel refused program {spec.name}: {e}")
     return fn.fd

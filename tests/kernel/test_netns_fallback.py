@@ -133,3 +133,26 @@ def test_pods_with_the_same_loopback_tuple_at_once_each_get_their_destination(no
     finally:
         for p in pods:
             sb.remove_pod(p.name)
+
+
+def test_old_bcc_path_loads_the_programs_itself_and_outbound_works(node, service, monkeypatch):
+    """bcc < 0.25 cannot set expected_attach_type: the loader loads bcc's bytecode with
+    its own BPF_PROG_LOAD (forced here by MESHBPF_OWN_PROG_LOAD), with the 5.10 variant,
+    as on a Debian 11 node (5.10, bcc 0.18)."""
+    sb, a, b, env = node
+    own = []
+    real = loader._own_load
+
+    def spy(bpf, spec, attach_type):
+        own.append(spec.name)
+        return real(bpf, spec, attach_type)
+    monkeypatch.setattr(loader, "_own_load", spy)
+    monkeypatch.setenv(loader.OWN_LOAD_ENV, "1")
+    ic = service()
+    ic.attach(a.pod, InterceptConfig())
+    assert {"mb_connect4", "mb_connect6", "mb_getsockopt", "mb_sockops"} <= set(own)
+    before = env.stats().get("tcp.outbound.downstream_cx_total", 0)
+    out = traffic.http_get(a, b.ip4, 8080, uid=APP_UID)
+    assert out["peer"] == [b.ip4, 8080]
+    assert out["reply"]["pod"] == "b"
+    assert env.stats().get("tcp.outbound.downstream_cx_total", 0) == before + 1

@@ -112,3 +112,14 @@ def test_5_10_is_ebpf_with_only_the_sockopt_capability_degraded():
     assert P.BY_NAME["netns_cookie_sockopt"].capability in report["degraded"]
     assert not report["features"]["so_netns_cookie"]["ok"]
     assert P.BY_NAME["so_netns_cookie"].role == P.INFO
+
+
+def test_old_bcc_is_recognised_by_its_load_func_signature():
+    def new_bcc(self, func_name, prog_type, device=None, attach_type=-1):
+        pass
+
+    def old_bcc(self, func_name, prog_type, device=None):     # bcc < 0.25 (Debian 11: 0.18)
+        pass
+    assert loader.bcc_sets_attach_type(new_bcc)
+    assert not loader.bcc_sets_attach_type(old_bcc)
+    assert not loader.bcc_sets_attach_type(object())
