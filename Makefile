@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test unit demo clean
+.PHONY: setup test unit demo clean vm-test-local vm-test
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,15 @@ test: setup
 
 unit: setup
 	$(PY) -m pytest -ra -p no:cacheprovider -m "not kernel" $(PYTEST_ARGS)
+
+# Boot Debian's 5.10, 6.1, 6.12 kernels (and a Debian 11 userland) under QEMU and run the
+# kernel smoke tier in each (tests/vm; also part of `make test`).
+vm-test-local: setup
+	$(PY) -m pytest -ra -s -p no:cacheprovider -m vm tests/vm $(PYTEST_ARGS)
+
+# vagrant/: one VM per kernel family (VM=name for one).
+vm-test:
+	sh vagrant/run.sh $(VM)
 
 demo: setup
 	$(VENV)/bin/meshbpf demo

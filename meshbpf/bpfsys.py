@@ -26,6 +26,7 @@ import os
 import platform
 import struct
 
+from . import memlock
 from .errors import UnsupportedError
 
 # --- bpf(2) commands -------------------------------------------------------------------
@@ -337,6 +338,7 @@ def prog_load(prog_type, insns, expected_attach_type=0, license="GPL", name="",
     `insns`: bytes or a list of encoded instructions. `name` (≤ 15 chars) is left empty by
     default so that kernels older than 4.15 (which reject the field) still accept the call.
     """
+    memlock.ensure()
     code = ctypes.create_string_buffer(assemble(insns))
     lic = ctypes.create_string_buffer(license.encode())
     attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(code.raw) // 8,
@@ -484,6 +486,7 @@ def map_get_info(fd):
 # --- maps ------------------------------------------------------------------------------
 def map_create(map_type, key_size, value_size, max_entries, flags=0, name=""):
     """Create a map; returns its fd."""
+    memlock.ensure()
     attr = _MapCreateAttr(map_type=map_type, key_size=key_size, value_size=value_size,
                           max_entries=max_entries, map_flags=flags, map_name=_name(name))
     return bpf(BPF_MAP_CREATE, attr, f"creating a map of type {map_type}")

@@ -8,7 +8,9 @@ say() { echo "setup: $*"; }
 [ "$(id -u)" = 0 ] || { echo "setup: must run as root (it installs Debian packages)"; exit 1; }
 
 pkgs=(bpfcc-tools python3-bpfcc bpftool iptables nftables iproute2 haproxy sockperf iperf3 curl
-      python3-venv procps util-linux kmod ca-certificates)
+      python3-venv procps util-linux kmod ca-certificates
+      # the VM tier (make vm-test-local) and vagrant/ checks
+      qemu-system-x86 busybox-static debootstrap shellcheck vagrant)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 

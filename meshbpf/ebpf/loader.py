@@ -19,7 +19,7 @@ import glob
 import os
 import re
 
-from .. import __version__, bpfsys, system
+from .. import __version__, bpfsys, memlock, system
 from ..errors import ApplyError, MeshbpfError, UnsupportedError, UsageError
 from ..probe.features import disabled_features
 from . import btf, structs
@@ -324,6 +324,7 @@ def _compile(text):
         raise UnsupportedError("bcc's Python module is not importable",
                                hint="install python3-bpfcc (Debian) and use a venv made with "
                                     "--system-site-packages; `make setup` does both")
+    memlock.raise_memlock()   # before 5.11 BPF memory counts against it (EPERM otherwise)
     try:
         return BPF(text=text.encode(), cflags=["-Wno-comment"])
     except Exception as e:  # bcc raises bare Exception on compile errors

@@ -12,6 +12,7 @@ bind-mounted in a private mount namespace for the duration of one command.
 """
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -39,6 +40,56 @@ def _binary(variant, family, suffix=""):
     return f"{base}-{variant}{suffix}" if variant else f"{base}{suffix}"
 
 
+# iptables-restore learned -w (wait for the xtables lock) in 1.6.2; older ones (CentOS 7's
+# 1.4.21) reject it, so there the restore runs without it.
+RESTORE_WAIT_SINCE = (1, 6, 2)
+
+
+def parse_version(text):
+    """'iptables v1.8.9 (nf_tables)' -> ((1, 8, 9), "nft"); 'iptables v1.4.21' ->
+    ((1, 4, 21), "legacy"); None if there is no version in `text`."""
+    m = re.search(r"v(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    if not m:
+        return None
+    kind = "nft" if "nf_tables" in text else "legacy"
+    return tuple(int(x or 0) for x in m.groups()), kind
+
+
+def binaries(variant, family, which=None, version_of=None):
+    """(save, restore) binaries of `variant`: the suffixed ones (iptables-legacy-save, ...)
+    where installed, else the plain ones when they are that variant (iptables < 1.8, e.g.
+    CentOS 7's 1.4.21, is legacy and has no suffixed names); None if neither."""
+    which = which or shutil.which
+    pair = tuple(_binary(variant, family, s) for s in ("-save", "-restore"))
+    if all(which(b) for b in pair):
+        return pair
+    plain = tuple(_binary(None, family, s) for s in ("-save", "-restore"))
+    if all(which(b) for b in plain) and which(_binary(None, family)):
+        parsed = parse_version((version_of or _version_text)(_binary(None, family)))
+        if parsed and parsed[1] == variant:
+            return plain
+    return None
+
+
+def restore_argv(restore_bin, version, noflush=True):
+    """The iptables-restore command line for iptables `version` (a tuple, or None when
+    unknown: assumed recent)."""
+    argv = [restore_bin]
+    if version is None or version >= RESTORE_WAIT_SINCE:
+        argv += ["-w", LOCK_WAIT_SECONDS]
+    if noflush:
+        argv.append("--noflush")
+    return argv
+
+
+def _version_text(binary):
+    try:
+        proc = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return proc.stdout + proc.stderr
+
+
 class Backend:
     """One iptables variant ("nft" or "legacy") for one address family (4 or 6)."""
 
@@ -48,18 +99,31 @@ class Backend:
         self.family = int(family)
         self.group_file = group_file
         self.timeout = timeout
-        for suffix in ("-save", "-restore"):
-            if not shutil.which(_binary(variant, family, suffix)):
-                raise UnsupportedError(f"{_binary(variant, family, suffix)} is not installed",
-                                       hint="install the iptables package")
+        found = binaries(variant, family)
+        if found is None:
+            missing = [b for b in (_binary(variant, family, s) for s in ("-save", "-restore"))
+                       if not shutil.which(b)]
+            raise UnsupportedError(f"{missing[0]} is not installed",
+                                   hint="install the iptables package")
+        self._save_bin, self._restore_bin = found
+        self._version = False   # unknown until asked
+
+    @property
+    def version(self):
+        """This iptables' version tuple (None if it does not say)."""
+        if self._version is False:
+            base = self._restore_bin[: -len("-restore")]
+            parsed = parse_version(_version_text(base))
+            self._version = parsed[0] if parsed else None
+        return self._version
 
     @property
     def save_bin(self):
-        return _binary(self.variant, self.family, "-save")
+        return self._save_bin
 
     @property
     def restore_bin(self):
-        return _binary(self.variant, self.family, "-restore")
+        return self._restore_bin
 
     def describe(self):
         return f"{self.restore_bin}"
@@ -95,9 +159,7 @@ class Backend:
 
     def restore(self, netns, payload, noflush=True):
         """Apply `payload` in one iptables-restore run; returns (ok, error text)."""
-        argv = [self.restore_bin, "-w", LOCK_WAIT_SECONDS]
-        if noflush:
-            argv.append("--noflush")
+        argv = restore_argv(self.restore_bin, self.version, noflush)
         proc = self._run(argv, netns=netns, input=payload)
         return proc.returncode == 0, _err(proc)
 
@@ -108,7 +170,8 @@ class Backend:
         """
         if not payload:
             return ""
-        script = '"$0" -w %s --noflush && exec "$1"' % LOCK_WAIT_SECONDS
+        restore = " ".join(restore_argv('"$0"', self.version))
+        script = restore + ' && exec "$1"'
         proc = self._run(["unshare", "--net", "--", "sh", "-c", script,
                           self.restore_bin, self.save_bin], input=payload)
         if proc.returncode != 0:
@@ -153,7 +216,7 @@ def _err(proc):
 
 
 def usable(variant, family):
-    return all(shutil.which(_binary(variant, family, s)) for s in ("-save", "-restore"))
+    return binaries(variant, family) is not None
 
 
 def detect(netns, family, force=None, group_file=None):

@@ -51,6 +51,8 @@ FEATURES = (
             "from tc; without it they go through sk_lookup",
             "the sidecar's inbound listener must not use SO_REUSEPORT",
             covered_by=("sk_lookup_reuseport",)),
+    # meshbpf keys capture listeners by the pod's netns cookie: before SO_NETNS_COOKIE
+    # (5.14) user space reads it through BPF (meshbpf/netnscookie.py), so 5.9 is enough.
     Feature("sk_lookup_reuseport", "sk_lookup to SO_REUSEPORT listeners", (5, 9), INFO,
             "hand inbound connections to a SO_REUSEPORT listener where bpf_sk_assign cannot "
             "(tried for real: tc_inbound leaving the SYN to mb_sk_lookup)"),
@@ -102,8 +104,10 @@ FEATURES = (
     Feature("netns_cookie_sock_ops", "bpf_get_netns_cookie in sock_ops and sk_msg", (5, 15),
             REQUIRED, "key per-connection state by network namespace",
             covered_by=("splice_backpressure",)),
-    # Without it getsockopt cannot tell pods' equal loopback 4-tuples apart: sock_ops puts
-    # the original destination on the sidecar's accepted socket (socket storage) instead.
+    # 5.15, not 5.8: Debian 11's 5.10 rejects helper 122 in sockopt programs, 6.1 accepts
+    # it (tests/vm boots both). Without it getsockopt cannot tell pods' equal loopback
+    # 4-tuples apart: sock_ops puts the original destination on the sidecar's accepted
+    # socket (socket storage) instead.
     Feature("netns_cookie_sockopt", "bpf_get_netns_cookie in cgroup/getsockopt", (5, 15),
             DEGRADES, "answer SO_ORIGINAL_DST for loopback connections nobody redirected",
             "SO_ORIGINAL_DST is not answered for a loopback connection the sidecar did not "

@@ -96,7 +96,10 @@ print(json.dumps(out))
 """
 
 
-def run(timeout=60):
+TIMEOUT_ENV = "MESHBPF_PROBE_INBOUND_TIMEOUT"
+
+
+def run(timeout=None):
     """Try inbound steering for real: the tc_inbound program on `lo` of a throwaway
     network namespace (`unshare --net`, gone with the child) hands a connection to port 9
     to a listener on another port, once plain and once with SO_REUSEPORT (what Envoy
@@ -109,11 +112,17 @@ def run(timeout=60):
     Returns {"ok": bool, "reuseport": bool, "sk_lookup_reuseport": bool, "detail": str}.
     """
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # Two bcc compiles: about a second here, minutes in an emulated (TCG) VM guest.
+    timeout = timeout or float(os.environ.get(TIMEOUT_ENV) or 60)
     try:
         proc = subprocess.run(["unshare", "--net", "--", sys.executable, "-c", _PROBE, root,
                                loader.BPF_DIR],
                               capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as e:
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "reuseport": False, "sk_lookup_reuseport": False,
+                "detail": f"the probe did not finish within {timeout:g}s (${TIMEOUT_ENV} "
+                          "raises it)"}
+    except OSError as e:
         return {"ok": False, "reuseport": False, "sk_lookup_reuseport": False,
                 "detail": f"the probe could not run: {e}"}
     try:

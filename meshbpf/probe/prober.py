@@ -17,7 +17,7 @@ import sys
 import threading
 
 from .. import bpfsys as B
-from .. import system
+from .. import memlock, system
 from ..errors import MeshbpfError, UnsupportedError
 from . import inbound
 from .features import (ASSUME_ENV, BY_NAME, FEATURES, assumed_absent, build_report,
@@ -265,10 +265,18 @@ class _Prober:
         return check_kernel_headers()
 
     def check_iptables_nft(self):
-        return check_iptables("iptables-nft")
+        return check_iptables(_iptables_binary("nft"))
 
     def check_iptables_legacy(self):
-        return check_iptables("iptables-legacy")
+        return check_iptables(_iptables_binary("legacy"))
+
+
+def _iptables_binary(variant):
+    """iptables-<variant>, or plain iptables where that is the variant (iptables < 1.8,
+    e.g. CentOS 7's 1.4.21, has no suffixed names)."""
+    from ..iptables import backend
+    found = backend.binaries(variant, 4)
+    return found[1][: -len("-restore")] if found else f"iptables-{variant}"
 
 
 def _run(cmd, timeout=60):
@@ -363,6 +371,9 @@ def probe(assume_kernel=None):
     if os.geteuid() != 0:
         raise UnsupportedError("meshbpf probe needs root: it loads BPF programs and creates "
                                "a throwaway cgroup", hint="run it with sudo")
+    # Before 5.11 every load past 64 KiB of BPF memory fails with EPERM, which would read as
+    # missing features; the inbound probe's child inherits the raised limit.
+    memlock.raise_memlock()
     results = {}
     prober = _Prober()
     try:

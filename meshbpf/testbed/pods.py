@@ -201,6 +201,8 @@ class SandboxPod:
         made, so a proxy's statistics are not disturbed).
         """
         host = host or "127.0.0.1"
+        # An emulated VM guest (tests/vm, TCG) starts Python and Envoy many times slower.
+        timeout *= float(os.environ.get("MESHBPF_TEST_TIMEOUT_SCALE") or 1)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         deadline = time.monotonic() + timeout
         last = None

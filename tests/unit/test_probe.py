@@ -421,3 +421,20 @@ def test_syscall_number(monkeypatch):
     monkeypatch.setattr(B.platform, "machine", lambda: "s390x")
     with pytest.raises(UnsupportedError):
         B.syscall_nr()
+
+
+def test_netns_cookie_in_sockopt_is_not_assumed_on_510():
+    # The 5.10 VM guest (Debian 11's kernel) rejects bpf_get_netns_cookie in cgroup/getsockopt
+    # programs; 6.1 accepts it. The table said 5.8, so --assume-kernel 5.10 claimed it. 5.10
+    # runs eBPF without it (sk_orig socket storage), losing only the capability it names.
+    assert P.BY_NAME["netns_cookie_sockopt"].mainline == (5, 15)
+    mode, reason = P.decide(all_ok(), assume_kernel="5.10")
+    assert mode == "ebpf"
+    assert P.BY_NAME["netns_cookie_sockopt"].capability in reason
+
+
+def test_sk_lookup_to_reuseport_listeners_needs_no_so_netns_cookie():
+    # meshbpf's sk_lookup path keys listeners by netns cookie, which user space reads
+    # through BPF where SO_NETNS_COOKIE (5.14) is missing: sk_lookup's 5.9 is enough.
+    assert P.BY_NAME["sk_lookup_reuseport"].mainline == (5, 9)
+    assert P.inbound_reuseport(all_ok(), assume_kernel="5.10") == "sk_lookup"

@@ -1,0 +1,20 @@
+#!/bin/sh
+# `make vm-test [VM=name]`: bring up each VM (or one), run the smoke script in it, print per
+# VM the mode the probe chose and the result, and destroy it. Exit 1 if any VM failed.
+set -u
+cd "$(dirname "$0")" || exit 1
+vms=${1:-$(sed -n 's/^ *"\([a-z0-9]*\)" *=> *\[.*/\1/p' Vagrantfile)}
+failed=0
+for vm in $vms; do
+  start=$(date +%s)
+  if vagrant up "$vm" --provision; then
+    mode=$(vagrant ssh "$vm" -c 'cat /var/tmp/meshbpf-results/mode' 2>/dev/null | tr -d '\r')
+    rc=$(vagrant ssh "$vm" -c 'cat /var/tmp/meshbpf-results/rc' 2>/dev/null | tr -d '\r')
+  else
+    mode=none rc=boot-failed
+  fi
+  echo "vm-test: $vm mode=${mode:-unknown} result=$([ "$rc" = 0 ] && echo pass || echo "fail ($rc)") ($(( $(date +%s) - start ))s)"
+  [ "$rc" = 0 ] || failed=1
+  vagrant destroy -f "$vm" >/dev/null 2>&1
+done
+exit $failed
