@@ -3,7 +3,7 @@ cgroup/getsockopt (5.10 LTS), loaded on this kernel with MESHBPF_DISABLE_FEATURE
 finds the pod through the socket's BTF and netns_ino, getsockopt answers from the
 sidecar's accepted socket (sk_orig). Outbound through a real Envoy with its original
 destination, and pods whose loopback 4-tuples are the same at once, each get their own.
-(The other e2e tests run in this variant too: `make test-nonc`.)"""
+(The other e2e tests run in this variant too: `make test-510-variant`.)"""
 
 import json
 import os
