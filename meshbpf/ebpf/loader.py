@@ -102,6 +102,8 @@ def _has(features, name):
     report ({"features": {name: {"ok": ...}}}). MESHBPF_DISABLE_FEATURES wins over both."""
     if name and name in disabled_features():
         return False
+    if name in _TRIED and features is None:
+        return _tried(name)
     if not name or features is None:
         return True
     feats = features.get("features", features) if isinstance(features, dict) else {}
@@ -109,6 +111,31 @@ def _has(features, name):
     if isinstance(v, dict):
         v = v.get("ok", True)
     return bool(v)
+
+
+# Features the programs' variant depends on that the loader tries for itself when it is
+# given no probe report (mode forced to ebpf): a 5.10 kernel must never get the variant
+# that calls bpf_get_netns_cookie in sock_ops or getsockopt. name -> (prog type, attach).
+_TRIED = {
+    "netns_cookie_sock_ops": (bpfsys.BPF_PROG_TYPE_SOCK_OPS, 0),
+    "netns_cookie_sockopt": (bpfsys.BPF_PROG_TYPE_CGROUP_SOCKOPT, bpfsys.BPF_CGROUP_GETSOCKOPT),
+}
+_tried_results = {}
+
+
+def _tried(name):
+    """Does a program of that type calling bpf_get_netns_cookie load here? (once per
+    process; a program that loads is closed at once)."""
+    if name not in _tried_results:
+        prog_type, attach = _TRIED[name]
+        insns = [bpfsys.call(bpfsys.BPF_FUNC_get_netns_cookie), *bpfsys.return_imm(1)]
+        try:
+            os.close(bpfsys.prog_load(prog_type, insns, expected_attach_type=attach,
+                                      log_size=0))
+            _tried_results[name] = True
+        except bpfsys.BpfError as e:
+            _tried_results[name] = e.errno not in (errno.EINVAL, errno.EACCES)
+    return _tried_results[name]
 
 
 def splice_defines(btf_path=btf.VMLINUX):

@@ -123,3 +123,27 @@ def test_old_bcc_is_recognised_by_its_load_func_signature():
     assert loader.bcc_sets_attach_type(new_bcc)
     assert not loader.bcc_sets_attach_type(old_bcc)
     assert not loader.bcc_sets_attach_type(object())
+
+
+def test_without_a_probe_report_the_loader_tries_the_helper_itself(monkeypatch):
+    """`--mode ebpf` gives the loader no probe report: on 5.10 it must still pick the
+    variant (the 5.10 VM guest refused mb_getsockopt: unknown func #122)."""
+    from meshbpf import bpfsys as B
+    monkeypatch.delenv(P.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(loader, "netns_defines", lambda: ["-DMB_SK_NET_OFF=1",
+                                                          "-DMB_NET_INUM_OFF=2"])
+    tried = []
+
+    def refuse(prog_type, insns, expected_attach_type=0, **kw):
+        tried.append(prog_type)
+        raise B.BpfError(22, "loading")                      # EINVAL: unknown func
+    monkeypatch.setattr(B, "prog_load", refuse)
+    monkeypatch.setattr(loader, "_tried_results", {})
+    got = loader.cflags()
+    assert "-DMB_NO_NC_SOCKOPS" in got and "-DMB_NO_NC_SOCKOPT" in got
+    assert sorted(tried) == sorted([B.BPF_PROG_TYPE_SOCK_OPS, B.BPF_PROG_TYPE_CGROUP_SOCKOPT])
+    loader.cflags()
+    assert len(tried) == 2                                   # once per process
+    # a probe report, when given, decides
+    assert not any("NC_SOCK" in f for f in loader.cflags({"netns_cookie_sock_ops": True,
+                                                           "netns_cookie_sockopt": True}))
