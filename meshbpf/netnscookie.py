@@ -62,7 +62,7 @@ def _child(cgroup_dir, netns_path):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.connect(("127.0.0.1", 9))
         os._exit(0)
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - a forked child must never return
         os._exit(1)
 
 

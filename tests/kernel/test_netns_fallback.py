@@ -66,7 +66,7 @@ def _maps_used(pin_prefix, prog):
 
 def test_netns_cookie_through_bpf_is_the_one_so_netns_cookie_reports(node, monkeypatch):
     """5.10 has no SO_NETNS_COOKIE: the cookie comes from a throwaway connect4 program."""
-    sb, a, b, _ = node
+    _, a, b, _ = node
     monkeypatch.setenv(DISABLE_ENV, "so_netns_cookie")
     for pod in (a, b):
         want = system.netns_cookie(pod.pod.netns, fallback=False)    # SO_NETNS_COOKIE
@@ -139,7 +139,7 @@ def test_old_bcc_path_loads_the_programs_itself_and_outbound_works(node, service
     """bcc < 0.25 cannot set expected_attach_type: the loader loads bcc's bytecode with
     its own BPF_PROG_LOAD (forced here by MESHBPF_OWN_PROG_LOAD), with the 5.10 variant,
     as on a Debian 11 node (5.10, bcc 0.18)."""
-    sb, a, b, env = node
+    _, a, b, env = node
     own = []
     real = loader._own_load
 
