@@ -48,7 +48,21 @@ BPF_ARRAY(node_cfg, struct node_config, 1);
 BPF_HASH(orig_dst, __u64, struct orig_dst, MB_MAX_CONNS);
 /* pairs entries can outlive orig_dst's (until the sidecar's end closes): room for both */
 BPF_HASH(pairs, struct sock_key, struct orig_dst, MB_MAX_CONNS * 2);
-BPF_SOCKHASH(sock_hash, struct sock_key, MB_MAX_CONNS * 2);
+/* BPF_SOCKHASH spelled out: bcc before 0.21 or so (Debian 11's 0.18) has only the
+ * two-argument form, with a u32 key. */
+struct sock_hash_table_t {
+    struct sock_key key;
+    int leaf;
+    int (*update)(struct sock_key *, int *);
+    int (*delete)(struct sock_key *);
+    int (*sock_hash_update)(void *, void *, u64);
+    int (*msg_redirect_hash)(void *, void *, u64);
+    int (*sk_redirect_hash)(void *, void *, u64);
+    u32 max_entries;
+};
+__attribute__((section("maps/sockhash")))
+struct sock_hash_table_t sock_hash = { .max_entries = MB_MAX_CONNS * 2 };
+BPF_ANNOTATE_KV_PAIR(sock_hash, struct sock_key, int);
 #ifdef MB_NO_SOCK_RELEASE
 /* No cgroup/sock_release (Linux < 5.9): nothing deletes a closed UDP socket's entry, so
  * LRU is the only way entries ever go. An evicted entry makes recvmsg leave the reply's
