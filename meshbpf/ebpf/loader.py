@@ -374,6 +374,16 @@ def bcc_sets_attach_type(load_func):
         return False
 
 
+def _bcc_can_splice():
+    """bcc 0.18 (Debian 11) rejects `map.msg_redirect_hash(...)` ("invalid bpf_table
+    operation"); the bcc that sets expected attach types (0.25+) compiles it."""
+    try:
+        from bcc import BPF
+    except ImportError:
+        return True                  # _compile says why
+    return bcc_sets_attach_type(BPF.load_func)
+
+
 def _own_load(b, spec, attach_type):
     """Load `spec` from the bytecode bcc compiled (bcc wrote its maps' fds into the
     instructions already: BPF_PSEUDO_MAP_FD loads) with BPF_PROG_LOAD, setting the expected
@@ -412,6 +422,9 @@ def load_and_pin(pin_prefix, features=None, splice=True):
     degraded = []
     if splice and not _has(features, "splice_backpressure"):
         splice = False               # never splice without backpressure (docs/splice.md)
+        degraded.append("mb_sk_msg")
+    if splice and not _bcc_can_splice():
+        splice = False               # bcc < 0.25 cannot compile msg_redirect_hash (Debian 11)
         degraded.append("mb_sk_msg")
     text = render_source(features, splice=splice)
     b = _compile(text)
