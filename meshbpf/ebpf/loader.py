@@ -405,7 +405,10 @@ def _load_prog(b, spec):
         if attach_type >= 0 and (os.environ.get(OWN_LOAD_ENV)
                                  or not bcc_sets_attach_type(b.load_func)):
             return _own_load(b, spec, attach_type)
-        fn = b.load_func(spec.name.encode(), spec.prog_type, attach_type=attach_type)
+        if attach_type < 0:          # bcc < 0.25 has no attach_type parameter at all
+            fn = b.load_func(spec.name.encode(), spec.prog_type)
+        else:
+            fn = b.load_func(spec.name.encode(), spec.prog_type, attach_type=attach_type)
     except Exception as e:  # bcc raises bare Exception with the verifier's verdict
         raise ApplyError(f"the kernel refused program {spec.name}: {e}")
     return fn.fd

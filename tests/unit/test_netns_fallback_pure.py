@@ -148,3 +148,16 @@ def test_without_a_probe_report_the_loader_tries_the_helper_itself(monkeypatch):
     # a probe report, when given, decides
     assert not any("NC_SOCK" in f for f in loader.cflags({"netns_cookie_sock_ops": True,
                                                            "netns_cookie_sockopt": True}))
+
+
+def test_programs_without_an_attach_type_load_through_an_old_bccs_load_func():
+    """Debian 11's bcc: load_func(name, type, device=None) - no attach_type keyword."""
+    loaded = []
+
+    class OldBcc:
+        def load_func(self, func_name, prog_type, device=None):
+            loaded.append((func_name, prog_type))
+            return type("Fn", (), {"fd": 42})()
+    tc = next(p for p in loader.PROGRAMS if p.name == "tc_inbound_ingress")
+    assert loader._load_prog(OldBcc(), tc) == 42
+    assert loaded == [(b"tc_inbound_ingress", tc.prog_type)]
