@@ -455,6 +455,14 @@ def prog_get_info(fd):
             "tag": bytes(info.tag).hex()}
 
 
+def prog_map_ids(fd, max_maps=64):
+    """Ids of the maps a loaded program uses (what the verifier saw it reference)."""
+    ids = (ctypes.c_uint32 * max_maps)()
+    info = _ProgInfo(nr_map_ids=max_maps, map_ids=ctypes.addressof(ids))
+    _get_info(fd, info, "reading program info")
+    return list(ids[:min(info.nr_map_ids, max_maps)])
+
+
 class _LinkInfo(ctypes.Structure):
     """The head of struct bpf_link_info."""
     _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32),

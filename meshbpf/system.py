@@ -7,6 +7,7 @@ scoped (a context manager or a child process).
 
 import contextlib
 import ctypes
+import errno
 import os
 import shutil
 import socket
@@ -143,24 +144,29 @@ def in_netns(path):
             os.close(own)
 
 
-def netns_cookie(path=None):
+def netns_cookie(path=None, fallback=True):
     """The kernel's cookie for a network namespace (what bpf_get_netns_cookie() returns).
+    Without SO_NETNS_COOKIE (before 5.14, or named in MESHBPF_DISABLE_FEATURES) and with
+    `fallback`, read through bpf_get_netns_cookie itself (meshbpf.netnscookie).
 
     Where the kernel's namespace id (NS_GET_ID) is the netns cookie (Linux 6.18 unified
     them), it is read from the netns file without entering the namespace: the agent asks
     for every pod's cookie on each drift check. That it is the cookie is checked once per
     process against SO_NETNS_COOKIE (on our own netns and the first other one asked)."""
+    from .probe.features import disabled_features
+    if fallback and "so_netns_cookie" in disabled_features():
+        return _netns_cookie_bpf(path)
     global _ns_id_is_cookie
     if path and _ns_id_is_cookie is not False:
         fast = _ns_id(path)
         if fast is not None:
             if _ns_id_is_cookie:
                 return fast
-            slow = _cookie_inside(path)
+            slow = _cookie_inside(path, fallback)
             _ns_id_is_cookie = slow == fast and _ns_id("/proc/thread-self/ns/net") == \
-                _cookie_inside(None)
+                _cookie_inside(None, fallback)
             return slow
-    return _cookie_inside(path)
+    return _cookie_inside(path, fallback)
 
 
 _ns_id_is_cookie = None          # None: not known yet
@@ -185,17 +191,28 @@ def _ns_id(path):
         os.close(fd)
 
 
-def _cookie_inside(path):
+def _cookie_inside(path, fallback=True):
     ctx = in_netns(path) if path else contextlib.nullcontext()
     with ctx:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         try:
             raw = s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
         except OSError as e:
-            raise UnsupportedError(f"kernel cannot report netns cookies (SO_NETNS_COOKIE): {e.strerror}")
+            if fallback and e.errno == errno.ENOPROTOOPT:
+                raw = None
+            else:
+                raise UnsupportedError("kernel cannot report netns cookies (SO_NETNS_COOKIE): "
+                                       f"{e.strerror}")
         finally:
             s.close()
+    if raw is None:
+        return _netns_cookie_bpf(path)
     return int.from_bytes(raw, "little")
+
+
+def _netns_cookie_bpf(path):
+    from . import netnscookie
+    return netnscookie.netns_cookie(path or "/proc/thread-self/ns/net", cgroup2_mount())
 
 
 def netns_inode(path):

@@ -80,11 +80,20 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
     k.local_port = (__u16)sk->dst_port;
     k.remote_port = bpf_htons((__u16)sk->src_port);
     if (mb_is_loopback(k.local_ip) || mb_is_loopback(k.remote_ip))
+#ifdef MB_NO_NC_SOCKOPT
+        k.netns = 1;             /* only "loopback": no pod can be told apart here */
+#else
         k.netns = bpf_get_netns_cookie(ctx);
+#endif
 
     __u32 ip[4];
     __u16 port;
+#ifdef MB_NO_NC_SOCKOPT
+    /* A loopback tuple says nothing about the pod here: its entry is on the socket. */
+    struct orig_dst *o = k.netns ? sk_orig.sk_storage_get(sk, 0, 0) : pairs.lookup(&k);
+#else
     struct orig_dst *o = pairs.lookup(&k);
+#endif
     if (o) {
         mb_copy_ip(ip, o->ip);
         port = o->port;
@@ -95,6 +104,15 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
          * inbound case: tc_inbound hands pod_ip:8080's SYN to the 15006 listener with
          * bpf_sk_assign, so the accepted socket's local address IS the original one.
          * Only for sockets in a meshed pod; anything else is left untouched. */
+#ifdef MB_NO_NC_SOCKOPT
+        /* Which pod this is is unknown here: answer the local address of a non-loopback
+         * socket (conntrack's answer for any connection nobody NATed, meshed pod or not)
+         * and nothing on loopback, where a missing entry may be a redirected connection. */
+        if (mb_is_loopback(k.remote_ip)) {
+            mb_count(COUNTER_ORIG_DST_MISS, 1);
+            return mb_pass(ctx);
+        }
+#else
         __u64 nc = bpf_get_netns_cookie(ctx);
         struct pod_config *pc = pods.lookup(&nc);
         /* On loopback at a capture port it is a redirected connection whose pairs entry
@@ -107,6 +125,7 @@ int mb_getsockopt(struct bpf_sockopt *ctx)
             mb_count(COUNTER_ORIG_DST_MISS, 1);
             return mb_pass(ctx);
         }
+#endif
         mb_copy_ip(ip, k.remote_ip);
         port = k.remote_port;
     }

@@ -6,6 +6,7 @@
 #include "lib/maps.h"
 #include "lib/counters.h"
 #include "lib/addr.h"
+#include "lib/conn.h"
 #include "lib/splice.h"
 
 int mb_sk_msg(struct sk_msg_md *msg)
@@ -19,7 +20,7 @@ int mb_sk_msg(struct sk_msg_md *msg)
     k.local_port = bpf_htons((__u16)bpf_ntohl(msg->remote_port));
     k.remote_port = bpf_htons((__u16)msg->local_port);
     if (mb_is_loopback(k.local_ip) || mb_is_loopback(k.remote_ip))
-        k.netns = bpf_get_netns_cookie(msg);
+        k.netns = mb_msg_netns(msg);
     mb_key_reverse(&own, &k);
     mb_splice_publish(&own, msg->sk);   /* this socket is the reader of the other direction */
 

@@ -36,15 +36,47 @@ static __always_inline void mb_want_cb(struct bpf_sock_ops *skops, int flags)
 }
 #define mb_want_state_cb(skops) mb_want_cb(skops, BPF_SOCK_OPS_STATE_CB_FLAG)
 
+#ifdef MB_NO_NC_SOCKOPT
+/* getsockopt cannot tell pods apart (no bpf_get_netns_cookie there before 5.15), and two
+ * pods' loopback connections may have the same 4-tuple: at the sidecar's accept (`k`: its
+ * own tuple, loopback, with the netns) the app's entry moves onto the accepted socket
+ * itself (sk_orig), where getsockopt finds it without any key. */
+static __always_inline void mb_pair_to_sockopt(struct bpf_sock_ops *skops, struct sock_key *k)
+{
+    struct bpf_sock *sk = skops->sk;
+    if (!sk)
+        return;
+    struct sock_key app = {};
+    mb_key_reverse(&app, k);
+    struct orig_dst *o = pairs.lookup(&app);
+    if (!o)
+        return;
+    struct orig_dst *so = sk_orig.sk_storage_get(sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+    if (!so) {
+        mb_count(COUNTER_PAIRS_FULL, 1);   /* getsockopt answers nothing, not 15001 */
+        return;
+    }
+    mb_copy_ip(so->ip, o->ip);
+    so->port = o->port;
+    so->family = o->family;
+    so->flags = 0;
+    pairs.delete(&app);
+}
+#endif
+
 static __always_inline void mb_established(struct bpf_sock_ops *skops)
 {
-    __u64 nc = bpf_get_netns_cookie(skops);
+    __u64 nc = mb_ops_netns(skops);
     struct pod_config *pc = pods.lookup(&nc);
     __u64 ck = mb_socket_cookie(skops);
     struct orig_dst *o = orig_dst.lookup(&ck);
     struct sock_key k = {};
     if (mb_ops_key(skops, &k, nc) < 0)
         return;
+#ifdef MB_NO_NC_SOCKOPT
+    if (skops->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && k.netns)
+        mb_pair_to_sockopt(skops, &k);
+#endif
     if (o) {
         struct orig_dst copy = {};
         mb_copy_ip(copy.ip, o->ip);
@@ -95,7 +127,7 @@ static __always_inline void mb_ops_publish_copied(struct bpf_sock_ops *skops)
     if (!skops->is_fullsock || !sk)
         return;
     struct sock_key k = {};
-    if (mb_ops_key(skops, &k, bpf_get_netns_cookie(skops)) < 0)
+    if (mb_ops_key(skops, &k, mb_ops_netns(skops)) < 0)
         return;
     mb_splice_publish(&k, sk);
 #endif
@@ -104,7 +136,7 @@ static __always_inline void mb_ops_publish_copied(struct bpf_sock_ops *skops)
 static __always_inline void mb_closed(struct bpf_sock_ops *skops)
 {
     __u64 ck = mb_socket_cookie(skops);
-    __u64 nc = bpf_get_netns_cookie(skops);
+    __u64 nc = mb_ops_netns(skops);
     mb_forget(&ck, &nc);
     struct sock_key k = {};
     if (mb_ops_key(skops, &k, nc) < 0)
@@ -130,7 +162,7 @@ static __always_inline void mb_closed(struct bpf_sock_ops *skops)
  * here. */
 static __always_inline void mb_listen(struct bpf_sock_ops *skops)
 {
-    __u64 nc = bpf_get_netns_cookie(skops);
+    __u64 nc = mb_ops_netns(skops);
     struct pod_config *pc = pods.lookup(&nc);
     if (!pc || bpf_htons((__u16)skops->local_port) != pc->inbound_port)
         return;

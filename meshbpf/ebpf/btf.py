@@ -92,3 +92,19 @@ def tcp_sock_offsets(path=VMLINUX):
         return {"copied_seq": members["copied_seq"], "write_seq": members["write_seq"]}
     except KeyError as e:
         raise BtfError(f"struct tcp_sock has no {e.args[0]} in this kernel's BTF")
+
+
+def netns_offsets(path=VMLINUX):
+    """Byte offsets of a socket's `struct net *` (sock_common.skc_net, at the start of every
+    socket struct) and of struct net's inode number (net.ns + ns_common.inum)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BtfError(f"cannot read kernel BTF {path}: {e.strerror}")
+    try:
+        skc_net = struct_members(data, "sock_common")["skc_net"]
+        inum = struct_members(data, "net")["ns"] + struct_members(data, "ns_common")["inum"]
+    except KeyError as e:
+        raise BtfError(f"no {e.args[0]} in this kernel's BTF")
+    return {"skc_net": skc_net, "inum": inum}

@@ -214,7 +214,8 @@ class EbpfInterceptor(Interceptor):
                             hint="run the agent with the upgrade on, or `meshbpf cleanup` first")
                     self._check_addresses(maps, pod, cookie, addresses, ctx)
                     index, want, saved = self._write(maps, ctx, cookie, pc, rules,
-                                                     addresses, local, prev, scope)
+                                                     addresses, local, prev, scope,
+                                                     system.netns_inode(pod.netns))
                 try:
                     inbound = self._attach_inbound(pod, config, maps, ctx, prev.get("inbound"))
                     _unhook_dropped(pod, prev.get("inbound"), inbound)
@@ -274,7 +275,8 @@ class EbpfInterceptor(Interceptor):
                 "still running; refused, nothing changed",
                 hint="detach the other pod first, or give this pod another address")
 
-    def _write(self, maps, ctx, cookie, pc, rules, addresses, local, prev, scope=None):
+    def _write(self, maps, ctx, cookie, pc, rules, addresses, local, prev, scope=None,
+               netns_ino=None):
         """Write the pod's entries, the `pods` entry last; returns (index, written entries,
         the values they replaced). A changed rule set goes under a fresh index. On failure
         the maps are as they were."""
@@ -285,7 +287,8 @@ class EbpfInterceptor(Interceptor):
             if index is None:
                 raise ApplyError(f"this node already has {structs.MB_MAX_PODS} meshed pods")
         pc.pod_index = index
-        want = structs.pod_entries(cookie, index, pc, rules, addresses, local, scope)
+        want = structs.pod_entries(cookie, index, pc, rules, addresses, local, scope,
+                                   netns_ino if maps.exists("netns_ino") else None)
         saved = {name: {k: maps[name].lookup_raw(k) for k in want[name]}
                  for name in structs.SHARED_ENTRY_MAPS}
         try:
@@ -334,6 +337,10 @@ class EbpfInterceptor(Interceptor):
                     cur = maps[name].lookup(k)
                     if cur is None or cur.value != index:
                         continue
+                if name == "netns_ino":
+                    cur = maps[name].lookup(k)
+                    if cur is None or cur.value != cookie:
+                        continue     # the inode now names another pod's netns
                 maps[name].delete(k)
         if maps.exists("pod_conns"):
             maps["pod_conns"].delete(structs.U64(cookie))

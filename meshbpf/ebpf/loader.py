@@ -21,6 +21,7 @@ import re
 
 from .. import __version__, bpfsys, memlock, system
 from ..errors import ApplyError, MeshbpfError, UnsupportedError, UsageError
+from ..probe.features import disabled_features
 from . import btf, structs
 from .versions import (META_PIN, META_VALUE_SIZE, decode_meta, encode_meta, map_fingerprint,
                        program_set_version)
@@ -85,7 +86,7 @@ CORE_SOURCES = ("connect4.c", "connect6.c", "getpeername4.c", "getpeername6.c",
 DNS_PROGRAMS = ("mb_sendmsg4", "mb_sendmsg6", "mb_recvmsg4", "mb_recvmsg6")
 MAP_NAMES = ("pods", "cidr_rules", "port_rules", "local_ips", "node_cfg", "orig_dst",
              "pairs", "sock_hash", "dns_orig", "counters", "pod_conns", "netns_addrs",
-             "netns_src")
+             "netns_src", "netns_ino")
 # Overrides the per-node connection capacity (bpf/lib/types.h MB_MAX_CONNS) at load time, so
 # a test can fill the maps in its own pin prefix. Unset: the header's default.
 MAX_CONNS_ENV = "MESHBPF_MAX_CONNS"
@@ -98,7 +99,11 @@ SOCKHASH_MAP = "sock_hash"
 
 def _has(features, name):
     """Feature present? `features`: None (assume a modern kernel), {name: bool} or a probe
-    report ({"features": {name: {"ok": ...}}})."""
+    report ({"features": {name: {"ok": ...}}}). MESHBPF_DISABLE_FEATURES wins over both."""
+    if name and name in disabled_features():
+        return False
+    if name in _TRIED and features is None:
+        return _tried(name)
     if not name or features is None:
         return True
     feats = features.get("features", features) if isinstance(features, dict) else {}
@@ -106,6 +111,31 @@ def _has(features, name):
     if isinstance(v, dict):
         v = v.get("ok", True)
     return bool(v)
+
+
+# Features the programs' variant depends on that the loader tries for itself when it is
+# given no probe report (mode forced to ebpf): a 5.10 kernel must never get the variant
+# that calls bpf_get_netns_cookie in sock_ops or getsockopt. name -> (prog type, attach).
+_TRIED = {
+    "netns_cookie_sock_ops": (bpfsys.BPF_PROG_TYPE_SOCK_OPS, 0),
+    "netns_cookie_sockopt": (bpfsys.BPF_PROG_TYPE_CGROUP_SOCKOPT, bpfsys.BPF_CGROUP_GETSOCKOPT),
+}
+_tried_results = {}
+
+
+def _tried(name):
+    """Does a program of that type calling bpf_get_netns_cookie load here? (once per
+    process; a program that loads is closed at once)."""
+    if name not in _tried_results:
+        prog_type, attach = _TRIED[name]
+        insns = [bpfsys.call(bpfsys.BPF_FUNC_get_netns_cookie), *bpfsys.return_imm(1)]
+        try:
+            os.close(bpfsys.prog_load(prog_type, insns, expected_attach_type=attach,
+                                      log_size=0))
+            _tried_results[name] = True
+        except bpfsys.BpfError as e:
+            _tried_results[name] = e.errno not in (errno.EINVAL, errno.EACCES)
+    return _tried_results[name]
 
 
 def splice_defines(btf_path=btf.VMLINUX):
@@ -121,11 +151,30 @@ def splice_defines(btf_path=btf.VMLINUX):
             f"-DMB_TCP_WRITE_SEQ_OFF={off['write_seq']}"]
 
 
+def netns_defines(btf_path=btf.VMLINUX):
+    """The -D values sock_ops and sk_msg need to find a socket's netns without
+    bpf_get_netns_cookie (lib/conn.h, MB_NO_NC_SOCKOPS): where struct net sits in a socket
+    and its inode number in struct net, from the running kernel's BTF."""
+    try:
+        off = btf.netns_offsets(btf_path)
+    except btf.BtfError as e:
+        raise UnsupportedError("this kernel has no bpf_get_netns_cookie in sock_ops, and "
+                               f"the way around it needs the kernel's BTF: {e}",
+                               hint="use a kernel built with CONFIG_DEBUG_INFO_BTF (5.10 or "
+                                    "later), or iptables mode")
+    return [f"-DMB_SK_NET_OFF={off['skc_net']}", f"-DMB_NET_INUM_OFF={off['inum']}"]
+
+
 def cflags(features=None, splice=False):
     """Compiler flags for the features present (documentation for the C as much as gates)."""
     flags = []
     if splice:
         flags += splice_defines()
+    if not _has(features, "netns_cookie_sock_ops"):
+        flags.append("-DMB_NO_NC_SOCKOPS")   # sock_ops/sk_msg: netns via BTF + netns_ino
+        flags += netns_defines()
+    if not _has(features, "netns_cookie_sockopt"):
+        flags.append("-DMB_NO_NC_SOCKOPT")   # getsockopt: loopback keys by 4-tuple alone
     if not _has(features, "cgroup_sock_release"):
         flags.append("-DMB_NO_SOCK_RELEASE")
     if not _has(features, "ringbuf"):
@@ -310,11 +359,56 @@ def _compile(text):
                                hint="kernel headers missing? see `meshbpf probe`")
 
 
-def _load_prog(b, spec):
+# Set (to anything): load the programs that need an expected attach type through
+# meshbpf's own bpf(2) path even where bcc could (tests the old-bcc path on a new bcc).
+OWN_LOAD_ENV = "MESHBPF_OWN_PROG_LOAD"
+
+
+def bcc_sets_attach_type(load_func):
+    """Can this bcc's BPF.load_func set expected_attach_type (bcc 0.25+)? Without it the
+    kernel refuses cgroup/connect4, cgroup/getsockopt, sk_lookup..."""
+    import inspect
     try:
-        fn = b.load_func(spec.name.encode(), spec.prog_type,
-                         attach_type=spec.attach_type if spec.target in ("cgroup", "netns")
-                         else -1)
+        return "attach_type" in inspect.signature(load_func).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _bcc_can_splice():
+    """bcc 0.18 (Debian 11) rejects `map.msg_redirect_hash(...)` ("invalid bpf_table
+    operation"); the bcc that sets expected attach types (0.25+) compiles it."""
+    try:
+        from bcc import BPF
+    except ImportError:
+        return True                  # _compile says why
+    return bcc_sets_attach_type(BPF.load_func)
+
+
+def _own_load(b, spec, attach_type):
+    """Load `spec` from the bytecode bcc compiled (bcc wrote its maps' fds into the
+    instructions already: BPF_PSEUDO_MAP_FD loads) with BPF_PROG_LOAD, setting the expected
+    attach type an old bcc cannot. Kept in b.funcs like bcc's own loads."""
+    from bcc import BPF, libbcc
+    name = spec.name.encode()
+    if name in b.funcs:
+        return b.funcs[name].fd
+    lic = libbcc.lib.bpf_module_license(b.module)
+    fd = bpfsys.prog_load(spec.prog_type, b.dump_func(name), expected_attach_type=attach_type,
+                          license=lic.decode() if lic else "GPL", name=spec.name[:15])
+    b.funcs[name] = BPF.Function(b, name, fd)
+    return fd
+
+
+def _load_prog(b, spec):
+    attach_type = spec.attach_type if spec.target in ("cgroup", "netns") else -1
+    try:
+        if attach_type >= 0 and (os.environ.get(OWN_LOAD_ENV)
+                                 or not bcc_sets_attach_type(b.load_func)):
+            return _own_load(b, spec, attach_type)
+        if attach_type < 0:          # bcc < 0.25 has no attach_type parameter at all
+            fn = b.load_func(spec.name.encode(), spec.prog_type)
+        else:
+            fn = b.load_func(spec.name.encode(), spec.prog_type, attach_type=attach_type)
     except Exception as e:  # bcc raises bare Exception with the verifier's verdict
         raise ApplyError(f"the kernel refused program {spec.name}: {e}")
     return fn.fd
@@ -331,6 +425,9 @@ def load_and_pin(pin_prefix, features=None, splice=True):
     degraded = []
     if splice and not _has(features, "splice_backpressure"):
         splice = False               # never splice without backpressure (docs/splice.md)
+        degraded.append("mb_sk_msg")
+    if splice and not _bcc_can_splice():
+        splice = False               # bcc < 0.25 cannot compile msg_redirect_hash (Debian 11)
         degraded.append("mb_sk_msg")
     text = render_source(features, splice=splice)
     b = _compile(text)

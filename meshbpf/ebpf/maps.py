@@ -26,6 +26,7 @@ MAP_TYPES = {
     "netns_addrs": (structs.NetnsAddrKey, structs.U32),
     "netns_src": (structs.U64, structs.NetnsSrc),
     "pod_cgroups": (structs.U64, structs.PodCgroup),
+    "netns_ino": (structs.U32, structs.U64),
     "counters": (structs.U32, structs.U64),
     "pod_conns": (structs.U64, structs.U64),
 }

@@ -537,11 +537,11 @@ def decode_capture_listener_key(raw):
 # The maps a pod's enrollment writes, in write order: rules (scoped by pod index, unread
 # until the `pods` entry points at the index) first, the `pods` entry last.
 ENTRY_MAPS = ("cidr_rules", "port_rules", "local_ips", "netns_addrs", "netns_src", "pod_cgroups",
-              "pods")
+              "netns_ino", "pods")
 RULE_MAPS = ("cidr_rules", "port_rules")
 # Keys not scoped by the pod index: an update overwrites them in place, so their old
 # values are kept to roll back.
-SHARED_ENTRY_MAPS = ("local_ips", "netns_addrs", "netns_src", "pod_cgroups", "pods")
+SHARED_ENTRY_MAPS = ("local_ips", "netns_addrs", "netns_src", "pod_cgroups", "netns_ino", "pods")
 
 
 def pod_rules(config):
@@ -550,10 +550,13 @@ def pod_rules(config):
     return tuple(cidr_rules(config)), tuple(dns_rules(config)), tuple(port_rules(config))
 
 
-def pod_entries(netns_cookie, pod_index, pc, rules, addresses, local, cgroup=None):
+def pod_entries(netns_cookie, pod_index, pc, rules, addresses, local, cgroup=None,
+                netns_ino=None):
     """{map name: {key bytes: value bytes}}: every entry a pod with `rules` (pod_rules),
     pods value `pc`, own `addresses` and netns addresses `local` has under `pod_index`;
-    a host workload's `cgroup` ((id, level), see pod_cgroup) scopes it (POD_F_CGROUP_SCOPED)."""
+    a host workload's `cgroup` ((id, level), see pod_cgroup) scopes it (POD_F_CGROUP_SCOPED);
+    with `netns_ino` (its netns's inode number) the netns_ino entry sock_ops and sk_msg find
+    the cookie by on kernels without bpf_get_netns_cookie there."""
     cidrs, dns, ports = rules
     out = {name: {} for name in ENTRY_MAPS}
     for net, rule in cidrs:
@@ -571,6 +574,8 @@ def pod_entries(netns_cookie, pod_index, pc, rules, addresses, local, cgroup=Non
         pc.flags |= POD_F_CGROUP_SCOPED
         out["pod_cgroups"][u64_bytes(netns_cookie)] = bytes(PodCgroup(id=cgroup[0],
                                                                       level=cgroup[1]))
+    if netns_ino is not None:
+        out["netns_ino"][u32_bytes(netns_ino)] = u64_bytes(netns_cookie)
     out["pods"][u64_bytes(netns_cookie)] = bytes(pc)
     return out
 

@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from ..errors import UsageError
 
 ASSUME_ENV = "MESHBPF_ASSUME_KERNEL"
+# Comma list of feature names to treat as absent although the kernel has them, so this
+# machine can load and test the variant an older kernel gets (e.g. 5.10's data path:
+# netns_cookie_sock_ops,netns_cookie_sockopt). Applied by the probe and by the loader.
+DISABLE_ENV = "MESHBPF_DISABLE_FEATURES"
 
 REQUIRED = "required"    # absent: the node uses iptables
 DEGRADES = "degrades"    # absent: eBPF mode loses `capability`
@@ -47,9 +51,9 @@ FEATURES = (
             "from tc; without it they go through sk_lookup",
             "the sidecar's inbound listener must not use SO_REUSEPORT",
             covered_by=("sk_lookup_reuseport",)),
-    # sk_lookup itself is 5.9, but meshbpf keys capture listeners by the pod's netns cookie,
-    # read with SO_NETNS_COOKIE (5.14): the 5.10 VM guest cannot take this path.
-    Feature("sk_lookup_reuseport", "sk_lookup to SO_REUSEPORT listeners", (5, 14), INFO,
+    # meshbpf keys capture listeners by the pod's netns cookie: before SO_NETNS_COOKIE
+    # (5.14) user space reads it through BPF (meshbpf/netnscookie.py), so 5.9 is enough.
+    Feature("sk_lookup_reuseport", "sk_lookup to SO_REUSEPORT listeners", (5, 9), INFO,
             "hand inbound connections to a SO_REUSEPORT listener where bpf_sk_assign cannot "
             "(tried for real: tc_inbound leaving the SYN to mb_sk_lookup)"),
     Feature("sock_ops", "sock_ops programs", (4, 13), REQUIRED,
@@ -89,15 +93,25 @@ FEATURES = (
             "hand a new connection that reuses a TIME_WAIT 4-tuple to the sidecar",
             "no sk_lookup: inbound connections reusing a TIME_WAIT 4-tuple stall until it "
             "expires"),
-    Feature("so_netns_cookie", "SO_NETNS_COOKIE", (5, 14), REQUIRED,
-            "learn a pod's netns cookie from user space"),
-    # Not 5.8 (cgroup/getsockopt is 5.3, the helper 5.7): Debian 11's 5.10 rejects helper 122
-    # in sockopt programs, 6.1 accepts it (tests/vm boots both); mainline added it in 5.15
-    # with the sock_ops one.
+    # Without it user space asks bpf_get_netns_cookie in a throwaway cgroup/connect4
+    # program (meshbpf/netnscookie.py), which netns_cookie_sock_addr already requires.
+    Feature("so_netns_cookie", "SO_NETNS_COOKIE", (5, 14), INFO,
+            "learn a pod's netns cookie from user space directly (without it: through a "
+            "throwaway cgroup/connect4 program)"),
+    # Without it sock_ops and sk_msg find the netns through the socket's BTF (tcp_sock ->
+    # struct net -> ns.inum, mapped to the cookie by netns_ino), which splice_backpressure's
+    # check proves: bpf_skc_to_tcp_sock + BTF loads in those programs (5.10 has both).
+    Feature("netns_cookie_sock_ops", "bpf_get_netns_cookie in sock_ops and sk_msg", (5, 15),
+            REQUIRED, "key per-connection state by network namespace",
+            covered_by=("splice_backpressure",)),
+    # 5.15, not 5.8: Debian 11's 5.10 rejects helper 122 in sockopt programs, 6.1 accepts
+    # it (tests/vm boots both). Without it getsockopt cannot tell pods' equal loopback
+    # 4-tuples apart: sock_ops puts the original destination on the sidecar's accepted
+    # socket (socket storage) instead.
     Feature("netns_cookie_sockopt", "bpf_get_netns_cookie in cgroup/getsockopt", (5, 15),
-            REQUIRED, "keep loopback connections of different pods apart"),
-    Feature("netns_cookie_sock_ops", "bpf_get_netns_cookie in sock_ops", (5, 15), REQUIRED,
-            "key per-connection state by network namespace"),
+            DEGRADES, "answer SO_ORIGINAL_DST for loopback connections nobody redirected",
+            "SO_ORIGINAL_DST is not answered for a loopback connection the sidecar did not "
+            "capture (conntrack answers its own address there)"),
     Feature("cgroup2", "cgroup v2", (4, 5), REQUIRED,
             "attach programs that see the pods' sockets",
             fix="mount it: mount -t cgroup2 none /sys/fs/cgroup/unified"),
@@ -145,9 +159,25 @@ def assumed_absent(feature, assume_kernel):
     return f"assumed absent: kernel {fmt_version(have)} < mainline {fmt_version(feature.mainline)}"
 
 
-def apply_assumption(results, assume_kernel):
-    """A copy of `results` with every feature newer than `assume_kernel` marked not ok."""
+def disabled_features(environ=None):
+    """The feature names MESHBPF_DISABLE_FEATURES names (a set; UsageError for an unknown
+    name, so a typo never silently tests the wrong variant)."""
+    import os
+    raw = (os.environ if environ is None else environ).get(DISABLE_ENV, "")
+    names = {n.strip() for n in raw.split(",") if n.strip()}
+    unknown = sorted(names - set(BY_NAME))
+    if unknown:
+        raise UsageError(f"{DISABLE_ENV}: unknown feature {', '.join(unknown)}",
+                         hint="names as in `meshbpf probe -o json` (features)")
+    return names
+
+
+def apply_assumption(results, assume_kernel, environ=None):
+    """A copy of `results` with every feature newer than `assume_kernel`, and every feature
+    MESHBPF_DISABLE_FEATURES names, marked not ok."""
     out = {k: dict(v) for k, v in results.items()}
+    for name in disabled_features(environ):
+        out[name] = {"ok": False, "detail": f"disabled by {DISABLE_ENV}"}
     if assume_kernel is None:
         return out
     for f in FEATURES:
@@ -211,7 +241,8 @@ def decide(results, assume_kernel=None):
     results = apply_assumption(results, assume_kernel)
     prefix = f"assuming kernel {fmt_version(parse_kernel_version(assume_kernel))}: " \
         if assume_kernel is not None else ""
-    missing = [f for f in FEATURES if f.role == REQUIRED and not _ok(results, f.name)]
+    missing = [f for f in FEATURES if f.role == REQUIRED and not _ok(results, f.name)
+               and not (f.covered_by and all(_ok(results, n) for n in f.covered_by))]
     # The reason names the features people recognise first.
     missing.sort(key=lambda f: REASON_ORDER.index(f.name) if f.name in REASON_ORDER
                  else len(REASON_ORDER))

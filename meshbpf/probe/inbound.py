@@ -56,15 +56,14 @@ try:
     text2 = loader.c_text(["tc_inbound.c", "sk_lookup.c"], bpf_dir)
     b2 = BPF(text=text2.encode(), cflags=["-Wno-comment"])
     fn2 = b2.load_func(b"tc_inbound_ingress", BPF.SCHED_CLS)
-    skl = b2.load_func(b"mb_sk_lookup", bpfsys.BPF_PROG_TYPE_SK_LOOKUP,
-                       attach_type=bpfsys.BPF_SK_LOOKUP)
+    # through the loader, which sets the expected attach type even with bcc < 0.25
+    skl_fd = loader._load_prog(b2, next(p for p in loader.PROGRAMS if p.name == "mb_sk_lookup"))
     nsfd = os.open("/proc/self/ns/net", os.O_RDONLY)
-    link = bpfsys.link_create(skl.fd, nsfd, bpfsys.BPF_SK_LOOKUP)
+    link = bpfsys.link_create(skl_fd, nsfd, bpfsys.BPF_SK_LOOKUP)
     with IPRoute() as ipr:
         tc.add_filter(ipr, lo, tc.TC_INGRESS_PARENT, fn2.fd)
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    cookie = int.from_bytes(s.getsockopt(socket.SOL_SOCKET, 71, 8), "little")  # SO_NETNS_COOKIE
-    s.close()
+    from meshbpf import system as _system
+    cookie = _system.netns_cookie()      # SO_NETNS_COOKIE, or through BPF before 5.14
     bpfsys.map_update_elem(b2[b"node_cfg"].map_fd, structs.u32_bytes(0),
                            bytes(structs.node_config(False, inbound_sk_lookup=True)))
     srv = socket.socket()

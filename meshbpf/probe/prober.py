@@ -223,7 +223,7 @@ class _Prober:
             self.release(fd)
 
     def check_so_netns_cookie(self):
-        return True, f"this netns has cookie {system.netns_cookie()}"
+        return True, f"this netns has cookie {system.netns_cookie(fallback=False)}"
 
     def check_cgroup2(self):
         return True, f"mounted at {system.cgroup2_mount()}"
@@ -296,7 +296,7 @@ def _last_line(proc):
 def _remove_stale_probe_cgroups(mount):
     """Remove `meshbpf-probe-<pid>[-<tid>]` cgroups whose process is gone (killed mid-probe)."""
     for name in os.listdir(mount):
-        m = re.fullmatch(re.escape(PROBE_CGROUP_PREFIX) + r"(\d+)(?:-\d+)?", name)
+        m = re.fullmatch(re.escape(PROBE_CGROUP_PREFIX) + r"(\d+)(?:-\d+)?(?:-cookie)?", name)
         if m and not os.path.exists(f"/proc/{m.group(1)}"):
             try:
                 os.rmdir(os.path.join(mount, name))

@@ -62,7 +62,8 @@ def test_missing_getsockopt_drops_to_iptables_and_says_why():
     assert "using iptables" in reason and "iptables-nft" in reason
 
 
-@pytest.mark.parametrize("name", [f.name for f in P.FEATURES if f.role == P.REQUIRED])
+@pytest.mark.parametrize("name", [f.name for f in P.FEATURES
+                                  if f.role == P.REQUIRED and not f.covered_by])
 def test_each_required_feature_alone_forces_iptables(name):
     mode, reason = P.decide(with_missing(name))
     assert mode == "iptables"
@@ -202,7 +203,7 @@ def test_assume_310_chooses_iptables_and_says_why():
 @pytest.mark.parametrize("version,mode,first", [
     ("4.19", "iptables", "cgroup/getsockopt"),
     ("5.4", "iptables", "bpf_get_netns_cookie in cgroup/connect hooks"),
-    ("5.10", "iptables", "bpf_get_netns_cookie in sock_ops"),   # also SO_NETNS_COOKIE 5.14
+    ("5.10", "ebpf", None),      # sock_ops' netns cookie: BTF; SO_NETNS_COOKIE: BPF
     ("5.15", "ebpf", None),
     ("6.1", "ebpf", None),
 ])
@@ -225,7 +226,41 @@ def test_assume_515_keeps_optional_features():
     # 5.8 has getpeername and bpf_link, not sk_lookup nor bpf_skc_to_tcp_sock (5.9)
     assert sorted(P.degraded(all_ok(), assume_kernel="5.8")) == sorted([
         P.BY_NAME["sk_lookup"].capability, P.BY_NAME["tc_sk_assign_reuseport"].capability,
-        P.BY_NAME["splice_backpressure"].capability])
+        P.BY_NAME["splice_backpressure"].capability,
+        P.BY_NAME["netns_cookie_sockopt"].capability])
+
+
+def test_netns_cookie_in_sock_ops_is_covered_by_btf_access_and_sockopt_only_degrades():
+    # 5.10: sock_ops and sk_msg find the netns through BTF (splice_backpressure's check)
+    mode, reason = P.decide(with_missing("netns_cookie_sock_ops", "netns_cookie_sockopt"))
+    assert mode == "ebpf"
+    assert P.degraded(with_missing("netns_cookie_sock_ops", "netns_cookie_sockopt")) == [
+        P.BY_NAME["netns_cookie_sockopt"].capability]
+    assert "loopback connection the sidecar did not capture" in reason
+    # without that BTF access too, nothing can tell pods apart in sock_ops: iptables
+    mode, reason = P.decide(with_missing("netns_cookie_sock_ops", "splice_backpressure"))
+    assert mode == "iptables"
+    assert "bpf_get_netns_cookie in sock_ops" in reason
+
+
+def test_disable_features_env_marks_them_absent_and_refuses_unknown_names():
+    env = {P.DISABLE_ENV: "netns_cookie_sock_ops, netns_cookie_sockopt"}
+    assert P.disabled_features(env) == {"netns_cookie_sock_ops", "netns_cookie_sockopt"}
+    out = P.apply_assumption(all_ok(), None, env)
+    assert out["netns_cookie_sockopt"] == {"ok": False,
+                                           "detail": f"disabled by {P.DISABLE_ENV}"}
+    assert out["sock_ops"]["ok"]
+    assert P.disabled_features({}) == set()
+    with pytest.raises(UsageError, match="unknown feature nope"):
+        P.disabled_features({P.DISABLE_ENV: "ringbuf,nope"})
+
+
+def test_disable_features_env_reaches_the_report(monkeypatch):
+    monkeypatch.setenv(P.DISABLE_ENV, "netns_cookie_sockopt")
+    report = P.build_report("6.18.0", all_ok())
+    assert report["mode"] == "ebpf"
+    assert report["features"]["netns_cookie_sockopt"]["ok"] is False
+    assert report["degraded"] == [P.BY_NAME["netns_cookie_sockopt"].capability]
 
 
 def test_apply_assumption_does_not_change_its_input():
@@ -390,18 +425,19 @@ def test_syscall_number(monkeypatch):
 
 def test_netns_cookie_in_sockopt_is_not_assumed_on_510():
     # The 5.10 VM guest (Debian 11's kernel) rejects bpf_get_netns_cookie in cgroup/getsockopt
-    # programs; 6.1 accepts it. The table said 5.8, so --assume-kernel 5.10 claimed it.
+    # programs; 6.1 accepts it. The table said 5.8, so --assume-kernel 5.10 claimed it. 5.10
+    # runs eBPF without it (sk_orig socket storage), losing only the capability it names.
     assert P.BY_NAME["netns_cookie_sockopt"].mainline == (5, 15)
     mode, reason = P.decide(all_ok(), assume_kernel="5.10")
-    assert mode == "iptables"
-    assert "bpf_get_netns_cookie in cgroup/getsockopt" in reason
+    assert mode == "ebpf"
+    assert P.BY_NAME["netns_cookie_sockopt"].capability in reason
 
 
-def test_sk_lookup_to_reuseport_listeners_needs_so_netns_cookie():
-    # meshbpf's sk_lookup path keys listeners by netns cookie (SO_NETNS_COOKIE, 5.14); the
-    # 5.10 VM guest's probe finds it missing, so the table must not claim 5.9.
-    assert P.BY_NAME["sk_lookup_reuseport"].mainline == P.BY_NAME["so_netns_cookie"].mainline
-    assert P.inbound_reuseport(all_ok(), assume_kernel="5.10") is None
+def test_sk_lookup_to_reuseport_listeners_needs_no_so_netns_cookie():
+    # meshbpf's sk_lookup path keys listeners by netns cookie, which user space reads
+    # through BPF where SO_NETNS_COOKIE (5.14) is missing: sk_lookup's 5.9 is enough.
+    assert P.BY_NAME["sk_lookup_reuseport"].mainline == (5, 9)
+    assert P.inbound_reuseport(all_ok(), assume_kernel="5.10") == "sk_lookup"
 
 
 def test_a_feature_not_tried_is_not_blamed_on_the_kernel():

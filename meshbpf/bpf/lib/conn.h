@@ -26,6 +26,35 @@
 /* bcc 0.26 declares bpf_get_socket_cookie as returning u32, which truncates the cookie. */
 static __u64 (*mb_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
 
+#ifdef MB_NO_NC_SOCKOPS
+/* bpf_skc_to_tcp_sock (137, Linux 5.9; sock_ops and sk_msg may call it from 5.10). */
+static void *(*mb_tcp_sk_of)(void *sk) = (void *)137;
+
+/* The netns cookie of a TCP socket, for kernels whose sock_ops and sk_msg cannot call
+ * bpf_get_netns_cookie (before 5.15): its struct net through the kernel's BTF (offsets
+ * from the running kernel, loader.netns_defines), whose inode number netns_ino maps to the
+ * cookie Python enrolled the pod with. 0 (no pod, no netns in keys) for a socket that is
+ * not a full TCP socket or whose netns is not enrolled: such a socket is nothing meshbpf
+ * keeps state for, and the cgroup hooks, which do have the cookie, never key by 0. */
+static __always_inline __u64 mb_sk_netns(void *sk)
+{
+    char *tp = sk ? mb_tcp_sk_of(sk) : 0;
+    if (!tp)
+        return 0;
+    char *net = *(char *volatile *)(tp + MB_SK_NET_OFF);
+    if (!net)
+        return 0;
+    __u32 ino = *(volatile __u32 *)(net + MB_NET_INUM_OFF);
+    __u64 *nc = netns_ino.lookup(&ino);
+    return nc ? *nc : 0;
+}
+#define mb_ops_netns(skops) mb_sk_netns((skops)->sk)
+#define mb_msg_netns(msg) mb_sk_netns((msg)->sk)
+#else
+#define mb_ops_netns(skops) bpf_get_netns_cookie(skops)
+#define mb_msg_netns(msg) bpf_get_netns_cookie(msg)
+#endif
+
 /* The pod's entry in pod_conns if it may record one more connection (or DNS socket), else
  * NULL (its share is used up). Concurrent connects of one pod may overshoot the limit by
  * the number of CPUs at most: it is a share, not an exact quota. */

@@ -17,6 +17,8 @@
  *                 netns's own, i.e. reached over `lo`?) — written by Python
  *   netns_src     connect4/6, getsockname4/6 (the address the kernel picks as source) — Python
  *   pod_cgroups   connect4/6, sendmsg4/6 (is the caller in a host workload's cgroup?) — Python
+ *   netns_ino     sockops, sk_msg on kernels without their netns cookie (conn.h) — Python
+ *   sk_orig       sockops write, getsockopt read (only MB_NO_NC_SOCKOPT; not pinned)
  *   node_cfg      sockops (splice on/off)                      — written by Python
  *   orig_dst      connect4/6 write, getpeername4/6 read, sockops copy + delete,
  *                 sock_release delete
@@ -47,7 +49,21 @@ BPF_ARRAY(node_cfg, struct node_config, 1);
 BPF_HASH(orig_dst, __u64, struct orig_dst, MB_MAX_CONNS);
 /* pairs entries can outlive orig_dst's (until the sidecar's end closes): room for both */
 BPF_HASH(pairs, struct sock_key, struct orig_dst, MB_MAX_CONNS * 2);
-BPF_SOCKHASH(sock_hash, struct sock_key, MB_MAX_CONNS * 2);
+/* BPF_SOCKHASH spelled out: bcc before 0.21 or so (Debian 11's 0.18) has only the
+ * two-argument form, with a u32 key. */
+struct sock_hash_table_t {
+    struct sock_key key;
+    int leaf;
+    int (*update)(struct sock_key *, int *);
+    int (*delete)(struct sock_key *);
+    int (*sock_hash_update)(void *, void *, u64);
+    int (*msg_redirect_hash)(void *, void *, u64);
+    int (*sk_redirect_hash)(void *, void *, u64);
+    u32 max_entries;
+};
+__attribute__((section("maps/sockhash")))
+struct sock_hash_table_t sock_hash = { .max_entries = MB_MAX_CONNS * 2 };
+BPF_ANNOTATE_KV_PAIR(sock_hash, struct sock_key, int);
 #ifdef MB_NO_SOCK_RELEASE
 /* No cgroup/sock_release (Linux < 5.9): nothing deletes a closed UDP socket's entry, so
  * LRU is the only way entries ever go. An evicted entry makes recvmsg leave the reply's
@@ -62,6 +78,15 @@ BPF_HASH(netns_addrs, struct netns_addr_key, __u32, 65536);
 BPF_HASH(netns_src, __u64, struct netns_src, MB_MAX_PODS);
 /* netns cookie -> the host workload's cgroup (types.h); one host netns per node */
 BPF_HASH(pod_cgroups, __u64, struct pod_cgroup, 64);
+/* netns inode number -> netns cookie of each enrolled pod (Python). sock_ops and sk_msg read
+ * it where the kernel has no bpf_get_netns_cookie for them (MB_NO_NC_SOCKOPS, conn.h). */
+BPF_HASH(netns_ino, __u32, __u64, MB_MAX_PODS);
+#ifdef MB_NO_NC_SOCKOPT
+/* The sidecar's accepted end of a redirected loopback connection -> what the app dialled,
+ * where getsockopt cannot tell pods' equal loopback 4-tuples apart (no netns cookie there
+ * before 5.15): sockops puts it on the socket itself at accept; it goes with the socket. */
+BPF_SK_STORAGE(sk_orig, struct orig_dst);
+#endif
 
 BPF_HASH(splice_dirs, struct sock_key, struct splice_dir, MB_MAX_CONNS);
 
