@@ -8,7 +8,7 @@ image=${MESHBPF_BASE_IMAGE:-localhost/meshbpf-base:debian12}
 for t in podman debootstrap; do
   command -v $t >/dev/null || { echo "image-base: install $t first (apt-get install -y podman runc debootstrap)" >&2; exit 2; }
 done
-if podman image exists "$image"; then echo "$image"; exit 0; fi
+if bash "$(dirname "$0")/../deploy/podman.sh" image exists "$image"; then echo "$image"; exit 0; fi
 mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
 [ -n "$mirror" ] || mirror=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list)
 root=$(mktemp -d)
@@ -21,5 +21,5 @@ else
   cp /etc/apt/sources.list "$root/etc/apt/"
 fi
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
-tar -C "$root" -c . | podman import - "$image" >/dev/null
+tar -C "$root" -c . | bash "$(dirname "$0")/../deploy/podman.sh" import - "$image" >/dev/null
 echo "$image"

@@ -28,7 +28,8 @@ from meshbpf.testbed import Sandbox, traffic
 pytestmark = [pytest.mark.kernel, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 OUT_CX = "tcp.outbound.downstream_cx_total"
-PODMAN = ["podman", "--runtime", "runc", "--cgroup-manager=cgroupfs"]
+# runc, cgroupfs, and vfs storage where podman's storage is on overlayfs (deploy/podman.sh)
+PODMAN = ["bash", os.path.join(D.REPO, "deploy", "podman.sh")]
 # this kind of machine refuses the runtime's default rlimits: set them explicitly
 ULIMITS = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=32768:32768"]
 # CAP_* numbers (linux/capability.h) of the names the DaemonSet adds
