@@ -9,14 +9,14 @@ cd "$(dirname "$0")/.."
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 image=${MESHBPF_IMAGE:-localhost/meshbpf:$version}
 base=$(bash scripts/image-base.sh)
-podman=(bash deploy/podman.sh)
+podman=(bash "$PWD/deploy/podman.sh")
 ctx=$(mktemp -d)
 trap 'rm -rf "$ctx"' EXIT
 tar --exclude=__pycache__ --exclude='*.pyc' -cf - pyproject.toml README.md meshbpf | tar -C "$ctx" -xf -
 cp deploy/Containerfile "$ctx/Containerfile"
 # README.md is only the wheel's long description: its edits do not call for a new image
 hash=$( (cd "$ctx" && find . -type f ! -name README.md | LC_ALL=C sort | xargs sha256sum; \
-         bash deploy/podman.sh image inspect --format '{{.Id}}' "$base") | sha256sum | cut -c1-16)
+         "${podman[@]}" image inspect --format '{{.Id}}' "$base") | sha256sum | cut -c1-16)
 if [ "$("${podman[@]}" image inspect --format '{{index .Labels "meshbpf.source"}}' "$image" 2>/dev/null)" = "$hash" ]; then
   echo "$image"; exit 0
 fi

@@ -8,8 +8,6 @@ host-local, meshbpf-cni installed into the test's own plugin and config director
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +21,8 @@ from meshbpf.ebpf.maps import Maps
 from meshbpf.testbed import Sandbox
 from meshbpf.testbed.pods import SandboxPod, run_ip
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from .agentrt import REPO, AgentProcess
+
 REFERENCE_PLUGINS = "/usr/lib/cni"
 BRIDGE = "mbtcni0"
 SUBNET = "10.234.7.0/24"
@@ -111,56 +110,16 @@ def new_pod(sb, name, index, uid):
     return pod
 
 
-class Agent:
+class Agent(AgentProcess):
     """`meshbpf daemon` with --cni-socket `sock`: the pods file `pods_file` (or None) and
     `sources` (e.g. --kube --kubeconfig PATH --node-name NODE)."""
 
     def __init__(self, sb, pods_file, sock, *sources):
-        self.sb, self.sock = sb, sock
-        self.state = os.path.join(sb.state_dir, "agent.json")
-        self.log = open(os.path.join(sb.tmpdir, f"agent-{time.monotonic_ns()}.log"), "w+")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        self.sock = sock
         files = ["--pods-file", pods_file] if pods_file else []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "meshbpf", "daemon", *files, *sources,
-             "--pin-prefix", sb.pin_prefix, "--cgroup-root", sb.cgroup_root, "--mode", "ebpf",
-             "--metrics-addr", f"127.0.0.1:{port}", "--log-format", "json", "--resync", "3600",
-             "--cni-socket", sock], cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO),
-            stdout=self.log, stderr=subprocess.STDOUT)
+        super().__init__(sb, *files, *sources, "--mode", "ebpf", "--resync", "3600",
+                         "--cni-socket", sock)
         self.wait(lambda: os.path.exists(sock) and self.doc(), 120, "agent ready")
-
-    def output(self):
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def doc(self):
-        with contextlib.suppress(OSError, ValueError):
-            with open(self.state) as f:
-                d = json.load(f)
-            if d.get("pid") == self.proc.pid:
-                return d
-        return None
-
-    def pods(self):
-        return {p["name"]: p for p in (self.doc() or {}).get("pods", [])}
-
-    def wait(self, pred, timeout, what):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            assert self.proc.poll() is None, f"agent exited {self.proc.returncode}:\n{self.output()}"
-            v = pred()
-            if v:
-                return v
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}:\n{self.output()[-3000:]}")
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(15)
 
 
 def pins(sb):

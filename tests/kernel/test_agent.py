@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,89 +19,20 @@ from meshbpf.ebpf.inbound import tc
 from meshbpf.ebpf.maps import Maps
 from meshbpf.testbed import Sandbox, traffic
 
+from .agentrt import REPO, AgentProcess, write_pods  # noqa: F401 - re-exported to the agent tests
+
 pytestmark = pytest.mark.kernel
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STUB = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent_stub")
 OUT_CX = "tcp.outbound.downstream_cx_total"
 IN_CX = "tcp.inbound.downstream_cx_total"
 
-# Runs the CLI; the metrics module of another branch is replaced by a no-op stand-in only
-# while it is absent from the package.
-RUN = """
-import os, sys
-import meshbpf.agent
-if not os.path.exists(os.path.join(meshbpf.agent.__path__[0], "metrics.py")):
-    meshbpf.agent.__path__.append(sys.argv.pop(1))
-else:
-    sys.argv.pop(1)
-from meshbpf.cli import main
-main(sys.argv[1:], prog_name="meshbpf")
-"""
 
+class Agent(AgentProcess):
+    """The agent with the pods-file source, in `mode`, with `flags`."""
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Agent:
     def __init__(self, sb, pods_file, *flags, mode="ebpf", env=None):
-        self.sb, self.pods_file = sb, pods_file
-        self.port = _free_port()
-        self.state = os.path.join(sb.state_dir, "agent.json")
-        self.log = open(os.path.join(sb.tmpdir, f"agent-{time.monotonic_ns()}.log"), "w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", RUN, STUB, "daemon", "--pods-file", pods_file,
-             "--pin-prefix", sb.pin_prefix, "--cgroup-root", sb.cgroup_root, "--mode", mode,
-             "--metrics-addr", f"127.0.0.1:{self.port}", "--log-format", "json", *flags],
-            cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-
-    def output(self):
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def doc(self):
-        with contextlib.suppress(OSError, ValueError):
-            with open(self.state) as f:
-                d = json.load(f)
-            if d.get("pid") == self.proc.pid:
-                return d
-        return None
-
-    def pods(self):
-        return {p["name"]: p for p in (self.doc() or {}).get("pods", [])}
-
-    def wait(self, pred, timeout=10, what="condition"):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            assert self.proc.poll() is None, f"agent exited {self.proc.returncode}:\n{self.output()}"
-            v = pred()
-            if v:
-                return v
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}; agent.json={self.doc()}\n"
-                             f"{self.output()[-3000:]}")
-
-    def wait_state(self, name, state, timeout=10):
-        return self.wait(lambda: self.pods().get(name, {}).get("state") == state and
-                         self.pods()[name], timeout, f"{name} {state}")
-
-    def stop(self, sig=signal.SIGTERM, timeout=15):
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=timeout)
-        return rc
-
-
-def write_pods(path, pods):
-    """Atomic, as an operator's tool writes it: a temp file renamed over."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"pods": pods}, f)
-    os.replace(tmp, path)
+        self.pods_file = pods_file
+        super().__init__(sb, "--pods-file", pods_file, "--mode", mode, *flags, env=env)
 
 
 def entry(p, **kw):

@@ -23,10 +23,8 @@ import contextlib
 import copy
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import types
 
 import pytest
@@ -38,72 +36,23 @@ from meshbpf.ebpf.maps import Maps
 from meshbpf.testbed import Sandbox, traffic
 from meshbpf.testbed.procs import popen_in_pod
 
+from .agentrt import REPO, AgentProcess, write_pods
+
 pytestmark = pytest.mark.kernel
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OUT_CX = "tcp.outbound.downstream_cx_total"
 IN_CX = "tcp.inbound.downstream_cx_total"
 
 
-class HostAgent:
+class HostAgent(AgentProcess):
     """`meshbpf daemon` started inside `netns` (setns in the child, never `ip netns exec`),
     outside the test cgroup: the node programs never see it."""
 
     def __init__(self, sb, netns, pods_file, mode):
-        self.sb = sb
-        self.state = os.path.join(sb.state_dir, "agent.json")
-        self.log = open(os.path.join(sb.tmpdir, f"agent-{mode}-{time.monotonic_ns()}.log"),  # noqa: SIM115 - closed by stop()
-                        "w+")
         where = types.SimpleNamespace(netns=netns, cgroup=None, name="agent")
-        self.proc = popen_in_pod(
-            where, [sys.executable, "-m", "meshbpf", "daemon", "--pods-file", pods_file,
-                    "--pin-prefix", sb.pin_prefix, "--cgroup-root", sb.cgroup_root,
-                    "--mode", mode, "--metrics-addr", "127.0.0.1:0", "--log-format", "json"],
-            0, 0, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
-            env=dict(os.environ, PYTHONPATH=REPO))
-
-    def output(self):
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def pods(self):
-        with contextlib.suppress(OSError, ValueError):
-            with open(self.state) as f:
-                d = json.load(f)
-            if d.get("pid") == self.proc.pid:
-                return {p["name"]: p for p in d.get("pods", [])}
-        return {}
-
-    def wait(self, pred, timeout, what):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            assert self.proc.poll() is None, f"agent exited {self.proc.returncode}:\n{self.output()}"
-            v = pred()
-            if v:
-                return v
-            time.sleep(0.05)
-        raise AssertionError(f"timed out waiting for {what}; pods={self.pods()}\n"
-                             f"{self.output()[-3000:]}")
-
-    def wait_state(self, name, state, timeout=60):
-        return self.wait(lambda: self.pods().get(name, {}).get("state") == state and
-                         self.pods()[name], timeout, f"{name} {state}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        finally:
-            self.log.close()
-
-
-def write_pods(path, pods):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"pods": pods}, f)
-    os.replace(tmp, path)
+        super().__init__(sb, "--pods-file", pods_file, "--mode", mode, timeout=60,
+                         tag=f"agent-{mode}",
+                         popen=lambda cmd, **kw: popen_in_pod(where, cmd, 0, 0, **kw))
 
 
 def in_cgroup(pod, cgroup):
