@@ -53,6 +53,29 @@ def image():
     return out.stdout.strip().splitlines()[-1]
 
 
+# host directories made here as the kubelet makes a DirectoryOrCreate hostPath, removed again
+# (if still empty) when the test ends: a fresh machine has no /run/meshbpf or /opt/cni/bin
+_made = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_made_host_dirs():
+    yield
+    while _made:
+        with contextlib.suppress(OSError):
+            os.rmdir(_made.pop())
+
+
+def _directory_or_create(path):
+    missing = []
+    while not os.path.exists(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for d in reversed(missing):
+        os.mkdir(d, 0o755)
+        _made.append(d)
+
+
 def podman_args(ds, config_dir=None, container="meshbpf", host_paths=None):
     """`podman run` options that give a container what the kubelet gives one of the
     DaemonSet's containers: its mounts (hostPath as bind mounts with the same propagation,
@@ -73,6 +96,8 @@ def podman_args(ds, config_dir=None, container="meshbpf", host_paths=None):
             prop = {"HostToContainer": "rslave", "Bidirectional": "rshared"}.get(
                 m.get("mountPropagation"), "rprivate")
             src = host_paths.get(v["hostPath"]["path"], v["hostPath"]["path"])
+            if v["hostPath"].get("type") == "DirectoryOrCreate":
+                _directory_or_create(src)
             args += ["--mount", f"type=bind,src={src},dst={m['mountPath']}"
                                 f",bind-propagation={prop}{ro}"]
         elif "configMap" in v:
