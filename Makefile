@@ -9,7 +9,7 @@ setup:
 	@bash scripts/setup.sh
 
 test: setup
-	MESHBPF_REQUIRE_KERNEL=1 $(PY) -m pytest -ra -p no:cacheprovider -m "not vm" $(PYTEST_ARGS)
+	MESHBPF_REQUIRE_KERNEL=1 $(PY) -m pytest -ra -p no:cacheprovider $(PYTEST_ARGS)
 
 unit: setup
 	$(PY) -m pytest -ra -p no:cacheprovider -m "not kernel and not vm" $(PYTEST_ARGS)
@@ -29,8 +29,8 @@ test-510-variant: setup
 	tests/kernel/test_netns_fallback.py $(PYTEST_ARGS)
 
 # Boot Debian's 5.10, 6.1, 6.12 kernels (and a Debian 11 userland) under QEMU and run the
-# kernel smoke tier in each (tests/vm). Not yet part of `make test`: under TCG it takes
-# about 35 minutes.
+# kernel smoke tier in each (tests/vm), two guests at a time (MESHBPF_VM_LANES). `make test`
+# runs them too, booting them in the background while the host's tests run.
 vm-test-local: setup
 	$(PY) -m pytest -ra -s -p no:cacheprovider -m vm tests/vm $(PYTEST_ARGS)
 

@@ -1,4 +1,4 @@
-"""Shared test plumbing: the `kernel` marker and the MESHBPF_REQUIRE_KERNEL rule.
+"""Shared test plumbing: the `kernel` and `vm` markers and the MESHBPF_REQUIRE_KERNEL rule.
 
 Kernel tests need root, bpffs, cgroup v2 and network namespaces. Where those are missing
 they skip with the reason, unless MESHBPF_REQUIRE_KERNEL=1 (set by `make test` and CI),
@@ -45,6 +45,14 @@ def kernel_unavailable_reason():
     return None
 
 
+def pytest_collection_finish(session):
+    # The VM tier's guests boot in the background from here on (tests/vm/tier.py).
+    items = [item for item in session.items if item.get_closest_marker("vm")]
+    if items:
+        from tests.vm import tier
+        tier.start(tier.selected(items))
+
+
 def pytest_collection_modifyitems(config, items):
     reason = None
     checked = False
@@ -63,7 +71,8 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     # Under MESHBPF_REQUIRE_KERNEL=1 a kernel test that skips for any reason fails. An
     # expected failure (xfail, reported as skipped) ran: it is not a skip.
-    if REQUIRE and "kernel" in item.keywords and rep.skipped and not hasattr(rep, "wasxfail"):
+    if REQUIRE and ("kernel" in item.keywords or "vm" in item.keywords) and rep.skipped \
+            and not hasattr(rep, "wasxfail"):
         rep.outcome = "failed"
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
         rep.longrepr = f"kernel test skipped under MESHBPF_REQUIRE_KERNEL=1: {reason}"

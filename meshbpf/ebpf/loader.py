@@ -179,6 +179,9 @@ def cflags(features=None, splice=False):
         flags.append("-DMB_NO_SOCK_RELEASE")
     if not _has(features, "ringbuf"):
         flags.append("-DMB_NO_RINGBUF")      # no trace_events / trace_on (lib/trace.h)
+    if splice and not _bcc_rewrites_msg_redirect():
+        # sk_msg.c calls the helper on this placeholder map fd; _own_load patches it
+        flags.append(f"-DMB_BCC_NO_MSG_REDIRECT={SOCKHASH_FD_PLACEHOLDER:#x}")
     n = max_conns()
     if n is not None:
         flags.append(f"-DMB_MAX_CONNS={n}")
@@ -374,14 +377,37 @@ def bcc_sets_attach_type(load_func):
         return False
 
 
-def _bcc_can_splice():
+def _bcc_rewrites_msg_redirect():
     """bcc 0.18 (Debian 11) rejects `map.msg_redirect_hash(...)` ("invalid bpf_table
-    operation"); the bcc that sets expected attach types (0.25+) compiles it."""
+    operation"); the bcc that sets expected attach types (0.25+) rewrites it. With
+    MESHBPF_OWN_PROG_LOAD set, a new bcc takes the old bcc's path too (tested here)."""
+    if os.environ.get(OWN_LOAD_ENV):
+        return False
     try:
         from bcc import BPF
     except ImportError:
         return True                  # _compile says why
     return bcc_sets_attach_type(BPF.load_func)
+
+
+# The map fd sk_msg.c hands bpf_msg_redirect_hash where bcc cannot rewrite
+# sock_hash.msg_redirect_hash ("mbSH": no fd a process here holds).
+SOCKHASH_FD_PLACEHOLDER = 0x6D625348
+BPF_LD_IMM64 = 0x18
+BPF_PSEUDO_MAP_FD = 1
+
+
+def patch_map_fd(insns, placeholder, fd):
+    """The bytecode with every map-fd load of `placeholder` (ld_imm64, src_reg
+    BPF_PSEUDO_MAP_FD) pointing at `fd` instead; (new bytes, how many were patched)."""
+    out = bytearray(insns)
+    n = 0
+    for off in range(0, len(out) - 15, 8):
+        if out[off] == BPF_LD_IMM64 and out[off + 1] >> 4 == BPF_PSEUDO_MAP_FD and \
+                int.from_bytes(out[off + 4:off + 8], "little", signed=True) == placeholder:
+            out[off + 4:off + 8] = fd.to_bytes(4, "little", signed=True)
+            n += 1
+    return bytes(out), n
 
 
 def _own_load(b, spec, attach_type):
@@ -393,7 +419,11 @@ def _own_load(b, spec, attach_type):
     if name in b.funcs:
         return b.funcs[name].fd
     lic = libbcc.lib.bpf_module_license(b.module)
-    fd = bpfsys.prog_load(spec.prog_type, b.dump_func(name), expected_attach_type=attach_type,
+    insns = b.dump_func(name)
+    if spec.splice:
+        insns, _ = patch_map_fd(insns, SOCKHASH_FD_PLACEHOLDER,
+                                libbcc.lib.bpf_table_fd(b.module, b"sock_hash"))
+    fd = bpfsys.prog_load(spec.prog_type, insns, expected_attach_type=max(attach_type, 0),
                           license=lic.decode() if lic else "GPL", name=spec.name[:15])
     b.funcs[name] = BPF.Function(b, name, fd)
     return fd
@@ -405,6 +435,8 @@ def _load_prog(b, spec):
         if attach_type >= 0 and (os.environ.get(OWN_LOAD_ENV)
                                  or not bcc_sets_attach_type(b.load_func)):
             return _own_load(b, spec, attach_type)
+        if spec.splice and not _bcc_rewrites_msg_redirect():
+            return _own_load(b, spec, attach_type)   # the placeholder fd needs patching
         if attach_type < 0:          # bcc < 0.25 has no attach_type parameter at all
             fn = b.load_func(spec.name.encode(), spec.prog_type)
         else:
@@ -425,9 +457,6 @@ def load_and_pin(pin_prefix, features=None, splice=True):
     degraded = []
     if splice and not _has(features, "splice_backpressure"):
         splice = False               # never splice without backpressure (docs/splice.md)
-        degraded.append("mb_sk_msg")
-    if splice and not _bcc_can_splice():
-        splice = False               # bcc < 0.25 cannot compile msg_redirect_hash (Debian 11)
         degraded.append("mb_sk_msg")
     text = render_source(features, splice=splice)
     b = _compile(text)

@@ -118,7 +118,7 @@ FEATURES = (
     Feature("bpffs", "bpffs", (4, 4), REQUIRED,
             "pin programs and maps so interception outlives the agent",
             fix="mount it: mount -t bpf bpf /sys/fs/bpf"),
-    Feature("bcc", "bcc >= 0.25", None, REQUIRED,
+    Feature("bcc", "bcc >= 0.18", None, REQUIRED,
             "compile the eBPF programs and load them with their expected attach types",
             fix="run `make setup` (Debian python3-bpfcc)"),
     Feature("kernel_headers", "kernel headers", None, REQUIRED,

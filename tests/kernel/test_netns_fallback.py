@@ -136,9 +136,10 @@ def test_pods_with_the_same_loopback_tuple_at_once_each_get_their_destination(no
 
 
 def test_old_bcc_path_loads_the_programs_itself_and_outbound_works(node, service, monkeypatch):
-    """bcc < 0.25 cannot set expected_attach_type: the loader loads bcc's bytecode with
-    its own BPF_PROG_LOAD (forced here by MESHBPF_OWN_PROG_LOAD), with the 5.10 variant,
-    as on a Debian 11 node (5.10, bcc 0.18)."""
+    """bcc < 0.25 cannot set expected_attach_type nor rewrite sock_hash.msg_redirect_hash:
+    the loader loads bcc's bytecode with its own BPF_PROG_LOAD (forced here by
+    MESHBPF_OWN_PROG_LOAD), sk_msg's placeholder map fd patched to sock_hash's, with the
+    5.10 variant, as on a Debian 11 node (5.10, bcc 0.18)."""
     _, a, b, env = node
     own = []
     real = loader._own_load
@@ -150,9 +151,12 @@ def test_old_bcc_path_loads_the_programs_itself_and_outbound_works(node, service
     monkeypatch.setenv(loader.OWN_LOAD_ENV, "1")
     ic = service()
     ic.attach(a.pod, InterceptConfig())
-    assert {"mb_connect4", "mb_connect6", "mb_getsockopt", "mb_sockops"} <= set(own)
+    assert {"mb_connect4", "mb_connect6", "mb_getsockopt", "mb_sockops", "mb_sk_msg"} <= set(own)
+    assert "sock_hash" in _maps_used(ic.pin_prefix, "mb_sk_msg")
     before = env.stats().get("tcp.outbound.downstream_cx_total", 0)
     out = traffic.http_get(a, b.ip4, 8080, uid=APP_UID)
     assert out["peer"] == [b.ip4, 8080]
     assert out["reply"]["pod"] == "b"
     assert env.stats().get("tcp.outbound.downstream_cx_total", 0) == before + 1
+    with Maps(ic.pin_prefix) as m:          # the request and reply took the splice
+        assert m.counters()["splice_msgs"] > 0

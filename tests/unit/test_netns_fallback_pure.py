@@ -14,6 +14,7 @@ from meshbpf.probe import features as P
 
 from .test_splice_pure import _btf_blob
 
+ALL = {f.name: True for f in P.FEATURES}
 NETNS_BTF = [("sock_common", [("skc_daddr", 0), ("skc_net", 384)]),
              ("ns_common", [("stashed", 0), ("inum", 128)]),
              ("net", [("passive", 0), ("ns", 1024)])]
@@ -124,6 +125,37 @@ def test_old_bcc_is_recognised_by_its_load_func_signature():
     assert loader.bcc_sets_attach_type(new_bcc)
     assert not loader.bcc_sets_attach_type(old_bcc)
     assert not loader.bcc_sets_attach_type(object())
+
+
+def _insn(code, regs, imm, off=0):
+    return bytes([code, regs]) + off.to_bytes(2, "little") + imm.to_bytes(4, "little", signed=True)
+
+
+def test_old_bcc_sk_msg_gets_sock_hash_in_place_of_the_placeholder_fd():
+    ph = loader.SOCKHASH_FD_PLACEHOLDER
+    prog = (_insn(0xb7, 0x00, ph)                        # r0 = ph: a constant, not a map
+            + _insn(0x18, 0x12, ph) + _insn(0, 0, 0)      # r2 = map_fd(ph): patched
+            + _insn(0x18, 0x11, 7) + _insn(0, 0, 0)       # r1 = map_fd(7): another map
+            + _insn(0x18, 0x03, ph) + _insn(0, 0, 0)      # r3 = imm64 ph: not a map load
+            + _insn(0x95, 0, 0))
+    out, n = loader.patch_map_fd(prog, ph, 42)
+    assert n == 1 and len(out) == len(prog)
+    assert out[8:16] == _insn(0x18, 0x12, 42) and out[:8] == prog[:8] and out[16:] == prog[16:]
+    assert loader.patch_map_fd(out, ph, 42) == (out, 0)
+
+
+def test_the_placeholder_define_only_with_a_bcc_that_cannot_rewrite(monkeypatch):
+    monkeypatch.setattr(loader, "splice_defines", lambda: [])
+    monkeypatch.delenv(loader.OWN_LOAD_ENV, raising=False)
+    monkeypatch.setattr(loader, "_bcc_rewrites_msg_redirect", lambda: False)
+    flag = f"-DMB_BCC_NO_MSG_REDIRECT={loader.SOCKHASH_FD_PLACEHOLDER:#x}"
+    assert flag in loader.cflags(ALL, splice=True)
+    assert flag not in loader.cflags(ALL, splice=False)
+    monkeypatch.setattr(loader, "_bcc_rewrites_msg_redirect", lambda: True)
+    assert flag not in loader.cflags(ALL, splice=True)
+    monkeypatch.undo()
+    monkeypatch.setenv(loader.OWN_LOAD_ENV, "1")
+    assert not loader._bcc_rewrites_msg_redirect()
 
 
 def test_without_a_probe_report_the_loader_tries_the_helper_itself(monkeypatch):

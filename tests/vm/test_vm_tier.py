@@ -4,16 +4,16 @@ booted under QEMU, each running the kernel smoke tier inside (scripts/vm/guest-r
 to the original destination, inbound from an unmeshed pod to Envoy's reuse_port listener),
 splice, iptables e2e). One boot per guest; the guest's rc and junit are the result.
 
-Marker `vm`: `make vm-test-local` runs these; `make test` runs them too. They skip (with
-the reason) only where QEMU cannot run.
+Marker `vm`: `make vm-test-local` runs these; `make test` runs them too, the guests booting
+in the background (tests/vm/tier.py) while the host's tests run. They skip (with the
+reason) only where QEMU cannot run; under MESHBPF_REQUIRE_KERNEL=1 that skip fails.
 """
-
-import os
-import tempfile
 
 import pytest
 
 from meshbpf import vm
+
+from . import tier
 
 # A TCG guest runs the smoke tier in minutes, not seconds.
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
@@ -23,33 +23,18 @@ SMOKE = ("check_guest_probe", "check_memlock", "test_outbound_goes_through_the_s
          "test_interceptor_moves_traffic_through_envoy_and_detaches_cleanly")
 
 
-def _skip_reason(guest):
-    why = vm.qemu_unavailable_reason()
-    if why:
-        return why
-    if guest.root != "/" and not os.path.isdir(guest.root):
-        try:
-            vm.build_userland(guest)
-        except RuntimeError as e:
-            return str(e)
-    return None
-
-
-def _boot(guest, **kw):
-    why = _skip_reason(guest)
-    if why:
-        pytest.skip(why)
-    results = tempfile.mkdtemp(prefix=f"meshbpf-vm-{guest.name}-")
-    res, wall, accel = vm.run_guest(guest, results, vm.host_python(), **kw)
-    print(f"\nvm {guest.name}: {wall:.0f}s wall ({accel}), rc={res['rc']}, "
-          f"mode={(res['probe'] or {}).get('mode')}, results in {results}")
-    res.update(wall=wall, accel=accel, dir=results, guest=guest.name)
+def _result(name):
+    res = tier.start().result(name)
+    if "skip" in res:
+        pytest.skip(res["skip"])
+    print(f"\nvm {name}: {res['wall']:.0f}s wall ({res['accel']}), rc={res['rc']}, "
+          f"mode={(res['probe'] or {}).get('mode')}, results in {res['dir']}")
     return res
 
 
-@pytest.fixture(scope="module", params=[g.name for g in vm.GUESTS])
+@pytest.fixture(scope="module", params=tier.ORDER)
 def guest_run(request):
-    return _boot(vm.BY_NAME[request.param])
+    return _result(request.param)
 
 
 def _explain(res):
@@ -78,8 +63,7 @@ def test_probe_report_is_written_and_names_the_kernel(guest_run):
 
 def test_a_failing_test_inside_the_guest_fails_the_run():
     # The shortest boot (no probe, one test that fails on purpose): the host must see it.
-    res = _boot(vm.BY_NAME["6.1"], fail=True, probe=False,
-                extra_env={"MESHBPF_VM_TESTS": "tests/vm/guest/check_deliberate_failure.py"})
+    res = _result(tier.FAIL)
     assert res["tests"] == {"tests.vm.guest.check_deliberate_failure::"
                             "test_fails_on_purpose_when_the_host_asks": "failed"}, _explain(res)
     assert res["rc"] not in (None, 0), _explain(res)

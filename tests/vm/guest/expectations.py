@@ -9,19 +9,10 @@ import re
 import pytest
 
 # (kernel (major, minor) below which it fails, userland or None for any, test id part, reason)
-# (5.10 without the netns cookie in sock_ops/getsockopt and SO_NETNS_COOKIE runs eBPF:
-# issue 13 item 2, tests/kernel/test_netns_fallback.py.)
-OLD_BCC = ("the probe requires bcc >= 0.25 (expected_attach_type); Debian 11 has 0.18, whose "
-           "programs meshbpf now loads itself (loader._own_load), but the probe's minimum "
-           "stays until a guest run shows 0.18 compiles every program")
-NO_SPLICE_OLD_BCC = ("bcc 0.18 rejects map.msg_redirect_hash (invalid bpf_table operation): "
-                     "with bcc < 0.25 meshbpf loads no sk_msg program, so nothing is spliced")
-EXPECTED_FAILURES = (
-    ((99, 0), "debian11", "check_guest_probe.py::test_userland_features_are_present", OLD_BCC),
-    ((99, 0), "debian11", "check_guest_probe.py::test_probe_matches_the_feature_table", OLD_BCC),
-    ((99, 0), "debian11", "check_guest_probe.py::test_probe_chooses_ebpf", OLD_BCC),
-    ((99, 0), "debian11", "::test_splice_skips_tcp_for_app_to_sidecar_bytes", NO_SPLICE_OLD_BCC),
-)
+# Empty today: 5.10 without the netns cookie in sock_ops/getsockopt and SO_NETNS_COOKIE runs
+# eBPF (issue 13 item 2, tests/kernel/test_netns_fallback.py), and Debian 11's bcc 0.18
+# loads, probes and splices through meshbpf's own loads (ebpf/loader.py).
+EXPECTED_FAILURES = ()
 
 
 def kernel_version(release=None):
