@@ -288,3 +288,101 @@ def test_where_conftests_kernel_gate_would_skip_the_iptables_tests_still_run(gue
     # the full set keeps conftest: there the gate must hold
     proc, results, args, _ = guest(envoy="ok", mode="ebpf", gate=gate)
     assert "--noconftest" not in args
+
+
+FAKE_VAGRANT = r"""#!/bin/sh
+# vagrant as run.sh uses it: `up` succeeds unless the VM is named in FAKE_BOOT_FAILS; `ssh VM
+# -c 'cat .../X'` prints $FAKE_RESULTS/VM/X.
+echo "$*" >> "$FAKE_RESULTS/calls"
+case $1 in
+  up) case " $FAKE_BOOT_FAILS " in *" $2 "*) exit 1 ;; esac ;;
+  ssh) f=$(echo "$4" | sed 's|.*/||'); cat "$FAKE_RESULTS/$2/$f" 2>/dev/null | sed 's/$/\r/' ;;
+esac
+exit 0
+"""
+
+
+def test_run_sh_prints_mode_smoke_set_and_result_per_vm(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "vagrant").write_text(FAKE_VAGRANT)
+    (bin_dir / "vagrant").chmod(0o755)
+    for vm, mode, smoke_set, rc in (("centos7", "iptables", "no-envoy", "0"),
+                                    ("debian12", "ebpf", "full", "1")):
+        (tmp_path / vm).mkdir()
+        for name, value in (("mode", mode), ("smoke", smoke_set), ("rc", rc)):
+            (tmp_path / vm / name).write_text(value + "\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_RESULTS": str(tmp_path),
+           "FAKE_BOOT_FAILS": "rocky8"}
+    proc = subprocess.run(["sh", os.path.join(VAGRANT, "run.sh"), "centos7 debian12 rocky8"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    lines = [re.sub(r" \(\d+s\)$", "", l) for l in proc.stdout.splitlines()]
+    assert lines == ["vm-test: centos7 mode=iptables smoke=no-envoy result=pass",
+                     "vm-test: debian12 mode=ebpf smoke=full result=fail (1)",
+                     "vm-test: rocky8 mode=none smoke=none result=fail (boot-failed)"]
+    assert proc.returncode == 1
+    calls = (tmp_path / "calls").read_text()
+    assert all(f"destroy -f {vm}" in calls for vm in ("centos7", "debian12", "rocky8"))
+
+
+def test_vagrantfile_gives_each_vm_the_readme_tables_expected_mode():
+    """The Vagrantfile's expected mode (checked inside the VM) is the README table's."""
+    vf = open(os.path.join(VAGRANT, "Vagrantfile")).read()
+    modes = dict(re.findall(r'^\s*"([a-z0-9]+)"\s*=>\s*\[[^\]]*"(ebpf|iptables|any)"\]', vf, re.M))
+    readme = open(os.path.join(VAGRANT, "README.md")).read()
+    rows = {l.split("|")[1].strip(): l.split("|")[3].strip() for l in readme.splitlines()
+            if l.startswith("| ") and not l.startswith("| VM")}
+    assert set(modes) == set(rows) == set(vagrantfile_vms(vf))
+    for vm, mode in modes.items():
+        assert rows[vm] == ("ebpf or iptables" if mode == "any" else mode), vm
+
+
+# ---- provision.sh's repository rewrites for EOL distributions ---------------------------
+
+CENTOS7_BASE_REPO = """[base]
+name=CentOS-$releasever - Base
+mirrorlist=http://mirrorlist.centos.org/?release=$releasever&arch=$basearch&repo=os&infra=$infra
+#baseurl=http://mirror.centos.org/centos/$releasever/os/$basearch/
+gpgcheck=1
+
+[updates]
+name=CentOS-$releasever - Updates
+mirrorlist=http://mirrorlist.centos.org/?release=$releasever&arch=$basearch&repo=updates&infra=$infra
+#baseurl=http://mirror.centos.org/centos/$releasever/updates/$basearch/
+gpgcheck=1
+"""
+
+
+def provision_fn(*words):
+    proc = subprocess.run(["sh", "-c", 'MESHBPF_PROVISION_FUNCTIONS_ONLY=1; . "$0" el7; "$@"',
+                           os.path.join(VAGRANT, "provision.sh"), *words],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_centos7_repos_move_to_the_vault_once(tmp_path):
+    repo = tmp_path / "CentOS-Base.repo"
+    repo.write_text(CENTOS7_BASE_REPO)
+    provision_fn("centos_vault", str(repo))
+    once = repo.read_text()
+    assert "\nmirrorlist=" not in once and once.count("#mirrorlist=http://mirrorlist.centos.org") == 2
+    assert "baseurl=http://vault.centos.org/centos/$releasever/os/$basearch/\n" in once
+    assert "baseurl=http://vault.centos.org/centos/$releasever/updates/$basearch/\n" in once
+    assert "mirror.centos.org" not in once.replace("mirrorlist.centos.org", "")
+    provision_fn("centos_vault", str(repo))
+    assert repo.read_text() == once
+
+
+@pytest.mark.parametrize("codename,security", [("buster", "buster/updates"),
+                                               ("bullseye", "bullseye-security")])
+def test_eol_debian_moves_to_the_archive_once(tmp_path, codename, security):
+    sources, conf = tmp_path / "sources.list", tmp_path / "apt.conf.d"
+    conf.mkdir()
+    sources.write_text(f"deb http://deb.debian.org/debian {codename} main\n")
+    provision_fn("debian_archive", codename, str(sources), str(conf))
+    assert sources.read_text() == (f"deb http://archive.debian.org/debian {codename} main\n"
+                                   f"deb http://archive.debian.org/debian-security {security} main\n")
+    assert (conf / "99meshbpf-archive").read_text() == 'Acquire::Check-Valid-Until "false";\n'
+    sources.write_text(sources.read_text() + "# edited by hand\n")
+    provision_fn("debian_archive", codename, str(sources), str(conf))
+    assert sources.read_text().endswith("# edited by hand\n")     # left alone the second time
