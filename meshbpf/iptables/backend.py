@@ -137,8 +137,11 @@ class Backend:
                 raise NotFoundError(f"network namespace {netns} does not exist")
             inner = ["nsenter", f"--net={netns}", "--"] + inner
         if self.group_file:
-            inner = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
-                     'mount --bind "$0" /etc/group && exec "$@"', self.group_file] + inner
+            # Private by hand, not `unshare --propagation private` (util-linux 2.27+; CentOS
+            # 7 has 2.23, whose new namespace keeps systemd's shared propagation).
+            inner = ["unshare", "--mount", "--", "sh", "-c",
+                     'mount --make-rprivate / && mount --bind "$0" /etc/group && exec "$@"',
+                     self.group_file] + inner
         try:
             return subprocess.run(inner, input=input, capture_output=True, text=True,
                                   timeout=self.timeout)

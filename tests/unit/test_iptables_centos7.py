@@ -99,3 +99,19 @@ def test_probe_checks_centos7s_plain_iptables_as_the_legacy_backend(machine):
     machine(CENTOS7, "iptables v1.4.21\n")
     assert prober._iptables_binary("legacy") == "iptables"
     assert prober._iptables_binary("nft") == "iptables-nft"
+
+
+def test_private_group_file_needs_no_unshare_propagation_option(machine, tmp_path):
+    """CentOS 7's util-linux 2.23 has no `unshare --propagation` (2.27+), and there a new
+    mount namespace keeps systemd's shared propagation: the bind mount of the test's
+    /etc/group would reach the machine's. The mount is made private inside, before it."""
+    netns, ran = machine(CENTOS7, "iptables v1.4.21\n")
+    group = tmp_path / "group"
+    group.write_text("root:x:0:\njava:x:1001:\n")
+    backend.Backend("legacy", 4, group_file=str(group)).save(netns)
+    argv = ran[-1]
+    assert argv[:3] == ["unshare", "--mount", "--"] and "--propagation" not in argv
+    script = argv[argv.index("-c") + 1]
+    assert script.index("mount --make-rprivate /") < script.index("mount --bind")
+    assert argv[argv.index("-c") + 2] == str(group)
+    assert argv[-4:] == ["nsenter", f"--net={netns}", "--", "iptables-save"]
