@@ -452,3 +452,98 @@ def test_a_feature_not_tried_is_not_blamed_on_the_kernel():
     assert mode == "iptables"
     assert "kernel lacks bpf_sk_assign" not in reason
     assert "bpf_sk_assign from tc could not be checked (not tried: bcc 0.18.0" in reason
+
+
+# --- the real probe on a CentOS 7 node (3.10, no bcc), everything below it faked ----------
+@pytest.fixture
+def centos7_node(monkeypatch):
+    """prober.probe() as a CentOS 7 node would run it: every bpf(2) call fails (`err`), no
+    cgroup v2, no bpffs, no BTF, no SO_NETNS_COOKIE, no bcc, iptables 1.4.21 only."""
+    import errno
+    import os
+    import subprocess
+    from meshbpf.ebpf import btf
+    from meshbpf.errors import MeshbpfError
+    from meshbpf.iptables import backend
+
+    def setup(err):
+        def no_bpf(cmd, attr, what="bpf()"):
+            raise B.BpfError(err, what)
+
+        def no(exc):
+            def raise_(*a, **kw):
+                raise exc
+            return raise_
+
+        uname = os.uname()
+        release = "3.10.0-1160.el7.x86_64"
+        monkeypatch.setattr(prober.os, "uname", lambda: os.uname_result(
+            (uname.sysname, uname.nodename, release, uname.version, uname.machine)))
+        monkeypatch.setattr(prober.os, "geteuid", lambda: 0)
+        monkeypatch.setattr(prober.memlock, "raise_memlock", lambda: None)
+        monkeypatch.setattr(B, "bpf", no_bpf)
+        monkeypatch.setattr(prober.system, "cgroup2_mount",
+                            no(UnsupportedError("cgroup v2 is not mounted")))
+        monkeypatch.setattr(prober.system, "ensure_bpffs", no(MeshbpfError(
+            "`mount -t bpf bpf /sys/fs/bpf` failed (exit 32): unknown filesystem type 'bpf'")))
+        monkeypatch.setattr(prober.system, "netns_cookie", no(UnsupportedError(
+            "kernel cannot report netns cookies (SO_NETNS_COOKIE): Protocol not available")))
+        monkeypatch.setattr(btf, "tcp_sock_offsets", no(btf.BtfError("no /sys/kernel/btf/vmlinux")))
+        binaries = {"iptables", "iptables-save", "iptables-restore", "ip6tables",
+                    "ip6tables-save", "ip6tables-restore"}
+        monkeypatch.setattr(backend.shutil, "which", lambda b: f"/sbin/{b}" if b in binaries else None)
+        monkeypatch.setattr(backend, "_version_text",
+                            lambda b: "iptables v1.4.21\n" if b in binaries else "")
+        ran = []
+
+        def run(cmd, timeout=60):
+            ran.append(cmd)
+            tool = cmd[2] if cmd[:2] == ["unshare", "--net"] else cmd[0]
+            if len(cmd) > 2 and cmd[1] == "-c" and "import bcc" in cmd[2]:
+                return subprocess.CompletedProcess(cmd, 1, "", "Traceback (most recent call last):\n"
+                                                   "ModuleNotFoundError: No module named 'bcc'\n")
+            if tool not in binaries:
+                return subprocess.CompletedProcess(cmd, 127, "", f"{tool} is not installed")
+            if cmd[1:] == ["--version"]:
+                return subprocess.CompletedProcess(cmd, 0, "iptables v1.4.21\n", "")
+            return subprocess.CompletedProcess(cmd, 0, "-P PREROUTING ACCEPT\n", "")
+        monkeypatch.setattr(prober, "_run", run)
+        return release, ran
+    return setup
+
+
+@pytest.mark.parametrize("err", ["ENOSYS", "EINVAL"])
+def test_probe_on_centos7_says_iptables_and_why_without_bcc(centos7_node, err):
+    import errno
+    release, ran = centos7_node(getattr(errno, err))
+    report = prober.probe()
+    assert report["kernel"] == release and report["mode"] == "iptables"
+    f = report["features"]
+    assert all(v["detail"] != "not probed" for v in f.values())
+    assert f["bcc"] == {"ok": False, "detail": "bcc is not importable: "
+                        "ModuleNotFoundError: No module named 'bcc'"}
+    assert f["iptables_legacy"]["ok"] and "iptables v1.4.21" in f["iptables_legacy"]["detail"]
+    assert not f["iptables_nft"]["ok"]
+    assert f["cgroup2"] == {"ok": False, "detail": "cgroup v2 is not mounted"}
+    assert not f["bpffs"]["ok"] and "unknown filesystem type 'bpf'" in f["bpffs"]["detail"]
+    assert f["tc_sk_assign"]["detail"].startswith("not tried: bcc is not importable")
+    assert not any(v["ok"] for n, v in f.items() if P.BY_NAME[n].mainline)
+    reason = report["reason"]
+    assert reason.startswith("kernel lacks cgroup/connect4 (mainline 4.17; here: ")
+    assert reason.endswith("using iptables (iptables-legacy works)")
+    assert report["degraded"] == [] and report["inbound_reuseport"] is None
+    # the plain iptables is probed as the legacy backend, inside a throwaway netns
+    assert ["unshare", "--net", "iptables", "-t", "nat", "-S"] in ran
+    # nothing bcc-driven ran: the inbound probe was not tried
+    assert not any("inbound" in " ".join(map(str, c)) for c in ran)
+
+
+def test_probe_cli_on_centos7_prints_the_report_and_exits_0(centos7_node):
+    import errno
+    centos7_node(errno.EINVAL)
+    res = CliRunner().invoke(command.probe_command, ["-o", "json"], env={P.ASSUME_ENV: None})
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["mode"] == "iptables" and "Traceback" not in res.output
+    text = command.render_text(doc)
+    assert "bcc" in text and "mode: iptables — kernel lacks cgroup/connect4" in text
