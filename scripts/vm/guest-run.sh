@@ -76,8 +76,9 @@ print(" ".join(v for v in backend.VARIANTS if backend.usable(v, 4)))' 2>&1)
   keywords=$(smoke_keywords "$smoke" "$variants")
   [ -z "$keywords" ] || set -- -k "$keywords"
   # tests/conftest.py skips every kernel test where cgroup v2 or bpffs is missing (CentOS
-  # 7's 3.10 has neither); these sets need them only through tests that then fail. Run
-  # without it; a test that still skips fails the run below (its MESHBPF_REQUIRE_KERNEL rule).
+  # 7's 3.10 has neither), though the iptables tests need neither. Run without it: a test
+  # that does need them fails by itself, and one that skips fails the run below (conftest's
+  # MESHBPF_REQUIRE_KERNEL rule).
   gate=$("$python" -c 'from tests.conftest import kernel_unavailable_reason
 print(kernel_unavailable_reason() or "")' 2>/dev/null) || gate=""
   if [ -n "$gate" ]; then
