@@ -30,18 +30,25 @@ def pytest_sessionfinish(session, exitstatus):
         system.release_bpffs()
 
 
+# MESHBPF_KERNEL_GATE=iptables: the selected kernel tests are iptables ones, which need root
+# and network namespaces but not cgroup v2 or bpffs (a VM tier guest on CentOS 7's 3.10).
+GATE_ENV = "MESHBPF_KERNEL_GATE"
+
+
 def kernel_unavailable_reason():
     """Why kernel tests cannot run here, or None if they can."""
     if os.geteuid() != 0:
         return "kernel tests need root"
+    if not os.path.exists("/proc/self/ns/net"):
+        return "no network namespaces"
+    if os.environ.get(GATE_ENV) == "iptables":
+        return None
     try:
         from meshbpf import system
         system.cgroup2_mount()
         system.ensure_bpffs()
     except Exception as e:  # noqa: BLE001 - any failure is the reason
         return f"kernel tests cannot run: {e}"
-    if not os.path.exists("/proc/self/ns/net"):
-        return "no network namespaces"
     return None
 
 

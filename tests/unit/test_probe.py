@@ -459,7 +459,6 @@ def test_a_feature_not_tried_is_not_blamed_on_the_kernel():
 def centos7_node(monkeypatch):
     """prober.probe() as a CentOS 7 node would run it: every bpf(2) call fails (`err`), no
     cgroup v2, no bpffs, no BTF, no SO_NETNS_COOKIE, no bcc, iptables 1.4.21 only."""
-    import errno
     import os
     import subprocess
     from meshbpf.ebpf import btf

@@ -159,13 +159,14 @@ def test_every_smoke_node_id_exists():
 
 FAKE_PYTHON = r"""#!/bin/sh
 # The guest's Python as guest-run.sh uses it: the probe, the Envoy and iptables look-ups and
-# conftest's kernel gate answer what the test says; pytest records its arguments.
+# answer what the test says; pytest records its arguments and the kernel gate it was given.
 echo "$*" >> "$FAKE_DIR/calls"
 case "$1" in
   --version) echo "Python 3.11.7"; exit 0 ;;
   -m) case "$2" in
         meshbpf) printf '{"mode": "%s", "reason": "why"}\n' "$FAKE_MODE"; exit 0 ;;
         pytest) shift 2; printf '%s\n' "$@" > "$FAKE_DIR/pytest-args"
+                echo "${MESHBPF_KERNEL_GATE:-}" > "$FAKE_DIR/pytest-gate"
                 junit=$(printf '%s\n' "$@" | sed -n 's/^--junitxml=//p')
                 printf '%s' "$FAKE_JUNIT" > "$junit"; exit "${FAKE_PYTEST_RC:-0}" ;;
       esac ;;
@@ -173,7 +174,6 @@ case "$1" in
         *envoy_binary*) if [ -n "$FAKE_ENVOY" ]; then echo "$FAKE_ENVOY"; exit 0; fi
                         echo "meshbpf: Envoy is not installed" >&2; exit 1 ;;
         *backend.usable*) echo "$FAKE_VARIANTS"; exit 0 ;;
-        *kernel_unavailable_reason*) echo "$FAKE_GATE"; exit 0 ;;
         *"import bcc"*) echo "ModuleNotFoundError: No module named 'bcc'" >&2; exit 1 ;;
       esac
       exec "$REAL_PYTHON" "$@" ;;
@@ -182,9 +182,6 @@ echo "fake python: unexpected call: $*" >&2
 exit 3
 """
 JUNIT_OK = '<testsuites><testsuite><testcase classname="a" name="t"/></testsuite></testsuites>'
-JUNIT_SKIP = ('<testsuites><testsuite><testcase classname="a" name="t"><skipped type="pytest.skip"'
-              ' message="no"/></testcase></testsuite></testsuites>')
-
 
 @pytest.fixture
 def guest(tmp_path):
@@ -202,12 +199,12 @@ def guest(tmp_path):
         f.chmod(0o755)
     paths = {"ok": str(envoy_ok), "old-glibc": str(envoy_old_glibc), "none": ""}
 
-    def run(envoy="ok", mode="ebpf", variants="nft legacy", gate="", junit=JUNIT_OK, **extra):
+    def run(envoy="ok", mode="ebpf", variants="nft legacy", junit=JUNIT_OK, **extra):
         results = tmp_path / f"results-{len(list(tmp_path.iterdir()))}"
         (tmp_path / "calls").write_text("")
         env = {k: v for k, v in os.environ.items() if not k.startswith("MESHBPF_")}
         env.update(FAKE_DIR=str(tmp_path), FAKE_MODE=mode, FAKE_ENVOY=paths[envoy],
-                   FAKE_VARIANTS=variants, FAKE_GATE=gate, FAKE_JUNIT=junit,
+                   FAKE_VARIANTS=variants, FAKE_JUNIT=junit,
                    REAL_PYTHON=sys.executable, **extra)
         proc = subprocess.run(["sh", GUEST_RUN, REPO, str(results), str(fake)], env=env,
                               capture_output=True, text=True, timeout=120)
@@ -216,6 +213,7 @@ def guest(tmp_path):
         if args_file.exists():
             args_file.unlink()
         return proc, results, args, (tmp_path / "calls").read_text()
+    run.tmp = tmp_path
     return run
 
 
@@ -228,7 +226,7 @@ def test_guest_with_envoy_and_ebpf_runs_the_full_set(guest):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (results / "smoke").read_text() == "full\n"
     assert (results / "mode").read_text() == "ebpf\n" and (results / "rc").read_text() == "0\n"
-    assert _tests_in(args) == LOCAL_SMOKE and "-k" not in args and "--noconftest" not in args
+    assert _tests_in(args) == LOCAL_SMOKE and "-k" not in args
     assert "envoy  version: 1.36.3" in proc.stdout
 
 
@@ -273,21 +271,31 @@ def test_explicit_selection_still_overrides(guest):
     assert (results / "smoke").read_text() == "custom\n"
 
 
-def test_where_conftests_kernel_gate_would_skip_the_iptables_tests_still_run(guest):
+def test_the_iptables_sets_tell_conftest_they_need_no_cgroup_v2_nor_bpffs(guest):
     """CentOS 7's 3.10 has no cgroup v2 and no bpffs: tests/conftest.py would skip every
-    kernel test (and under MESHBPF_REQUIRE_KERNEL=1 fail it), though the no-envoy set needs
-    neither. Those run without conftest; a test that still skips fails the run."""
-    gate = "kernel tests cannot run: cgroup v2 is not mounted"
-    proc, results, args, _ = guest(envoy="none", mode="iptables", variants="legacy", gate=gate)
-    assert "--noconftest" in args and proc.returncode == 0, proc.stdout + proc.stderr
-    assert gate in proc.stdout
-    proc, results, args, _ = guest(envoy="none", mode="iptables", variants="legacy", gate=gate,
-                                   junit=JUNIT_SKIP)
-    assert proc.returncode != 0 and (results / "rc").read_text() != "0\n"
-    assert "skipped" in proc.stdout
-    # the full set keeps conftest: there the gate must hold
-    proc, results, args, _ = guest(envoy="ok", mode="ebpf", gate=gate)
-    assert "--noconftest" not in args
+    kernel test (and under MESHBPF_REQUIRE_KERNEL=1 fail it), though the no-envoy and
+    iptables sets need neither. guest-run.sh says so through MESHBPF_KERNEL_GATE; the full
+    set keeps the whole gate."""
+    gate = lambda: (guest.tmp / "pytest-gate").read_text().strip()   # noqa: E731
+    for envoy, mode in (("none", "iptables"), ("ok", "iptables")):
+        proc, _, args, _ = guest(envoy=envoy, mode=mode, variants="legacy")
+        assert proc.returncode == 0 and gate() == "iptables", proc.stdout + proc.stderr
+    proc, _, args, _ = guest(envoy="ok", mode="ebpf")
+    assert gate() == ""
+
+
+def test_conftest_gate_for_iptables_tests_skips_the_bpf_requirements(monkeypatch):
+    from meshbpf import system
+    from tests import conftest
+
+    def no_cgroup2():
+        raise RuntimeError("cgroup v2 is not mounted")
+    monkeypatch.setattr(system, "cgroup2_mount", no_cgroup2)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.delenv(conftest.GATE_ENV, raising=False)
+    assert "cgroup v2 is not mounted" in conftest.kernel_unavailable_reason()
+    monkeypatch.setenv(conftest.GATE_ENV, "iptables")
+    assert conftest.kernel_unavailable_reason() is None
 
 
 FAKE_VAGRANT = r"""#!/bin/sh
