@@ -6,7 +6,8 @@
 #
 # The sets:
 #   full      the whole kernel smoke tier: probe checks, eBPF end to end with real Envoy
-#             sidecars, splice, iptables end to end. What the local QEMU guests always run.
+#             sidecars (inbound also to Envoy's SO_REUSEPORT listener), splice, iptables
+#             end to end. What the local QEMU guests always run.
 #   iptables  Envoy runs but the probe chose iptables (Ubuntu 20.04's 5.4): the probe
 #             checks, the iptables tests that need no proxy, and the end-to-end tests in
 #             iptables mode with real Envoy sidecars.
@@ -19,6 +20,7 @@ SMOKE_FULL="tests/vm/guest/check_guest_probe.py
 tests/vm/guest/check_memlock.py
 tests/kernel/test_e2e.py::test_outbound_goes_through_the_sidecar_to_the_original_destination
 tests/kernel/test_e2e.py::test_inbound_from_a_non_meshed_pod
+tests/kernel/test_map_safety.py::test_envoy_reuseport_inbound_listener_through_sk_lookup
 tests/kernel/test_ebpf_datapath.py::test_splice_skips_tcp_for_app_to_sidecar_bytes
 tests/kernel/test_iptables_live.py::test_interceptor_moves_traffic_through_envoy_and_detaches_cleanly"
 

@@ -68,6 +68,7 @@ LOCAL_SMOKE = [
     "tests/vm/guest/check_memlock.py",
     "tests/kernel/test_e2e.py::test_outbound_goes_through_the_sidecar_to_the_original_destination",
     "tests/kernel/test_e2e.py::test_inbound_from_a_non_meshed_pod",
+    "tests/kernel/test_map_safety.py::test_envoy_reuseport_inbound_listener_through_sk_lookup",
     "tests/kernel/test_ebpf_datapath.py::test_splice_skips_tcp_for_app_to_sidecar_bytes",
     "tests/kernel/test_iptables_live.py::"
     "test_interceptor_moves_traffic_through_envoy_and_detaches_cleanly",

@@ -18,8 +18,11 @@ from . import tier
 # A TCG guest runs the smoke tier in minutes, not seconds.
 pytestmark = [pytest.mark.vm, pytest.mark.timeout(3600)]
 
-SMOKE = ("check_guest_probe", "check_memlock", "test_outbound_goes_through_the_sidecar_to_the_original_destination",
-         "test_inbound_from_a_non_meshed_pod", "test_splice_skips_tcp_for_app_to_sidecar_bytes",
+SMOKE = ("check_guest_probe", "check_memlock",
+         "test_outbound_goes_through_the_sidecar_to_the_original_destination",
+         "test_inbound_from_a_non_meshed_pod",
+         "test_envoy_reuseport_inbound_listener_through_sk_lookup",
+         "test_splice_skips_tcp_for_app_to_sidecar_bytes",
          "test_interceptor_moves_traffic_through_envoy_and_detaches_cleanly")
 
 
