@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import time
 import urllib.request
 
 from ..errors import MeshbpfError, UsageError
+from ..testbed.agentfiles import free_port, write_pods
 from . import parse, stats
 
 DEFAULT_PODS = 50
@@ -95,10 +95,6 @@ def check_pods(pods):
 def pod_entry(name, netns, cgroup):
     """A pods-file entry for a test-bed pod (Istio's defaults as its config)."""
     return {"name": name, "netns": netns, "cgroup": cgroup}
-
-
-def pods_document(entries):
-    return {"pods": list(entries)}
 
 
 def parse_probe(text):
@@ -201,26 +197,12 @@ def agent_markdown(result):
 
 # ---- side effects -----------------------------------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_pods(path, entries):
-    """Atomic, as an operator's tool writes it: a temp file renamed over."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(pods_document(entries), f)
-    os.replace(tmp, path)
-
-
 class _Agent:
     """`meshbpf daemon` as a subprocess on the test bed."""
 
     def __init__(self, sb, pods_file):
         self.sb, self.pods_file = sb, pods_file
-        self.port = _free_port()
+        self.port = free_port()
         self.state = os.path.join(sb.state_dir, "agent.json")
         self.log = open(os.path.join(sb.tmpdir, f"agent-{time.monotonic_ns()}.log"), "w+")
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

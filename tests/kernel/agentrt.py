@@ -6,26 +6,13 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from meshbpf.testbed.agentfiles import free_port, write_pods  # noqa: F401 (the tests' API)
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_pods(path, pods):
-    """Atomic, as an operator's tool writes it: a temp file renamed over."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"pods": pods}, f)
-    os.replace(tmp, path)
 
 
 class AgentProcess:

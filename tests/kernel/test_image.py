@@ -22,7 +22,7 @@ import urllib.request
 import pytest
 
 from tests import deploy as D
-from meshbpf.testbed import Sandbox, traffic
+from meshbpf.testbed import Sandbox, agentfiles, traffic
 
 # the first test may build the image (debootstrap, apt, pip: minutes on a fresh machine)
 pytestmark = [pytest.mark.kernel, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -171,10 +171,7 @@ def capabilities(pid, field):
 
 def write_pods(config_dir, pods):
     """As the kubelet updates a ConfigMap volume: new content, renamed over."""
-    tmp = os.path.join(config_dir, ".pods.yaml.tmp")
-    with open(tmp, "w") as f:
-        json.dump({"pods": pods}, f)
-    os.replace(tmp, os.path.join(config_dir, "pods.yaml"))
+    agentfiles.write_pods(os.path.join(config_dir, "pods.yaml"), pods)
 
 
 def through_sidecar(env, pod, host):

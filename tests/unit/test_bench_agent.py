@@ -2,6 +2,7 @@
 targets' verdicts, the text/Markdown report, and bad input on the CLI (no root needed)."""
 
 import json
+import os
 
 import pytest
 from click.testing import CliRunner
@@ -32,10 +33,14 @@ def test_parse_probe_reads_the_first_hit_only():
     assert agent.parse_probe("ready\nhit=oops tries=1\n") is None
 
 
-def test_pods_document_is_what_the_pods_file_parser_accepts():
+def test_pods_document_is_what_the_pods_file_parser_accepts(tmp_path):
     from meshbpf.agent.source import parse_document
-    doc = agent.pods_document([agent.pod_entry("m0", "/run/netns/x", "/sys/fs/cgroup/t/m0")])
-    assert parse_document(json.dumps(doc)) == doc
+    from meshbpf.testbed import agentfiles
+    entries = [agent.pod_entry("m0", "/run/netns/x", "/sys/fs/cgroup/t/m0")]
+    path = str(tmp_path / "pods.json")
+    agentfiles.write_pods(path, entries)
+    assert parse_document(open(path).read()) == {"pods": entries}
+    assert os.listdir(tmp_path) == ["pods.json"]           # no temp file left behind
 
 
 def test_summarize_ms_uses_the_samples_and_skips_misses():
