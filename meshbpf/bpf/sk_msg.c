@@ -56,14 +56,10 @@ int mb_sk_msg(struct sk_msg_md *msg)
         mb_count(COUNTER_SPLICE_TCP_BYTES, size);
         return SK_PASS;
     }
-#ifdef MB_BCC_NO_MSG_REDIRECT
-    /* bcc < 0.25 cannot rewrite sock_hash.msg_redirect_hash: the helper gets a placeholder
-     * map fd, which the loader replaces with sock_hash's (loader.patch_map_fd). */
-    long r = bpf_msg_redirect_hash(msg, (void *)bpf_pseudo_fd(1, MB_BCC_NO_MSG_REDIRECT), &k,
+    /* Not sock_hash.msg_redirect_hash(): bcc < 0.25 cannot rewrite it. The helper gets a
+     * placeholder map fd the loader replaces with sock_hash's (loader.patch_map_fd). */
+    long r = bpf_msg_redirect_hash(msg, (void *)bpf_pseudo_fd(1, MB_SOCKHASH_FD), &k,
                                    BPF_F_INGRESS);
-#else
-    long r = sock_hash.msg_redirect_hash(msg, &k, BPF_F_INGRESS);
-#endif
     if (r == SK_PASS) {
         d->spliced += size;
         mb_count(COUNTER_SPLICE_MSGS, 1);

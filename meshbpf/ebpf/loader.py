@@ -169,7 +169,8 @@ def cflags(features=None, splice=False):
     """Compiler flags for the features present (documentation for the C as much as gates)."""
     flags = []
     if splice:
-        flags += splice_defines()
+        # sk_msg.c hands bpf_msg_redirect_hash this placeholder map fd; _own_load patches it
+        flags += splice_defines() + [f"-DMB_SOCKHASH_FD={SOCKHASH_FD_PLACEHOLDER:#x}"]
     if not _has(features, "netns_cookie_sock_ops"):
         flags.append("-DMB_NO_NC_SOCKOPS")   # sock_ops/sk_msg: netns via BTF + netns_ino
         flags += netns_defines()
@@ -179,9 +180,6 @@ def cflags(features=None, splice=False):
         flags.append("-DMB_NO_SOCK_RELEASE")
     if not _has(features, "ringbuf"):
         flags.append("-DMB_NO_RINGBUF")      # no trace_events / trace_on (lib/trace.h)
-    if splice and not _bcc_rewrites_msg_redirect():
-        # sk_msg.c calls the helper on this placeholder map fd; _own_load patches it
-        flags.append(f"-DMB_BCC_NO_MSG_REDIRECT={SOCKHASH_FD_PLACEHOLDER:#x}")
     n = max_conns()
     if n is not None:
         flags.append(f"-DMB_MAX_CONNS={n}")
@@ -377,21 +375,11 @@ def bcc_sets_attach_type(load_func):
         return False
 
 
-def _bcc_rewrites_msg_redirect():
-    """bcc 0.18 (Debian 11) rejects `map.msg_redirect_hash(...)` ("invalid bpf_table
-    operation"); the bcc that sets expected attach types (0.25+) rewrites it. With
-    MESHBPF_OWN_PROG_LOAD set, a new bcc takes the old bcc's path too (tested here)."""
-    if os.environ.get(OWN_LOAD_ENV):
-        return False
-    try:
-        from bcc import BPF
-    except ImportError:
-        return True                  # _compile says why
-    return bcc_sets_attach_type(BPF.load_func)
-
-
-# The map fd sk_msg.c hands bpf_msg_redirect_hash where bcc cannot rewrite
-# sock_hash.msg_redirect_hash ("mbSH": no fd a process here holds).
+# The map fd sk_msg.c hands bpf_msg_redirect_hash ("mbSH": no fd a process here holds), for
+# the loader to replace with sock_hash's: bcc before 0.25 (Debian 11's 0.18) cannot rewrite
+# sock_hash.msg_redirect_hash ("invalid bpf_table operation"), so no bcc is asked to, and
+# mb_sk_msg is always loaded by _own_load. (Deciding by bcc's version would import bcc in
+# the agent's own process, which compiles in a child to stay small.)
 SOCKHASH_FD_PLACEHOLDER = 0x6D625348
 BPF_LD_IMM64 = 0x18
 BPF_PSEUDO_MAP_FD = 1
@@ -435,7 +423,7 @@ def _load_prog(b, spec):
         if attach_type >= 0 and (os.environ.get(OWN_LOAD_ENV)
                                  or not bcc_sets_attach_type(b.load_func)):
             return _own_load(b, spec, attach_type)
-        if spec.splice and not _bcc_rewrites_msg_redirect():
+        if spec.splice:
             return _own_load(b, spec, attach_type)   # the placeholder fd needs patching
         if attach_type < 0:          # bcc < 0.25 has no attach_type parameter at all
             fn = b.load_func(spec.name.encode(), spec.prog_type)

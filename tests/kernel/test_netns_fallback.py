@@ -136,10 +136,10 @@ def test_pods_with_the_same_loopback_tuple_at_once_each_get_their_destination(no
 
 
 def test_old_bcc_path_loads_the_programs_itself_and_outbound_works(node, service, monkeypatch):
-    """bcc < 0.25 cannot set expected_attach_type nor rewrite sock_hash.msg_redirect_hash:
-    the loader loads bcc's bytecode with its own BPF_PROG_LOAD (forced here by
-    MESHBPF_OWN_PROG_LOAD), sk_msg's placeholder map fd patched to sock_hash's, with the
-    5.10 variant, as on a Debian 11 node (5.10, bcc 0.18)."""
+    """bcc < 0.25 cannot set expected_attach_type: the loader loads bcc's bytecode with its
+    own BPF_PROG_LOAD (forced here by MESHBPF_OWN_PROG_LOAD), with the 5.10 variant, as on
+    a Debian 11 node (5.10, bcc 0.18); sk_msg (always loaded so) gets sock_hash in place
+    of its placeholder map fd, and splices."""
     _, a, b, env = node
     own = []
     real = loader._own_load

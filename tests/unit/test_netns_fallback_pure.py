@@ -144,18 +144,11 @@ def test_old_bcc_sk_msg_gets_sock_hash_in_place_of_the_placeholder_fd():
     assert loader.patch_map_fd(out, ph, 42) == (out, 0)
 
 
-def test_the_placeholder_define_only_with_a_bcc_that_cannot_rewrite(monkeypatch):
+def test_the_placeholder_define_comes_with_the_splice(monkeypatch):
     monkeypatch.setattr(loader, "splice_defines", lambda: [])
-    monkeypatch.delenv(loader.OWN_LOAD_ENV, raising=False)
-    monkeypatch.setattr(loader, "_bcc_rewrites_msg_redirect", lambda: False)
-    flag = f"-DMB_BCC_NO_MSG_REDIRECT={loader.SOCKHASH_FD_PLACEHOLDER:#x}"
+    flag = f"-DMB_SOCKHASH_FD={loader.SOCKHASH_FD_PLACEHOLDER:#x}"
     assert flag in loader.cflags(ALL, splice=True)
     assert flag not in loader.cflags(ALL, splice=False)
-    monkeypatch.setattr(loader, "_bcc_rewrites_msg_redirect", lambda: True)
-    assert flag not in loader.cflags(ALL, splice=True)
-    monkeypatch.undo()
-    monkeypatch.setenv(loader.OWN_LOAD_ENV, "1")
-    assert not loader._bcc_rewrites_msg_redirect()
 
 
 def test_without_a_probe_report_the_loader_tries_the_helper_itself(monkeypatch):
