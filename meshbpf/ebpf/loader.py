@@ -401,7 +401,8 @@ def patch_map_fd(insns, placeholder, fd):
 def _own_load(b, spec, attach_type):
     """Load `spec` from the bytecode bcc compiled (bcc wrote its maps' fds into the
     instructions already: BPF_PSEUDO_MAP_FD loads) with BPF_PROG_LOAD, setting the expected
-    attach type an old bcc cannot. Kept in b.funcs like bcc's own loads."""
+    attach type an old bcc cannot, and for sk_msg sock_hash's fd in place of the
+    placeholder. Kept in b.funcs like bcc's own loads."""
     from bcc import BPF, libbcc
     name = spec.name.encode()
     if name in b.funcs:

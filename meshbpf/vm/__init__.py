@@ -351,7 +351,6 @@ class Tier:
     def __init__(self, jobs, python, lanes=2):
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=lanes,
                                                            thread_name_prefix="vm")
-        self.started = time.monotonic()
         self._futures = {name: self._pool.submit(self._run, name, dict(kw), python)
                          for name, kw in jobs.items()}
         self._pool.shutdown(wait=False)
