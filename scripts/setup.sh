@@ -16,6 +16,9 @@ pkgs=(bpfcc-tools python3-bpfcc bpftool iptables nftables iproute2 haproxy sockp
 # the agent's container image: `make image`, tests/kernel/test_image.py (and the VM tier's
 # Debian 11 userland: debootstrap)
 pkgs+=(podman runc debootstrap)
+# kubectl renders deploy/ for tests/unit/test_deploy.py's comparison with its own loader:
+# Debian's (1.20; its kustomize renders deploy/base as today's does) where none is installed.
+command -v kubectl >/dev/null || pkgs+=(kubernetes-client)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 
