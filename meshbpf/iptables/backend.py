@@ -11,6 +11,7 @@ that vanishes with the process.
 bind-mounted in a private mount namespace for the duration of one command.
 """
 
+import functools
 import os
 import re
 import shutil
@@ -82,7 +83,10 @@ def restore_argv(restore_bin, version, noflush=True):
     return argv
 
 
+@functools.lru_cache(maxsize=None)
 def _version_text(binary):
+    """`binary --version`'s output, asked once per process: every Backend (two per attach,
+    one per family) would otherwise run it again on the rule-update path."""
     try:
         proc = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):

@@ -16,9 +16,11 @@ host-local and meshbpf-cni invoked as a container runtime invokes a chained conf
   is attached; the runtime's next ADD enrolls the pod.
 """
 
+import contextlib
 import json
 import os
 import time
+import types
 import uuid
 
 import pytest
@@ -110,10 +112,26 @@ def web_pod(sb, rt):
     return web, uid, cid
 
 
-def enrolled_at_add(sb, rt, conflist, web, uid, cid, db, env):
-    """ADD; then the app's first connection: through Envoy. Returns (results, record)."""
-    args = cni_args(NS, NAME, uid, cid)
-    results = rt.add(conflist, cid, web.netns, args)
+@contextlib.contextmanager
+def kube_node(tmp_path, name):
+    """A CNI node with the agent on the local API server, db (not meshed, serving 8080) and
+    web (its netns made, ADD not run yet; Envoy as uid 1337 in it). Yields the scene."""
+    with cni_node(name) as (sb, rt, conflist, _pf, sock, _ipam, agents), \
+            KubeAPIServer() as api:
+        agent = start(tmp_path, sb, sock, api, agents)
+        db = server_pod(sb, rt, conflist)
+        web, uid, cid = web_pod(sb, rt)
+        env = web.start_envoy()
+        yield types.SimpleNamespace(sb=sb, rt=rt, conflist=conflist, api=api, agent=agent,
+                                    db=db, web=web, uid=uid, cid=cid, env=env,
+                                    pins_before=pins(sb))
+
+
+def enrolled_at_add(s):
+    """ADD; then the app's first connection: through Envoy. Returns (args, results, record)."""
+    sb, web, db, env, uid = s.sb, s.web, s.db, s.env, s.uid
+    args = cni_args(NS, NAME, uid, s.cid)
+    results = s.rt.add(s.conflist, s.cid, web.netns, args)
     # ---- ADD has returned ----
     first = traffic.http_get(web, db.ip4, 8080)
     assert results[1] == results[0]                       # bridge's result, unchanged
@@ -129,115 +147,91 @@ def enrolled_at_add(sb, rt, conflist, web, uid, cid, db, env):
     return args, results, rec
 
 
-def nothing_reattached(agent, sb, uid, rec, rv):
+def nothing_reattached(s, rec, rv):
     """After the watch's event at resourceVersion `rv`: one attach, the record unchanged."""
+    agent = s.agent
     agent.wait(lambda: kube_source(agent)["resource_version"] == rv, 10, "the watch event")
     time.sleep(1.0)                                  # the daemon's merge + reconcile after it
     agent.wait(lambda: agent.pods()[KEY]["state"] == "attached", 5, "attached")
-    with open(os.path.join(sb.state_dir, "pods", f"{uid}.json")) as f:
+    with open(os.path.join(s.sb.state_dir, "pods", f"{s.uid}.json")) as f:
         assert json.load(f) == rec
-    assert len(actions(agent, uid, "attach")) == 1, actions(agent, uid, "attach")
+    assert len(actions(agent, s.uid, "attach")) == 1, actions(agent, s.uid, "attach")
 
 
-def deleted_leaves_nothing(agent, sb, rt, conflist, api, web, uid, cid, args, results,
-                           pins_before, env):
+def running_then_deleted(s, args, results, rec):
+    """kubelet reports the containers running (the pod is found on the node via /proc now):
+    nothing re-attached, traffic still through Envoy. Then DEL and the API's delete leave
+    nothing."""
+    rv = s.api.modify(NS, NAME, running)["metadata"]["resourceVersion"]
+    nothing_reattached(s, rec, rv)
+    assert traffic.http_get(s.web, s.db.ip4, 8080)["reply"]["pod"] == "db"
+    assert s.env.stats().get(OUT_CX, 0) == 2
+
+    sb, web, uid, agent = s.sb, s.web, s.uid, s.agent
     cookie = system.netns_cookie(web.netns)
-    rt.delete(conflist, cid, web.netns, args, results[-1])
+    s.rt.delete(s.conflist, s.cid, web.netns, args, results[-1])
     rec_path = os.path.join(sb.state_dir, "pods", f"{uid}.json")
     assert not os.path.exists(rec_path)
     assert map_entry(sb, cookie) is None
-    assert pins(sb) == pins_before
+    assert pins(sb) == s.pins_before
     with open(os.path.join(sb.state_dir, "cni.json")) as f:
         assert json.load(f)["bindings"][KEY]["deleted"] is True    # until its netns goes
     time.sleep(0.5)
     assert not os.path.exists(rec_path)              # not served again from /proc
-    before = env.stats().get(OUT_CX, 0)
+    before = s.env.stats().get(OUT_CX, 0)
     # bridge's DEL took eth0 away; the connect is not taken to Envoy either
-    assert traffic.connect(web, db_ip(sb), 8080, http="/", allow_error="connect")["error"]
-    assert env.stats().get(OUT_CX, 0) == before
-    api.delete(NS, NAME)
+    assert traffic.connect(web, s.db.ip4, 8080, http="/", allow_error="connect")["error"]
+    assert s.env.stats().get(OUT_CX, 0) == before
+    s.api.delete(NS, NAME)
     agent.wait(lambda: KEY not in agent.pods(), 10, "pod object deleted")
     assert len(actions(agent, uid, "detach")) == 1                     # detached once
     assert os.listdir(os.path.join(sb.state_dir, "pods")) == []
 
 
-def db_ip(sb):
-    return sb.pods["db"].ip4
-
-
 def test_pending_kube_pod_enrolled_at_add_watch_event_changes_nothing_del_leaves_nothing(
         tmp_path):
-    with cni_node("cnik") as (sb, rt, conflist, _pf, sock, _ipam, agents), \
-            KubeAPIServer() as api:
-        agent = start(tmp_path, sb, sock, api, agents)
-        db = server_pod(sb, rt, conflist)
-        web, uid, cid = web_pod(sb, rt)
-        env = web.start_envoy()                      # the sidecar, as uid 1337, in the pod
-        pins_before = pins(sb)
-        api.add(pod_object(uid))                     # in the API server only
+    with kube_node(tmp_path, "cnik") as s:
+        agent = s.agent
+        s.api.add(pod_object(s.uid))                 # in the API server only
         agent.wait(lambda: agent.pods().get(KEY, {}).get("state") == "pending", 10,
                    "listed as pending")
         assert agent.pods()[KEY]["waiting_for"] == "its CNI ADD"
-        assert not os.path.exists(os.path.join(sb.state_dir, "pods", f"{uid}.json"))
+        assert not os.path.exists(os.path.join(s.sb.state_dir, "pods", f"{s.uid}.json"))
 
-        args, results, rec = enrolled_at_add(sb, rt, conflist, web, uid, cid, db, env)
-        assert agent.pods()[KEY]["state"] == "attached" and agent.pods()[KEY]["id"] == uid
-        assert actions(agent, uid, "get") == []      # the watch had it: no GET
-
-        # kubelet reports the containers running: the pod is found on the node via /proc now
-        rv = api.modify(NS, NAME, running)["metadata"]["resourceVersion"]
-        nothing_reattached(agent, sb, uid, rec, rv)
-        assert traffic.http_get(web, db.ip4, 8080)["reply"]["pod"] == "db"
-        assert env.stats().get(OUT_CX, 0) == 2
-
-        deleted_leaves_nothing(agent, sb, rt, conflist, api, web, uid, cid, args, results,
-                               pins_before, env)
+        args, results, rec = enrolled_at_add(s)
+        assert agent.pods()[KEY]["state"] == "attached" and agent.pods()[KEY]["id"] == s.uid
+        assert actions(agent, s.uid, "get") == []    # the watch had it: no GET
+        running_then_deleted(s, args, results, rec)
 
 
 def test_add_before_the_watch_event_gets_the_pod_from_the_api(tmp_path):
-    with cni_node("cnikg") as (sb, rt, conflist, _pf, sock, _ipam, agents), \
-            KubeAPIServer() as api:
-        agent = start(tmp_path, sb, sock, api, agents)
-        db = server_pod(sb, rt, conflist)
-        web, uid, cid = web_pod(sb, rt)
-        env = web.start_envoy()
-        pins_before = pins(sb)
-        api.hold_watches()                           # the ADD races the watch event
-        rv = api.add(pod_object(uid))["metadata"]["resourceVersion"]
+    with kube_node(tmp_path, "cnikg") as s:
+        agent = s.agent
+        s.api.hold_watches()                         # the ADD races the watch event
+        rv = s.api.add(pod_object(s.uid))["metadata"]["resourceVersion"]
         time.sleep(0.3)
         assert KEY not in agent.pods()
 
-        args, results, rec = enrolled_at_add(sb, rt, conflist, web, uid, cid, db, env)
-        assert len(actions(agent, uid, "get")) == 1  # the ADD's GET of its pod
+        args, results, rec = enrolled_at_add(s)
+        assert len(actions(agent, s.uid, "get")) == 1   # the ADD's GET of its pod
         assert agent.pods()[KEY]["state"] == "attached"
 
-        api.hold_watches(False)                      # the watch's ADDED arrives now
-        nothing_reattached(agent, sb, uid, rec, rv)
-        rv = api.modify(NS, NAME, running)["metadata"]["resourceVersion"]
-        nothing_reattached(agent, sb, uid, rec, rv)
-        assert traffic.http_get(web, db.ip4, 8080)["reply"]["pod"] == "db"
-        assert env.stats().get(OUT_CX, 0) == 2
-
-        deleted_leaves_nothing(agent, sb, rt, conflist, api, web, uid, cid, args, results,
-                               pins_before, env)
+        s.api.hold_watches(False)                    # the watch's ADDED arrives now
+        nothing_reattached(s, rec, rv)
+        running_then_deleted(s, args, results, rec)
 
 
 def test_add_when_the_api_cannot_answer_fails_to_be_retried_then_enrolls(tmp_path):
-    with cni_node("cnikr") as (sb, rt, conflist, _pf, sock, _ipam, agents), \
-            KubeAPIServer() as api:
-        agent = start(tmp_path, sb, sock, api, agents)
-        db = server_pod(sb, rt, conflist)
-        web, uid, cid = web_pod(sb, rt)
-        env = web.start_envoy()
-        api.hold_watches()
-        api.add(pod_object(uid))
-        api.fail_next(1, 503)                        # the ADD's GET: the API cannot say
-        args = cni_args(NS, NAME, uid, cid)
+    with kube_node(tmp_path, "cnikr") as s:
+        s.api.hold_watches()
+        s.api.add(pod_object(s.uid))
+        s.api.fail_next(1, 503)                      # the ADD's GET: the API cannot say
+        args = cni_args(NS, NAME, s.uid, s.cid)
         with pytest.raises(CniFailed) as e:
-            rt.add(conflist, cid, web.netns, args)
+            s.rt.add(s.conflist, s.cid, s.web.netns, args)
         assert e.value.plugin == "meshbpf-cni" and e.value.out["code"] == 11
         assert "503" in e.value.out["details"]
-        assert not os.path.exists(os.path.join(sb.state_dir, "pods", f"{uid}.json"))
-        rt.delete(conflist, cid, web.netns, args, None)   # the runtime tears it down...
-        enrolled_at_add(sb, rt, conflist, web, uid, cid, db, env)   # ...and tries again
-        assert len(actions(agent, uid, "attach")) == 1
+        assert not os.path.exists(os.path.join(s.sb.state_dir, "pods", f"{s.uid}.json"))
+        s.rt.delete(s.conflist, s.cid, s.web.netns, args, None)   # the runtime tears it down...
+        enrolled_at_add(s)                                         # ...and tries again
+        assert len(actions(s.agent, s.uid, "attach")) == 1

@@ -174,6 +174,14 @@ def write_pods(config_dir, pods):
     agentfiles.write_pods(os.path.join(config_dir, "pods.yaml"), pods)
 
 
+def remove_agent(name, sb):
+    """The agent's container gone, and whatever interception it left on the test node."""
+    subprocess.run(PODMAN + ["rm", "-f", "-t", "0", name], capture_output=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "meshbpf", "cleanup", "--pin-prefix", sb.pin_prefix,
+                    "--cgroup-root", sb.cgroup_root], cwd=D.REPO, capture_output=True,
+                   timeout=60)
+
+
 def through_sidecar(env, pod, host):
     before = env.stats().get(OUT_CX, 0)
     traffic.http_get(pod, host, 8080)
@@ -285,11 +293,7 @@ def test_agent_image_intercepts_a_pods_file_pod_with_the_daemonsets_mounts_and_c
             assert stop.returncode == 0, stop.stderr
             assert '"level": "error"' not in logs().split("\ncontainer: ")[0], logs()
         finally:
-            subprocess.run(PODMAN + ["rm", "-f", "-t", "0", name], capture_output=True,
-                           timeout=60)
-            subprocess.run([sys.executable, "-m", "meshbpf", "cleanup", "--pin-prefix",
-                            sb.pin_prefix, "--cgroup-root", sb.cgroup_root],
-                           cwd=D.REPO, capture_output=True, timeout=60)
+            remove_agent(name, sb)
         assert subprocess.run(PODMAN + ["container", "exists", name]).returncode == 1
 
 
@@ -439,9 +443,5 @@ def test_agent_image_intercepts_a_pod_from_the_kubernetes_api(image, tmp_path):
             assert through_sidecar(env, a, b.ip4) == 0
             assert not os.path.exists(os.path.join(sb.state_dir, "pods", f"{uid}.json"))
         finally:
-            subprocess.run(PODMAN + ["rm", "-f", "-t", "0", name], capture_output=True,
-                           timeout=60)
-            subprocess.run([sys.executable, "-m", "meshbpf", "cleanup", "--pin-prefix",
-                            sb.pin_prefix, "--cgroup-root", sb.cgroup_root],
-                           cwd=D.REPO, capture_output=True, timeout=60)
+            remove_agent(name, sb)
         assert subprocess.run(PODMAN + ["container", "exists", name]).returncode == 1

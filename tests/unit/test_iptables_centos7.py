@@ -115,3 +115,21 @@ def test_private_group_file_needs_no_unshare_propagation_option(machine, tmp_pat
     assert script.index("mount --make-rprivate /") < script.index("mount --bind")
     assert argv[argv.index("-c") + 2] == str(group)
     assert argv[-4:] == ["nsenter", f"--net={netns}", "--", "iptables-save"]
+
+
+def test_iptables_version_is_asked_once_per_binary_not_per_backend(monkeypatch):
+    # Every attach makes a Backend per family: `--version` must not ride the update path.
+    calls = []
+
+    def run(argv, **kw):
+        calls.append(list(argv))
+        return subprocess.CompletedProcess(argv, 0, "iptables v1.8.9 (legacy)\n", "")
+    monkeypatch.setattr(backend.shutil, "which", lambda b: f"/sbin/{b}" if b in DEBIAN12 else None)
+    monkeypatch.setattr(backend.subprocess, "run", run)
+    backend._version_text.cache_clear()
+    try:
+        versions = [backend.Backend("legacy", 4).version for _ in range(3)]
+    finally:
+        backend._version_text.cache_clear()
+    assert versions == [(1, 8, 9)] * 3
+    assert calls == [["iptables-legacy", "--version"]]
